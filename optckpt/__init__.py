@@ -1,0 +1,22 @@
+"""optckpt: inspect, check and repair PyTorch training checkpoints."""
+
+from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
+from .errors import FormatError, LoadError, MappingError, OptckptError, TargetError, UnsafePickleError, WriteError
+from .io import load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "ModelState",
+    "OptimizerState",
+    "SchedulerState",
+    "OptckptError",
+    "LoadError",
+    "UnsafePickleError",
+    "FormatError",
+    "MappingError",
+    "TargetError",
+    "WriteError",
+    "load",
+]

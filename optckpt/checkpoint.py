@@ -1,0 +1,208 @@
+"""The in-memory picture of a checkpoint: plain dataclasses, no I/O.
+
+A :class:`Checkpoint` is what :func:`optckpt.load` returns. It keeps the loaded objects of every
+file (``parts``) so that a writer can put edited state back in the same layout, plus *views* into
+them: the model state dicts, optimizer state dicts and scheduler state dicts found inside, each
+with its location (the file it came from and the key path inside that file's object).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "KeyPath",
+    "path_str",
+    "TensorMeta",
+    "ModelState",
+    "ParamGroup",
+    "OptimizerState",
+    "SchedulerState",
+    "OpaquePart",
+    "Part",
+    "Checkpoint",
+]
+
+KeyPath = tuple[Any, ...]
+"""Location of an object inside a loaded file: dict keys and list/tuple indices, outermost first."""
+
+
+def path_str(path: KeyPath) -> str:
+    """Render a key path the way users write it: ``optimizer_states[0]``, ``[0][10]``, ``a.b``."""
+    out = ""
+    for k in path:
+        if isinstance(k, int):
+            out += f"[{k}]"
+        else:
+            out += ("." if out else "") + str(k)
+    return out
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape, dtype and size of a tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorMeta:
+        return cls(tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size())
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype.startswith(("float", "bfloat", "complex"))
+
+
+@dataclass
+class ModelState:
+    """A model state dict found in the checkpoint.
+
+    ``tensors`` may be lazy (safetensors): index it only when data is needed; ``meta`` has every
+    entry's shape/dtype in file order. ``order_trusted`` says whether that order is the model's
+    registration order (pickled ``state_dict()``: yes; safetensors, sharded index: no — sorted by name),
+    which is what name inference by order needs. ``tied`` maps a later name to the first name that
+    shares its storage (tied weights appear once in ``named_parameters()``)."""
+
+    name: str
+    part: str
+    path: KeyPath
+    tensors: Mapping[str, torch.Tensor]
+    meta: dict[str, TensorMeta]
+    order_trusted: bool
+    tied: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.meta.values())
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One entry of ``param_groups``: its optimizer indices and every other key (hyperparameters)."""
+
+    position: int
+    params: tuple[int, ...]
+    hparams: dict[str, Any]
+    param_names: tuple[str, ...] | None
+
+
+@dataclass
+class OptimizerState:
+    """An optimizer state dict (``{"state": {index: {...}}, "param_groups": [...]}``) as torch wrote it."""
+
+    name: str
+    part: str
+    path: KeyPath
+    state_dict: dict[str, Any]
+
+    @property
+    def state(self) -> dict[Any, dict[str, Any]]:
+        st = self.state_dict.get("state", {})
+        return st if isinstance(st, dict) else {}
+
+    @property
+    def groups(self) -> list[ParamGroup]:
+        out = []
+        for i, g in enumerate(self.state_dict.get("param_groups", [])):
+            names = g.get("param_names")
+            out.append(
+                ParamGroup(
+                    position=i,
+                    params=tuple(g.get("params", ())),
+                    hparams={k: v for k, v in g.items() if k not in ("params", "param_names")},
+                    param_names=tuple(names) if names is not None else None,
+                )
+            )
+        return out
+
+    @property
+    def num_params(self) -> int:
+        return sum(len(g.params) for g in self.groups)
+
+
+@dataclass
+class SchedulerState:
+    """An LR scheduler state dict."""
+
+    name: str
+    part: str
+    path: KeyPath
+    state_dict: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OpaquePart:
+    """A file (or object) optckpt keeps but does not interpret: never executed, copied byte-for-byte."""
+
+    part: str
+    nbytes: int
+    reason: str
+    unsafe_globals: tuple[str, ...] = ()
+
+
+@dataclass
+class Part:
+    """One file of the checkpoint (a single-file checkpoint has one part, named by its file name)."""
+
+    relpath: str
+    kind: str  # "torch" | "safetensors" | "json" | "opaque" | "other"
+    nbytes: int
+    obj: Any = None
+    saved_locations: tuple[str, ...] = ()
+    zip_format: bool = True
+
+
+@dataclass
+class Checkpoint:
+    """Everything optckpt knows about a checkpoint, file or directory."""
+
+    path: str
+    layout: str
+    parts: list[Part] = field(default_factory=list)
+    models: list[ModelState] = field(default_factory=list)
+    optimizers: list[OptimizerState] = field(default_factory=list)
+    schedulers: list[SchedulerState] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+    opaque: list[OpaquePart] = field(default_factory=list)
+    other_keys: dict[str, str] = field(default_factory=dict)
+
+    def iter_parts(self) -> Iterator[Part]:
+        return iter(self.parts)
+
+    @property
+    def saved_locations(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for p in self.parts:
+            for loc in p.saved_locations:
+                seen[loc] = None
+        return tuple(seen)
+
+    def optimizer(self, key: str | None = None) -> OptimizerState:
+        """The optimizer named ``key`` (its name/path), or the only one."""
+        from .errors import FormatError
+
+        if key is None:
+            if len(self.optimizers) == 1:
+                return self.optimizers[0]
+            if not self.optimizers:
+                raise FormatError(f"{self.path}: no optimizer state found in this checkpoint")
+            names = ", ".join(o.name for o in self.optimizers)
+            raise FormatError(f"{self.path}: several optimizers ({names}); pick one with --optimizer NAME")
+        for o in self.optimizers:
+            if o.name == key or path_str(o.path) == key:
+                return o
+        names = ", ".join(o.name for o in self.optimizers) or "none"
+        raise FormatError(f"{self.path}: no optimizer named {key!r} (found: {names})")

@@ -1,0 +1,171 @@
+"""``optckpt inspect``: a JSON-able report of what a checkpoint holds, from metadata alone
+(tensor data is read only for ``stats=True``)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
+from .kinds import guess_optimizer, guess_scheduler
+from .render import jsonable
+
+__all__ = ["inspect_checkpoint", "tensor_stats"]
+
+
+def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]:
+    """Everything ``inspect`` shows, as plain JSON-able data."""
+    return {
+        "path": ck.path,
+        "layout": ck.layout,
+        "saved_on": list(ck.saved_locations),
+        "parts": [{"file": p.relpath, "kind": p.kind, "bytes": p.nbytes} for p in ck.parts],
+        "models": [_model_report(m, stats) for m in ck.models],
+        "optimizers": [_optimizer_report(o, stats) for o in ck.optimizers],
+        "schedulers": [_scheduler_report(s) for s in ck.schedulers],
+        "extras": jsonable(ck.extras),
+        "other_keys": dict(ck.other_keys),
+        "opaque": [
+            {"file": o.part, "bytes": o.nbytes, "reason": o.reason, "unsafe_globals": list(o.unsafe_globals)}
+            for o in ck.opaque
+        ],
+    }
+
+
+def _model_report(m: ModelState, stats: bool) -> dict[str, Any]:
+    dtypes = Counter(meta.dtype for meta in m.meta.values())
+    tensors = []
+    for name, meta in m.meta.items():
+        row: dict[str, Any] = {"name": name, "shape": list(meta.shape), "dtype": meta.dtype, "bytes": meta.nbytes}
+        if name in m.tied:
+            row["tied_to"] = m.tied[name]
+        if stats:
+            row["stats"] = tensor_stats(m.tensors[name])
+        tensors.append(row)
+    return {
+        "name": m.name,
+        "num_tensors": len(m.meta),
+        "bytes": m.nbytes,
+        "dtypes": dict(dtypes),
+        "order_trusted": m.order_trusted,
+        "tensors": tensors,
+    }
+
+
+def _state_shape_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in entry.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.item() if v.ndim == 0 and v.numel() == 1 else list(v.shape)
+        elif isinstance(v, (int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = f"list ({len(v)} items)"
+        else:
+            out[k] = type(v).__name__
+    return out
+
+
+def _optimizer_report(o: OptimizerState, stats: bool) -> dict[str, Any]:
+    groups = o.groups
+    raw_groups = o.state_dict.get("param_groups", [])
+    state = o.state
+    key_counts: Counter[str] = Counter()
+    steps: list[float] = []
+    nonfinite = 0
+    entries = []
+    group_of = {idx: g.position for g in groups for idx in g.params}
+    for g in groups:
+        for pos, idx in enumerate(g.params):
+            st = state.get(idx, {})
+            key_counts.update(st.keys())
+            step = st.get("step")
+            if isinstance(step, torch.Tensor) and step.numel() == 1:
+                steps.append(float(step.item()))
+            elif isinstance(step, (int, float)):
+                steps.append(float(step))
+            row: dict[str, Any] = {
+                "index": idx,
+                "group": g.position,
+                "param_name": g.param_names[pos] if g.param_names and pos < len(g.param_names) else None,
+                "state": _state_shape_summary(st),
+            }
+            if stats:
+                row["stats"] = {k: tensor_stats(v) for k, v in st.items() if isinstance(v, torch.Tensor) and v.ndim}
+                nonfinite += sum(s["nan"] + s["inf"] for s in row["stats"].values())
+            entries.append(row)
+    orphans = [k for k in state if k not in group_of]
+    report: dict[str, Any] = {
+        "name": o.name,
+        "class": guess_optimizer(raw_groups),
+        "num_params": o.num_params,
+        "num_with_state": sum(1 for g in groups for i in g.params if state.get(i)),
+        "has_param_names": bool(groups) and all(g.param_names is not None for g in groups),
+        "state_keys": dict(key_counts),
+        "step": [min(steps), max(steps)] if steps else None,
+        "groups": [
+            {"group": g.position, "size": len(g.params), "hparams": jsonable(g.hparams),
+             "param_names": list(g.param_names) if g.param_names is not None else None}
+            for g in groups
+        ],
+        "entries": entries,
+        "orphan_state_indices": jsonable(orphans),
+    }
+    if stats:
+        report["nonfinite_state_values"] = nonfinite
+    return report
+
+
+def _scheduler_report(s: SchedulerState) -> dict[str, Any]:
+    sd = s.state_dict
+    out: dict[str, Any] = {
+        "name": s.name,
+        "type": guess_scheduler(sd),
+        "last_epoch": jsonable(sd.get("last_epoch")),
+        "base_lrs": jsonable(sd.get("base_lrs")),
+        "last_lr": jsonable(sd.get("_last_lr")),
+    }
+    if "_schedulers" in sd and isinstance(sd["_schedulers"], list):
+        out["children"] = [
+            {"type": guess_scheduler(c), "last_epoch": jsonable(c.get("last_epoch"))}
+            for c in sd["_schedulers"] if isinstance(c, Mapping)
+        ]
+    return out
+
+
+_CHUNK = 1 << 22
+
+
+def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
+    """min / max / mean / L2 norm and NaN / Inf counts, in chunks (bounded extra memory)."""
+    n = t.numel()
+    if n == 0 or not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                          torch.uint8, torch.bool)):
+        return {"min": None, "max": None, "mean": None, "norm": None, "nan": 0, "inf": 0}
+    flat = t.reshape(-1)
+    lo, hi, total, sq, nan, inf = math.inf, -math.inf, 0.0, 0.0, 0, 0
+    for start in range(0, n, _CHUNK):
+        c = flat[start:start + _CHUNK].to(torch.float64)
+        bad_nan = torch.isnan(c)
+        bad_inf = torch.isinf(c)
+        nan += int(bad_nan.sum())
+        inf += int(bad_inf.sum())
+        finite = c[~(bad_nan | bad_inf)]
+        if finite.numel():
+            lo = min(lo, float(finite.min()))
+            hi = max(hi, float(finite.max()))
+            total += float(finite.sum())
+            sq += float((finite * finite).sum())
+    good = n - nan - inf
+    return {
+        "min": lo if good else None,
+        "max": hi if good else None,
+        "mean": total / good if good else None,
+        "norm": math.sqrt(sq),
+        "nan": nan,
+        "inf": inf,
+    }

@@ -1,0 +1,200 @@
+"""Readers (and later writers) for every checkpoint layout. The only place that touches files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part
+from ..errors import LoadError, UnsafePickleError
+from .discover import discover
+from .safetensors_io import open_safetensors, open_sharded_index
+from .torchfile import load_torch_file, sniff, unsafe_globals
+
+__all__ = ["load"]
+
+# Files in a directory checkpoint that hold training bookkeeping, not state optckpt edits: when a
+# weights_only load refuses them they are kept opaque (listed with the globals they need) instead of
+# failing the whole load. Any other refused file is an error: it may be the optimizer itself.
+_AUXILIARY = re.compile(
+    r"^(rng_state.*\.pth|training_args\.bin|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl"
+    r"|sampler(_\d+)?\.bin|dl_state_dict(_\d+)?\.bin|scaler\.pt)$"
+)
+_SKIP_SUFFIXES = (".lock", ".tmp")
+
+
+def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None = None,
+         trust_pickle: bool = False) -> Checkpoint:
+    """Read a checkpoint file or directory into a :class:`Checkpoint`, detecting its layout by content.
+
+    ``model`` joins a separately saved model state dict (the ``model_0.pth`` + ``optimizer_0.pth``
+    case). Tensors are memory-mapped, never copied into private memory, and always loaded onto the
+    CPU. Nothing is executed: ``torch.load`` runs with ``weights_only=True`` unless ``trust_pickle``."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise LoadError(f"{p}: no such file or directory")
+    if os.path.isdir(p):
+        ckpt = _load_directory(p, trust_pickle)
+    else:
+        ckpt = _load_file(p, trust_pickle)
+    if model is not None:
+        _join_model(ckpt, os.fspath(model), trust_pickle)
+    return ckpt
+
+
+def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
+    if not os.access(path, os.R_OK):
+        raise LoadError(f"{path}: permission denied")
+    name = os.path.basename(path)
+    kind = sniff(path)
+    size = os.path.getsize(path)
+    if kind == "safetensors":
+        tensors, meta, extra = open_safetensors(path)
+        ck = Checkpoint(path=path, layout="safetensors")
+        ck.parts.append(Part(name, "safetensors", size))
+        ck.models.append(ModelState(name, name, (), tensors, meta, order_trusted=False))
+        ck.extras.update({f"__metadata__.{k}": v for k, v in extra.items()})
+        return ck
+    if kind in ("zip", "legacy"):
+        loaded = load_torch_file(path, trust_pickle=trust_pickle)
+        found = discover(loaded.obj, name)
+        layout = _classify_torch(loaded.obj, found)
+        ck = Checkpoint(path=path, layout=layout)
+        ck.parts.append(Part(name, "torch", size, loaded.obj, loaded.saved_locations, loaded.zip_format))
+        ck.models, ck.optimizers, ck.schedulers = found.models, found.optimizers, found.schedulers
+        ck.extras, ck.other_keys = found.extras, found.other_keys
+        if not (found.models or found.optimizers or found.schedulers):
+            raise LoadError(
+                f"{path}: a torch file, but no model, optimizer or scheduler state dict found in it "
+                f"(top level: {_describe(loaded.obj)})"
+            )
+        return ck
+    if kind == "empty":
+        raise LoadError(f"{path}: empty file (0 bytes): not a checkpoint")
+    raise LoadError(f"{path}: not a checkpoint: neither a torch.save file (zip or legacy pickle) nor safetensors")
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = ", ".join(map(str, list(obj)[:8]))
+        return f"dict with keys {keys}" if keys else "empty dict"
+    return type(obj).__name__
+
+
+def _classify_torch(obj: Any, found: Any) -> str:
+    if isinstance(obj, dict):
+        if "optimizer_states" in obj and "state_dict" in obj:
+            return "lightning"
+        if "state_dict" in obj and "arch" in obj:
+            return "timm"
+        if found.optimizers and found.optimizers[0].path == ():
+            return "torch-optimizer"
+        if found.models and found.models[0].path == ():
+            return "torch-model"
+    return "torch-bundle"
+
+
+def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        raise LoadError(f"{path}: cannot list directory: {e.strerror or e}") from None
+    files = [n for n in names if os.path.isfile(os.path.join(path, n)) and not n.endswith(_SKIP_SUFFIXES)]
+    if ".metadata" in files and any(n.endswith(".distcp") for n in files):
+        raise LoadError(f"{path}: a torch.distributed.checkpoint (DCP) directory: not supported yet")
+    if "trainer_state.json" in files or ("optimizer.pt" in files and "scheduler.pt" in files):
+        layout = "hf-trainer"
+    elif any(re.fullmatch(r"(optimizer(_\d+)?\.bin|random_states_\d+\.pkl)", n) for n in files):
+        layout = "accelerate"
+    else:
+        layout = "directory"
+    ck = Checkpoint(path=path, layout=layout)
+    sharded: set[str] = set()
+    for n in files:
+        if n.endswith(".safetensors.index.json"):
+            tensors, meta, shards = open_sharded_index(os.path.join(path, n))
+            ck.models.append(ModelState(n, n, (), tensors, meta, order_trusted=False))
+            sharded.update(shards)
+            ck.parts.append(Part(n, "json", os.path.getsize(os.path.join(path, n))))
+    for n in files:
+        full = os.path.join(path, n)
+        size = os.path.getsize(full)
+        if n in sharded:
+            ck.parts.append(Part(n, "safetensors", size))
+            continue
+        if n.endswith(".safetensors.index.json"):
+            continue
+        kind = sniff(full)
+        if kind == "safetensors":
+            tensors, meta, _extra = open_safetensors(full)
+            ck.parts.append(Part(n, "safetensors", size))
+            ck.models.append(ModelState(n, n, (), tensors, meta, order_trusted=False))
+        elif kind in ("zip", "legacy"):
+            _load_dir_torch_part(ck, path, n, size, trust_pickle)
+        elif kind == "json":
+            ck.parts.append(Part(n, "json", size))
+            if n == "trainer_state.json":
+                ck.extras.update(_trainer_state_extras(full))
+        else:
+            ck.parts.append(Part(n, "other", size))
+    if not (ck.models or ck.optimizers or ck.schedulers):
+        raise LoadError(f"{path}: a directory, but no model, optimizer or scheduler files found in it")
+    return ck
+
+
+def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, trust_pickle: bool) -> None:
+    full = os.path.join(root, name)
+    auxiliary = bool(_AUXILIARY.match(name))
+    if auxiliary and not trust_pickle:
+        bad = unsafe_globals(full) if sniff(full) == "zip" else []
+        if bad or sniff(full) == "legacy":
+            ck.parts.append(Part(name, "opaque", size))
+            ck.opaque.append(OpaquePart(name, size, "needs non-tensor globals", tuple(bad)))
+            return
+    try:
+        loaded = load_torch_file(full, trust_pickle=trust_pickle)
+    except UnsafePickleError as e:
+        if not auxiliary:
+            raise
+        ck.parts.append(Part(name, "opaque", size))
+        ck.opaque.append(OpaquePart(name, size, "needs non-tensor globals", tuple(e.unsafe_globals)))
+        return
+    part = Part(name, "torch", size, loaded.obj, loaded.saved_locations, loaded.zip_format)
+    ck.parts.append(part)
+    if auxiliary:
+        ck.opaque.append(OpaquePart(name, size, "training bookkeeping (kept as is)"))
+        return
+    found = discover(loaded.obj, name, name_prefix=name)
+    ck.models.extend(found.models)
+    ck.optimizers.extend(found.optimizers)
+    ck.schedulers.extend(found.schedulers)
+    for k, v in found.extras.items():
+        ck.extras[f"{name}:{k}"] = v
+
+
+def _trainer_state_extras(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        raise LoadError(f"{path}: not valid JSON") from None
+    if not isinstance(state, dict):
+        return {}
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _join_model(ck: Checkpoint, model_path: str, trust_pickle: bool) -> None:
+    """Add the model state dict(s) of a separately saved file (``--model``) to ``ck``."""
+    other = load(model_path, trust_pickle=trust_pickle)
+    if not other.models:
+        raise LoadError(f"{model_path}: --model names a file with no model state dict in it")
+    for m in other.models:
+        m.name = model_path if m.name in ("(root)", os.path.basename(model_path)) else f"{model_path}:{m.name}"
+        if m.part == os.path.basename(model_path):
+            m.part = model_path
+    ck.models = other.models + ck.models
+    for part in other.parts:
+        part.relpath = model_path if part.relpath == os.path.basename(model_path) else part.relpath
+        ck.parts.append(part)

@@ -1,0 +1,166 @@
+"""Finding model / optimizer / scheduler state dicts wherever they sit inside a loaded object."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..checkpoint import KeyPath, ModelState, OptimizerState, SchedulerState, TensorMeta, path_str
+
+__all__ = ["Found", "discover", "is_optimizer_sd", "is_scheduler_sd", "is_model_sd", "model_state_from_dict"]
+
+_MAX_DEPTH = 8
+_SCALARS = (bool, int, float, str, type(None))
+# keys users bundle the main model under, in preference order (the EMA copy is never "the" model)
+MODEL_KEY_PREFERENCE = ("model", "state_dict", "model_state_dict", "net", "module", "network", "model_state")
+
+
+def is_optimizer_sd(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get("state"), Mapping)
+        and isinstance(obj.get("param_groups"), list)
+        and all(isinstance(g, Mapping) and "params" in g for g in obj["param_groups"])
+    )
+
+
+def is_scheduler_sd(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or is_optimizer_sd(obj):
+        return False
+    if "_schedulers" in obj:
+        return True
+    return "last_epoch" in obj and any(
+        k in obj for k in ("base_lrs", "_last_lr", "best", "num_bad_epochs", "_step_count")
+    )
+
+
+def is_model_sd(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    n_tensors = 0
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            return False
+        if isinstance(v, torch.Tensor):
+            n_tensors += 1
+        elif not k.endswith("_extra_state"):
+            return False
+    return n_tensors > 0
+
+
+def model_state_from_dict(sd: Mapping[str, Any], name: str, part: str, path: KeyPath) -> ModelState:
+    """A pickled state dict: its order is the registration order; tied tensors share storage."""
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    meta = {k: TensorMeta.of(v) for k, v in tensors.items()}
+    tied: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
+    for k, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        try:
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        except (RuntimeError, NotImplementedError):
+            continue
+        if ident in first:
+            tied[k] = first[ident]
+        else:
+            first[ident] = k
+    return ModelState(name=name, part=part, path=path, tensors=tensors, meta=meta, order_trusted=True, tied=tied)
+
+
+@dataclass
+class Found:
+    models: list[ModelState] = field(default_factory=list)
+    optimizers: list[OptimizerState] = field(default_factory=list)
+    schedulers: list[SchedulerState] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+    other_keys: dict[str, str] = field(default_factory=dict)
+
+
+def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
+    """Walk dicts, lists and tuples; every state dict found is named by its key path
+    (prefixed by ``name_prefix``, e.g. the file name inside a directory checkpoint)."""
+    found = Found()
+
+    def name_of(path: KeyPath) -> str:
+        p = path_str(path)
+        if name_prefix:
+            return f"{name_prefix}:{p}" if p else name_prefix
+        return p or "(root)"
+
+    def walk(o: Any, path: KeyPath, depth: int) -> bool:
+        """Returns whether anything was found under ``o``."""
+        if is_optimizer_sd(o):
+            found.optimizers.append(OptimizerState(name_of(path), part, path, o))
+            return True
+        if is_scheduler_sd(o):
+            found.schedulers.append(SchedulerState(name_of(path), part, path, o))
+            return True
+        if is_model_sd(o):
+            found.models.append(model_state_from_dict(o, name_of(path), part, path))
+            return True
+        if depth >= _MAX_DEPTH:
+            return False
+        hit = False
+        if isinstance(o, Mapping):
+            for k, v in o.items():
+                if isinstance(v, (Mapping, list, tuple)):
+                    hit = walk(v, (*path, k), depth + 1) or hit
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                if isinstance(v, (Mapping, list, tuple)):
+                    hit = walk(v, (*path, i), depth + 1) or hit
+        return hit
+
+    walk(obj, (), 0)
+    _collect_top_level(obj, found)
+    _order_models(found)
+    return found
+
+
+def _collect_top_level(obj: Any, found: Found) -> None:
+    """Scalars at the top level are extras (epoch, global_step, best_acc1); the rest is summarised."""
+    claimed = {m.path[:1] for m in found.models} | {o.path[:1] for o in found.optimizers}
+    claimed |= {s.path[:1] for s in found.schedulers}
+    if () in claimed:  # the whole object is one state dict: nothing else at its top level
+        return
+    items: list[tuple[Any, Any]]
+    if isinstance(obj, Mapping):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = list(enumerate(obj))
+    else:
+        return
+    for k, v in items:
+        key = path_str((k,))
+        if isinstance(v, _SCALARS):
+            found.extras[key] = v
+        elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.ndim == 0:
+            found.extras[key] = v.item()
+        elif (k,) not in claimed:
+            found.other_keys[key] = summarize(v)
+
+
+def summarize(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+    if isinstance(v, Mapping):
+        return f"dict ({len(v)} keys)"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} ({len(v)} items)"
+    return type(v).__name__
+
+
+def _order_models(found: Found) -> None:
+    """Put the main model first: a preferred key, never an EMA copy."""
+
+    def rank(m: ModelState) -> tuple[int, int]:
+        top = str(m.path[0]) if m.path else ""
+        ema = int("ema" in m.name.lower())
+        pref = MODEL_KEY_PREFERENCE.index(top) if top in MODEL_KEY_PREFERENCE else len(MODEL_KEY_PREFERENCE)
+        return ema, pref
+
+    found.models.sort(key=rank)

@@ -1,0 +1,124 @@
+"""Reading safetensors files lazily: header first, tensor data only when indexed."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from ..checkpoint import TensorMeta
+from ..errors import LoadError
+
+__all__ = ["LazySafetensors", "read_header", "open_safetensors", "open_sharded_index"]
+
+_DTYPE_SIZES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8), "C64": ("complex64", 8),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Returns the tensors' metadata in file (= name-sorted) order and the ``__metadata__`` dict.
+    Every declared offset is checked against the file size, so a hostile header declaring huge
+    tensors is rejected here instead of allocating."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n < 2 or n > min(_MAX_HEADER, size - 8):
+                raise LoadError(f"{path}: not a valid safetensors file (header length {n} vs file size {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise LoadError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size = size - 8 - n
+    meta: dict[str, TensorMeta] = {}
+    extra = header.pop("__metadata__", None) or {}
+    for name, info in header.items():
+        try:
+            dtype, itemsize = _DTYPE_SIZES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise LoadError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        numel = 1
+        for s in shape:
+            if s < 0:
+                raise LoadError(f"{path}: tensor {name!r} declares a negative dimension {shape}")
+            numel *= s
+        if not (0 <= begin <= end <= data_size) or end - begin != numel * itemsize:
+            raise LoadError(
+                f"{path}: tensor {name!r} declares {numel * itemsize} bytes at [{begin}, {end}) "
+                f"but the file holds {data_size} data bytes: truncated or corrupt"
+            )
+        meta[name] = TensorMeta(shape, dtype, numel * itemsize)
+    return meta, {str(k): str(v) for k, v in extra.items()}
+
+
+class LazySafetensors(Mapping[str, torch.Tensor]):
+    """A read-only mapping name → tensor over one or more safetensors files; data is read on access."""
+
+    def __init__(self, files: dict[str, str], meta: dict[str, TensorMeta]):
+        self._files = files  # tensor name -> file path
+        self._meta = meta
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._files[key]
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types
+            raise LoadError(f"{path}: cannot read tensor {key!r}: {e}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+
+def open_safetensors(path: str) -> tuple[LazySafetensors, dict[str, TensorMeta], dict[str, str]]:
+    meta, extra = read_header(path)
+    return LazySafetensors({k: path for k in meta}, meta), meta, extra
+
+
+def open_sharded_index(index_path: str) -> tuple[LazySafetensors, dict[str, TensorMeta], list[str]]:
+    """A ``*.safetensors.index.json`` and its shards, as one lazy mapping (shards must exist)."""
+    base = os.path.dirname(index_path)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LoadError(f"{index_path}: not a valid safetensors index (needs a 'weight_map' object)") from None
+    shards = sorted(set(weight_map.values()))
+    files: dict[str, str] = {}
+    meta: dict[str, TensorMeta] = {}
+    for shard in shards:
+        shard_path = os.path.join(base, shard)
+        if not os.path.isfile(shard_path):
+            raise LoadError(f"{index_path}: names shard {shard!r}, which is missing from {base}")
+        shard_meta, _ = read_header(shard_path)
+        for k, m in shard_meta.items():
+            files[k] = shard_path
+            meta[k] = m
+    missing = [k for k in weight_map if k not in meta]
+    if missing:
+        raise LoadError(f"{index_path}: {len(missing)} tensors listed but absent from their shards, e.g. {missing[0]!r}")
+    return LazySafetensors(files, meta), meta, shards

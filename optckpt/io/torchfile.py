@@ -1,0 +1,149 @@
+"""Reading ``torch.save`` files safely: sniffing, ``weights_only`` loads, unsafe-global reporting."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import LoadError, UnsafePickleError
+
+__all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals"]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def sniff(path: str) -> str:
+    """What kind of file this is, by content: ``zip`` (torch.save, also Lightning ``.ckpt``),
+    ``legacy`` (pre-1.6 torch.save / plain pickle), ``safetensors``, ``json``, ``empty`` or ``unknown``."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise LoadError(f"{path}: cannot read: {e.strerror or e}") from None
+    if size == 0:
+        return "empty"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
+        return "legacy"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    return "unknown"
+
+
+def unsafe_globals(path: str) -> list[str]:
+    """Globals a ``weights_only`` load of ``path`` would refuse (reads the pickle only, runs nothing)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy files: not a zip; fall back to scanning the pickle opcodes
+        return _scan_pickle_globals(path)
+
+
+def _scan_pickle_globals(path: str) -> list[str]:
+    import pickletools
+
+    found: dict[str, None] = {}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            strings: list[str] = []
+            end = pos
+            for op, arg, p in pickletools.genops(data[pos:]):
+                end = pos + p
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                    strings.append(str(arg))
+                elif op.name == "GLOBAL":
+                    found[str(arg).replace(" ", ".")] = None
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found[f"{strings[-2]}.{strings[-1]}"] = None
+                elif op.name == "STOP":
+                    break
+            if end + 1 <= pos:
+                break
+            pos = end + 1
+    except Exception:
+        pass
+    allowed = {"torch._utils._rebuild_tensor_v2", "collections.OrderedDict", "torch.FloatStorage"}
+    return [g for g in found if g not in allowed and not g.startswith("torch.")]
+
+
+@dataclass
+class TorchLoad:
+    obj: Any
+    saved_locations: tuple[str, ...]
+    zip_format: bool
+
+
+def load_torch_file(path: str, *, trust_pickle: bool = False, mmap: bool = True) -> TorchLoad:
+    """``torch.load`` with ``weights_only=True`` (never executes code), memory-mapped when the
+    file is zip-format, always onto the CPU (CUDA-saved files load on CPU-only machines).
+
+    Records the storage locations the file was saved with (``cuda:0``, ``cpu``) without moving
+    anything there. A pickle needing other globals raises :class:`UnsafePickleError` naming them,
+    unless ``trust_pickle`` (then it is loaded with full pickle, loudly)."""
+    kind = sniff(path)
+    if kind == "empty":
+        raise LoadError(f"{path}: empty file (0 bytes): not a checkpoint")
+    if kind not in ("zip", "legacy"):
+        raise LoadError(f"{path}: not a torch.save file (content looks like {kind})")
+    zip_format = kind == "zip"
+    if zip_format:
+        _check_zip(path)
+    locations: dict[str, None] = {}
+
+    def _map(storage: Any, location: str) -> Any:
+        locations[str(location)] = None
+        return storage
+
+    try:
+        if trust_pickle:
+            print(
+                f"optckpt: warning: --trust-pickle: loading {path} with full pickle; "
+                "this can execute code from the file",
+                file=sys.stderr,
+            )
+        obj = torch.load(
+            path,
+            map_location=_map,
+            weights_only=not trust_pickle,
+            mmap=zip_format and mmap,
+        )
+    except pickle.UnpicklingError as e:
+        names = unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))
+        if not names and "weights only" not in str(e).lower():
+            raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
+        raise UnsafePickleError(path, names) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
+            IndexError, zipfile.BadZipFile, MemoryError, OverflowError) as e:
+        raise LoadError(f"{path}: cannot load (truncated or corrupt torch file?): {_first_line(e)}") from None
+    return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format)
+
+
+def _check_zip(path: str) -> None:
+    """Validate the zip container before torch touches it: torch reports truncation poorly."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise LoadError(f"{path}: truncated or corrupt zip container ({_first_line(e)})") from None
+    if not any(n.endswith("data.pkl") for n in names):
+        raise LoadError(f"{path}: a zip file, but not one written by torch.save (no data.pkl)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,139 @@
+"""Turning reports into text: JSON for scripts, ``tabulate`` tables for people."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect"]
+
+
+def jsonable(v: Any) -> Any:
+    """Plain JSON data from checkpoint values (tuples → lists, 1-element tensors → numbers,
+    non-finite floats → strings, anything else → its repr)."""
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1:
+            return jsonable(v.item())
+        return f"tensor{tuple(v.shape)}"
+    if isinstance(v, Mapping):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [jsonable(x) for x in v]
+    return repr(v)
+
+
+def to_json(report: Any) -> str:
+    return json.dumps(jsonable(report), indent=2)
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    return str(v)
+
+
+def _shape(s: list[int] | None) -> str:
+    return "(" + ", ".join(map(str, s)) + ")" if s is not None else "-"
+
+
+_MAX_ROWS = 40
+
+
+def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
+    out: list[str] = []
+    saved = f"  (saved on: {', '.join(r['saved_on'])})" if r["saved_on"] else ""
+    out.append(f"{r['path']}: layout {r['layout']}{saved}")
+    if len(r["parts"]) > 1:
+        out.append("")
+        out.append(table([[p["file"], p["kind"], human_bytes(p["bytes"])] for p in r["parts"]],
+                         ["file", "kind", "size"]))
+    for m in r["models"]:
+        out.append("")
+        dt = ", ".join(f"{k}×{v}" for k, v in m["dtypes"].items())
+        order = "registration order" if m["order_trusted"] else "sorted by name: not the registration order"
+        out.append(f"model {m['name']}: {m['num_tensors']} tensors, {human_bytes(m['bytes'])} ({dt}); {order}")
+        rows = []
+        for t in m["tensors"][:_MAX_ROWS]:
+            row = [t["name"], _shape(t["shape"]), t["dtype"], human_bytes(t["bytes"])]
+            if "tied_to" in t:
+                row[0] += f"  (tied to {t['tied_to']})"
+            if stats:
+                s = t["stats"]
+                row += [_fmt(s["min"]), _fmt(s["max"]), _fmt(s["mean"]), _fmt(s["norm"]), s["nan"], s["inf"]]
+            rows.append(row)
+        headers = ["tensor", "shape", "dtype", "size"] + (["min", "max", "mean", "norm", "nan", "inf"] if stats else [])
+        out.append(table(rows, headers))
+        if len(m["tensors"]) > _MAX_ROWS:
+            out.append(f"... {len(m['tensors']) - _MAX_ROWS} more (use --format json for all)")
+    for o in r["optimizers"]:
+        out.append("")
+        step = f", step {_fmt(o['step'][0])}..{_fmt(o['step'][1])}" if o["step"] else ""
+        names = "param_names saved" if o["has_param_names"] else "no param_names (index-based)"
+        out.append(
+            f"optimizer {o['name']}: {o['class']}, {o['num_params']} params in {len(o['groups'])} groups, "
+            f"{o['num_with_state']} with state{step}; {names}"
+        )
+        keys = ", ".join(f"{k}×{v}" for k, v in o["state_keys"].items()) or "none"
+        out.append(f"  state keys: {keys}")
+        grows = []
+        for g in o["groups"]:
+            hp = ", ".join(f"{k}={_fmt(v)}" for k, v in g["hparams"].items() if k not in _QUIET_KEYS)
+            grows.append([g["group"], g["size"], hp])
+        out.append(table(grows, ["group", "params", "hyperparameters"]))
+        erows = []
+        for e in o["entries"][:_MAX_ROWS]:
+            st = ", ".join(f"{k}={_shape(v) if isinstance(v, list) else _fmt(v)}" for k, v in e["state"].items())
+            label = e.get("inferred_name") or e["param_name"] or "?"
+            erows.append([e["index"], e["group"], label, e.get("evidence", ""), st or "(no state)"])
+        out.append(table(erows, ["index", "group", "parameter", "evidence", "state"]))
+        if len(o["entries"]) > _MAX_ROWS:
+            out.append(f"... {len(o['entries']) - _MAX_ROWS} more (use --format json for all)")
+        if o["orphan_state_indices"]:
+            out.append(f"  warning: state for indices in no param group: {o['orphan_state_indices']}")
+        if o.get("nonfinite_state_values"):
+            out.append(f"  warning: {o['nonfinite_state_values']} NaN/Inf values in optimizer state")
+    for s in r["schedulers"]:
+        out.append("")
+        out.append(
+            f"scheduler {s['name']}: {s['type']}, last_epoch {s['last_epoch']}, "
+            f"base_lrs {_fmt(s['base_lrs'])}, last lr {_fmt(s['last_lr'])}"
+        )
+        for c in s.get("children", []):
+            out.append(f"  child {c['type']}, last_epoch {c['last_epoch']}")
+    if r["extras"]:
+        out.append("")
+        out.append("extras: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r["extras"].items()))
+    if r["other_keys"]:
+        out.append("other keys: " + ", ".join(f"{k} ({v})" for k, v in r["other_keys"].items()))
+    for o in r["opaque"]:
+        glob = f"; needs {', '.join(o['unsafe_globals'])}" if o["unsafe_globals"] else ""
+        out.append(f"opaque part {o['file']} ({human_bytes(o['bytes'])}): {o['reason']}{glob}; kept byte-for-byte")
+    return "\n".join(out)
+
+
+# group keys that are torch implementation switches, not hyperparameters: hidden from the table
+_QUIET_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable", "maximize"})
