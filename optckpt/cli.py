@@ -11,8 +11,11 @@ import click
 
 from . import io
 from .errors import OptckptError
+from .check import check_mapping
 from .inspect import inspect_checkpoint
-from .render import render_inspect, to_json
+from .mapping import infer_mapping
+from .render import render_check, render_inspect, to_json
+from .target import parse_rename, resolve_target
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,6 +77,41 @@ def inspect(path: str, model_path: str | None, trust_pickle: bool, fmt: str, sta
     ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
     report = inspect_checkpoint(ck, stats=stats)
     click.echo(to_json(report) if fmt == "json" else render_inspect(report, stats=stats))
+
+
+def mapping_options(f: F) -> F:
+    f = click.option("--models", "models", default=None,
+                     help="Model state dicts (comma-separated names) whose concatenated order the optimizer saw.")(f)
+    f = click.option("--optimizer", "optimizer_key", default=None,
+                     help="Which optimizer, when the checkpoint holds several (its name in `inspect`).")(f)
+    f = click.option("--source", "source", default=None,
+                     help="The OLD code (module:callable, file.py:callable) or a names file: exact names.")(f)
+    f = click.option("--rename", "renames", multiple=True,
+                     help="OLD=NEW prefix rename (or re:PATTERN=REPL) from checkpoint names to target names.")(f)
+    return f
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--target", "target_spec", required=True,
+              help="The new code: module:callable, file.py:callable, a names file, or a checkpoint.")
+@load_options
+@mapping_options
+@format_option
+def check(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
+          renames: tuple[str, ...], optimizer_key: str | None, models: str | None, fmt: str) -> None:
+    """Predict what plain optimizer.load_state_dict would do under the new code.
+
+    Exit 0 when it would be exactly right, 1 when not, 2 on error."""
+    ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
+    opt = ck.optimizer(optimizer_key)
+    source_names = resolve_target(source, trust_pickle=trust_pickle).groups if source else None
+    mapping = infer_mapping(ck, opt, source_names=source_names,
+                            models=models.split(",") if models else None)
+    target = resolve_target(target_spec, trust_pickle=trust_pickle)
+    report = check_mapping(mapping, target, parse_rename(renames)).as_json()
+    click.echo(to_json(report) if fmt == "json" else render_check(report))
+    sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
 
 
 def main() -> None:

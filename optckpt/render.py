@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect"]
+__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect", "render_check"]
 
 
 def jsonable(v: Any) -> Any:
@@ -137,3 +137,47 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
 
 # group keys that are torch implementation switches, not hyperparameters: hidden from the table
 _QUIET_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable", "maximize"})
+
+
+_STATUS_TEXT = {
+    "ok": "ok",
+    "moved": "moved",
+    "missing": "missing (new: fresh state)",
+    "unexpected": "unexpected (gone: state dropped)",
+    "shape_mismatch": "shape mismatch",
+    "ambiguous": "ambiguous",
+}
+
+
+def render_check(r: dict[str, Any]) -> str:
+    out = []
+    verdict = "SAFE: plain optimizer.load_state_dict is exactly right" if r["safe"] else (
+        "NOT SAFE: plain optimizer.load_state_dict would misapply optimizer state")
+    out.append(f"optimizer {r['optimizer']} (names from: {r['evidence']}): {verdict}")
+    counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items() if v)
+    out.append(f"  {counts}")
+    g = r["groups"]
+    if g["load_would_fail"]:
+        out.append(f"  param groups: checkpoint {g['source']} vs target {g['target']}: load_state_dict raises ValueError")
+    rows = []
+    for p in r["params"]:
+        if p["status"] == "ok":
+            continue
+        what = _STATUS_TEXT[p["status"]]
+        if p["crash"]:
+            what += ": CRASH (paired with state of another shape)"
+        elif p["status"] == "moved" and p["silent"]:
+            what += ": SILENT (shapes coincide, torch would not notice)"
+        if p["status"] == "ambiguous":
+            what += ": " + ", ".join(p.get("candidates", [])[:4]) + (" ..." if len(p.get("candidates", [])) > 4 else "")
+        src = "-" if p["source_index"] is None else str(p["source_index"])
+        tgt = "-" if p["target_index"] is None else str(p["target_index"])
+        rows.append([p["name"], f"{src} -> {tgt}", _shape(p["shape"]), what])
+    if rows:
+        out.append(table(rows, ["parameter", "index", "shape", "status"]))
+    ok = r["counts"].get("ok", 0)
+    if ok:
+        out.append(f"({ok} parameters ok)")
+    for n in r["notes"]:
+        out.append(f"note: {n}")
+    return "\n".join(out)

@@ -1,0 +1,242 @@
+"""Name every optimizer index: which parameter does ``state[7]`` belong to, and how sure are we.
+
+Evidence, strongest first:
+
+* ``param_names`` saved in the param groups (torch >= 2.6 named optimizers) — exact;
+* names supplied by the caller (the old code via ``--source``, a names file) — exact;
+* alignment against a model state dict saved in **registration order** (pickled ``state_dict()``):
+  every param group is an ordered subsequence of the model's parameters, the shapes of its state
+  tensors pin each index (:mod:`optckpt.align`) — exact where forced, ``ambiguous`` otherwise;
+* single-parameter groups carrying a ``name`` key (3D Gaussian Splatting) when no model is saved;
+* shapes alone, when the model order is not trustworthy (safetensors): only shape-unique indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .align import Item, Slot, align_groups
+from .checkpoint import Checkpoint, ModelState, OptimizerState
+
+__all__ = ["IndexName", "OptimizerMapping", "param_shape", "infer_mapping", "is_lbfgs"]
+
+# state keys whose tensor has exactly the parameter's shape, across torch.optim
+_PARAM_SHAPED = (
+    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg", "acc_delta",
+    "exp_inf", "ax", "grad_avg", "prev", "step_size", "variance",
+)
+
+
+def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The shape of the parameter an optimizer state entry belongs to, or None when its state
+    does not reveal it (no state, scalars only, LBFGS's global state)."""
+    for k in _PARAM_SHAPED:
+        v = entry.get(k)
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape)
+    row, col = entry.get("row_var"), entry.get("col_var")
+    if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.ndim == col.ndim >= 2:
+        # Adafactor factors a (..., R, C) second moment into row_var (..., R, 1) and col_var (..., 1, C)
+        return (*row.shape[:-1], col.shape[-1])
+    return None
+
+
+def is_lbfgs(opt: OptimizerState) -> bool:
+    groups = opt.state_dict.get("param_groups", [])
+    return bool(groups) and "history_size" in groups[0] and "max_iter" in groups[0]
+
+
+@dataclass(frozen=True)
+class IndexName:
+    """What is known about one optimizer index."""
+
+    index: int
+    group: int
+    name: str | None  # set only when certain
+    candidates: tuple[str, ...]  # every name it could be (one when certain)
+    shape: tuple[int, ...] | None  # the parameter's shape as its state shows it
+    has_state: bool
+
+
+@dataclass
+class OptimizerMapping:
+    """The mapping of one optimizer: its indices in group order, with the evidence used."""
+
+    optimizer: str
+    evidence: str  # "param_names" | "source" | "model-order" | "group-name" | "shapes-only" | "none"
+    entries: list[IndexName]
+    model: str | None = None  # which model state dict(s) the alignment used
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ambiguous(self) -> list[IndexName]:
+        return [e for e in self.entries if e.name is None]
+
+    def name_of(self) -> dict[int, str]:
+        return {e.index: e.name for e in self.entries if e.name is not None}
+
+    def index_of(self) -> dict[str, int]:
+        return {e.name: e.index for e in self.entries if e.name is not None}
+
+
+def _items(opt: OptimizerState) -> list[list[Item]]:
+    state = opt.state
+    lbfgs = is_lbfgs(opt)
+    return [
+        [Item(i, None if lbfgs else param_shape(state.get(i, {}))) for i in g.params]
+        for g in opt.groups
+    ]
+
+
+def _entries(opt: OptimizerState, names: Sequence[Sequence[tuple[str | None, tuple[str, ...]]]]) -> list[IndexName]:
+    state = opt.state
+    lbfgs = is_lbfgs(opt)
+    out = []
+    for g, gnames in zip(opt.groups, names):
+        for idx, (name, cands) in zip(g.params, gnames):
+            entry = state.get(idx, {})
+            out.append(IndexName(idx, g.position, name, cands, None if lbfgs else param_shape(entry), bool(entry)))
+    return out
+
+
+def _exact(opt: OptimizerState, evidence: str, names: Sequence[Sequence[str]]) -> OptimizerMapping:
+    return OptimizerMapping(opt.name, evidence, _entries(opt, [[(n, (n,)) for n in g] for g in names]))
+
+
+# Buffers torch / transformers register under these names; never parameters. Excluding them turns
+# "bn.weight, bn.bias or bn.running_mean?" into a certain answer.
+KNOWN_BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids", "masked_bias",
+                           "inv_freq"})
+
+
+def slots_of(models: Sequence[ModelState]) -> list[Slot]:
+    """The model entries a parameter can be: floating tensors that are not known buffers, each tied
+    group once (first name), concatenated in the given order (one optimizer over several models)."""
+    out = []
+    for m in models:
+        for name, meta in m.meta.items():
+            if name in m.tied or not meta.is_floating or name.rsplit(".", 1)[-1] in KNOWN_BUFFERS:
+                continue
+            out.append(Slot(name, meta.shape))
+    return out
+
+
+def _align(opt: OptimizerState, models: Sequence[ModelState]) -> OptimizerMapping | None:
+    groups = _items(opt)
+    result = align_groups(slots_of(models), groups)
+    if any(not a.candidates for g in result for a in g):
+        return None  # this model cannot hold this optimizer's parameters in this order
+    names = [[(a.name, a.candidates) for a in g] for g in result]
+    return OptimizerMapping(opt.name, "model-order", _entries(opt, names), model="+".join(m.name for m in models))
+
+
+def _shapes_only(opt: OptimizerState, model: ModelState) -> OptimizerMapping:
+    """No trustworthy order: an index is named only when its shape occurs once in the model."""
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for s in slots_of([model]):
+        by_shape.setdefault(s.shape, []).append(s.name)
+    all_names = tuple(s.name for s in slots_of([model]))
+    names = []
+    for g in _items(opt):
+        row = []
+        for it in g:
+            cands = tuple(by_shape.get(it.shape, ())) if it.shape is not None else all_names
+            row.append((cands[0] if len(cands) == 1 else None, cands))
+        names.append(row)
+    m = OptimizerMapping(opt.name, "shapes-only", _entries(opt, names), model=model.name)
+    m.notes.append(
+        f"{model.name} does not keep the registration order (safetensors / sharded weights are sorted by name); "
+        "names are certain only for shape-unique parameters: pass --source module:callable (the old code) "
+        "or a names file for exact names"
+    )
+    return m
+
+
+def infer_mapping(
+    ck: Checkpoint,
+    opt: OptimizerState | None = None,
+    *,
+    source_names: Sequence[Sequence[str]] | None = None,
+    models: Sequence[str] | None = None,
+) -> OptimizerMapping:
+    """Map every index of ``opt`` (default: the checkpoint's only optimizer) to a parameter name.
+
+    ``source_names`` (names per group, in optimizer order) comes from the old code; ``models``
+    picks (and concatenates, in order) model state dicts by name when the guess should not be made."""
+    opt = opt or ck.optimizer()
+    groups = opt.groups
+    sizes = [len(g.params) for g in groups]
+    if source_names is not None:
+        got = [len(g) for g in source_names]
+        if got != sizes:
+            if sum(got) == sum(sizes) and len(source_names) == 1:  # a flat list: split by the groups
+                flat = list(source_names[0])
+                source_names, start = [], 0
+                for n in sizes:
+                    source_names.append(flat[start:start + n])
+                    start += n
+            else:
+                from .errors import MappingError
+
+                raise MappingError(
+                    f"{opt.name}: the source names have group sizes {got}, but the optimizer's groups are {sizes}"
+                )
+        return _exact(opt, "source", source_names)
+    if groups and all(g.param_names is not None and len(g.param_names) == len(g.params) for g in groups):
+        return _exact(opt, "param_names", [list(g.param_names or ()) for g in groups])
+
+    chosen = _choose_models(ck, models)
+    trusted = [m for m in chosen if m.order_trusted]
+    if trusted and len(trusted) == len(chosen):
+        if models is not None:
+            found = _align(opt, chosen)
+            if found is not None:
+                return found
+        else:
+            for m in trusted:  # the main model first, then the others alone, then all together
+                found = _align(opt, [m])
+                if found is not None:
+                    return found
+            if len(trusted) > 1:
+                found = _align(opt, trusted)
+                if found is not None:
+                    found.notes.append(f"one optimizer over several models, concatenated: {found.model}")
+                    return found
+    if _group_names_usable(opt):
+        return _exact(opt, "group-name", [[str(g.hparams["name"])] for g in groups])
+    if chosen and not chosen[0].order_trusted:
+        return _shapes_only(opt, chosen[0])
+    m = OptimizerMapping(opt.name, "none", _entries(opt, [[(None, ())] * n for n in sizes]))
+    if trusted:
+        m.notes.append("no model state dict in this checkpoint can hold this optimizer's parameters in order "
+                       "(the groups are not ordered subsequences of its parameters): pass --source")
+    else:
+        m.notes.append("no model state dict found: pass --model PATH or --source module:callable")
+    return m
+
+
+def _choose_models(ck: Checkpoint, models: Sequence[str] | None) -> list[ModelState]:
+    if models is None:
+        return list(ck.models)
+    from .errors import MappingError
+
+    by_name = {m.name: m for m in ck.models}
+    missing = [n for n in models if n not in by_name]
+    if missing:
+        raise MappingError(f"no model state dict named {missing[0]!r} (found: {', '.join(by_name) or 'none'})")
+    return [by_name[n] for n in models]
+
+
+def _group_names_usable(opt: OptimizerState) -> bool:
+    groups = opt.groups
+    names = [g.hparams.get("name") for g in groups]
+    return (
+        bool(groups)
+        and all(len(g.params) == 1 for g in groups)
+        and all(isinstance(n, str) and n for n in names)
+        and len(set(names)) == len(names)
+    )
