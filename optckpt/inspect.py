@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .kinds import guess_optimizer, guess_scheduler
+from .mapping import OptimizerMapping, infer_mapping
 from .render import jsonable
 
 __all__ = ["inspect_checkpoint", "tensor_stats"]
@@ -25,7 +26,7 @@ def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]
         "saved_on": list(ck.saved_locations),
         "parts": [{"file": p.relpath, "kind": p.kind, "bytes": p.nbytes} for p in ck.parts],
         "models": [_model_report(m, stats) for m in ck.models],
-        "optimizers": [_optimizer_report(o, stats) for o in ck.optimizers],
+        "optimizers": [_optimizer_report(o, stats, infer_mapping(ck, o)) for o in ck.optimizers],
         "schedulers": [_scheduler_report(s) for s in ck.schedulers],
         "extras": jsonable(ck.extras),
         "other_keys": dict(ck.other_keys),
@@ -70,7 +71,7 @@ def _state_shape_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _optimizer_report(o: OptimizerState, stats: bool) -> dict[str, Any]:
+def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping) -> dict[str, Any]:
     groups = o.groups
     raw_groups = o.state_dict.get("param_groups", [])
     state = o.state
@@ -79,6 +80,7 @@ def _optimizer_report(o: OptimizerState, stats: bool) -> dict[str, Any]:
     nonfinite = 0
     entries = []
     group_of = {idx: g.position for g in groups for idx in g.params}
+    known = {e.index: e for e in mapping.entries}
     for g in groups:
         for pos, idx in enumerate(g.params):
             st = state.get(idx, {})
@@ -92,6 +94,8 @@ def _optimizer_report(o: OptimizerState, stats: bool) -> dict[str, Any]:
                 "index": idx,
                 "group": g.position,
                 "param_name": g.param_names[pos] if g.param_names and pos < len(g.param_names) else None,
+                "inferred_name": known[idx].name if idx in known else None,
+                "candidates": list(known[idx].candidates) if idx in known and known[idx].name is None else [],
                 "state": _state_shape_summary(st),
             }
             if stats:
@@ -105,6 +109,10 @@ def _optimizer_report(o: OptimizerState, stats: bool) -> dict[str, Any]:
         "num_params": o.num_params,
         "num_with_state": sum(1 for g in groups for i in g.params if state.get(i)),
         "has_param_names": bool(groups) and all(g.param_names is not None for g in groups),
+        "name_evidence": mapping.evidence,
+        "name_source_model": mapping.model,
+        "ambiguous": len(mapping.ambiguous),
+        "notes": list(mapping.notes),
         "state_keys": dict(key_counts),
         "step": [min(steps), max(steps)] if steps else None,
         "groups": [

@@ -93,6 +93,11 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         out.append("")
         step = f", step {_fmt(o['step'][0])}..{_fmt(o['step'][1])}" if o["step"] else ""
         names = "param_names saved" if o["has_param_names"] else "no param_names (index-based)"
+        names += f"; names from: {o['name_evidence']}"
+        if o["name_source_model"]:
+            names += f" of {o['name_source_model']}"
+        if o["ambiguous"]:
+            names += f", {o['ambiguous']} ambiguous"
         out.append(
             f"optimizer {o['name']}: {o['class']}, {o['num_params']} params in {len(o['groups'])} groups, "
             f"{o['num_with_state']} with state{step}; {names}"
@@ -107,11 +112,16 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         erows = []
         for e in o["entries"][:_MAX_ROWS]:
             st = ", ".join(f"{k}={_shape(v) if isinstance(v, list) else _fmt(v)}" for k, v in e["state"].items())
-            label = e.get("inferred_name") or e["param_name"] or "?"
-            erows.append([e["index"], e["group"], label, e.get("evidence", ""), st or "(no state)"])
-        out.append(table(erows, ["index", "group", "parameter", "evidence", "state"]))
+            label = e["inferred_name"] or e["param_name"]
+            if label is None:
+                c = e["candidates"]
+                label = "? " + ("|".join(c[:3]) + ("|..." if len(c) > 3 else "") if c else "(unknown)")
+            erows.append([e["index"], e["group"], label, st or "(no state)"])
+        out.append(table(erows, ["index", "group", "parameter", "state"]))
         if len(o["entries"]) > _MAX_ROWS:
             out.append(f"... {len(o['entries']) - _MAX_ROWS} more (use --format json for all)")
+        for n in o["notes"]:
+            out.append(f"  note: {n}")
         if o["orphan_state_indices"]:
             out.append(f"  warning: state for indices in no param group: {o['orphan_state_indices']}")
         if o.get("nonfinite_state_values"):

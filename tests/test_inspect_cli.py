@@ -164,3 +164,12 @@ def test_unreadable_file(tmp_path):
     p.chmod(0)
     r = invoke("inspect", str(p))
     assert r.exit_code == 2 and "permission" in r.stderr
+
+
+def test_inspect_shows_inferred_names():
+    rep = json.loads(invoke("inspect", str(FIXTURES / "bundle.pt"), "--format", "json").stdout)
+    opt = rep["optimizers"][0]
+    assert opt["name_evidence"] == "model-order" and opt["ambiguous"] == 0
+    assert [e["inferred_name"] for e in opt["entries"]][:2] == ["conv.weight", "conv.bias"]
+    r = invoke("inspect", str(FIXTURES / "accelerate" / "state"))
+    assert "shapes-only" in r.stdout and "--source" in r.stdout
