@@ -14,7 +14,9 @@ from .errors import OptckptError
 from .check import check_mapping
 from .inspect import inspect_checkpoint
 from .mapping import infer_mapping
-from .render import render_check, render_inspect, to_json
+from .ops import remap_checkpoint, reset_checkpoint
+from .remap import Policy
+from .render import render_check, render_inspect, render_plan, table, to_json
 from .target import parse_rename, resolve_target
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -112,6 +114,81 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     report = check_mapping(mapping, target, parse_rename(renames)).as_json()
     click.echo(to_json(report) if fmt == "json" else render_check(report))
     sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
+
+
+def write_options(f: F) -> F:
+    f = click.option("--no-verify", "no_verify", is_flag=True,
+                     help="Skip re-reading the output to check it bit for bit.")(f)
+    f = click.option("--in-place", is_flag=True, help="Rewrite PATH itself (the original is kept as PATH.bak).")(f)
+    f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)
+    f = click.option("-o", "--output", "output", type=click.Path(), default=None, help="Where to write.")(f)
+    return f
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--target", "target_spec", required=True,
+              help="The new code: module:callable, file.py:callable, a names file, or a checkpoint.")
+@load_options
+@mapping_options
+@write_options
+@click.option("--missing", type=click.Choice(["reset", "error"]), default="reset", show_default=True,
+              help="New parameters (no saved state): start fresh, or fail.")
+@click.option("--unexpected", type=click.Choice(["drop", "error"]), default="drop", show_default=True,
+              help="Saved state of parameters the target lacks: drop it, or fail.")
+@click.option("--shape-mismatch", type=click.Choice(["reset", "error"]), default="reset", show_default=True,
+              help="Parameters whose shape changed: start fresh, or fail.")
+@click.option("--allow-ambiguous", is_flag=True, help="Reset (instead of refusing) indices whose name is uncertain.")
+@click.option("--hparams", type=click.Choice(["checkpoint", "target"]), default="checkpoint", show_default=True,
+              help="Group hyperparameters from the checkpoint (as torch's load_state_dict does) or the target optimizer.")
+@format_option
+def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
+          renames: tuple[str, ...], optimizer_key: str | None, models: str | None, output: str | None,
+          dry_run: bool, in_place: bool, no_verify: bool, missing: str, unexpected: str, shape_mismatch: str,
+          allow_ambiguous: bool, hparams: str, fmt: str) -> None:
+    """Rewrite optimizer state so the unchanged resume script (plain load_state_dict) is right.
+
+    Writes the same layout as PATH; moved state keeps its bytes, new parameters start fresh,
+    removed ones are dropped, param groups and scheduler lists follow the target's grouping."""
+    policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
+                    allow_ambiguous=allow_ambiguous, hparams=hparams)  # type: ignore[arg-type]
+    plan, written = remap_checkpoint(
+        path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
+        optimizer_key=optimizer_key, models=models.split(",") if models else None, dry_run=dry_run,
+        in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle)
+    report = plan.as_json() | {"written": written}
+    click.echo(to_json(report) if fmt == "json" else render_plan(report))
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--params", "params", multiple=True, required=True,
+              help="Glob of parameter names whose state to reset (repeatable), e.g. 'classifier.*'.")
+@click.option("--keys", default="", help="Comma-separated state keys to re-initialise (e.g. exp_avg,step); "
+                                          "default: the whole entry.")
+@click.option("--mode", type=click.Choice(["drop", "zero"]), default="drop", show_default=True,
+              help="drop: delete the entry (fresh state at the next step); zero: re-initialise in place.")
+@load_options
+@mapping_options
+@write_options
+@format_option
+def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: str | None, trust_pickle: bool,
+          source: str | None, renames: tuple[str, ...], optimizer_key: str | None, models: str | None,
+          output: str | None, dry_run: bool, in_place: bool, no_verify: bool, fmt: str) -> None:
+    """Drop or re-initialise the optimizer state of selected parameters (e.g. a re-initialised head)."""
+    result, written = reset_checkpoint(
+        path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path, source=source,
+        optimizer_key=optimizer_key, models=models.split(",") if models else None, dry_run=dry_run,
+        in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle)
+    report = {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
+              "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written}
+    if fmt == "json":
+        click.echo(to_json(report))
+    else:
+        what = f"keys {', '.join(result.keys)}" if result.keys else "whole state entries"
+        click.echo(f"optimizer {result.optimizer}: {result.mode} {what} of {len(result.selected)} parameters:")
+        click.echo(table([[i, n] for i, n in result.selected], ["index", "parameter"]))
+        click.echo(f"written: {written}" if written else "dry run: nothing written")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect", "render_check"]
+__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect", "render_check", "render_plan"]
 
 
 def jsonable(v: Any) -> Any:
@@ -190,4 +190,23 @@ def render_check(r: dict[str, Any]) -> str:
         out.append(f"({ok} parameters ok)")
     for n in r["notes"]:
         out.append(f"note: {n}")
+    return "\n".join(out)
+
+
+def render_plan(r: dict[str, Any]) -> str:
+    s = r["summary"]
+    out = [f"optimizer {r['optimizer']} (names from: {r['evidence']}): keep {s['keep']}, move {s['move']}, "
+           f"reset {s['reset']}, drop {s['drop']}"]
+    rows = [[x["target_index"], x["group"], x["name"],
+             "-" if x["source_index"] is None else x["source_index"], x["action"]]
+            for x in r["slots"] if x["action"] != "keep"]
+    rows += [["-", "-", d["name"], d["source_index"], "drop"] for d in r["dropped"]]
+    if rows:
+        out.append(table(rows, ["new index", "group", "parameter", "old index", "action"]))
+    for g in r["groups"]:
+        origin = f"old group {g['hparams_from_group']}" if g["hparams_from_group"] is not None else "new"
+        out.append(f"group {g['group']}: {g['size']} params, hyperparameters from {origin}")
+    for n in r["notes"]:
+        out.append(f"note: {n}")
+    out.append(f"written: {r['written']}" if r.get("written") else "dry run: nothing written")
     return "\n".join(out)

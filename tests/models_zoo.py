@@ -87,3 +87,22 @@ def gpt_loss(model: nn.Module, seed: int = 0) -> torch.Tensor:
 def copy_by_name(src: nn.Module, dst: nn.Module) -> None:
     """Give ``dst`` exactly ``src``'s weights, matched by name (state dicts are name-keyed)."""
     dst.load_state_dict(src.state_dict())
+
+
+# --- entry points for --target (module:callable) ------------------------------------------------
+
+def gpt_reordered_blocks() -> nn.Module:
+    return TinyGPT(n_layer=3, block=BlockReordered)
+
+
+def gpt_head_first() -> nn.Module:
+    return TinyGPT(n_layer=3, head_first=True)
+
+
+def gpt_reordered_with_decay_groups():
+    m = TinyGPT(n_layer=3, block=BlockReordered)
+    return m, torch.optim.AdamW(decay_groups(m), lr=1e-3)
+
+
+def gpt_plain() -> nn.Module:
+    return TinyGPT(n_layer=3)

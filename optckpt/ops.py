@@ -1,0 +1,220 @@
+"""One short orchestration function per editing command: load → plan → apply → write → verify."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, OptimizerState
+from .errors import FormatError, MappingError, WriteError
+from .io import load
+from .io.write import replace_at, resolve_output, write_checkpoint
+from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
+from .remap import Policy, RemapPlan, apply_plan, attach_lbfgs_layout, build_plan, remap_scheduler
+from .target import parse_rename, resolve_target
+
+__all__ = ["remap_checkpoint", "reset_checkpoint", "ResetResult", "verify_output", "same_bits",
+           "schedulers_of", "source_mapping"]
+
+
+def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
+                   trust_pickle: bool) -> OptimizerMapping:
+    names = resolve_target(source, trust_pickle=trust_pickle).groups if source else None
+    return infer_mapping(ck, opt, source_names=names, models=models)
+
+
+def schedulers_of(ck: Checkpoint, opt: OptimizerState) -> list[Any]:
+    """The schedulers that drive ``opt``: all of them when it is the only optimizer, else those in
+    the same file at the same position in their list (Lightning's ``lr_schedulers[i]``)."""
+    if len(ck.optimizers) == 1:
+        return list(ck.schedulers)
+    i = ck.optimizers.index(opt)
+    same_part = [s for s in ck.schedulers if s.part == opt.part]
+    opts_same_part = [o for o in ck.optimizers if o.part == opt.part]
+    if len(same_part) == len(opts_same_part):
+        return [same_part[opts_same_part.index(opt)]]
+    suffix = opt.name.rsplit("_", 1)[-1] if "_" in opt.name else None
+    return [s for s in ck.schedulers if suffix and s.name.endswith("_" + suffix)] if i >= 0 else []
+
+
+def remap_checkpoint(
+    path: str,
+    target_spec: str,
+    out: str | None,
+    *,
+    model: str | None = None,
+    source: str | None = None,
+    renames: Sequence[str] = (),
+    policy: Policy = Policy(),
+    optimizer_key: str | None = None,
+    models: Sequence[str] | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+    verify: bool = True,
+    trust_pickle: bool = False,
+) -> tuple[RemapPlan, str | None]:
+    """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right."""
+    ck = load(path, model=model, trust_pickle=trust_pickle)
+    if not dry_run:
+        out = resolve_output(path, out, in_place)
+    opt = ck.optimizer(optimizer_key)
+    mapping = source_mapping(ck, opt, source, models, trust_pickle)
+    target = resolve_target(target_spec, trust_pickle=trust_pickle)
+    plan, _ = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy, parse_rename(renames))
+    if is_lbfgs(opt):
+        shapes = {n: m.shape for mod in ck.models for n, m in mod.meta.items()}
+        attach_lbfgs_layout(plan, mapping, {**target.shapes, **shapes})
+    new_sd = apply_plan(plan, opt.state_dict)
+    if dry_run:
+        return plan, None
+    n_groups = len(opt.state_dict.get("param_groups", []))
+    changed: dict[str, Any] = {}
+    expected: dict[str, Any] = {opt.name: new_sd}
+    part_objs = {p.relpath: p.obj for p in ck.parts}
+    part_objs[opt.part] = replace_at(part_objs[opt.part], opt.path, new_sd)
+    changed[opt.part] = part_objs[opt.part]
+    for s in schedulers_of(ck, opt):
+        new_sched = remap_scheduler(s.state_dict, plan, n_groups)
+        part_objs[s.part] = replace_at(part_objs[s.part], s.path, new_sched)
+        changed[s.part] = part_objs[s.part]
+        expected[s.name] = new_sched
+    assert out is not None
+    written = write_checkpoint(ck, out, changed, in_place=in_place)
+    if verify:
+        verify_output(written, expected, model=model)
+    return plan, written
+
+
+@dataclass
+class ResetResult:
+    optimizer: str
+    selected: list[tuple[int, str]]
+    mode: str
+    keys: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+# the value torch gives a state key when it creates state (zero unless listed here)
+_FRESH = {"mu": 1.0, "mu_product": 1.0}
+
+
+def _fresh_like(key: str, v: Any, group: Mapping[str, Any]) -> Any:
+    if key == "sum":  # Adagrad starts its accumulator at initial_accumulator_value
+        fill = float(group.get("initial_accumulator_value", 0.0))
+    elif key in ("eta", "step_size"):  # ASGD's eta and Rprop's step sizes start at lr
+        fill = float(group.get("lr", 0.0))
+    else:
+        fill = _FRESH.get(key, 0.0)
+    if isinstance(v, torch.Tensor):
+        return torch.full_like(v, fill)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)):
+        return type(v)(fill)
+    return v
+
+
+def reset_checkpoint(
+    path: str,
+    params: Sequence[str],
+    out: str | None,
+    *,
+    keys: Sequence[str] = (),
+    mode: str = "drop",
+    model: str | None = None,
+    source: str | None = None,
+    optimizer_key: str | None = None,
+    models: Sequence[str] | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+    verify: bool = True,
+    trust_pickle: bool = False,
+) -> tuple[ResetResult, str | None]:
+    """``optckpt reset``: drop or re-initialise the state of parameters matching ``params`` globs.
+
+    ``drop`` deletes the whole state entry (torch recreates it, ``step`` included, at the next step:
+    exactly a fresh parameter). ``zero`` (implied by ``keys``) re-initialises the chosen keys to the
+    value torch starts them at (``sum`` → ``initial_accumulator_value``, ``step`` → 0, ...)."""
+    if mode not in ("drop", "zero"):
+        raise FormatError(f"--mode {mode!r}: expected drop or zero")
+    if keys and mode == "drop":
+        mode = "zero"
+    ck = load(path, model=model, trust_pickle=trust_pickle)
+    if not dry_run:
+        out = resolve_output(path, out, in_place)
+    opt = ck.optimizer(optimizer_key)
+    mapping = source_mapping(ck, opt, source, models, trust_pickle)
+    selected: list[tuple[int, str]] = []
+    for e in mapping.entries:
+        cands = [e.name] if e.name is not None else list(e.candidates)
+        hits = [c for c in cands if any(fnmatch.fnmatchcase(c, g) for g in params)]
+        if not hits:
+            continue
+        if len(hits) != len(cands):
+            raise MappingError(
+                f"index {e.index} may be {', '.join(cands[:4])}: only some match {', '.join(params)}; "
+                "pass --source for exact names"
+            )
+        selected.append((e.index, e.name or hits[0]))
+    if not selected:
+        raise MappingError(f"no optimizer parameter matches {', '.join(params)}")
+    if is_lbfgs(opt):
+        raise FormatError("LBFGS keeps one global state for all parameters: it cannot be reset per parameter")
+    result = ResetResult(opt.name, selected, mode, list(keys))
+    group_of = {i: g for g in opt.state_dict.get("param_groups", []) for i in g["params"]}
+    state = opt.state
+    new_state: dict[Any, Any] = {}
+    for idx, entry in state.items():
+        if idx not in {i for i, _ in selected}:
+            new_state[idx] = entry
+            continue
+        if mode == "drop":
+            continue
+        missing = [k for k in keys if k not in entry]
+        if missing:
+            raise MappingError(f"index {idx} has no state key {missing[0]!r} (it has: {', '.join(entry)})")
+        new_state[idx] = {k: (_fresh_like(k, v, group_of.get(idx, {})) if not keys or k in keys else v)
+                          for k, v in entry.items()}
+    new_sd = {**opt.state_dict, "state": new_state}
+    if dry_run:
+        return result, None
+    assert out is not None
+    obj = replace_at(next(p.obj for p in ck.parts if p.relpath == opt.part), opt.path, new_sd)
+    written = write_checkpoint(ck, out, {opt.part: obj}, in_place=in_place)
+    if verify:
+        verify_output(written, {opt.name: new_sd}, model=model)
+    return result, written
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    """Bit-for-bit equality of tensors (NaN == NaN), recursively through containers."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.numel() == 0:
+            return True
+        return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return list(a.keys()) == list(b.keys()) and all(same_bits(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return bool(a == b)
+
+
+def verify_output(out: str, expected: Mapping[str, Any], *, model: str | None = None) -> None:
+    """Reload what was written: each rewritten state dict must equal what was meant, bit for bit."""
+    ck = load(out, model=model)
+    found = {o.name: o.state_dict for o in ck.optimizers} | {s.name: s.state_dict for s in ck.schedulers}
+    for name, sd in expected.items():
+        if name not in found:
+            raise WriteError(f"{out}: verification failed: {name} missing after writing")
+        if not same_bits(found[name], sd):
+            raise WriteError(f"{out}: verification failed: {name} differs from what was written")

@@ -1,0 +1,147 @@
+"""The resume-script API: load optimizer state **by name** into a live optimizer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .checkpoint import Checkpoint, OptimizerState
+from .errors import FormatError, MappingError
+from .io import load
+from .io.discover import is_optimizer_sd, model_state_from_dict
+from .mapping import infer_mapping, is_lbfgs
+from .remap import Policy, apply_plan, attach_lbfgs_layout, build_plan
+from .target import from_live
+
+__all__ = ["LoadReport", "load_optimizer_state_dict", "enable_load_by_name"]
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_optimizer_state_dict` did, in the spirit of ``nn.Module.load_state_dict``'s
+    result: every list holds parameter names."""
+
+    moved: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)
+    ambiguous: list[str] = field(default_factory=list)
+    evidence: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatch or self.ambiguous)
+
+
+def _as_checkpoint(source: Any, model_state_dict: Mapping[str, torch.Tensor] | None,
+                   optimizer_key: str | None, trust_pickle: bool) -> tuple[Checkpoint, OptimizerState]:
+    if isinstance(source, (str, os.PathLike)):
+        ck = load(source, trust_pickle=trust_pickle)
+    elif isinstance(source, Checkpoint):
+        ck = source
+    elif is_optimizer_sd(source):
+        ck = Checkpoint(path="<state dict>", layout="torch-optimizer")
+        ck.optimizers.append(OptimizerState("optimizer", "<state dict>", (), dict(source)))
+    else:
+        raise FormatError("source must be a path, an optckpt.Checkpoint, or an optimizer state dict")
+    if model_state_dict is not None:
+        ck.models.insert(0, model_state_from_dict(model_state_dict, "model_state_dict", "<given>", ()))
+    return ck, ck.optimizer(optimizer_key)
+
+
+def load_optimizer_state_dict(
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    source: str | os.PathLike[str] | Checkpoint | Mapping[str, Any],
+    *,
+    missing: Literal["reset", "error"] = "reset",
+    unexpected: Literal["drop", "error"] = "drop",
+    shape_mismatch: Literal["reset", "error"] = "reset",
+    strict: bool = False,
+    model_state_dict: Mapping[str, torch.Tensor] | None = None,
+    source_names: Sequence[Sequence[str]] | Sequence[str] | None = None,
+    optimizer_key: str | None = None,
+    hparams: Literal["checkpoint", "target"] = "checkpoint",
+    trust_pickle: bool = False,
+) -> LoadReport:
+    """Load saved optimizer state into ``optimizer`` by parameter **name** (``model`` supplies the
+    names of the optimizer's parameters).
+
+    State of a parameter found under its name moves to wherever the new optimizer holds it; new
+    parameters start fresh (``missing="reset"``), state of parameters that are gone is dropped,
+    parameters whose shape changed start fresh. Param groups keep the new optimizer's grouping;
+    each takes the saved hyperparameters of the old group holding most of its parameters (as torch's
+    own ``load_state_dict`` restores saved hyperparameters), or keeps its own with
+    ``hparams="target"``. Tensors land on each parameter's device and dtype, exactly as
+    ``Optimizer.load_state_dict`` casts them. ``strict=True`` raises on anything but a clean match.
+
+    ``source`` is a checkpoint path, a loaded :class:`Checkpoint`, or an optimizer state dict; for a
+    bare index-based state dict pass ``model_state_dict=`` (the model saved with it, registration
+    order) or ``source_names=`` (names in the old optimizer order)."""
+    ck, opt = _as_checkpoint(source, model_state_dict, optimizer_key, trust_pickle)
+    names: list[list[str]] | None = None
+    if source_names is not None:
+        names = [list(source_names)] if source_names and isinstance(source_names[0], str) else \
+            [list(g) for g in source_names]  # type: ignore[arg-type]
+    mapping = infer_mapping(ck, opt, source_names=names)
+    target = from_live(model, optimizer)
+    policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
+                    allow_ambiguous=not strict, hparams=hparams)
+    plan, report = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy)
+    if is_lbfgs(opt):
+        attach_lbfgs_layout(plan, mapping, {**{n: m.shape for mod in ck.models for n, m in mod.meta.items()},
+                                            **target.shapes})
+    result = LoadReport(evidence=mapping.evidence)
+    for p in report.params:
+        bucket = {"moved": result.moved, "missing": result.missing, "unexpected": result.unexpected,
+                  "shape_mismatch": result.shape_mismatch, "ambiguous": result.ambiguous}.get(p.status)
+        if bucket is not None:
+            bucket.append(p.name)
+    if strict and not result.clean:
+        raise MappingError(
+            f"strict load: missing {result.missing}, unexpected {result.unexpected}, "
+            f"shape_mismatch {result.shape_mismatch}, ambiguous {result.ambiguous}"
+        )
+    new_sd = apply_plan(plan, opt.state_dict, with_names="param_names" in optimizer.param_groups[0])
+    result.notes = list(plan.notes)
+    optimizer.load_state_dict(new_sd)
+    return result
+
+
+def enable_load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """Make ``optimizer`` save its parameter names and load by name from then on.
+
+    For scripts that keep calling ``optimizer.load_state_dict(sd)``: every ``state_dict()`` records
+    ``param_names`` (so later loads are exact), and every ``load_state_dict`` first remaps ``sd``
+    by name — exact when ``sd`` carries ``param_names``; an index-based ``sd`` without them is
+    refused with a :class:`MappingError` (pass it through :func:`load_optimizer_state_dict` with
+    ``model_state_dict=`` instead), because guessing would be silent corruption."""
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def add_names(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+        for group, saved in zip(opt.param_groups, sd["param_groups"]):
+            if "param_names" not in saved:
+                saved["param_names"] = [names.get(id(p), "") for p in group["params"]]
+        return sd
+
+    def remap_by_name(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+        if not all("param_names" in g for g in sd.get("param_groups", [])):
+            raise MappingError("this optimizer state dict has no param_names: load it with "
+                               "optckpt.load_optimizer_state_dict(optimizer, model, sd, model_state_dict=...)")
+        ck = Checkpoint(path="<state dict>", layout="torch-optimizer")
+        ck.optimizers.append(OptimizerState("optimizer", "<state dict>", (), sd))
+        mapping = infer_mapping(ck)
+        plan, _ = build_plan(mapping, sd["param_groups"], from_live(model, opt), Policy())
+        new_sd = apply_plan(plan, sd, with_names="param_names" in opt.param_groups[0])
+        if "param_names" not in opt.param_groups[0]:
+            for g in new_sd["param_groups"]:
+                g.pop("param_names", None)
+        return new_sd
+
+    optimizer.register_state_dict_post_hook(add_names)
+    optimizer.register_load_state_dict_pre_hook(remap_by_name)
