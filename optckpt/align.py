@@ -387,6 +387,8 @@ def _prune_by_matching(work: list[_Group], n: int) -> set[int]:
     """Step 2 (matching): drop candidate edges of ambiguous items that no item-saturating matching uses.
 
     Affected items get a private allow list (their surviving candidates). Returns the groups changed."""
+    if sum(1 for group in work if group.feasible and group.ambiguous) < 2:
+        return set()  # one group alone is already exact
     todo: list[tuple[_Group, int, list[int], int, int]] = []
     total = 0
     for group in work:

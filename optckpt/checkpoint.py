@@ -8,7 +8,7 @@ with its location (the file it came from and the key path inside that file's obj
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,9 +178,7 @@ class Checkpoint:
     extras: dict[str, Any] = field(default_factory=dict)
     opaque: list[OpaquePart] = field(default_factory=list)
     other_keys: dict[str, str] = field(default_factory=dict)
-
-    def iter_parts(self) -> Iterator[Part]:
-        return iter(self.parts)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def saved_locations(self) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]
         "schedulers": [_scheduler_report(s) for s in ck.schedulers],
         "extras": jsonable(ck.extras),
         "other_keys": dict(ck.other_keys),
+        "notes": list(ck.notes),
         "opaque": [
             {"file": o.part, "bytes": o.nbytes, "reason": o.reason, "unsafe_globals": list(o.unsafe_globals)}
             for o in ck.opaque

@@ -191,7 +191,7 @@ def infer_mapping(
 
     chosen = _choose_models(ck, models)
     trusted = [m for m in chosen if m.order_trusted]
-    if trusted and len(trusted) == len(chosen):
+    if trusted and (models is None or len(trusted) == len(chosen)):
         if models is not None:
             found = _align(opt, chosen)
             if found is not None:
@@ -208,8 +208,11 @@ def infer_mapping(
                     return found
     if _group_names_usable(opt):
         return _exact(opt, "group-name", [[str(g.hparams["name"])] for g in groups])
-    if chosen and not chosen[0].order_trusted:
-        return _shapes_only(opt, chosen[0])
+    untrusted = [m for m in chosen if not m.order_trusted]
+    if untrusted and not trusted:
+        m = _shapes_only(opt, untrusted[0])
+        m.notes.extend(ck.notes)
+        return m
     m = OptimizerMapping(opt.name, "none", _entries(opt, [[(None, ())] * n for n in sizes]))
     if trusted:
         m.notes.append("no model state dict in this checkpoint can hold this optimizer's parameters in order "

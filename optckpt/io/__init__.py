@@ -10,6 +10,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part
 from ..errors import LoadError, UnsafePickleError
 from .discover import discover
+from .hf_order import hf_model_order
 from .safetensors_io import open_safetensors, open_sharded_index
 from .torchfile import load_torch_file, sniff, unsafe_globals
 
@@ -141,6 +142,12 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
             ck.parts.append(Part(n, "other", size))
     if not (ck.models or ck.optimizers or ck.schedulers):
         raise LoadError(f"{path}: a directory, but no model, optimizer or scheduler files found in it")
+    if ck.optimizers and ck.models and not any(m.order_trusted for m in ck.models) and "config.json" in files:
+        order, why = hf_model_order(path, trust_code=trust_pickle)
+        if order is not None:
+            ck.models.insert(0, order)
+        else:
+            ck.notes.append(f"registration order unknown: {why}")
     return ck
 
 

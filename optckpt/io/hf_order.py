@@ -1,0 +1,57 @@
+"""The registration order of a Hugging Face model, rebuilt from its ``config.json``.
+
+Safetensors weights are sorted by name, so a HF Trainer / accelerate directory does not keep the
+order the optimizer saw. transformers (an optional dependency) can rebuild it: the architecture
+named in ``config.json`` is instantiated on the ``meta`` device (no memory, no weights) and its
+``named_parameters()`` give the order, each tied weight once. Custom code (``auto_map``) is never
+imported unless the user trusts the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..checkpoint import ModelState, TensorMeta
+
+__all__ = ["hf_model_order"]
+
+
+def hf_model_order(directory: str, *, trust_code: bool = False) -> tuple[ModelState | None, str]:
+    """A model state in trusted registration order (meta tensors), or None and the reason why not."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None, "config.json is missing or unreadable"
+    archs = raw.get("architectures") or []
+    if not archs:
+        return None, "config.json names no architecture"
+    if raw.get("auto_map") and not trust_code:
+        return None, ("config.json points at custom model code (auto_map), which optckpt does not run "
+                      "unless you pass --trust-pickle")
+    try:
+        import transformers
+    except ImportError:
+        return None, "install transformers (pip install 'optckpt[hf]') to rebuild the order from config.json"
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_code,
+                                                         local_files_only=True)
+        if raw.get("auto_map"):
+            cls = transformers.AutoModelForCausalLM if "AutoModelForCausalLM" in raw["auto_map"] else \
+                transformers.AutoModel
+            with torch.device("meta"):
+                model = cls.from_config(config, trust_remote_code=True)
+        else:
+            cls = getattr(transformers, archs[0], None)
+            if cls is None:
+                return None, f"transformers {transformers.__version__} has no architecture {archs[0]!r}"
+            with torch.device("meta"):
+                model = cls(config)
+    except Exception as e:  # any failure to build the model only means: no order evidence
+        return None, f"could not instantiate {archs[0]} from config.json: {type(e).__name__}: {e}"
+    meta = {n: TensorMeta.of(p) for n, p in model.named_parameters()}
+    name = f"config.json ({archs[0]}, transformers {transformers.__version__}, meta device)"
+    return ModelState(name, "config.json", (), {}, meta, order_trusted=True), ""
