@@ -81,7 +81,8 @@ def test_hf_trainer_directory():
     assert ck.layout == "hf-trainer"
     assert [o.name for o in ck.optimizers] == ["optimizer.pt"]
     assert [s.name for s in ck.schedulers] == ["scheduler.pt"]
-    assert not ck.models[0].order_trusted
+    weights = next(m for m in ck.models if m.name == "model.safetensors")
+    assert not weights.order_trusted
     assert ck.extras["global_step"] == 3
     opaque = {o.part for o in ck.opaque}
     assert "training_args.bin" in opaque and "rng_state.pth" in opaque
