@@ -113,15 +113,27 @@ KNOWN_BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked",
                            "inv_freq"})
 
 
+def qualifier(model: ModelState) -> str:
+    """The prefix naming a model's parameters when one optimizer spans several models:
+    its key without a ``_state_dict`` suffix (``network_fine_state_dict`` → ``network_fine``)."""
+    key = model.name.rsplit(":", 1)[-1]
+    for suffix in ("_state_dict", "state_dict"):
+        if key.endswith(suffix) and key != suffix:
+            key = key[: -len(suffix)]
+    return key.rstrip("._") or model.name
+
+
 def slots_of(models: Sequence[ModelState]) -> list[Slot]:
     """The model entries a parameter can be: floating tensors that are not known buffers, each tied
-    group once (first name), concatenated in the given order (one optimizer over several models)."""
+    group once (first name). Several models (one optimizer over all of them, NeRF-style) are
+    concatenated in the given order and their names qualified: ``network_fine.pts_linears.0.weight``."""
     out = []
     for m in models:
+        prefix = qualifier(m) + "." if len(models) > 1 else ""
         for name, meta in m.meta.items():
             if name in m.tied or not meta.is_floating or name.rsplit(".", 1)[-1] in KNOWN_BUFFERS:
                 continue
-            out.append(Slot(name, meta.shape))
+            out.append(Slot(prefix + name, meta.shape))
     return out
 
 

@@ -56,7 +56,7 @@ def _as_checkpoint(source: Any, model_state_dict: Mapping[str, torch.Tensor] | N
 
 def load_optimizer_state_dict(
     optimizer: torch.optim.Optimizer,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     source: str | os.PathLike[str] | Checkpoint | Mapping[str, Any],
     *,
     missing: Literal["reset", "error"] = "reset",
@@ -70,7 +70,8 @@ def load_optimizer_state_dict(
     trust_pickle: bool = False,
 ) -> LoadReport:
     """Load saved optimizer state into ``optimizer`` by parameter **name** (``model`` supplies the
-    names of the optimizer's parameters).
+    names of the optimizer's parameters; ``None`` when the optimizer's groups carry them, as
+    ``param_names`` or single-parameter groups' ``name`` keys).
 
     State of a parameter found under its name moves to wherever the new optimizer holds it; new
     parameters start fresh (``missing="reset"``), state of parameters that are gone is dropped,

@@ -46,9 +46,32 @@ class Target:
         return [n for g in self.groups for n in g]
 
 
-def from_live(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+def _optimizer_only(optimizer: torch.optim.Optimizer, scheduler: Any, spec: str) -> Target:
+    """Bare parameters (no module): names from ``param_names`` or single-parameter groups' ``name``."""
+    groups: list[list[str]] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for gi, g in enumerate(optimizer.param_groups):
+        names = g.get("param_names")
+        if names is None and len(g["params"]) == 1 and isinstance(g.get("name"), str):
+            names = [g["name"]]
+        if names is None:
+            raise TargetError(f"{spec}: param group {gi} has no parameter names: return the module too, "
+                              "build the optimizer from named_parameters(), or give single-parameter groups a 'name'")
+        groups.append(list(names))
+        shapes.update({n: tuple(p.shape) for n, p in zip(names, g["params"])})
+    hparams = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
+    return Target(spec, groups, shapes, None, optimizer, scheduler, hparams)
+
+
+def from_live(module: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
               spec: str = "<live>") -> Target:
-    """A target from live objects: names by parameter identity (tied parameters: first name)."""
+    """A target from live objects: names by parameter identity (tied parameters: first name).
+
+    Without a module (3D Gaussian Splatting keeps bare tensors) the names come from the optimizer."""
+    if module is None:
+        if optimizer is None:
+            raise TargetError(f"{spec}: needs a module, an optimizer, or both")
+        return _optimizer_only(optimizer, scheduler, spec)
     names_by_id: dict[int, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, p in module.named_parameters():
@@ -175,8 +198,11 @@ def _from_callable(spec: str) -> Target:
     except Exception as e:
         raise TargetError(f"{spec}: calling {attr}() failed: {type(e).__name__}: {e}") from None
     parts = out if isinstance(out, tuple) else (out,)
-    if not parts or not isinstance(parts[0], torch.nn.Module):
-        raise TargetError(f"{spec}: {attr}() must return an nn.Module, or (module, optimizer[, scheduler])")
+    if isinstance(parts[0], torch.optim.Optimizer):
+        parts = (None, *parts)
+    if not parts or not (parts[0] is None or isinstance(parts[0], torch.nn.Module)):
+        raise TargetError(f"{spec}: {attr}() must return an nn.Module, (module, optimizer[, scheduler]) "
+                          "or an optimizer whose groups carry names")
     module_obj = parts[0]
     opt = parts[1] if len(parts) > 1 else None
     if opt is not None and not isinstance(opt, torch.optim.Optimizer):
