@@ -146,19 +146,63 @@ def _align(opt: OptimizerState, models: Sequence[ModelState]) -> OptimizerMappin
     return OptimizerMapping(opt.name, "model-order", _entries(opt, names), model="+".join(m.name for m in models))
 
 
+def _unordered(groups: Sequence[Sequence[Item]], slots: Sequence[Slot], taken: set[str]) -> list[list[tuple[str | None, tuple[str, ...]]]] | None:
+    """Candidates by shape alone, ignoring order: an item is named when exactly one free slot fits.
+    Repeats until no name is forced (each certain name frees no one else's slot). None: infeasible."""
+    taken = set(taken)
+    cands: list[list[list[str]]] = [
+        [[s.name for s in slots if (it.shape is None or s.shape == it.shape) and s.name not in taken] for it in g]
+        for g in groups
+    ]
+    if any(not c for g in cands for c in g):
+        return None
+    changed = True
+    while changed:
+        changed = False
+        for g in cands:
+            for c in g:
+                if len(c) == 1 and c[0] not in taken:
+                    taken.add(c[0])
+                    changed = True
+        for g in cands:
+            for i, c in enumerate(g):
+                if len(c) > 1:
+                    rest = [n for n in c if n not in taken]
+                    if len(rest) != len(c):
+                        g[i] = rest or c
+                        changed = changed or bool(rest)
+    return [[(c[0] if len(c) == 1 else None, tuple(c)) for c in g] for g in cands]
+
+
+def _align_partial(opt: OptimizerState, models: Sequence[ModelState]) -> OptimizerMapping | None:
+    """Some groups are not ordered subsequences of the model (layers listed out of order by hand):
+    align the groups that are, match the others by shape alone."""
+    groups = _items(opt)
+    slots = slots_of(models)
+    ordered = [i for i, g in enumerate(groups) if all(a.candidates for a in align_groups(slots, [g])[0])]
+    if not ordered:
+        return None
+    aligned = align_groups(slots, [groups[i] for i in ordered])
+    names: list[list[tuple[str | None, tuple[str, ...]]]] = [[] for _ in groups]
+    for i, res in zip(ordered, aligned):
+        names[i] = [(a.name, a.candidates) for a in res]
+    certain = {a.name for res in aligned for a in res if a.name is not None}
+    others = [i for i in range(len(groups)) if i not in ordered]
+    loose = _unordered([groups[i] for i in others], slots, certain)
+    if loose is None:
+        return None
+    for i, row in zip(others, loose):
+        names[i] = row
+    m = OptimizerMapping(opt.name, "model-order", _entries(opt, names), model="+".join(x.name for x in models))
+    m.notes.append(f"param groups {others} are not in the model's order: matched by shape alone")
+    return m
+
+
 def _shapes_only(opt: OptimizerState, model: ModelState) -> OptimizerMapping:
-    """No trustworthy order: an index is named only when its shape occurs once in the model."""
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for s in slots_of([model]):
-        by_shape.setdefault(s.shape, []).append(s.name)
-    all_names = tuple(s.name for s in slots_of([model]))
-    names = []
-    for g in _items(opt):
-        row = []
-        for it in g:
-            cands = tuple(by_shape.get(it.shape, ())) if it.shape is not None else all_names
-            row.append((cands[0] if len(cands) == 1 else None, cands))
-        names.append(row)
+    """No trustworthy order: an index is named only when its shape pins one parameter."""
+    names = _unordered(_items(opt), slots_of([model]), set())
+    if names is None:
+        names = [[(None, ())] * len(g.params) for g in opt.groups]
     m = OptimizerMapping(opt.name, "shapes-only", _entries(opt, names), model=model.name)
     m.notes.append(
         f"{model.name} does not keep the registration order (safetensors / sharded weights are sorted by name); "
@@ -218,6 +262,9 @@ def infer_mapping(
                 if found is not None:
                     found.notes.append(f"one optimizer over several models, concatenated: {found.model}")
                     return found
+            found = _align_partial(opt, [trusted[0]])
+            if found is not None:
+                return found
     if _group_names_usable(opt):
         return _exact(opt, "group-name", [[str(g.hparams["name"])] for g in groups])
     untrusted = [m for m in chosen if not m.order_trusted]
