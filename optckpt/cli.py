@@ -14,7 +14,8 @@ from .errors import OptckptError
 from .check import check_mapping
 from .inspect import inspect_checkpoint
 from .mapping import infer_mapping
-from .ops import remap_checkpoint, reset_checkpoint
+from .hparams import Change
+from .ops import remap_checkpoint, reset_checkpoint, set_checkpoint
 from .remap import Policy
 from .render import render_check, render_inspect, render_plan, table, to_json
 from .target import parse_rename, resolve_target
@@ -189,6 +190,61 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
         click.echo(f"optimizer {result.optimizer}: {result.mode} {what} of {len(result.selected)} parameters:")
         click.echo(table([[i, n] for i, n in result.selected], ["index", "parameter"]))
         click.echo(f"written: {written}" if written else "dry run: nothing written")
+
+
+@cli.command(name="set")
+@click.argument("path", type=click.Path())
+@click.option("--group", "groups", multiple=True, help="A param group by index or by its 'name' key (repeatable).")
+@click.option("--params", "params", multiple=True,
+              help="Every group whose parameters all match this glob (repeatable), e.g. 'classifier.*'.")
+@click.option("--lr", type=float, default=None, help="The lr the next step uses; the schedule follows.")
+@click.option("--scale-lr", type=float, default=None, help="Multiply every future lr of the groups by F.")
+@click.option("--weight-decay", type=float, default=None, help="New weight_decay.")
+@click.option("--scale-weight-decay", type=float, default=None, help="Multiply weight_decay by F.")
+@click.option("--set", "raw_sets", multiple=True, help="KEY=VALUE for any other group key (betas=0.9,0.95, "
+                                                       "momentum=0.95, lr_mult=2), typed like its current value.")
+@click.option("--scheduler", "sched_mode", type=click.Choice(["follow", "keep"]), default="follow",
+              show_default=True, help="follow: rescale the schedulers so the change lasts; keep: edit groups only.")
+@click.option("--optimizer", "optimizer_key", default=None, help="Which optimizer, when there are several.")
+@click.option("--models", "models", default=None, help="Model state dicts whose order the optimizer saw.")
+@load_options
+@write_options
+@format_option
+def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: float | None, scale_lr: float | None,
+            weight_decay: float | None, scale_weight_decay: float | None, raw_sets: tuple[str, ...],
+            sched_mode: str, optimizer_key: str | None, models: str | None, model_path: str | None,
+            trust_pickle: bool, output: str | None, dry_run: bool, in_place: bool, no_verify: bool,
+            fmt: str) -> None:
+    """Change param-group hyperparameters (lr, weight_decay, any key) consistently with schedulers."""
+    if lr is not None and scale_lr is not None:
+        raise click.UsageError("--lr and --scale-lr are exclusive")
+    if weight_decay is not None and scale_weight_decay is not None:
+        raise click.UsageError("--weight-decay and --scale-weight-decay are exclusive")
+    changes = [c for c in (
+        Change("lr", lr) if lr is not None else None,
+        Change("scale_lr", scale_lr) if scale_lr is not None else None,
+        Change("weight_decay", weight_decay) if weight_decay is not None else None,
+        Change("scale_weight_decay", scale_weight_decay) if scale_weight_decay is not None else None,
+    ) if c is not None]
+    result, written = set_checkpoint(
+        path, output, changes, groups=groups, params=params, raw_sets=raw_sets, follow=sched_mode == "follow",
+        model=model_path, optimizer_key=optimizer_key, models=models.split(",") if models else None,
+        dry_run=dry_run, in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle)
+    report = {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
+              "after": result.after, "notes": result.notes, "written": written}
+    if fmt == "json":
+        click.echo(to_json(report))
+        return
+    rows = []
+    for gi, b, a in zip(result.groups, result.before, result.after):
+        for k in a:
+            if repr(a[k]) != repr(b[k]):
+                rows.append([gi, k, b[k], a[k]])
+    click.echo(f"optimizer {result.optimizer}: groups {', '.join(map(str, result.groups))}")
+    click.echo(table(rows, ["group", "key", "before", "after"]) if rows else "(no group value changes)")
+    for n in result.notes:
+        click.echo(f"note: {n}")
+    click.echo(f"written: {written}" if written else "dry run: nothing written")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
 from .remap import Policy, RemapPlan, apply_plan, attach_lbfgs_layout, build_plan, remap_scheduler
 from .target import parse_rename, resolve_target
 
-__all__ = ["remap_checkpoint", "reset_checkpoint", "ResetResult", "verify_output", "same_bits",
+__all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "ResetResult", "verify_output", "same_bits",
            "schedulers_of", "source_mapping"]
 
 
@@ -218,3 +218,57 @@ def verify_output(out: str, expected: Mapping[str, Any], *, model: str | None = 
             raise WriteError(f"{out}: verification failed: {name} missing after writing")
         if not same_bits(found[name], sd):
             raise WriteError(f"{out}: verification failed: {name} differs from what was written")
+
+
+def set_checkpoint(
+    path: str,
+    out: str | None,
+    changes: Sequence[Any],
+    *,
+    groups: Sequence[str] = (),
+    params: Sequence[str] = (),
+    raw_sets: Sequence[str] = (),
+    follow: bool = True,
+    model: str | None = None,
+    optimizer_key: str | None = None,
+    models: Sequence[str] | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+    verify: bool = True,
+    trust_pickle: bool = False,
+) -> tuple[Any, str | None]:
+    """``optckpt set``: change group hyperparameters so the resumed run really uses them."""
+    from .hparams import SetResult, parse_set, rewrite, select_groups
+
+    ck = load(path, model=model, trust_pickle=trust_pickle)
+    if not dry_run:
+        out = resolve_output(path, out, in_place)
+    opt = ck.optimizer(optimizer_key)
+    sd_groups = opt.state_dict.get("param_groups", [])
+    all_changes = list(changes) + [parse_set(s, sd_groups) for s in raw_sets]
+    if not all_changes:
+        raise FormatError("nothing to change: give --lr, --scale-lr, --weight-decay, --scale-weight-decay or --set")
+    mapping = infer_mapping(ck, opt, models=models) if params else None
+    selected = select_groups(sd_groups, mapping, groups, params)  # type: ignore[arg-type]
+    scheds = schedulers_of(ck, opt)
+    new_opt, new_scheds, notes = rewrite(opt.state_dict, [s.state_dict for s in scheds], selected, all_changes,
+                                         follow=follow)
+    keys = sorted({k for g in sd_groups for k in g if k not in ("params", "param_names")})
+    result = SetResult(opt.name, selected,
+                       [{k: sd_groups[i].get(k) for k in keys} for i in selected],
+                       [{k: new_opt["param_groups"][i].get(k) for k in keys} for i in selected], notes)
+    if dry_run:
+        return result, None
+    part_objs = {p.relpath: p.obj for p in ck.parts}
+    part_objs[opt.part] = replace_at(part_objs[opt.part], opt.path, new_opt)
+    changed = {opt.part: part_objs[opt.part]}
+    expected: dict[str, Any] = {opt.name: new_opt}
+    for s, new in zip(scheds, new_scheds):
+        part_objs[s.part] = replace_at(part_objs[s.part], s.path, new)
+        changed[s.part] = part_objs[s.part]
+        expected[s.name] = new
+    assert out is not None
+    written = write_checkpoint(ck, out, changed, in_place=in_place)
+    if verify:
+        verify_output(written, expected, model=model)
+    return result, written
