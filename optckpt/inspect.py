@@ -118,6 +118,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
         "step": [min(steps), max(steps)] if steps else None,
         "groups": [
             {"group": g.position, "size": len(g.params), "hparams": jsonable(g.hparams),
+             "next_lr": jsonable(g.hparams.get("lr")),
              "param_names": list(g.param_names) if g.param_names is not None else None}
             for g in groups
         ],

@@ -107,8 +107,8 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         grows = []
         for g in o["groups"]:
             hp = ", ".join(f"{k}={_fmt(v)}" for k, v in g["hparams"].items() if k not in _QUIET_KEYS)
-            grows.append([g["group"], g["size"], hp])
-        out.append(table(grows, ["group", "params", "hyperparameters"]))
+            grows.append([g["group"], g["size"], _fmt(g["next_lr"]), hp])
+        out.append(table(grows, ["group", "params", "next-step lr", "hyperparameters"]))
         erows = []
         for e in o["entries"][:_MAX_ROWS]:
             st = ", ".join(f"{k}={_shape(v) if isinstance(v, list) else _fmt(v)}" for k, v in e["state"].items())
