@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -12,12 +13,13 @@ import click
 from . import io
 from .errors import OptckptError
 from .check import check_mapping
+from .diff import diff_checkpoints, total_bytes
 from .inspect import inspect_checkpoint
 from .mapping import infer_mapping
 from .hparams import Change
 from .ops import remap_checkpoint, reset_checkpoint, set_checkpoint
 from .remap import Policy
-from .render import render_check, render_inspect, render_plan, table, to_json
+from .render import render_check, render_diff, render_inspect, render_plan, table, to_json
 from .target import parse_rename, resolve_target
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -245,6 +247,52 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
     for n in result.notes:
         click.echo(f"note: {n}")
     click.echo(f"written: {written}" if written else "dry run: nothing written")
+
+
+@cli.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--model-a", type=click.Path(), default=None, help="Model state dict file joined to A.")
+@click.option("--model-b", type=click.Path(), default=None, help="Model state dict file joined to B.")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance (of |A|).")
+@click.option("--only", "only", multiple=True, type=click.Choice(["model", "optimizer", "scheduler", "extra"]),
+              help="Compare only these sections (repeatable).")
+@click.option("--params", "params", multiple=True, help="Only parameters matching this glob (repeatable).")
+@click.option("--stats", is_flag=True, help="Add cosine similarity and the count of changed elements.")
+@click.option("--limit", type=int, default=None, help="At most N detail rows in the table.")
+@click.option("--device", default=None, help="Compute on this device (e.g. cuda) when present.")
+@click.option("--trust-pickle", is_flag=True, help="Allow full pickle loading (files you trust only).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
+              show_default=True)
+def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, rtol: float,
+         only: tuple[str, ...], params: tuple[str, ...], stats: bool, limit: int | None, device: str | None,
+         trust_pickle: bool, fmt: str) -> None:
+    """What changed between checkpoints A and B (any layouts). Exit 0 identical, 1 different."""
+    if device is not None:
+        import torch
+
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:
+            raise click.UsageError(f"--device {device}: not available here ({str(e).splitlines()[0]})") from None
+    ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
+    cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+    with _progress(total_bytes(ca, cb), "comparing") as tick:
+        report = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=only, params=params, stats=stats,
+                                  device=device, progress=tick).as_json()
+    click.echo(to_json(report) if fmt == "json" else render_diff(report, fmt=fmt, limit=limit))
+    sys.exit(EXIT_OK if report["identical"] else EXIT_DIFFERENT)
+
+
+@contextlib.contextmanager
+def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr, only on a terminal and only for work worth showing (> 256 MB)."""
+    if not sys.stderr.isatty() or total < (256 << 20):
+        yield lambda n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect", "render_check", "render_plan"]
+__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect", "render_check", "render_plan", "render_diff"]
 
 
 def jsonable(v: Any) -> Any:
@@ -209,4 +209,50 @@ def render_plan(r: dict[str, Any]) -> str:
     for n in r["notes"]:
         out.append(f"note: {n}")
     out.append(f"written: {r['written']}" if r.get("written") else "dry run: nothing written")
+    return "\n".join(out)
+
+
+def render_diff(r: dict[str, Any], *, fmt: str = "table", limit: int | None = None) -> str:
+    """Summary first (counts per section and status, the biggest changes), then the details sorted
+    by magnitude; ``limit`` caps the detail rows."""
+    tablefmt = "github" if fmt == "markdown" else "simple"
+    entries = r["entries"]
+    out = [f"{r['a']}  vs  {r['b']}: " + ("IDENTICAL" if r["identical"] else f"{len(entries)} differences")]
+    compared = ", ".join(f"{k} {v}" for k, v in r["compared"].items())
+    if compared:
+        out.append(f"compared: {compared}")
+    if entries:
+        counts: dict[tuple[str, str], int] = {}
+        for e in entries:
+            counts[(e["section"], e["status"])] = counts.get((e["section"], e["status"]), 0) + 1
+        out.append("")
+        out.append(tabulate([[s, st, n] for (s, st), n in counts.items()], headers=["section", "status", "count"],
+                            tablefmt=tablefmt, disable_numparse=True))
+
+        def mag(e: dict[str, Any]) -> float:
+            if e["status"] in ("added", "removed", "shape_changed", "dtype_changed", "renamed"):
+                return float("inf")
+            return e["max_abs_diff"] if isinstance(e["max_abs_diff"], (int, float)) else 0.0
+
+        rows = []
+        shown = sorted(entries, key=mag, reverse=True)
+        for e in shown[: limit if limit else None]:
+            detail = ""
+            if e["status"] == "renamed":
+                detail = f"from {e['renamed_from']}"
+            elif e["a"] is not None or e["b"] is not None:
+                detail = f"{_fmt(e['a'])} -> {_fmt(e['b'])}"
+            if e["max_abs_diff"] is not None and e["rel_l2"] is not None:
+                detail = (detail + " " if detail else "") + f"max|d| {_fmt(e['max_abs_diff'])}, rel_l2 {_fmt(e['rel_l2'])}"
+            if e.get("stats"):
+                s = e["stats"]
+                detail += f", cos {_fmt(s['cosine'])}, {s['changed_elements']}/{s['numel']} changed"
+            rows.append([e["section"], e["name"], e["key"] or "", e["status"], detail])
+        out.append("")
+        out.append(tabulate(rows, headers=["section", "name", "key", "status", "detail"], tablefmt=tablefmt,
+                            disable_numparse=True))
+        if limit and len(entries) > limit:
+            out.append(f"... {len(entries) - limit} more (--limit)")
+    for n in r.get("notes", []):
+        out.append(f"note: {n}")
     return "\n".join(out)

@@ -1,0 +1,429 @@
+"""``optckpt diff``: what changed between two checkpoints — model tensors, optimizer state by
+parameter **name**, param-group hyperparameters, schedulers, extras, opaque parts.
+
+Tensors are compared one at a time, in chunks, straight from the memory-mapped files: memory stays
+bounded by a chunk, never both checkpoints. Renames are found by hashing the content of the
+removed / added tensors only (grouped by shape and dtype first), never by comparing all pairs."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
+from .kinds import guess_scheduler
+from .mapping import OptimizerMapping, infer_mapping
+
+__all__ = ["Entry", "DiffReport", "diff_checkpoints", "compare_tensors", "SECTIONS"]
+
+SECTIONS = ("model", "optimizer", "param_groups", "scheduler", "extra")
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Entry:
+    section: str
+    name: str
+    key: str | None
+    status: str
+    a: Any = None
+    b: Any = None
+    max_abs_diff: float | None = None
+    rel_l2: float | None = None
+    renamed_from: str | None = None
+    stats: dict[str, Any] | None = None
+
+    def magnitude(self) -> float:
+        if self.status in ("added", "removed", "shape_changed", "dtype_changed"):
+            return math.inf
+        return self.max_abs_diff if self.max_abs_diff is not None else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        from .render import jsonable
+
+        out = {"section": self.section, "name": self.name, "key": self.key, "status": self.status,
+               "a": jsonable(self.a), "b": jsonable(self.b), "max_abs_diff": self.max_abs_diff,
+               "rel_l2": self.rel_l2, "renamed_from": self.renamed_from}
+        if self.stats is not None:
+            out["stats"] = self.stats
+        return out
+
+
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    entries: list[Entry] = field(default_factory=list)
+    compared: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not self.entries
+
+    def as_json(self) -> dict[str, Any]:
+        return {"identical": self.identical, "entries": [e.as_json() for e in self.entries],
+                "a": self.a, "b": self.b, "compared": self.compared, "notes": self.notes}
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    equal_within_tol: bool
+    max_abs_diff: float
+    rel_l2: float
+    cosine: float | None
+    changed_elements: int
+    bit_identical: bool
+
+
+def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0,
+                    device: str | None = None) -> TensorDiff:
+    """Chunked comparison of two same-shaped tensors: max |b−a|, ‖b−a‖/‖a‖, cosine, elements beyond
+    ``atol + rtol·|a|`` (NaN ≠ anything but NaN). Memory: a few chunks, whatever the tensor size."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    n = fa.numel()
+    max_abs, d2, a2, b2, ab, changed, bits = 0.0, 0.0, 0.0, 0.0, 0.0, 0, True
+    floating = a.is_floating_point() or a.is_complex()
+    for start in range(0, n, _CHUNK):
+        ca, cb = fa[start:start + _CHUNK], fb[start:start + _CHUNK]
+        if device:
+            ca, cb = ca.to(device, non_blocking=True), cb.to(device, non_blocking=True)
+        if bits and not torch.equal(ca, cb):
+            bits = False
+            if floating and torch.equal(torch.isnan(ca), torch.isnan(cb)):
+                bits = bool(torch.equal(torch.nan_to_num(ca, nan=0.0), torch.nan_to_num(cb, nan=0.0)))
+        if bits:
+            if floating:
+                xa = ca.double()
+                s = float((xa * xa).sum())
+                a2 += s
+                b2 += s
+                ab += s
+            continue
+        xa, xb = ca.double(), cb.double()
+        both_nan = torch.isnan(xa) & torch.isnan(xb)
+        d = torch.where(both_nan, torch.zeros_like(xa), xb - xa)
+        ad = d.abs()
+        if ad.numel():
+            m = float(torch.nan_to_num(ad, nan=math.inf).max())
+            max_abs = max(max_abs, m)
+        bad = ~(ad <= atol + rtol * xa.abs()) & ~both_nan
+        changed += int(bad.sum())
+        d2 += float(torch.nan_to_num(d * d, nan=math.inf).sum())
+        fa_ = torch.nan_to_num(xa)
+        fb_ = torch.nan_to_num(xb)
+        a2 += float((fa_ * fa_).sum())
+        b2 += float((fb_ * fb_).sum())
+        ab += float((fa_ * fb_).sum())
+    na = math.sqrt(a2)
+    rel = math.sqrt(d2) / na if na > 0 else (0.0 if d2 == 0 else math.inf)
+    cos = ab / (na * math.sqrt(b2)) if na > 0 and b2 > 0 else None
+    return TensorDiff(bits or changed == 0, max_abs, rel, cos, changed, bits)
+
+
+def _digest(t: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    flat = t.contiguous().reshape(-1)
+    raw = flat.view(torch.uint8) if flat.numel() else flat
+    step = _CHUNK * 4
+    for start in range(0, raw.numel(), step):
+        h.update(raw[start:start + step].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _selected(name: str, params: Sequence[str]) -> bool:
+    return not params or any(fnmatch.fnmatchcase(name, p) for p in params)
+
+
+def _data_models(ck: Checkpoint) -> list[ModelState]:
+    return [m for m in ck.models if len(m.tensors) == len(m.meta)]
+
+
+def _pair_models(a: Checkpoint, b: Checkpoint) -> list[tuple[ModelState, ModelState]]:
+    ma, mb = _data_models(a), _data_models(b)
+    if not ma or not mb:
+        return []
+    by_name = {m.name: m for m in mb}
+    pairs = [(m, by_name[m.name]) for m in ma if m.name in by_name]
+    return pairs if pairs and len(ma) > 1 else [(ma[0], mb[0])]
+
+
+def _tensor_entry(section: str, name: str, key: str | None, ta: torch.Tensor, tb: torch.Tensor, atol: float,
+                  rtol: float, stats: bool, device: str | None) -> Entry | None:
+    if tuple(ta.shape) != tuple(tb.shape):
+        return Entry(section, name, key, "shape_changed", list(ta.shape), list(tb.shape))
+    if ta.dtype != tb.dtype:
+        return Entry(section, name, key, "dtype_changed", str(ta.dtype).removeprefix("torch."),
+                     str(tb.dtype).removeprefix("torch."))
+    if ta.numel() == 1 and ta.ndim == 0:
+        va, vb = ta.item(), tb.item()
+        same = va == vb or (isinstance(va, float) and math.isnan(va) and math.isnan(vb))
+        if same or (isinstance(va, (int, float)) and abs(vb - va) <= atol + rtol * abs(va)):
+            return None
+        return Entry(section, name, key, "changed", va, vb, max_abs_diff=float(abs(vb - va)))
+    d = compare_tensors(ta, tb, atol=atol, rtol=rtol, device=device)
+    if d.equal_within_tol:
+        return None
+    e = Entry(section, name, key, "changed", max_abs_diff=d.max_abs_diff, rel_l2=d.rel_l2)
+    if stats:
+        e.stats = {"cosine": d.cosine, "changed_elements": d.changed_elements, "numel": ta.numel()}
+    return e
+
+
+def _diff_models(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, params: Sequence[str], stats: bool,
+                 device: str | None, report: DiffReport, progress: Callable[[int], None]) -> dict[str, str]:
+    """Model tensors; returns the renames found (old name → new name) for the optimizer section."""
+    renames: dict[str, str] = {}
+    count = 0
+    for ma, mb in _pair_models(a, b):
+        prefix = "" if ma.name == mb.name or len(_data_models(a)) == 1 else f"{ma.name}:"
+        names_a = [n for n in ma.meta if _selected(n, params)]
+        names_b = [n for n in mb.meta if _selected(n, params)]
+        set_a, set_b = set(names_a), set(names_b)
+        removed = [n for n in names_a if n not in set_b]
+        added = [n for n in names_b if n not in set_a]
+        by_key: dict[tuple[Any, ...], list[str]] = {}
+        for n in added:
+            by_key.setdefault((mb.meta[n].shape, mb.meta[n].dtype), []).append(n)
+        added_hash: dict[str, str] = {}
+        for n in removed:
+            cands = by_key.get((ma.meta[n].shape, ma.meta[n].dtype), [])
+            if not cands:
+                continue
+            h = _digest(ma.tensors[n])
+            for c in cands:
+                if c not in added_hash:
+                    added_hash[c] = _digest(mb.tensors[c])
+                if added_hash[c] == h and c not in renames.values():
+                    renames[n] = c
+                    break
+        for n in removed:
+            if n in renames:
+                report.entries.append(Entry("model", prefix + renames[n], None, "renamed", renamed_from=prefix + n))
+            else:
+                report.entries.append(Entry("model", prefix + n, None, "removed", list(ma.meta[n].shape), None))
+        for n in added:
+            if n not in renames.values():
+                report.entries.append(Entry("model", prefix + n, None, "added", None, list(mb.meta[n].shape)))
+        for n in names_a:
+            if n not in set_b:
+                continue
+            count += 1
+            e = _tensor_entry("model", prefix + n, None, ma.tensors[n], mb.tensors[n], atol, rtol, stats, device)
+            progress(ma.meta[n].nbytes + mb.meta[n].nbytes)
+            if e is not None:
+                report.entries.append(e)
+    report.compared["model"] = count
+    return renames
+
+
+def _hp_entries(section: str, name: str, ha: Mapping[str, Any], hb: Mapping[str, Any], skip: Iterable[str] = (),
+                atol: float = 0.0, rtol: float = 0.0) -> list[Entry]:
+    out = []
+    skip = set(skip)
+    for k in [*ha, *[k for k in hb if k not in ha]]:
+        if k in skip:
+            continue
+        if k not in hb:
+            out.append(Entry(section, name, k, "removed", ha[k], None))
+        elif k not in ha:
+            out.append(Entry(section, name, k, "added", None, hb[k]))
+        elif not _same_value(ha[k], hb[k], atol, rtol):
+            diff = None
+            if isinstance(ha[k], (int, float)) and isinstance(hb[k], (int, float)) and not isinstance(ha[k], bool):
+                diff = float(abs(hb[k] - ha[k]))
+            out.append(Entry(section, name, k, "changed", ha[k], hb[k], max_abs_diff=diff))
+    return out
+
+
+def _same_value(x: Any, y: Any, atol: float = 0.0, rtol: float = 0.0) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            return x.shape == y.shape and x.dtype == y.dtype and compare_tensors(x, y, atol=atol, rtol=rtol).equal_within_tol
+        return False
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same_value(p, q, atol, rtol) for p, q in zip(x, y))
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+        return x.keys() == y.keys() and all(_same_value(x[k], y[k], atol, rtol) for k in x)
+    if isinstance(x, float) and isinstance(y, float):
+        if math.isnan(x) and math.isnan(y):
+            return True
+        return x == y or abs(y - x) <= atol + rtol * abs(x)
+    try:
+        return bool(x == y)
+    except Exception:
+        return repr(x) == repr(y)
+
+
+def _pair_optimizers(a: Checkpoint, b: Checkpoint) -> list[tuple[OptimizerState, OptimizerState]]:
+    if len(a.optimizers) == 1 and len(b.optimizers) == 1:
+        return [(a.optimizers[0], b.optimizers[0])]
+    by_name = {o.name: o for o in b.optimizers}
+    return [(o, by_name[o.name]) for o in a.optimizers if o.name in by_name]
+
+
+def _names(m: OptimizerMapping, renames: Mapping[str, str]) -> dict[str, int]:
+    out = {}
+    for e in m.entries:
+        name = e.name if e.name is not None else f"<index {e.index}>"
+        out[renames.get(name, name)] = e.index
+    return out
+
+
+def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, params: Sequence[str], stats: bool,
+                     device: str | None, renames: Mapping[str, str], report: DiffReport,
+                     progress: Callable[[int], None]) -> None:
+    count = 0
+    _unpaired("optimizer", a.optimizers, b.optimizers, _pair_optimizers(a, b), report)
+    for oa, ob in _pair_optimizers(a, b):
+        label = "" if len(a.optimizers) == 1 else f"{oa.name}:"
+        ma, mb = infer_mapping(a, oa), infer_mapping(b, ob)
+        if ma.ambiguous or mb.ambiguous:
+            report.notes.append(f"optimizer {oa.name}: some names are uncertain; those indices compare as <index i>")
+        na, nb = _names(ma, renames), _names(mb, renames)
+        # param groups: hyperparameters per group (in order), and membership by name
+        ga, gb = oa.groups, ob.groups
+        for i in range(max(len(ga), len(gb))):
+            gname = f"{label}group {i}"
+            if i >= len(gb):
+                report.entries.append(Entry("param_groups", gname, None, "removed", len(ga[i].params), None))
+                continue
+            if i >= len(ga):
+                report.entries.append(Entry("param_groups", gname, None, "added", None, len(gb[i].params)))
+                continue
+            report.entries.extend(_hp_entries("param_groups", gname, ga[i].hparams, gb[i].hparams, atol=atol,
+                                              rtol=rtol))
+            members_a = sorted(n for n, idx in na.items() if idx in set(ga[i].params))
+            members_b = sorted(n for n, idx in nb.items() if idx in set(gb[i].params))
+            if members_a != members_b:
+                report.entries.append(Entry("param_groups", gname, "params", "changed",
+                                            [n for n in members_a if n not in members_b],
+                                            [n for n in members_b if n not in members_a]))
+        sa, sb = oa.state, ob.state
+        for name in [*na, *[n for n in nb if n not in na]]:
+            if not _selected(name, params):
+                continue
+            if name not in nb:
+                if sa.get(na[name]):
+                    report.entries.append(Entry("optimizer", label + name, None, "removed", sorted(sa[na[name]]), None))
+                continue
+            if name not in na:
+                if sb.get(nb[name]):
+                    report.entries.append(Entry("optimizer", label + name, None, "added", None, sorted(sb[nb[name]])))
+                continue
+            ea, eb = sa.get(na[name], {}), sb.get(nb[name], {})
+            count += 1
+            for key in [*ea, *[k for k in eb if k not in ea]]:
+                if key not in eb:
+                    report.entries.append(Entry("optimizer", label + name, key, "removed", _short(ea[key]), None))
+                elif key not in ea:
+                    report.entries.append(Entry("optimizer", label + name, key, "added", None, _short(eb[key])))
+                elif isinstance(ea[key], torch.Tensor) and isinstance(eb[key], torch.Tensor):
+                    e = _tensor_entry("optimizer", label + name, key, ea[key], eb[key], atol, rtol, stats, device)
+                    progress(ea[key].numel() * ea[key].element_size() * 2)
+                    if e is not None:
+                        report.entries.append(e)
+                elif not _same_value(ea[key], eb[key], atol, rtol):
+                    report.entries.append(Entry("optimizer", label + name, key, "changed", _short(ea[key]),
+                                                _short(eb[key])))
+    report.compared["optimizer"] = count
+
+
+def _short(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else f"tensor{tuple(v.shape)}"
+    return v
+
+
+_SCHED_KEYS = ("last_epoch", "base_lrs", "_last_lr", "_step_count")
+
+
+def _pair_schedulers(a: Checkpoint, b: Checkpoint) -> list[tuple[SchedulerState, SchedulerState]]:
+    if len(a.schedulers) == 1 and len(b.schedulers) == 1:
+        return [(a.schedulers[0], b.schedulers[0])]
+    by_name = {s.name: s for s in b.schedulers}
+    return [(s, by_name[s.name]) for s in a.schedulers if s.name in by_name]
+
+
+def _unpaired(section: str, xs: Sequence[Any], ys: Sequence[Any], pairs: Sequence[tuple[Any, Any]],
+              report: DiffReport) -> None:
+    paired_a, paired_b = {id(p[0]) for p in pairs}, {id(p[1]) for p in pairs}
+    for x in xs:
+        if id(x) not in paired_a:
+            report.entries.append(Entry(section, x.name, None, "removed"))
+    for y in ys:
+        if id(y) not in paired_b:
+            report.entries.append(Entry(section, y.name, None, "added"))
+
+
+def _diff_schedulers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, report: DiffReport) -> None:
+    _unpaired("scheduler", a.schedulers, b.schedulers, _pair_schedulers(a, b), report)
+    for sa, sb in _pair_schedulers(a, b):
+        ta, tb = guess_scheduler(sa.state_dict), guess_scheduler(sb.state_dict)
+        if ta != tb:
+            report.entries.append(Entry("scheduler", sa.name, "type", "changed", ta, tb))
+        report.entries.extend(_hp_entries("scheduler", sa.name, sa.state_dict, sb.state_dict,
+                                          skip=("_get_lr_called_within_step", "_is_initial", "verbose"),
+                                          atol=atol, rtol=rtol))
+    report.compared["scheduler"] = len(_pair_schedulers(a, b))
+
+
+def _diff_extras(a: Checkpoint, b: Checkpoint, report: DiffReport) -> None:
+    report.entries.extend(_hp_entries("extra", "extras", a.extras, b.extras))
+    parts_b = {p.relpath: p for p in b.parts}
+    for o in a.opaque:
+        pb = parts_b.get(o.part)
+        if pb is None:
+            continue
+        fa, fb = os.path.join(a.path, o.part), os.path.join(b.path, o.part)
+        if os.path.isfile(fa) and os.path.isfile(fb) and _file_digest(fa) != _file_digest(fb):
+            report.entries.append(Entry("extra", o.part, None, "changed", o.nbytes, pb.nbytes))
+    report.compared["extra"] = len(a.extras)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, atol: float = 0.0, rtol: float = 0.0,
+                     only: Sequence[str] = (), params: Sequence[str] = (), stats: bool = False,
+                     device: str | None = None, progress: Callable[[int], None] | None = None) -> DiffReport:
+    """Everything that differs between ``a`` and ``b`` beyond ``atol + rtol·|a|``."""
+    report = DiffReport(a.path, b.path)
+    tick = progress or (lambda n: None)
+    want = set(only) or set(SECTIONS)
+    renames: dict[str, str] = {}
+    if "model" in want or "optimizer" in want:
+        renames = _diff_models(a, b, atol, rtol, params, stats, device, report, tick)
+        if "model" not in want:
+            report.entries = [e for e in report.entries if e.section != "model"]
+    if "optimizer" in want or "param_groups" in want:  # --only optimizer includes its param groups
+        _diff_optimizers(a, b, atol, rtol, params, stats, device, renames, report, tick)
+        if "optimizer" not in want:
+            report.entries = [e for e in report.entries if e.section != "optimizer"]
+    if "scheduler" in want:
+        _diff_schedulers(a, b, atol, rtol, report)
+    if "extra" in want:
+        _diff_extras(a, b, report)
+    return report
+
+
+def total_bytes(a: Checkpoint, b: Checkpoint) -> int:
+    """The tensor bytes a diff will read (for the progress bar)."""
+    n = sum(m.nbytes for m in _data_models(a)) + sum(m.nbytes for m in _data_models(b))
+    for ck in (a, b):
+        for o in ck.optimizers:
+            for entry in o.state.values():
+                n += sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
+    return n
