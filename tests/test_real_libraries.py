@@ -197,3 +197,46 @@ def test_controls_unrepaired_resume_breaks(tmp_path):
     with pytest.raises(RuntimeError):
         _lightning_resume(real_targets.tinylit_reordered(), FIXTURES / "lightning" / "last.ckpt", tmp_path / "c")
     assert real_models.TinyLit  # the reference module class exists
+
+
+def test_hf_without_transformers_guesses_nothing(monkeypatch, tmp_path):
+    """transformers missing: no name from the safetensors order, a hint instead; --source is exact."""
+    import sys
+
+    pytest.importorskip("transformers")
+    import optckpt
+    from optckpt.mapping import infer_mapping
+
+    src = str(FIXTURES / "hf_trainer" / "checkpoint-3")
+    truth = infer_mapping(optckpt.load(src))  # with transformers: exact
+    names = tmp_path / "names.json"
+    groups: list[list[str]] = [[], []]
+    for e in truth.entries:
+        groups[e.group].append(e.name)
+    names.write_text(json.dumps(groups))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    r = invoke("check", src, "--target", str(names), "--format", "json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 1 and rep["evidence"] == "shapes-only" and rep["counts"]["ambiguous"] > 0
+    assert any("install transformers" in n for n in rep["notes"])
+    named = [p for p in rep["params"] if p["status"] != "ambiguous"]
+    assert all(p["status"] == "ok" for p in named)  # whatever is named is right
+    r = invoke("check", src, "--target", str(names), "--source", str(names), "--format", "json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["safe"]
+
+
+def test_hf_custom_code_is_not_run_without_trust(tmp_path):
+    pytest.importorskip("transformers")
+    d = tmp_path / "checkpoint-3"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "PWNED"
+    (d / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    r = invoke("inspect", str(d), "--format", "json")
+    assert r.exit_code == 0
+    rep = json.loads(r.stdout)
+    assert any("auto_map" in n for n in rep["notes"])
+    assert rep["optimizers"][0]["name_evidence"] == "shapes-only"
+    assert not marker.exists()
