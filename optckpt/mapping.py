@@ -21,6 +21,7 @@ import torch
 
 from .align import Item, Slot, align_groups
 from .checkpoint import Checkpoint, ModelState, OptimizerState
+from .validate import validate_optimizer
 
 __all__ = ["IndexName", "OptimizerMapping", "param_shape", "infer_mapping", "is_lbfgs"]
 
@@ -224,6 +225,14 @@ def infer_mapping(
     ``source_names`` (names per group, in optimizer order) comes from the old code; ``models``
     picks (and concatenates, in order) model state dicts by name when the guess should not be made."""
     opt = opt or ck.optimizer()
+    warnings = validate_optimizer(opt)
+    mapping = _infer(ck, opt, source_names, models)
+    mapping.notes[:0] = warnings
+    return mapping
+
+
+def _infer(ck: Checkpoint, opt: OptimizerState, source_names: Sequence[Sequence[str]] | None,
+           models: Sequence[str] | None) -> OptimizerMapping:
     groups = opt.groups
     sizes = [len(g.params) for g in groups]
     if source_names is not None:

@@ -34,8 +34,12 @@ def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
     case). Tensors are memory-mapped, never copied into private memory, and always loaded onto the
     CPU. Nothing is executed: ``torch.load`` runs with ``weights_only=True`` unless ``trust_pickle``."""
     p = os.fspath(path)
-    if not os.path.exists(p):
-        raise LoadError(f"{p}: no such file or directory")
+    try:
+        os.stat(p)
+    except PermissionError:
+        raise LoadError(f"{p}: permission denied") from None
+    except OSError:
+        raise LoadError(f"{p}: no such file or directory") from None
     if os.path.isdir(p):
         ckpt = _load_directory(p, trust_pickle)
     else:

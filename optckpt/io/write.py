@@ -43,7 +43,9 @@ def resolve_output(src: str, out: str | None, in_place: bool) -> str:
     if in_place:
         if out is not None and not _same_file(src, out):
             raise WriteError("--in-place writes over the input: do not also give -o/--output")
-        return src
+        if not os.access(os.path.dirname(os.path.realpath(src)) or ".", os.W_OK):
+            raise WriteError(f"{src}: its directory is not writable")
+        return os.path.realpath(src)  # a symlinked input: rewrite the file it points to, keep the link
     if out is None:
         raise WriteError("no output given: pass -o OUT (or --in-place to rewrite the input, keeping a .bak)")
     if os.path.exists(out) and _same_file(src, out):
@@ -71,18 +73,49 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _RecordingFile:
+    """A file wrapper that remembers the first OSError of a write: torch's zip writer reports a
+    failed write (ENOSPC, EIO) only as an opaque RuntimeError about positions."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def _save_torch(obj: Any, dest_dir: str, final_name: str, *, legacy: bool) -> str:
     """torch.save into a temp file in ``dest_dir``, fsynced; returns the temp path (not yet renamed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=dest_dir)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=dest_dir)
+    except OSError as e:
+        raise WriteError(f"{os.path.join(dest_dir, final_name)}: cannot create a file in {dest_dir}: "
+                         f"{e.strerror or e}") from None
+    rec = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f, _use_new_zipfile_serialization=not legacy)
+            rec = _RecordingFile(f)
+            torch.save(obj, rec, _use_new_zipfile_serialization=not legacy)
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
         _unlink(tmp)
-        if isinstance(e, OSError):
-            raise WriteError(f"{os.path.join(dest_dir, final_name)}: write failed: {e.strerror or e}") from None
+        cause = rec.error if rec is not None and rec.error is not None else e
+        if isinstance(cause, OSError):
+            raise WriteError(f"{os.path.join(dest_dir, final_name)}: write failed: {cause.strerror or cause}") from None
+        if isinstance(e, RuntimeError):
+            raise WriteError(f"{os.path.join(dest_dir, final_name)}: write failed: {str(e).splitlines()[0]}") from None
         raise
     return tmp
 
@@ -107,12 +140,12 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
     File layouts: one temp file + ``os.replace``. Directory layouts: a temp directory beside
     ``out`` holding every file (changed ones re-saved, the rest copied byte-for-byte), then renamed
     into place. With ``in_place`` the original is kept as ``PATH.bak``."""
-    src = ck.path
+    src = os.path.realpath(ck.path) if in_place else ck.path
     dest_dir = os.path.dirname(os.path.abspath(out))
     try:
         if os.path.isdir(src):
             return _write_directory(ck, out, changed_parts, in_place)
-        part = next(p for p in ck.parts if p.relpath == os.path.basename(src))
+        part = next(p for p in ck.parts if p.relpath == os.path.basename(ck.path))
         if part.relpath not in changed_parts:
             raise WriteError("internal: nothing to write")
         tmp = _save_torch(changed_parts[part.relpath], dest_dir, os.path.basename(out), legacy=not part.zip_format)
@@ -132,7 +165,7 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
 
 
 def _write_directory(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], in_place: bool) -> str:
-    src = ck.path
+    src = os.path.realpath(ck.path) if in_place else ck.path
     parent = os.path.dirname(os.path.abspath(out))
     try:
         tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)

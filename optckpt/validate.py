@@ -1,0 +1,44 @@
+"""Consistency checks of an optimizer state dict before anything is inferred from it or written."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from .checkpoint import OptimizerState
+from .errors import FormatError
+
+__all__ = ["validate_optimizer"]
+
+
+def validate_optimizer(opt: OptimizerState) -> list[str]:
+    """Raise :class:`FormatError` for a state dict torch itself could not load; return warnings for
+    data that is valid but suspicious (state for indices in no group, non-tensor junk in state)."""
+    groups = opt.state_dict.get("param_groups", [])
+    indices: list[object] = [i for g in groups for i in g.get("params", [])]
+    if any(isinstance(i, str) for i in indices):
+        raise FormatError(
+            f"{opt.name}: param_groups list parameter names instead of indices (the DCP / get_optimizer_state_dict "
+            "layout); optckpt reads index-based optimizer state dicts only"
+        )
+    bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool)]
+    if bad:
+        raise FormatError(f"{opt.name}: param_groups hold non-integer parameter ids, e.g. {bad[0]!r}")
+    dupes = [i for i, n in Counter(indices).items() if n > 1]
+    if dupes:
+        raise FormatError(f"{opt.name}: parameter index {dupes[0]} appears in more than one place in param_groups "
+                          "(torch never writes that: the file is inconsistent)")
+    warnings = []
+    known = set(indices)
+    orphans = [k for k in opt.state if k not in known]
+    if orphans:
+        warnings.append(f"{opt.name}: state for indices in no param group: {orphans[:8]} (ignored)")
+    for k, entry in opt.state.items():
+        if not isinstance(entry, dict):
+            raise FormatError(f"{opt.name}: state[{k!r}] is a {type(entry).__name__}, not a dict of state values")
+        junk = [key for key, v in entry.items()
+                if not isinstance(v, (torch.Tensor, int, float, bool, list, tuple, type(None)))]
+        if junk:
+            warnings.append(f"{opt.name}: state[{k}] holds non-tensor values under {junk[:4]}")
+    return warnings
