@@ -1,0 +1,108 @@
+"""The bad-input corpus beyond raw bytes: broken directories and inconsistent optimizer state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+
+from conftest import FIXTURES, invoke
+
+TARGET = str(FIXTURES / "models.py") + ":build_cnn"
+
+
+def _bundle():
+    return torch.load(FIXTURES / "bundle.pt", weights_only=True)
+
+
+def _err(r, *needles):
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("optckpt: error:") and len(r.stderr.strip().splitlines()) == 1
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def test_index_json_naming_absent_shard(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    _err(invoke("inspect", str(d)), "missing")
+
+
+def test_index_json_malformed(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "model.safetensors.index.json").write_text("{not json")
+    _err(invoke("inspect", str(d)), "index")
+
+
+def test_optimizer_without_model_is_reported_honestly(tmp_path):
+    d = tmp_path / "checkpoint-3"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+    for n in ("model.safetensors", "config.json"):
+        (d / n).unlink()
+    r = invoke("inspect", str(d), "--format", "json")
+    assert r.exit_code == 0
+    opt = json.loads(r.stdout)["optimizers"][0]
+    assert opt["name_evidence"] == "none" and opt["ambiguous"] == 28
+    r = invoke("remap", str(d), "--target", str(FIXTURES / "hf_trainer" / "checkpoint-3"), "-o", str(tmp_path / "o"))
+    _err(r, "uncertain")
+
+
+def test_duplicate_indices(tmp_path):
+    b = _bundle()
+    b["optimizer"]["param_groups"].append({**b["optimizer"]["param_groups"][0], "params": [0]})
+    torch.save(b, tmp_path / "x.pt")
+    _err(invoke("check", str(tmp_path / "x.pt"), "--target", TARGET), "more than one place")
+    _err(invoke("inspect", str(tmp_path / "x.pt")), "more than one place")
+
+
+def test_state_for_indices_in_no_group_is_a_warning(tmp_path):
+    b = _bundle()
+    b["optimizer"]["state"][99] = dict(b["optimizer"]["state"][0])
+    torch.save(b, tmp_path / "x.pt")
+    r = invoke("check", str(tmp_path / "x.pt"), "--target", TARGET, "--format", "json")
+    assert r.exit_code == 0
+    assert any("no param group" in n for n in json.loads(r.stdout)["notes"])
+
+
+def test_group_sizes_disagree_with_model(tmp_path):
+    b = _bundle()
+    g = b["optimizer"]["param_groups"][0]
+    g["params"] = g["params"] + [8, 9, 10, 11]  # more params than the model has
+    for i in (8, 9, 10, 11):
+        b["optimizer"]["state"][i] = dict(b["optimizer"]["state"][0])
+    torch.save(b, tmp_path / "x.pt")
+    r = invoke("check", str(tmp_path / "x.pt"), "--target", TARGET, "--format", "json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 1 and rep["counts"]["ambiguous"] == 12
+    assert any("ordered subsequences" in n for n in rep["notes"])
+
+
+def test_non_tensor_junk_in_state(tmp_path):
+    b = _bundle()
+    b["optimizer"]["state"][3]["exp_avg"] = "junk"
+    torch.save(b, tmp_path / "x.pt")
+    r = invoke("inspect", str(tmp_path / "x.pt"), "--format", "json")
+    assert r.exit_code == 0
+    assert any("non-tensor" in n for n in json.loads(r.stdout)["optimizers"][0]["notes"])
+    b["optimizer"]["state"][3] = "junk"
+    torch.save(b, tmp_path / "y.pt")
+    _err(invoke("inspect", str(tmp_path / "y.pt")), "not a dict")
+
+
+def test_non_integer_ids(tmp_path):
+    b = _bundle()
+    b["optimizer"]["param_groups"][0]["params"][0] = 1.5
+    torch.save(b, tmp_path / "x.pt")
+    _err(invoke("check", str(tmp_path / "x.pt"), "--target", TARGET), "non-integer")
+
+
+def test_nan_inf_moments_are_reported(tmp_path):
+    b = _bundle()
+    b["optimizer"]["state"][0]["exp_avg_sq"][0, 0, 0, 0] = float("inf")
+    b["optimizer"]["state"][1]["exp_avg"][0] = float("nan")
+    torch.save(b, tmp_path / "x.pt")
+    r = invoke("inspect", str(tmp_path / "x.pt"), "--stats")
+    assert r.exit_code == 0 and "2 NaN/Inf values in optimizer state" in r.stdout
