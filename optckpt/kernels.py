@@ -1,31 +1,141 @@
-"""Moving many pieces of optimizer state at once.
+"""Moving many pieces of optimizer state in a few operations instead of a Python loop per tensor.
 
-``permute_segments`` reorders the per-parameter segments of a flat vector (LBFGS's direction and
-history vectors, FSDP / ZeRO flat buffers): one gather over a precomputed index instead of a Python
-loop of slices."""
+* :class:`SegmentTable` + :func:`gather_segments`: ``out[dst:dst+len] = src[src:src+len]`` for
+  thousands of segments of a flat buffer at once. Tiny segments go through one gather with a
+  precomputed index (one kernel launch, whatever the count); large ones through bulk copies (a
+  gather index would triple the memory traffic). Used to permute the per-parameter segments of flat
+  state (LBFGS's direction / history vectors; FSDP flat parameters and ZeRO partitions store
+  optimizer state the same way).
+* :func:`place_tensors`: cast/move many state tensors to their parameters' device and dtype in one
+  batch per (device, dtype): one concatenation into a (pinned, on CUDA) host buffer, one transfer,
+  then views. ``load_optimizer_state_dict`` uses it so that a GPU optimizer receives its state in a
+  single host-to-device copy per dtype.
+* :func:`fill_tensors`: set many tensors to one value in one foreach call (``reset --mode zero``).
+
+Everything is plain torch: the CUDA path is the same code on CUDA tensors; no GPU is needed to run
+or test it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["permute_segments"]
+__all__ = ["SegmentTable", "gather_segments", "permute_segments", "place_tensors", "fill_tensors",
+           "SMALL_SEGMENT"]
+
+SMALL_SEGMENT = 2048  # elements: below this mean segment length, one gather beats per-segment copies
+
+
+@dataclass(frozen=True)
+class SegmentTable:
+    """Segments to move: ``length[k]`` elements from ``src[k]`` to ``dst[k]`` (int64 tensors)."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    length: torch.Tensor
+
+    @classmethod
+    def of(cls, src: Sequence[int], dst: Sequence[int], length: Sequence[int]) -> SegmentTable:
+        t = [torch.as_tensor(list(x), dtype=torch.int64) for x in (src, dst, length)]
+        if not (t[0].numel() == t[1].numel() == t[2].numel()):
+            raise ValueError("segment table columns differ in length")
+        if t[2].numel() and int(t[2].min()) < 0:
+            raise ValueError("negative segment length")
+        return cls(*t)
+
+    @property
+    def total(self) -> int:
+        return int(self.length.sum()) if self.length.numel() else 0
+
+    def index_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat (source, destination) element indices covering every segment."""
+        n = self.total
+        seg = torch.repeat_interleave(torch.arange(self.length.numel()), self.length)
+        starts = torch.cumsum(self.length, 0) - self.length
+        within = torch.arange(n) - starts[seg]
+        return self.src[seg] + within, self.dst[seg] + within
+
+
+def gather_segments(src: torch.Tensor, table: SegmentTable, out: torch.Tensor) -> torch.Tensor:
+    """``out[dst:dst+len] = src[src:src+len]`` for every segment of ``table``; returns ``out``.
+
+    Both buffers are flat (1-D) and may live on any device (the table stays on the CPU until the
+    index is built). Overlapping destination segments are an error of the caller."""
+    if src.ndim != 1 or out.ndim != 1:
+        raise ValueError("gather_segments works on flat (1-D) buffers")
+    k = table.length.numel()
+    if k == 0:
+        return out
+    if k and (int((table.src + table.length).max()) > src.numel() or int((table.dst + table.length).max()) > out.numel()):
+        raise ValueError("a segment runs past the end of its buffer")
+    if table.total // k < SMALL_SEGMENT:
+        s_idx, d_idx = table.index_pair()
+        out[d_idx.to(out.device)] = src[s_idx.to(src.device)]
+    else:
+        for s, d, n in zip(table.src.tolist(), table.dst.tolist(), table.length.tolist()):
+            out[d:d + n].copy_(src[s:s + n])
+    return out
 
 
 def permute_segments(flat: torch.Tensor, sizes: Sequence[int], order: Sequence[int]) -> torch.Tensor:
     """``cat([segment[k] for k in order])`` where ``flat`` is cut into consecutive ``sizes``."""
     if sum(sizes) != flat.numel():
         raise ValueError(f"segment sizes sum to {sum(sizes)}, the flat tensor has {flat.numel()} elements")
-    if not order:
-        return flat.new_empty(0)
-    starts = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0)
-    sz = torch.tensor(list(sizes), dtype=torch.int64)
-    idx_order = torch.tensor(list(order), dtype=torch.int64)
-    seg_sizes = sz[idx_order]
-    seg_starts = starts[idx_order]
-    # position j of the output belongs to output segment k; its source is seg_starts[k] + (j - out_start[k])
-    out_starts = torch.cumsum(seg_sizes, 0) - seg_sizes
-    seg_id = torch.repeat_interleave(torch.arange(len(order)), seg_sizes)
-    src = seg_starts[seg_id] + (torch.arange(int(seg_sizes.sum())) - out_starts[seg_id])
-    return flat.reshape(-1)[src.to(flat.device)]
+    starts = [0]
+    for s in sizes[:-1]:
+        starts.append(starts[-1] + s)
+    lengths = [sizes[k] for k in order]
+    dst = [0]
+    for n in lengths[:-1]:
+        dst.append(dst[-1] + n)
+    table = SegmentTable.of([starts[k] for k in order], dst[: len(lengths)], lengths)
+    out = flat.new_empty(sum(lengths))
+    return gather_segments(flat.reshape(-1), table, out)
+
+
+def place_tensors(tensors: Sequence[torch.Tensor], devices: Sequence[torch.device],
+                  dtypes: Sequence[torch.dtype | None]) -> list[torch.Tensor]:
+    """Each ``tensors[i]`` on ``devices[i]`` with ``dtypes[i]`` (None: keep its dtype), moved in
+    one batch per (source dtype, target device, target dtype) instead of one copy per tensor.
+    Tensors already in place are returned as they are (no copy), like ``Tensor.to``."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    buckets: dict[tuple[torch.dtype, torch.device, torch.dtype], list[int]] = {}
+    for i, (t, dev, dt) in enumerate(zip(tensors, devices, dtypes)):
+        want = dt or t.dtype
+        if t.device == dev and t.dtype == want:
+            out[i] = t
+        else:
+            buckets.setdefault((t.dtype, torch.device(dev), want), []).append(i)
+    for (src_dtype, dev, want), idx in buckets.items():
+        if len(idx) == 1:
+            i = idx[0]
+            out[i] = tensors[i].to(device=dev, dtype=want)
+            continue
+        parts = [tensors[i].reshape(-1) for i in idx]
+        sizes = [p.numel() for p in parts]
+        pin = dev.type == "cuda" and all(p.device.type == "cpu" for p in parts)
+        staging = torch.empty(sum(sizes), dtype=want, pin_memory=pin) if pin else None
+        if staging is not None:
+            torch.cat([p.to(want) for p in parts] if want != src_dtype else parts, out=staging)
+            flat = staging.to(dev, non_blocking=True)
+        else:
+            flat = torch.cat(parts).to(device=dev, dtype=want)
+        for i, piece in zip(idx, torch.split(flat, sizes)):
+            out[i] = piece.view(tensors[i].shape)
+    assert all(t is not None for t in out)
+    return out  # type: ignore[return-value]
+
+
+def fill_tensors(tensors: Sequence[torch.Tensor], value: float) -> None:
+    """Set every tensor to ``value`` in place, one foreach call per device/dtype group."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for ts in groups.values():
+        if value == 0:
+            torch._foreach_zero_(ts)
+        else:
+            for t in ts:
+                t.fill_(value)

@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint, OptimizerState
 from .errors import FormatError, MappingError
 from .io import load
 from .io.discover import is_optimizer_sd, model_state_from_dict
+from .kernels import place_tensors
 from .mapping import infer_mapping, is_lbfgs
 from .remap import Policy, apply_plan, attach_lbfgs_layout, build_plan
 from .target import from_live
@@ -110,8 +111,34 @@ def load_optimizer_state_dict(
         )
     new_sd = apply_plan(plan, opt.state_dict, with_names="param_names" in optimizer.param_groups[0])
     result.notes = list(plan.notes)
+    _place_state(new_sd, optimizer)
     optimizer.load_state_dict(new_sd)
     return result
+
+
+def _place_state(sd: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Move / cast the state to each parameter's device and dtype exactly as
+    ``Optimizer.load_state_dict`` would (``step`` left alone unless capturable / fused), but in one
+    batched transfer per (device, dtype) instead of one copy per tensor."""
+    where: list[tuple[dict[str, Any], str]] = []
+    devices: list[torch.device] = []
+    dtypes: list[torch.dtype | None] = []
+    for saved, live in zip(sd["param_groups"], optimizer.param_groups):
+        for idx, p in zip(saved["params"], live["params"]):
+            entry = sd["state"].get(idx)
+            if not entry:
+                continue
+            for key, v in entry.items():
+                if not isinstance(v, torch.Tensor) or key == "step":
+                    continue
+                where.append((entry, key))
+                devices.append(p.device)
+                dtypes.append(p.dtype if p.is_floating_point() else None)
+    if not where or all(entry[key].device == dev for (entry, key), dev in zip(where, devices)):
+        return  # nothing to move: torch's own per-tensor cast (a no-op or a dtype cast) is enough
+    placed = place_tensors([entry[key] for entry, key in where], devices, dtypes)
+    for (entry, key), t in zip(where, placed):
+        entry[key] = t
 
 
 def enable_load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
