@@ -14,6 +14,7 @@ from .checkpoint import Checkpoint, OptimizerState
 from .errors import FormatError, MappingError, WriteError
 from .io import load
 from .io.write import replace_at, resolve_output, write_checkpoint
+from .kernels import fill_tensors
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
 from .remap import Policy, RemapPlan, apply_plan, attach_lbfgs_layout, build_plan, remap_scheduler
 from .target import parse_rename, resolve_target
@@ -101,15 +102,21 @@ class ResetResult:
 _FRESH = {"mu": 1.0, "mu_product": 1.0}
 
 
-def _fresh_like(key: str, v: Any, group: Mapping[str, Any]) -> Any:
+def _fresh_value(key: str, group: Mapping[str, Any]) -> float:
     if key == "sum":  # Adagrad starts its accumulator at initial_accumulator_value
-        fill = float(group.get("initial_accumulator_value", 0.0))
-    elif key in ("eta", "step_size"):  # ASGD's eta and Rprop's step sizes start at lr
-        fill = float(group.get("lr", 0.0))
-    else:
-        fill = _FRESH.get(key, 0.0)
+        return float(group.get("initial_accumulator_value", 0.0))
+    if key in ("eta", "step_size"):  # ASGD's eta and Rprop's step sizes start at lr
+        return float(group.get("lr", 0.0))
+    return _FRESH.get(key, 0.0)
+
+
+def _fresh_like(key: str, v: Any, group: Mapping[str, Any], pending: dict[float, list[torch.Tensor]]) -> Any:
+    """A re-initialised copy of ``v``; tensors are allocated here and filled later in batches."""
+    fill = _fresh_value(key, group)
     if isinstance(v, torch.Tensor):
-        return torch.full_like(v, fill)
+        t = torch.empty_like(v)
+        pending.setdefault(fill, []).append(t)
+        return t
     if isinstance(v, bool):
         return v
     if isinstance(v, (int, float)):
@@ -167,6 +174,7 @@ def reset_checkpoint(
     group_of = {i: g for g in opt.state_dict.get("param_groups", []) for i in g["params"]}
     state = opt.state
     new_state: dict[Any, Any] = {}
+    pending: dict[float, list[torch.Tensor]] = {}
     for idx, entry in state.items():
         if idx not in {i for i, _ in selected}:
             new_state[idx] = entry
@@ -176,8 +184,10 @@ def reset_checkpoint(
         missing = [k for k in keys if k not in entry]
         if missing:
             raise MappingError(f"index {idx} has no state key {missing[0]!r} (it has: {', '.join(entry)})")
-        new_state[idx] = {k: (_fresh_like(k, v, group_of.get(idx, {})) if not keys or k in keys else v)
+        new_state[idx] = {k: (_fresh_like(k, v, group_of.get(idx, {}), pending) if not keys or k in keys else v)
                           for k, v in entry.items()}
+    for value, tensors in pending.items():
+        fill_tensors(tensors, value)
     new_sd = {**opt.state_dict, "state": new_state}
     if dry_run:
         return result, None
