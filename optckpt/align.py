@@ -61,7 +61,7 @@ import gc
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "MATCHING_EDGE_BUDGET",
@@ -83,24 +83,21 @@ MATCHING_EDGE_BUDGET = 200_000
 _ANY = -1  # shape id of an item whose shape is unknown: it matches every slot
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     """One model entry, in trusted registration order."""
 
     name: str
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):
     """One optimizer index inside its group, in group order."""
 
     index: int
     shape: tuple[int, ...] | None  # None: no state, shape unknown (matches any slot)
 
 
-@dataclass(frozen=True)
-class Assignment:
+class Assignment(NamedTuple):
     """Where one optimizer index can sit in the model.
 
     ``name`` is set iff exactly one slot is feasible; ``candidates`` lists every feasible slot name in

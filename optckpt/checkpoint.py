@@ -63,7 +63,13 @@ class TensorMeta:
 
     @property
     def is_floating(self) -> bool:
-        return self.dtype.startswith(("float", "bfloat", "complex"))
+        return self.dtype in _FLOATING
+
+
+
+
+_FLOATING = frozenset({"float16", "float32", "float64", "bfloat16", "complex32", "complex64", "complex128",
+                       "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"})
 
 
 @dataclass
@@ -115,6 +121,10 @@ class OptimizerState:
 
     @property
     def groups(self) -> list[ParamGroup]:
+        """The param groups as values (rebuilt when ``state_dict`` is replaced)."""
+        cached = self.__dict__.get("_groups")
+        if cached is not None and cached[0] is self.state_dict.get("param_groups"):
+            return cached[1]
         out = []
         for i, g in enumerate(self.state_dict.get("param_groups", [])):
             names = g.get("param_names")
@@ -126,6 +136,7 @@ class OptimizerState:
                     param_names=tuple(names) if names is not None else None,
                 )
             )
+        self.__dict__["_groups"] = (self.state_dict.get("param_groups"), out)
         return out
 
     @property

@@ -11,12 +11,12 @@ from typing import Any, TypeVar
 import click
 
 from . import io
-from .errors import OptckptError
 from .check import check_mapping
 from .diff import diff_checkpoints, total_bytes
+from .errors import OptckptError
+from .hparams import Change
 from .inspect import inspect_checkpoint
 from .mapping import infer_mapping
-from .hparams import Change
 from .ops import remap_checkpoint, reset_checkpoint, set_checkpoint
 from .remap import Policy
 from .render import render_check, render_diff, render_inspect, render_plan, table, to_json
@@ -143,7 +143,8 @@ def write_options(f: F) -> F:
               help="Parameters whose shape changed: start fresh, or fail.")
 @click.option("--allow-ambiguous", is_flag=True, help="Reset (instead of refusing) indices whose name is uncertain.")
 @click.option("--hparams", type=click.Choice(["checkpoint", "target"]), default="checkpoint", show_default=True,
-              help="Group hyperparameters from the checkpoint (as torch's load_state_dict does) or the target optimizer.")
+              help="Group hyperparameters from the checkpoint (as torch's load_state_dict does) "
+                   "or from the target optimizer.")
 @format_option
 def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
           renames: tuple[str, ...], optimizer_key: str | None, models: str | None, output: str | None,

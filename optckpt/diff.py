@@ -246,7 +246,8 @@ def _hp_entries(section: str, name: str, ha: Mapping[str, Any], hb: Mapping[str,
 def _same_value(x: Any, y: Any, atol: float = 0.0, rtol: float = 0.0) -> bool:
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            return x.shape == y.shape and x.dtype == y.dtype and compare_tensors(x, y, atol=atol, rtol=rtol).equal_within_tol
+            return (x.shape == y.shape and x.dtype == y.dtype
+                    and compare_tensors(x, y, atol=atol, rtol=rtol).equal_within_tol)
         return False
     if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
         return len(x) == len(y) and all(_same_value(p, q, atol, rtol) for p, q in zip(x, y))

@@ -131,7 +131,8 @@ def select_groups(groups: Sequence[Mapping[str, Any]], mapping: OptimizerMapping
 
 
 def rewrite(opt_sd: Mapping[str, Any], schedulers: Sequence[Mapping[str, Any]], selected: Sequence[int],
-            changes: Sequence[Change], *, follow: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+            changes: Sequence[Change], *, follow: bool = True
+            ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """New optimizer and scheduler state dicts with ``changes`` applied to the ``selected`` groups.
 
     ``follow``: lr changes scale the whole remaining schedule (see the module docstring);

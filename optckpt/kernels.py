@@ -17,6 +17,7 @@ or test it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,17 +46,26 @@ class SegmentTable:
             raise ValueError("negative segment length")
         return cls(*t)
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
         return int(self.length.sum()) if self.length.numel() else 0
 
+    @functools.cached_property
+    def tiles_output(self) -> bool:
+        """Destinations are consecutive from 0 in table order (a pure permutation / selection)."""
+        starts = torch.cumsum(self.length, 0) - self.length
+        return bool(torch.equal(self.dst, starts))
+
+    @functools.cached_property
+    def source_index(self) -> torch.Tensor:
+        """For output element j (in table order), the source element: built once, reused."""
+        starts = torch.cumsum(self.length, 0) - self.length
+        return torch.arange(self.total) + torch.repeat_interleave(self.src - starts, self.length)
+
     def index_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat (source, destination) element indices covering every segment."""
-        n = self.total
-        seg = torch.repeat_interleave(torch.arange(self.length.numel()), self.length)
         starts = torch.cumsum(self.length, 0) - self.length
-        within = torch.arange(n) - starts[seg]
-        return self.src[seg] + within, self.dst[seg] + within
+        return self.source_index, torch.arange(self.total) + torch.repeat_interleave(self.dst - starts, self.length)
 
 
 def gather_segments(src: torch.Tensor, table: SegmentTable, out: torch.Tensor) -> torch.Tensor:
@@ -68,11 +78,15 @@ def gather_segments(src: torch.Tensor, table: SegmentTable, out: torch.Tensor) -
     k = table.length.numel()
     if k == 0:
         return out
-    if k and (int((table.src + table.length).max()) > src.numel() or int((table.dst + table.length).max()) > out.numel()):
+    if int((table.src + table.length).max()) > src.numel() or int((table.dst + table.length).max()) > out.numel():
         raise ValueError("a segment runs past the end of its buffer")
     if table.total // k < SMALL_SEGMENT:
-        s_idx, d_idx = table.index_pair()
-        out[d_idx.to(out.device)] = src[s_idx.to(src.device)]
+        s_idx = table.source_index.to(src.device)
+        if table.tiles_output:  # one gather straight into the output
+            torch.index_select(src, 0, s_idx, out=out[: table.total])
+        else:
+            _, d_idx = table.index_pair()
+            out.index_copy_(0, d_idx.to(out.device), src.index_select(0, s_idx))
     else:
         for s, d, n in zip(table.src.tolist(), table.dst.tolist(), table.length.tolist()):
             out[d:d + n].copy_(src[s:s + n])
@@ -99,8 +113,12 @@ def place_tensors(tensors: Sequence[torch.Tensor], devices: Sequence[torch.devic
                   dtypes: Sequence[torch.dtype | None]) -> list[torch.Tensor]:
     """Each ``tensors[i]`` on ``devices[i]`` with ``dtypes[i]`` (None: keep its dtype), moved in
     one batch per (source dtype, target device, target dtype) instead of one copy per tensor.
-    Tensors already in place are returned as they are (no copy), like ``Tensor.to``."""
+    Tensors already in place are returned as they are (no copy), like ``Tensor.to``. Batching pays
+    off for host-to-accelerator transfers (one pinned buffer, one copy); CPU targets take the
+    per-tensor path, which measured faster there (benchmarks/bench_kernels.py)."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
+    if all(torch.device(d).type in ("cpu", "meta") for d in devices):
+        return [t.to(device=d, dtype=dt or t.dtype) for t, d, dt in zip(tensors, devices, dtypes)]
     buckets: dict[tuple[torch.dtype, torch.device, torch.dtype], list[int]] = {}
     for i, (t, dev, dt) in enumerate(zip(tensors, devices, dtypes)):
         want = dt or t.dtype

@@ -1,32 +1,35 @@
 """Guess which optimizer / LR scheduler class wrote a state dict, from its keys and values.
 
-The reference key sets are read off the installed torch (each class instantiated once on a dummy
-parameter), so the guesses follow torch versions instead of a hand-kept table."""
+Optimizer key sets come from the installed torch's constructor signatures; scheduler key sets are a
+table. Both are checked against real instances of the installed torch by the tests."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["guess_optimizer", "guess_scheduler"]
+__all__ = ["guess_optimizer", "guess_scheduler", "SCHEDULER_KEYS"]
 
 
 @functools.lru_cache(maxsize=1)
 def _optimizer_defaults() -> dict[str, dict[str, Any]]:
+    """Each torch.optim class's param-group keys and default values, read from its constructor's
+    signature (instantiating an optimizer would import torch._dynamo: seconds, for a metadata tool).
+    ``tests/test_kinds.py`` checks this against real instances of the installed torch."""
     out: dict[str, dict[str, Any]] = {}
-    p = torch.nn.Parameter(torch.zeros(2, 2))
     for name in dir(torch.optim):
         cls = getattr(torch.optim, name)
         if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or cls is torch.optim.Optimizer:
             continue
-        try:
-            opt = cls([p])
-        except Exception:  # an optimizer that needs arguments we cannot guess: skip it
-            continue
-        out[name] = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        params = inspect.signature(cls.__init__).parameters.values()
+        out[name] = {p.name: p.default for p in params if p.name not in ("self", "params")
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if "AdamW" in out:  # AdamW fixes decoupled_weight_decay=True instead of taking it as an argument
+        out["AdamW"]["decoupled_weight_decay"] = True
     return out
 
 
@@ -59,33 +62,33 @@ def _eq(a: Any, b: Any) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
+_COMMON = ("_get_lr_called_within_step", "_is_initial", "_last_lr", "_step_count", "base_lrs", "last_epoch")
+# state_dict() keys of each torch.optim.lr_scheduler class (torch 2.6+); tests/test_kinds.py checks
+# them against real instances of the installed torch, so a drift fails CI instead of guessing wrong.
+SCHEDULER_KEYS: dict[str, frozenset[str]] = {
+    "StepLR": frozenset((*_COMMON, "gamma", "step_size")),
+    "MultiStepLR": frozenset((*_COMMON, "gamma", "milestones")),
+    "ExponentialLR": frozenset((*_COMMON, "gamma")),
+    "CosineAnnealingLR": frozenset((*_COMMON, "T_max", "eta_min")),
+    "CosineAnnealingWarmRestarts": frozenset((*_COMMON, "T_0", "T_cur", "T_i", "T_mult", "eta_min")),
+    "LinearLR": frozenset((*_COMMON, "end_factor", "start_factor", "total_iters")),
+    "ConstantLR": frozenset((*_COMMON, "factor", "total_iters")),
+    "PolynomialLR": frozenset((*_COMMON, "power", "total_iters")),
+    "LambdaLR": frozenset((*_COMMON, "lr_lambdas")),
+    "OneCycleLR": frozenset((*_COMMON, "_anneal_func_type", "_schedule_phases", "cycle_momentum", "total_steps",
+                             "use_beta1")),
+    "CyclicLR": frozenset((*_COMMON, "_scale_fn_custom", "base_momentums", "cycle_momentum", "gamma", "max_lrs",
+                           "max_momentums", "mode", "scale_mode", "step_ratio", "total_size", "use_beta1")),
+    "ReduceLROnPlateau": frozenset(("_last_lr", "best", "cooldown", "cooldown_counter", "default_min_lr", "eps",
+                                    "factor", "last_epoch", "min_lrs", "mode", "mode_worse", "num_bad_epochs",
+                                    "patience", "threshold", "threshold_mode")),
+    "SequentialLR": frozenset(("_last_lr", "_milestones", "_schedulers", "last_epoch")),
+    "ChainedScheduler": frozenset(("_last_lr", "_schedulers")),
+}
+
+
 def _scheduler_keys() -> dict[str, frozenset[str]]:
-    L = torch.optim.lr_scheduler
-    makers: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
-        "StepLR": lambda o: L.StepLR(o, 2),
-        "MultiStepLR": lambda o: L.MultiStepLR(o, [1]),
-        "ExponentialLR": lambda o: L.ExponentialLR(o, 0.9),
-        "CosineAnnealingLR": lambda o: L.CosineAnnealingLR(o, 10),
-        "CosineAnnealingWarmRestarts": lambda o: L.CosineAnnealingWarmRestarts(o, 5),
-        "LinearLR": lambda o: L.LinearLR(o),
-        "ConstantLR": lambda o: L.ConstantLR(o),
-        "PolynomialLR": lambda o: L.PolynomialLR(o),
-        "LambdaLR": lambda o: L.LambdaLR(o, lambda e: 1.0),
-        "OneCycleLR": lambda o: L.OneCycleLR(o, 1.0, total_steps=10),
-        "CyclicLR": lambda o: L.CyclicLR(o, 0.01, 0.1),
-        "ReduceLROnPlateau": lambda o: L.ReduceLROnPlateau(o),
-        "SequentialLR": lambda o: L.SequentialLR(o, [L.ConstantLR(o), L.ConstantLR(o)], [1]),
-        "ChainedScheduler": lambda o: L.ChainedScheduler([L.ConstantLR(o)]),
-    }
-    out: dict[str, frozenset[str]] = {}
-    for name, make in makers.items():
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        try:
-            out[name] = frozenset(make(opt).state_dict())
-        except Exception:
-            continue
-    return out
+    return SCHEDULER_KEYS
 
 
 # LambdaLR and MultiplicativeLR write identical keys; the transformers schedules are LambdaLRs.

@@ -13,14 +13,15 @@ Evidence, strongest first:
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .align import Item, Slot, align_groups
-from .checkpoint import Checkpoint, ModelState, OptimizerState
+from .checkpoint import _FLOATING, Checkpoint, ModelState, OptimizerState
 from .validate import validate_optimizer
 
 __all__ = ["IndexName", "OptimizerMapping", "param_shape", "infer_mapping", "is_lbfgs"]
@@ -51,8 +52,7 @@ def is_lbfgs(opt: OptimizerState) -> bool:
     return bool(groups) and "history_size" in groups[0] and "max_iter" in groups[0]
 
 
-@dataclass(frozen=True)
-class IndexName:
+class IndexName(NamedTuple):
     """What is known about one optimizer index."""
 
     index: int
@@ -85,22 +85,32 @@ class OptimizerMapping:
 
 
 def _items(opt: OptimizerState) -> list[list[Item]]:
+    shapes = _shapes(opt)
+    return [[Item(i, shapes[i]) for i in g.params] for g in opt.groups]
+
+
+def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
+    """Every index's parameter shape as its state shows it (computed once per optimizer)."""
+    cached = _SHAPES.get(id(opt))
+    if cached is not None and cached[0] is opt.state_dict:
+        return cached[1]
     state = opt.state
     lbfgs = is_lbfgs(opt)
-    return [
-        [Item(i, None if lbfgs else param_shape(state.get(i, {}))) for i in g.params]
-        for g in opt.groups
-    ]
+    shapes = {i: None if lbfgs else param_shape(state.get(i, {})) for g in opt.groups for i in g.params}
+    _SHAPES[id(opt)] = (opt.state_dict, shapes)
+    return shapes
+
+
+_SHAPES: dict[int, tuple[Any, dict[Any, tuple[int, ...] | None]]] = {}
 
 
 def _entries(opt: OptimizerState, names: Sequence[Sequence[tuple[str | None, tuple[str, ...]]]]) -> list[IndexName]:
     state = opt.state
-    lbfgs = is_lbfgs(opt)
+    shapes = _shapes(opt)
     out = []
     for g, gnames in zip(opt.groups, names):
         for idx, (name, cands) in zip(g.params, gnames):
-            entry = state.get(idx, {})
-            out.append(IndexName(idx, g.position, name, cands, None if lbfgs else param_shape(entry), bool(entry)))
+            out.append(IndexName(idx, g.position, name, cands, shapes[idx], bool(state.get(idx))))
     return out
 
 
@@ -131,8 +141,9 @@ def slots_of(models: Sequence[ModelState]) -> list[Slot]:
     out = []
     for m in models:
         prefix = qualifier(m) + "." if len(models) > 1 else ""
+        tied = m.tied
         for name, meta in m.meta.items():
-            if name in m.tied or not meta.is_floating or name.rsplit(".", 1)[-1] in KNOWN_BUFFERS:
+            if meta.dtype not in _FLOATING or name in tied or name[name.rfind(".") + 1:] in KNOWN_BUFFERS:
                 continue
             out.append(Slot(prefix + name, meta.shape))
     return out
@@ -147,7 +158,10 @@ def _align(opt: OptimizerState, models: Sequence[ModelState]) -> OptimizerMappin
     return OptimizerMapping(opt.name, "model-order", _entries(opt, names), model="+".join(m.name for m in models))
 
 
-def _unordered(groups: Sequence[Sequence[Item]], slots: Sequence[Slot], taken: set[str]) -> list[list[tuple[str | None, tuple[str, ...]]]] | None:
+Names = list[list[tuple[str | None, tuple[str, ...]]]]
+
+
+def _unordered(groups: Sequence[Sequence[Item]], slots: Sequence[Slot], taken: set[str]) -> Names | None:
     """Candidates by shape alone, ignoring order: an item is named when exactly one free slot fits.
     Repeats until no name is forced (each certain name frees no one else's slot). None: infeasible."""
     taken = set(taken)
@@ -226,7 +240,14 @@ def infer_mapping(
     picks (and concatenates, in order) model state dicts by name when the guess should not be made."""
     opt = opt or ck.optimizer()
     warnings = validate_optimizer(opt)
-    mapping = _infer(ck, opt, source_names, models)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # ~100k small objects per 100k parameters: collections would dominate the time
+    try:
+        mapping = _infer(ck, opt, source_names, models)
+    finally:
+        _SHAPES.pop(id(opt), None)
+        if gc_was_on:
+            gc.enable()
     mapping.notes[:0] = warnings
     return mapping
 

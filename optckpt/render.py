@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect", "render_check", "render_plan", "render_diff"]
+__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect", "render_check", "render_plan",
+           "render_diff"]
 
 
 def jsonable(v: Any) -> Any:
@@ -168,7 +169,8 @@ def render_check(r: dict[str, Any]) -> str:
     out.append(f"  {counts}")
     g = r["groups"]
     if g["load_would_fail"]:
-        out.append(f"  param groups: checkpoint {g['source']} vs target {g['target']}: load_state_dict raises ValueError")
+        out.append(f"  param groups: checkpoint {g['source']} vs target {g['target']}: "
+                   "load_state_dict raises ValueError")
     rows = []
     for p in r["params"]:
         if p["status"] == "ok":
@@ -243,7 +245,8 @@ def render_diff(r: dict[str, Any], *, fmt: str = "table", limit: int | None = No
             elif e["a"] is not None or e["b"] is not None:
                 detail = f"{_fmt(e['a'])} -> {_fmt(e['b'])}"
             if e["max_abs_diff"] is not None and e["rel_l2"] is not None:
-                detail = (detail + " " if detail else "") + f"max|d| {_fmt(e['max_abs_diff'])}, rel_l2 {_fmt(e['rel_l2'])}"
+                detail = (detail + " " if detail else "") + \
+                    f"max|d| {_fmt(e['max_abs_diff'])}, rel_l2 {_fmt(e['rel_l2'])}"
             if e.get("stats"):
                 s = e["stats"]
                 detail += f", cos {_fmt(s['cosine'])}, {s['changed_elements']}/{s['numel']} changed"

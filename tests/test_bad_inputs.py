@@ -6,7 +6,6 @@ import json
 import shutil
 
 import torch
-
 from conftest import FIXTURES, invoke
 
 TARGET = str(FIXTURES / "models.py") + ":build_cnn"
@@ -26,7 +25,8 @@ def _err(r, *needles):
 def test_index_json_naming_absent_shard(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    index = {"weight_map": {"w": "model-00001-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
     _err(invoke("inspect", str(d)), "missing")
 
 

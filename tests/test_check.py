@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES, invoke, run_cli
+from models_zoo import BlockReordered, TinyGPT, decay_groups, gpt_loss
 from torch import nn
 
 import optckpt
 from optckpt.check import check_mapping
 from optckpt.mapping import infer_mapping, param_shape
 from optckpt.target import from_live
-
-from conftest import FIXTURES, invoke, run_cli
-from models_zoo import Block, BlockReordered, TinyGPT, decay_groups, gpt_loss
 
 
 def _save(tmp_path, model: nn.Module, opt: torch.optim.Optimizer, name: str = "ck.pt", **extra) -> str:

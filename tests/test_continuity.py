@@ -8,12 +8,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import FIXTURES, ROOT, invoke, run_cli
+from models_zoo import BlockReordered, TinyGPT, decay_groups, gpt_loss
 from torch import nn
 
 import optckpt
-
-from conftest import FIXTURES, ROOT, invoke, run_cli
-from models_zoo import BlockReordered, TinyGPT, decay_groups, gpt_loss
 
 sys.path.insert(0, str(FIXTURES))
 from models import Model, Model2  # noqa: E402
@@ -60,7 +59,7 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for n in a:
-        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def _run(tmp_path, old_cls, new_cls, make_opt, loss_fn, how: str, target: str, steps: int = 3,
@@ -156,8 +155,8 @@ def _two_loss(model, seed):
 def test_silent_swap_of_same_shaped_layers(tmp_path, how):
     target_file = tmp_path / "two.py"
     target_file.write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom test_continuity import TwoSame\n"
-        "def build():\n    return TwoSame(swap=True)\n" % str(ROOT / "tests"))
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom test_continuity import TwoSame\n"
+        "def build():\n    return TwoSame(swap=True)\n")
     _run(tmp_path, TwoSame, lambda: TwoSame(swap=True), OPTIMIZERS["AdamW"], _two_loss, how,
          target=f"{target_file}:build")
 

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES, invoke, run_cli
+from models_zoo import BlockReordered, TinyGPT, gpt_loss
 
 import optckpt
 from optckpt.diff import compare_tensors
-
-from conftest import FIXTURES, invoke, run_cli
-from models_zoo import BlockReordered, TinyGPT, gpt_loss
 
 
 def _diff(a, b, *args):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, ROOT, invoke
 
 import optckpt
-from conftest import FIXTURES, ROOT, invoke
 
 SEED_OPT = FIXTURES / "seed" / "optimizer_0.pth"
 SEED_MODEL = FIXTURES / "seed" / "model_0.pth"

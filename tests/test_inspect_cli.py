@@ -8,7 +8,6 @@ import zipfile
 
 import pytest
 import torch
-
 from conftest import FIXTURES, invoke, run_cli
 
 LAYOUTS = [

@@ -6,11 +6,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import FIXTURES
 
 import optckpt
 from optckpt.errors import LoadError, UnsafePickleError
-
-from conftest import FIXTURES
 
 
 def test_seed_pair_joined_with_model():

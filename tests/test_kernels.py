@@ -70,7 +70,8 @@ def test_bad_tables():
        targets=st.lists(st.sampled_from([None, torch.float32, torch.bfloat16, torch.float64]), min_size=20,
                         max_size=20))
 def test_place_tensors_equals_per_tensor_to(shapes, dtypes, targets):
-    ts = [_random_buffer(int(torch.tensor(s).prod()) if s else 1, dtypes[i], i).reshape(s) for i, s in enumerate(shapes)]
+    ts = [_random_buffer(int(torch.tensor(s).prod()) if s else 1, dtypes[i], i).reshape(s)
+          for i, s in enumerate(shapes)]
     want = [targets[i] if dtypes[i].is_floating_point else None for i in range(len(ts))]
     devs = [torch.device("cpu")] * len(ts)
     got = place_tensors(ts, devs, want)

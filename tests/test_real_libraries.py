@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import FIXTURES, ROOT, invoke
 
 TARGETS = str(ROOT / "tests" / "real_targets.py")
@@ -22,16 +21,15 @@ def _params(model) -> dict[str, torch.Tensor]:
 def _assert_same(a, b):
     assert a.keys() == b.keys()
     for n in a:
-        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
 
 
 # --- accelerate ----------------------------------------------------------------------------------
 
 def _accelerate_one_step(model, state_dir):
     accelerate = pytest.importorskip("accelerate")
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     import real_models
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import FIXTURES, invoke
 
 SEED_OPT = str(FIXTURES / "seed" / "optimizer_0.pth")

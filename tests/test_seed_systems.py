@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 
+import seed_systems as S  # fixtures/ is on sys.path (conftest)
 import torch
+from conftest import FIXTURES, invoke
+from models import SmallCNN, SmallCNNHeadFirst, tsm_policies
 from torch import nn
 
 import optckpt
-
-from conftest import FIXTURES, invoke
-
-import seed_systems as S  # fixtures/ is on sys.path (conftest)
-from models import SmallCNN, SmallCNNHeadFirst, tsm_policies
 
 SS = str(FIXTURES / "seed_systems.py")
 
@@ -21,7 +19,7 @@ SS = str(FIXTURES / "seed_systems.py")
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # --- NeRF ----------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import FIXTURES, invoke
 
 L = torch.optim.lr_scheduler

@@ -58,7 +58,7 @@ def model_state_from_dict(sd: Mapping[str, Any], name: str, part: str, path: Key
     tied: dict[str, str] = {}
     first: dict[tuple[Any, ...], str] = {}
     for k, t in tensors.items():
-        if t.numel() == 0:
+        if t.numel() == 0 or t.device.type == "meta":  # meta tensors have no storage: no ties to see
             continue
         try:
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)

@@ -120,5 +120,6 @@ def open_sharded_index(index_path: str) -> tuple[LazySafetensors, dict[str, Tens
             meta[k] = m
     missing = [k for k in weight_map if k not in meta]
     if missing:
-        raise LoadError(f"{index_path}: {len(missing)} tensors listed but absent from their shards, e.g. {missing[0]!r}")
+        raise LoadError(f"{index_path}: {len(missing)} tensors listed but absent from their shards, "
+                        f"e.g. {missing[0]!r}")
     return LazySafetensors(files, meta), meta, shards
