@@ -83,55 +83,63 @@ class TensorDiff:
     bit_identical: bool
 
 
+def bits_view(t: torch.Tensor) -> torch.Tensor:
+    """A flat integer view of ``t``'s bytes, as wide as its size allows (comparisons of int64 words
+    run ~4x faster than of bytes)."""
+    flat = t.contiguous().reshape(-1)
+    raw = flat.view(torch.uint8) if flat.element_size() != 1 or flat.dtype != torch.uint8 else flat
+    n = raw.numel()
+    for dt, w in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if n % w == 0 and raw.data_ptr() % w == 0:
+            return raw.view(dt)
+    return raw
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bytes (NaN payloads included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.numel() == 0:
+        return True
+    return bool(torch.equal(bits_view(a), bits_view(b)))
+
+
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0,
                     device: str | None = None) -> TensorDiff:
-    """Chunked comparison of two same-shaped tensors: max |b−a|, ‖b−a‖/‖a‖, cosine, elements beyond
-    ``atol + rtol·|a|`` (NaN ≠ anything but NaN). Memory: a few chunks, whatever the tensor size."""
+    """Max |b−a|, ‖b−a‖/‖a‖, cosine and the elements beyond ``atol + rtol·|a|`` (NaN ≠ anything but
+    NaN). Bit-identical tensors cost one integer comparison pass (≈ reading both); only tensors that
+    differ get the second, numeric pass, chunked so that extra memory stays a few chunks."""
+    if a.numel() == 0 or bit_equal(a, b):
+        return TensorDiff(True, 0.0, 0.0, 1.0 if a.numel() else None, 0, True)
     fa, fb = a.reshape(-1), b.reshape(-1)
     n = fa.numel()
-    max_abs, d2, a2, b2, ab, changed, bits = 0.0, 0.0, 0.0, 0.0, 0.0, 0, True
-    floating = a.is_floating_point() or a.is_complex()
+    max_abs, d2, a2, b2, ab, changed = 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     for start in range(0, n, _CHUNK):
         ca, cb = fa[start:start + _CHUNK], fb[start:start + _CHUNK]
         if device:
             ca, cb = ca.to(device, non_blocking=True), cb.to(device, non_blocking=True)
-        if bits and not torch.equal(ca, cb):
-            bits = False
-            if floating and torch.equal(torch.isnan(ca), torch.isnan(cb)):
-                bits = bool(torch.equal(torch.nan_to_num(ca, nan=0.0), torch.nan_to_num(cb, nan=0.0)))
-        if bits:
-            if floating:
-                xa = ca.double()
-                s = float((xa * xa).sum())
-                a2 += s
-                b2 += s
-                ab += s
-            continue
-        xa, xb = ca.double(), cb.double()
+        xa, xb = ca.to(acc), cb.to(acc)
         both_nan = torch.isnan(xa) & torch.isnan(xb)
         d = torch.where(both_nan, torch.zeros_like(xa), xb - xa)
         ad = d.abs()
-        if ad.numel():
-            m = float(torch.nan_to_num(ad, nan=math.inf).max())
-            max_abs = max(max_abs, m)
-        bad = ~(ad <= atol + rtol * xa.abs()) & ~both_nan
-        changed += int(bad.sum())
-        d2 += float(torch.nan_to_num(d * d, nan=math.inf).sum())
-        fa_ = torch.nan_to_num(xa)
-        fb_ = torch.nan_to_num(xb)
-        a2 += float((fa_ * fa_).sum())
-        b2 += float((fb_ * fb_).sum())
-        ab += float((fa_ * fb_).sum())
+        max_abs = max(max_abs, float(torch.nan_to_num(ad, nan=math.inf).max()))
+        changed += int((~(ad <= atol + rtol * xa.abs()) & ~both_nan).sum())
+        d2 += float(torch.linalg.vector_norm(torch.nan_to_num(d, nan=math.inf), dtype=torch.float64)) ** 2
+        za, zb = torch.nan_to_num(xa), torch.nan_to_num(xb)
+        a2 += float(torch.linalg.vector_norm(za, dtype=torch.float64)) ** 2
+        b2 += float(torch.linalg.vector_norm(zb, dtype=torch.float64)) ** 2
+        ab += float(torch.dot(za.double(), zb.double())) if acc == torch.float64 else float(torch.dot(za, zb))
     na = math.sqrt(a2)
     rel = math.sqrt(d2) / na if na > 0 else (0.0 if d2 == 0 else math.inf)
     cos = ab / (na * math.sqrt(b2)) if na > 0 and b2 > 0 else None
-    return TensorDiff(bits or changed == 0, max_abs, rel, cos, changed, bits)
+    return TensorDiff(changed == 0, max_abs, rel, cos, changed, False)
 
 
 def _digest(t: torch.Tensor) -> str:
     h = hashlib.sha256()
     flat = t.contiguous().reshape(-1)
-    raw = flat.view(torch.uint8) if flat.numel() else flat
+    raw = flat.view(torch.uint8) if flat.numel() and flat.dtype != torch.bool else flat.to(torch.uint8)
     step = _CHUNK * 4
     for start in range(0, raw.numel(), step):
         h.update(raw[start:start + step].numpy().tobytes())
