@@ -103,11 +103,11 @@ def main() -> None:
             json.dump(new_groups, f)
         index_of = {n: i for i, n in truth.items()}
         perm = ",".join(str(index_of[n]) for g in new_groups for n in g)
-        # B for diff: the same checkpoint re-saved with one perturbed tensor and all moments moved
+        # B for diff: the same checkpoint re-saved with one perturbed tensor
         b = os.path.join(tmp, "b.pt")
         subprocess.run([py, "-c", "import torch,sys; ck=torch.load(sys.argv[1], weights_only=True, mmap=True);"
-                        "ck['model']['transformer.h.3.mlp.c_fc.weight'] = ck['model']['transformer.h.3.mlp.c_fc.weight']"
-                        " + 1e-3; torch.save(ck, sys.argv[2])", a, b], check=True)
+                        "w='transformer.h.3.mlp.c_fc.weight'; ck['model'][w] = ck['model'][w] + 1e-3;"
+                        "torch.save(ck, sys.argv[2])", a, b], check=True)
         warm(a, b)
         rows: dict[str, list[float]] = {k: [] for k in (
             "startup", "cp+sync", "naive", "remap", "remap --no-verify", "cat A B", "diff")}
