@@ -156,11 +156,14 @@ def check_mapping(mapping: OptimizerMapping, target: Target, renames: Sequence[R
         if e.name is None:
             ambiguous_cands.update(apply_renames(c, renames) for c in e.candidates)
 
+    # DCP / get_state_dict optimizer state is keyed by name and loaded by name
+    # (set_optimizer_state_dict): positions do not matter, only names and shapes
+    by_name = mapping.evidence == "fqn"
     params: list[ParamStatus] = []
     for t, name in enumerate(tgt_names):
         tshape = target.shapes.get(name)
         paired: IndexName | None = src[t] if t < len(src) else None
-        crash = (
+        crash = not by_name and (
             paired is not None and paired.shape is not None and tshape is not None and paired.shape != tshape
         )
         s = src_pos.get(name)
@@ -173,7 +176,7 @@ def check_mapping(mapping: OptimizerMapping, target: Target, renames: Sequence[R
         shape = tshape if tshape is not None else sshape
         if sshape is not None and tshape is not None and sshape != tshape:
             params.append(ParamStatus(name, "shape_mismatch", src[s].index, t, shape, silent=False, crash=crash))
-        elif s == t:
+        elif s == t or by_name:
             params.append(ParamStatus(name, "ok", src[s].index, t, shape, silent=False, crash=False))
         else:
             params.append(ParamStatus(name, "moved", src[s].index, t, shape, silent=not crash, crash=crash))
@@ -183,6 +186,10 @@ def check_mapping(mapping: OptimizerMapping, target: Target, renames: Sequence[R
                                       candidates=tuple(apply_renames(c, renames) for c in e.candidates)))
         elif renamed[s] not in tgt_pos:
             params.append(ParamStatus(renamed[s] or "", "unexpected", e.index, None, e.shape, silent=False))
+    if by_name:
+        notes.append("state keyed by parameter name (DCP): it loads by name with set_optimizer_state_dict, "
+                     "so only missing / unexpected / reshaped parameters matter")
+        source_groups = target_groups if len(source_groups) == len(target_groups) else source_groups
     report = CheckReport(mapping.optimizer, mapping.evidence, params, source_groups, target_groups, notes)
     if not report.groups_match:
         report.notes.append(

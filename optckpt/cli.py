@@ -17,7 +17,7 @@ from .errors import OptckptError
 from .hparams import Change
 from .inspect import inspect_checkpoint
 from .mapping import infer_mapping
-from .ops import remap_checkpoint, reset_checkpoint, set_checkpoint
+from .ops import convert_checkpoint, remap_checkpoint, reset_checkpoint, set_checkpoint
 from .remap import Policy
 from .render import render_check, render_diff, render_inspect, render_plan, table, to_json
 from .target import parse_rename, resolve_target
@@ -294,6 +294,22 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
         return
     with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
         yield bar.update
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["dcp", "torch", "safetensors"]), required=True,
+              help="dcp: torch.distributed.checkpoint directory (torchtitan keys, FQN-keyed optimizer); "
+                   "torch: one torch.save file; safetensors: model weights.")
+@click.option("-o", "--output", "output", type=click.Path(), required=True, help="Where to write (must not exist).")
+@load_options
+@mapping_options
+def convert(path: str, to: str, output: str, model_path: str | None, trust_pickle: bool, source: str | None,
+            renames: tuple[str, ...], optimizer_key: str | None, models: str | None) -> None:
+    """Convert between layouts (index-based torch checkpoint <-> DCP, DCP -> single file, -> safetensors)."""
+    written = convert_checkpoint(path, to, output, model=model_path, source=source, optimizer_key=optimizer_key,
+                                 models=models.split(",") if models else None, trust_pickle=trust_pickle)
+    click.echo(f"written: {written}")
 
 
 def main() -> None:

@@ -327,7 +327,7 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
                 if sb.get(nb[name]):
                     report.entries.append(Entry("optimizer", label + name, None, "added", None, sorted(sb[nb[name]])))
                 continue
-            ea, eb = sa.get(na[name], {}), sb.get(nb[name], {})
+            ea, eb = _materialized(sa.get(na[name], {})), _materialized(sb.get(nb[name], {}))
             count += 1
             for key in [*ea, *[k for k in eb if k not in ea]]:
                 if key not in eb:
@@ -343,6 +343,11 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
                     report.entries.append(Entry("optimizer", label + name, key, "changed", _short(ea[key]),
                                                 _short(eb[key])))
     report.compared["optimizer"] = count
+
+
+def _materialized(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """State entry values with DCP tensors still on disk read in (one entry at a time)."""
+    return {k: (v.load() if hasattr(v, "load") and hasattr(v, "key") else v) for k, v in entry.items()}
 
 
 def _short(v: Any) -> Any:

@@ -63,6 +63,8 @@ def _state_shape_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in entry.items():
         if isinstance(v, torch.Tensor):
             out[k] = v.item() if v.ndim == 0 and v.numel() == 1 else list(v.shape)
+        elif hasattr(v, "shape") and hasattr(v, "load"):  # a DCP tensor still on disk: metadata only
+            out[k] = list(v.shape) if v.shape else "scalar"
         elif isinstance(v, (int, float, bool)) or v is None:
             out[k] = v
         elif isinstance(v, (list, tuple)):

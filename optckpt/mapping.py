@@ -38,7 +38,7 @@ def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
     does not reveal it (no state, scalars only, LBFGS's global state)."""
     for k in _PARAM_SHAPED:
         v = entry.get(k)
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) or hasattr(v, "shape"):  # tensors, and DCP tensors still on disk
             return tuple(v.shape)
     row, col = entry.get("row_var"), entry.get("col_var")
     if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.ndim == col.ndim >= 2:
@@ -274,6 +274,8 @@ def _infer(ck: Checkpoint, opt: OptimizerState, source_names: Sequence[Sequence[
         return _exact(opt, "source", source_names)
     if groups and all(g.param_names is not None and len(g.param_names) == len(g.params) for g in groups):
         return _exact(opt, "param_names", [list(g.param_names or ()) for g in groups])
+    if groups and all(isinstance(i, str) for g in groups for i in g.params):
+        return _exact(opt, "fqn", [[str(i) for i in g.params] for g in groups])  # DCP / get_state_dict layout
 
     chosen = _choose_models(ck, models)
     trusted = [m for m in chosen if m.order_trusted]

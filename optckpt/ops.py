@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
 from .remap import Policy, RemapPlan, apply_plan, attach_lbfgs_layout, build_plan, remap_scheduler
 from .target import parse_rename, resolve_target
 
-__all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "ResetResult", "verify_output", "same_bits",
+__all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_checkpoint", "fqn_optimizer_state", "ResetResult", "verify_output", "same_bits",
            "schedulers_of", "source_mapping"]
 
 
@@ -288,3 +289,92 @@ def set_checkpoint(
     if verify:
         verify_output(ck, written, changed)
     return result, written
+
+
+def _materialize(v: Any) -> Any:
+    if hasattr(v, "load") and hasattr(v, "key"):
+        return v.load()
+    if isinstance(v, Mapping):
+        return {k: _materialize(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_materialize(x) for x in v]
+    return v
+
+
+def fqn_optimizer_state(ck: Checkpoint, opt: OptimizerState, mapping: OptimizerMapping) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, exactly as
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` returns it."""
+    if mapping.ambiguous:
+        bad = mapping.ambiguous[0]
+        raise MappingError(f"{opt.name}: index {bad.index} has no certain name "
+                           f"({', '.join(bad.candidates[:4]) or 'no candidate'}); pass --source")
+    name_of = {e.index: e.name for e in mapping.entries}
+    state = {name_of[i]: dict(entry) for i, entry in opt.state.items() if i in name_of}
+    groups = []
+    for g in opt.state_dict.get("param_groups", []):
+        hp = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        groups.append({**hp, "params": [name_of[i] for i in g["params"]]})
+    return {"state": state, "param_groups": groups}
+
+
+def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None, source: str | None = None,
+                       optimizer_key: str | None = None, models: Sequence[str] | None = None,
+                       trust_pickle: bool = False) -> str:
+    """``optckpt convert``: between layouts. ``dcp`` follows torchtitan's top-level keys (``model``,
+    ``optimizer`` FQN-keyed as ``get_state_dict`` produces it, ``lr_scheduler``, ``extra``);
+    ``torch`` writes one ``torch.save`` file of the same structure (DCP → single file);
+    ``safetensors`` writes the model weights (tied duplicates once)."""
+    from .io.dcp import save_dcp
+    from .io.write import atomic_torch_save
+
+    ck = load(path, model=model, trust_pickle=trust_pickle)
+    if os.path.exists(out):
+        raise WriteError(f"{out}: already exists; choose a new name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise WriteError(f"{out}: the directory {parent} does not exist")
+    data_models = [m for m in ck.models if len(m.tensors) == len(m.meta)]
+    if not data_models:
+        raise FormatError(f"{path}: no model weights to convert")
+    main = data_models[0]
+    if to == "safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {k: main.tensors[k].contiguous() for k in main.meta if k not in main.tied}
+        tmp = out + ".tmp"
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+            os.replace(tmp, out)
+        except OSError as e:
+            _remove(tmp)
+            raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
+        return out
+    state: dict[str, Any] = {"model": {k: main.tensors[k] for k in main.meta}}
+    if ck.optimizers:
+        opt = ck.optimizer(optimizer_key)
+        mapping = source_mapping(ck, opt, source, models, trust_pickle)
+        state["optimizer"] = _materialize(fqn_optimizer_state(ck, opt, mapping))
+        scheds = schedulers_of(ck, opt)
+        if len(scheds) == 1:
+            state["lr_scheduler"] = _materialize(dict(scheds[0].state_dict))
+    if ck.extras:
+        state["extra"] = {k: v for k, v in ck.extras.items() if isinstance(v, (int, float, str, bool))}
+    if to == "dcp":
+        tmpdir = out + ".tmp"
+        try:
+            save_dcp(state, tmpdir)
+            os.rename(tmpdir, out)
+        except Exception as e:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise WriteError(f"{out}: DCP write failed: {type(e).__name__}: {e}") from None
+        return out
+    if to == "torch":
+        return atomic_torch_save(state, out)
+    raise FormatError(f"--to {to!r}: expected dcp, torch or safetensors")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

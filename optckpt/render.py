@@ -93,7 +93,8 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
     for o in r["optimizers"]:
         out.append("")
         step = f", step {_fmt(o['step'][0])}..{_fmt(o['step'][1])}" if o["step"] else ""
-        names = "param_names saved" if o["has_param_names"] else "no param_names (index-based)"
+        names = "param_names saved" if o["has_param_names"] else (
+            "keyed by parameter name (DCP)" if o["name_evidence"] == "fqn" else "no param_names (index-based)")
         names += f"; names from: {o['name_evidence']}"
         if o["name_source_model"]:
             names += f" of {o['name_source_model']}"
@@ -162,8 +163,12 @@ _STATUS_TEXT = {
 
 def render_check(r: dict[str, Any]) -> str:
     out = []
-    verdict = "SAFE: plain optimizer.load_state_dict is exactly right" if r["safe"] else (
-        "NOT SAFE: plain optimizer.load_state_dict would misapply optimizer state")
+    if r["evidence"] == "fqn":
+        verdict = "SAFE: loading by name restores every parameter's state" if r["safe"] else (
+            "NOT SAFE: some parameters are new, gone or reshaped")
+    else:
+        verdict = "SAFE: plain optimizer.load_state_dict is exactly right" if r["safe"] else (
+            "NOT SAFE: plain optimizer.load_state_dict would misapply optimizer state")
     out.append(f"optimizer {r['optimizer']} (names from: {r['evidence']}): {verdict}")
     counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items() if v)
     out.append(f"  {counts}")

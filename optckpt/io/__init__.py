@@ -9,6 +9,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part
 from ..errors import LoadError, UnsafePickleError
+from .dcp import is_dcp_dir, load_dcp
 from .discover import discover
 from .hf_order import hf_model_order
 from .safetensors_io import open_safetensors, open_sharded_index
@@ -40,7 +41,9 @@ def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
         raise LoadError(f"{p}: permission denied") from None
     except OSError:
         raise LoadError(f"{p}: no such file or directory") from None
-    if os.path.isdir(p):
+    if is_dcp_dir(p):
+        ckpt = load_dcp(p)
+    elif os.path.isdir(p):
         ckpt = _load_directory(p, trust_pickle)
     else:
         ckpt = _load_file(p, trust_pickle)
@@ -107,8 +110,6 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
     except OSError as e:
         raise LoadError(f"{path}: cannot list directory: {e.strerror or e}") from None
     files = [n for n in names if os.path.isfile(os.path.join(path, n)) and not n.endswith(_SKIP_SUFFIXES)]
-    if ".metadata" in files and any(n.endswith(".distcp") for n in files):
-        raise LoadError(f"{path}: a torch.distributed.checkpoint (DCP) directory: not supported yet")
     if "trainer_state.json" in files or ("optimizer.pt" in files and "scheduler.pt" in files):
         layout = "hf-trainer"
     elif any(re.fullmatch(r"(optimizer(_\d+)?\.bin|random_states_\d+\.pkl)", n) for n in files):

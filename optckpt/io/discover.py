@@ -136,6 +136,9 @@ def _collect_top_level(obj: Any, found: Found) -> None:
         return
     for k, v in items:
         key = path_str((k,))
+        if k == "extra" and isinstance(v, Mapping) and v and all(isinstance(x, _SCALARS) for x in v.values()):
+            found.extras.update({str(kk): vv for kk, vv in v.items()})  # torchtitan's {"extra": {...}}
+            continue
         if isinstance(v, _SCALARS):
             found.extras[key] = v
         elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.ndim == 0:

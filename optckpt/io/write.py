@@ -15,7 +15,7 @@ import torch
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
 
-__all__ = ["replace_at", "write_checkpoint", "resolve_output"]
+__all__ = ["replace_at", "write_checkpoint", "resolve_output", "atomic_torch_save"]
 
 
 def replace_at(obj: Any, path: KeyPath, new: Any) -> Any:
@@ -140,6 +140,9 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
     File layouts: one temp file + ``os.replace``. Directory layouts: a temp directory beside
     ``out`` holding every file (changed ones re-saved, the rest copied byte-for-byte), then renamed
     into place. With ``in_place`` the original is kept as ``PATH.bak``."""
+    if ck.layout == "dcp":
+        raise WriteError(f"{ck.path}: rewriting DCP checkpoints in place is not supported yet; "
+                         "`optckpt convert --to torch` it, repair, and `convert --to dcp` back")
     src = os.path.realpath(ck.path) if in_place else ck.path
     dest_dir = os.path.dirname(os.path.abspath(out))
     try:
@@ -201,3 +204,16 @@ def _write_directory(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
         if isinstance(e, OSError):
             raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
         raise
+
+
+def atomic_torch_save(obj: Any, out: str) -> str:
+    """``torch.save(obj, out)`` atomically: temp file, fsync, rename, directory fsync."""
+    dest_dir = os.path.dirname(os.path.abspath(out))
+    tmp = _save_torch(obj, dest_dir, os.path.basename(out), legacy=False)
+    try:
+        os.replace(tmp, out)
+    except OSError as e:
+        _unlink(tmp)
+        raise WriteError(f"{out}: cannot write: {e.strerror or e}") from None
+    _fsync_dir(dest_dir)
+    return out

@@ -1,0 +1,249 @@
+"""``torch.distributed.checkpoint`` (DCP) directories, read with DCP's own reader and planner.
+
+Two of DCP's defaults execute checkpoint content: ``FileSystemReader.read_metadata`` unpickles
+``.metadata`` with plain ``pickle``, and ``DefaultLoadPlanner.load_bytes`` uses
+``torch.load(weights_only=False)`` for non-tensor entries. optckpt replaces exactly those two: the
+metadata goes through an unpickler that only admits DCP's own metadata classes (and torch sizes,
+dtypes, layouts), and byte entries through ``torch.load(weights_only=True)``. Everything else —
+planning, reading shards, resharding — is DCP's.
+
+Tensors are loaded lazily, one key at a time (memory bounded by the largest tensor, not the
+checkpoint); ``inspect`` needs only the metadata plus the small non-tensor entries (param-group
+hyperparameters, scheduler fields)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, SchedulerState, TensorMeta
+from ..errors import LoadError, UnsafePickleError
+
+__all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp"]
+
+_ALLOWED_MODULES = ("torch.distributed.checkpoint.",)
+_ALLOWED = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "channels_last"), ("torch", "preserve_format"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata objects and nothing else: any other global is refused, unexecuted."""
+
+    def __init__(self, f: Any, path: str):
+        super().__init__(f)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_ALLOWED_MODULES) or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafePickleError(self._path, [f"{module}.{name}"])
+
+
+def is_dcp_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def read_dcp_metadata(path: str) -> Any:
+    meta_path = os.path.join(path, ".metadata")
+    try:
+        with open(meta_path, "rb") as f:
+            md = _MetadataUnpickler(f, meta_path).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:
+        raise LoadError(f"{meta_path}: not a readable DCP metadata file ({type(e).__name__}: {e})") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(md, Metadata):
+        raise LoadError(f"{meta_path}: not DCP metadata")
+    return md
+
+
+def _reader(path: str) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            md = read_dcp_metadata(path)
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(path)
+
+
+def _planner(results: dict[str, Any]) -> Any:
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                results[fqn] = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError:
+                raise UnsafePickleError(f"DCP entry {fqn}", []) from None
+
+    return SafePlanner(flatten_state_dict=False)
+
+
+def _dcp_load(path: str, keys: Mapping[str, Any]) -> dict[str, Any]:
+    """Load the given flat keys (tensors: preallocated; bytes: anything) with DCP, safely."""
+    import torch.distributed.checkpoint as dcp
+
+    results: dict[str, Any] = {}
+    sd = dict(keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dcp.load(sd, storage_reader=_reader(path), planner=_planner(results), no_dist=True)
+        except UnsafePickleError:
+            raise
+        except Exception as e:
+            raise LoadError(f"{path}: DCP read failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            results[k] = v
+    return results
+
+
+class LazyDCPTensors(Mapping[str, torch.Tensor]):
+    """name → tensor for one prefix of a DCP checkpoint; each access reads that one tensor."""
+
+    def __init__(self, path: str, prefix: str, meta: dict[str, TensorMeta], dtypes: dict[str, torch.dtype]):
+        self._path, self._prefix, self._meta, self._dtypes = path, prefix, meta, dtypes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        m = self._meta[key]
+        full = self._prefix + key
+        out = torch.empty(m.shape, dtype=self._dtypes[key])
+        return _dcp_load(self._path, {full: out})[full]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+
+class _LazyTensor:
+    """Placeholder for an optimizer state tensor of a DCP checkpoint (shape known, data on demand)."""
+
+
+def load_dcp(path: str) -> Checkpoint:
+    """A DCP directory as a :class:`Checkpoint`: model tensors lazily, optimizer state FQN-keyed
+    (``{"state": {fqn: {...}}, "param_groups": [{..., "params": [fqn, ...]}]}``, as
+    ``get_optimizer_state_dict`` returns it), scheduler and extra entries loaded (they are small)."""
+    md = read_dcp_metadata(path)
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    items = md.state_dict_metadata
+    mapping: dict[str, tuple[Any, ...]] = dict(md.planner_data or {})
+    ck = Checkpoint(path=path, layout="dcp")
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            ck.parts.append(Part(name, "dcp", os.path.getsize(full)))
+    tensor_meta: dict[str, TensorMeta] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    byte_keys: list[str] = []
+    for key, m in items.items():
+        if isinstance(m, TensorStorageMetadata):
+            dt = m.properties.dtype
+            numel = 1
+            for s in m.size:
+                numel *= s
+            tensor_meta[key] = TensorMeta(tuple(m.size), str(dt).removeprefix("torch."),
+                                          numel * torch.empty(0, dtype=dt).element_size())
+            dtypes[key] = dt
+        elif isinstance(m, BytesStorageMetadata):
+            byte_keys.append(key)
+    small = _dcp_load(path, {k: io.BytesIO() for k in byte_keys}) if byte_keys else {}
+    # rebuild the nested structure from DCP's flattening (planner_data: flat key -> path tuple)
+    tree: dict[str, Any] = {}
+    for key in [*tensor_meta, *byte_keys]:
+        parts = mapping.get(key) or tuple(key.split("."))
+        value: Any = small.get(key) if key in small else ("tensor", key)
+        node: Any = tree
+        for p in parts[:-1]:
+            node = node.setdefault(str(p), {})
+        node[str(parts[-1])] = value
+    for top, sub in tree.items():
+        if not isinstance(sub, dict):
+            ck.extras[top] = sub
+            continue
+        if "state" in sub and "param_groups" in sub:
+            ck.optimizers.append(OptimizerState(top, "dcp", (top,), _optimizer(path, top, sub, tensor_meta, dtypes)))
+        elif "last_epoch" in sub or "_schedulers" in sub:
+            ck.schedulers.append(SchedulerState(top, "dcp", (top,), sub))
+        elif all(isinstance(v, tuple) and v and v[0] == "tensor" for v in _leaves(sub)):
+            keys = {k[len(top) + 1:]: m for k, m in tensor_meta.items() if k.startswith(top + ".")}
+            dts = {k[len(top) + 1:]: d for k, d in dtypes.items() if k.startswith(top + ".")}
+            ck.models.append(ModelState(top, "dcp", (top,), LazyDCPTensors(path, top + ".", keys, dts), keys,
+                                        order_trusted=True))
+        else:  # torchtitan's "extra" (and any other small dict): its scalars are extras
+            for k, v in sub.items():
+                if not isinstance(v, dict):
+                    ck.extras[k if top == "extra" else f"{top}.{k}"] = v
+    return ck
+
+
+def _leaves(d: Mapping[str, Any]) -> Iterator[Any]:
+    for v in d.values():
+        if isinstance(v, Mapping):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
+def _optimizer(path: str, top: str, sub: dict[str, Any], meta: Mapping[str, TensorMeta],
+               dtypes: Mapping[str, torch.dtype]) -> dict[str, Any]:
+    """The FQN-keyed optimizer state dict; tensors are materialised lazily by ``materialize``."""
+    groups_raw = sub["param_groups"]
+    groups = [groups_raw[k] for k in sorted(groups_raw, key=lambda x: int(x))] if isinstance(groups_raw, dict) \
+        else list(groups_raw)
+    state: dict[str, dict[str, Any]] = {}
+    for fqn, entry in sub["state"].items():
+        state[fqn] = {}
+        for k, v in entry.items():
+            if isinstance(v, tuple) and v and v[0] == "tensor":
+                state[fqn][k] = DCPTensorRef(path, v[1], meta[v[1]], dtypes[v[1]])
+            else:
+                state[fqn][k] = v
+    return {"state": state, "param_groups": groups}
+
+
+class DCPTensorRef:
+    """An optimizer state tensor still on disk: its shape and dtype are known; ``load()`` reads it."""
+
+    def __init__(self, path: str, key: str, meta: TensorMeta, dtype: torch.dtype):
+        self.path, self.key, self.meta, self.dtype = path, key, meta, dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.meta.shape, dtype=self.dtype)
+        return _dcp_load(self.path, {self.key: out})[self.key]
+
+
+def save_dcp(state: dict[str, Any], out: str) -> None:
+    """Write ``state`` (nested dicts of tensors and small values) as a DCP checkpoint at ``out``."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=out, no_dist=True)
