@@ -24,6 +24,12 @@ __all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_ch
            "schedulers_of", "source_mapping"]
 
 
+def _editable(ck: Checkpoint) -> None:
+    if ck.layout == "dcp":
+        raise WriteError(f"{ck.path}: editing DCP checkpoints is not supported yet; `optckpt convert --to torch` "
+                         "it, repair the single file, and `optckpt convert --to dcp` back")
+
+
 def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
                    trust_pickle: bool) -> OptimizerMapping:
     names = resolve_target(source, trust_pickle=trust_pickle).groups if source else None
@@ -62,6 +68,7 @@ def remap_checkpoint(
 ) -> tuple[RemapPlan, str | None]:
     """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right."""
     ck = load(path, model=model, trust_pickle=trust_pickle)
+    _editable(ck)
     if not dry_run:
         out = resolve_output(path, out, in_place)
     opt = ck.optimizer(optimizer_key)
@@ -151,6 +158,7 @@ def reset_checkpoint(
     if keys and mode == "drop":
         mode = "zero"
     ck = load(path, model=model, trust_pickle=trust_pickle)
+    _editable(ck)
     if not dry_run:
         out = resolve_output(path, out, in_place)
     opt = ck.optimizer(optimizer_key)
@@ -260,6 +268,7 @@ def set_checkpoint(
     from .hparams import SetResult, parse_set, rewrite, select_groups
 
     ck = load(path, model=model, trust_pickle=trust_pickle)
+    _editable(ck)
     if not dry_run:
         out = resolve_output(path, out, in_place)
     opt = ck.optimizer(optimizer_key)
@@ -364,9 +373,12 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
         try:
             save_dcp(state, tmpdir)
             os.rename(tmpdir, out)
-        except Exception as e:
+        except (KeyboardInterrupt, SystemExit):
             shutil.rmtree(tmpdir, ignore_errors=True)
-            raise WriteError(f"{out}: DCP write failed: {type(e).__name__}: {e}") from None
+            raise
+        except BaseException as e:  # DCP's CheckpointException derives from BaseException
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise WriteError(f"{out}: DCP write failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         return out
     if to == "torch":
         return atomic_torch_save(state, out)

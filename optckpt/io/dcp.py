@@ -14,6 +14,7 @@ hyperparameters, scheduler fields)."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import warnings
@@ -85,7 +86,7 @@ def _reader(path: str) -> Any:
     return SafeReader(path)
 
 
-def _planner(results: dict[str, Any]) -> Any:
+def _planner(results: dict[str, Any], refused: list[UnsafePickleError], path: str) -> Any:
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     class SafePlanner(DefaultLoadPlanner):
@@ -94,7 +95,13 @@ def _planner(results: dict[str, Any]) -> Any:
             try:
                 results[fqn] = torch.load(value, weights_only=True)
             except pickle.UnpicklingError:
-                raise UnsafePickleError(f"DCP entry {fqn}", []) from None
+                value.seek(0)
+                try:
+                    names = list(torch.serialization.get_unsafe_globals_in_checkpoint(value))
+                except Exception:
+                    names = []
+                refused.append(UnsafePickleError(f"{path} (DCP entry {fqn})", names))
+                raise refused[-1] from None
 
     return SafePlanner(flatten_state_dict=False)
 
@@ -104,15 +111,24 @@ def _dcp_load(path: str, keys: Mapping[str, Any]) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
     results: dict[str, Any] = {}
+    refused: list[UnsafePickleError] = []
     sd = dict(keys)
+    quiet = logging.getLogger("c10d-NullHandler-dcp_logger")
+    was_disabled, quiet.disabled = quiet.disabled, True  # DCP logs failures at ERROR: one line is ours to print
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            dcp.load(sd, storage_reader=_reader(path), planner=_planner(results), no_dist=True)
+            dcp.load(sd, storage_reader=_reader(path), planner=_planner(results, refused, path), no_dist=True)
         except UnsafePickleError:
             raise
-        except Exception as e:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP's CheckpointException derives from BaseException
+            if refused:
+                raise refused[0] from None
             raise LoadError(f"{path}: DCP read failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        finally:
+            quiet.disabled = was_disabled
     for k, v in sd.items():
         if isinstance(v, torch.Tensor):
             results[k] = v
