@@ -20,8 +20,8 @@ from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
 from .remap import Policy, RemapPlan, apply_plan, attach_lbfgs_layout, build_plan, remap_scheduler
 from .target import parse_rename, resolve_target
 
-__all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_checkpoint", "fqn_optimizer_state", "ResetResult", "verify_output", "same_bits",
-           "schedulers_of", "source_mapping"]
+__all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_checkpoint", "fqn_optimizer_state",
+           "ResetResult", "verify_output", "same_bits", "schedulers_of", "source_mapping"]
 
 
 def _editable(ck: Checkpoint) -> None:

@@ -13,10 +13,9 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
 from conftest import FIXTURES, ROOT, invoke
 from models_zoo import BlockReordered, TinyGPT, gpt_loss
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
 def _train(model, opt, steps=2):
@@ -183,7 +182,8 @@ def test_multi_rank_save_two_processes(tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "multi"
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen([sys.executable, str(script), str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+    procs = [subprocess.Popen([sys.executable, str(script), str(out)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
     errs = [p.communicate(timeout=240)[1] for p in procs]
     if any(p.returncode for p in procs):
