@@ -149,7 +149,11 @@ def check_mapping(mapping: OptimizerMapping, target: Target, renames: Sequence[R
     tgt_names = target.names
     tgt_pos = {n: i for i, n in enumerate(tgt_names)}
 
-    renamed: list[str | None] = [apply_renames(e.name, renames) if e.name is not None else None for e in src]
+    def to_target(name: str) -> str:
+        n = apply_renames(name, renames)
+        return n if n in tgt_pos else target.aliases.get(n, n)  # a tied parameter's other name
+
+    renamed: list[str | None] = [to_target(e.name) if e.name is not None else None for e in src]
     src_pos = {n: i for i, n in enumerate(renamed) if n is not None}
     ambiguous_cands: set[str] = set()
     for e in src:

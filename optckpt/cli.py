@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -31,6 +32,8 @@ class _Group(click.Group):
     """Turns every failure into ``optckpt: error: ...`` on stderr and exit 2 (traceback with --debug)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        if "--debug" not in sys.argv[1:] and "--debug" not in ctx.protected_args + ctx.args:
+            warnings.simplefilter("ignore")  # torch's deprecation chatter would break the one-line contract
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):

@@ -36,6 +36,7 @@ class Target:
     spec: str
     groups: list[list[str]]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # other names of a tied parameter -> its name here
     module: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
@@ -60,7 +61,7 @@ def _optimizer_only(optimizer: torch.optim.Optimizer, scheduler: Any, spec: str)
         groups.append(list(names))
         shapes.update({n: tuple(p.shape) for n, p in zip(names, g["params"])})
     hparams = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
-    return Target(spec, groups, shapes, None, optimizer, scheduler, hparams)
+    return Target(spec, groups, shapes, {}, None, optimizer, scheduler, hparams)
 
 
 def from_live(module: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
@@ -74,12 +75,15 @@ def from_live(module: torch.nn.Module | None, optimizer: torch.optim.Optimizer |
         return _optimizer_only(optimizer, scheduler, spec)
     names_by_id: dict[int, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, p in module.named_parameters():
-        names_by_id.setdefault(id(p), name)
+    aliases: dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        first = names_by_id.setdefault(id(p), name)
+        if first != name:
+            aliases[name] = first
         shapes[name] = tuple(p.shape)
     if optimizer is None:
         groups = [[names_by_id[id(p)] for p in module.parameters()]]
-        return Target(spec, groups, shapes, module, None, scheduler)
+        return Target(spec, groups, shapes, aliases, module, None, scheduler)
     groups = []
     for gi, g in enumerate(optimizer.param_groups):
         row = []
@@ -97,7 +101,7 @@ def from_live(module: torch.nn.Module | None, optimizer: torch.optim.Optimizer |
             row.append(names_by_id[id(p)])
         groups.append(row)
     hparams = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
-    return Target(spec, groups, shapes, module, optimizer, scheduler, hparams)
+    return Target(spec, groups, shapes, aliases, module, optimizer, scheduler, hparams)
 
 
 def resolve_target(spec: str, *, trust_pickle: bool = False) -> Target:

@@ -127,8 +127,9 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, mmap: bool = True)
         if not names and "weights only" not in str(e).lower():
             raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
         raise UnsafePickleError(path, names) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
-            IndexError, zipfile.BadZipFile, MemoryError, OverflowError) as e:
+    except (UnsafePickleError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # torch reports corruption with many types (RuntimeError, AssertionError, ...)
         raise LoadError(f"{path}: cannot load (truncated or corrupt torch file?): {_first_line(e)}") from None
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format)
 
@@ -138,7 +139,7 @@ def _check_zip(path: str) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # BadZipFile, OSError, ValueError, NotImplementedError (bad version field), ...
         raise LoadError(f"{path}: truncated or corrupt zip container ({_first_line(e)})") from None
     if not any(n.endswith("data.pkl") for n in names):
         raise LoadError(f"{path}: a zip file, but not one written by torch.save (no data.pkl)")
