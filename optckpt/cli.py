@@ -32,8 +32,12 @@ class _Group(click.Group):
     """Turns every failure into ``optckpt: error: ...`` on stderr and exit 2 (traceback with --debug)."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        if "--debug" not in sys.argv[1:] and "--debug" not in ctx.protected_args + ctx.args:
-            warnings.simplefilter("ignore")  # torch's deprecation chatter would break the one-line contract
+        with warnings.catch_warnings():
+            if not ctx.params.get("debug"):
+                warnings.simplefilter("ignore")  # torch's deprecation chatter would break the one-line contract
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):

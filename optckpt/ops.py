@@ -30,6 +30,21 @@ def _editable(ck: Checkpoint) -> None:
                          "it, repair the single file, and `optckpt convert --to dcp` back")
 
 
+def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, in_place: bool,
+                 verify: bool) -> str:
+    """Put each new state dict where its old one sat (file + key path), write the changed files in
+    the input's layout, and (``verify``) read them back bit for bit."""
+    part_objs = {p.relpath: p.obj for p in ck.parts}
+    changed: dict[str, Any] = {}
+    for where, new in edits:
+        part_objs[where.part] = replace_at(part_objs[where.part], where.path, new)
+        changed[where.part] = part_objs[where.part]
+    written = write_checkpoint(ck, out, changed, in_place=in_place)
+    if verify:
+        verify_output(ck, written, changed)
+    return written
+
+
 def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
                    trust_pickle: bool) -> OptimizerMapping:
     names = resolve_target(source, trust_pickle=trust_pickle).groups if source else None
@@ -82,18 +97,9 @@ def remap_checkpoint(
     if dry_run:
         return plan, None
     n_groups = len(opt.state_dict.get("param_groups", []))
-    changed: dict[str, Any] = {}
-    part_objs = {p.relpath: p.obj for p in ck.parts}
-    part_objs[opt.part] = replace_at(part_objs[opt.part], opt.path, new_sd)
-    changed[opt.part] = part_objs[opt.part]
-    for s in schedulers_of(ck, opt):
-        new_sched = remap_scheduler(s.state_dict, plan, n_groups)
-        part_objs[s.part] = replace_at(part_objs[s.part], s.path, new_sched)
-        changed[s.part] = part_objs[s.part]
+    edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
     assert out is not None
-    written = write_checkpoint(ck, out, changed, in_place=in_place)
-    if verify:
-        verify_output(ck, written, changed)
+    written = _write_edits(ck, out, edits, in_place=in_place, verify=verify)
     return plan, written
 
 
@@ -201,10 +207,7 @@ def reset_checkpoint(
     if dry_run:
         return result, None
     assert out is not None
-    obj = replace_at(next(p.obj for p in ck.parts if p.relpath == opt.part), opt.path, new_sd)
-    written = write_checkpoint(ck, out, {opt.part: obj}, in_place=in_place)
-    if verify:
-        verify_output(ck, written, {opt.part: obj})
+    written = _write_edits(ck, out, [(opt, new_sd)], in_place=in_place, verify=verify)
     return result, written
 
 
@@ -287,16 +290,8 @@ def set_checkpoint(
                        [{k: new_opt["param_groups"][i].get(k) for k in keys} for i in selected], notes)
     if dry_run:
         return result, None
-    part_objs = {p.relpath: p.obj for p in ck.parts}
-    part_objs[opt.part] = replace_at(part_objs[opt.part], opt.path, new_opt)
-    changed = {opt.part: part_objs[opt.part]}
-    for s, new in zip(scheds, new_scheds):
-        part_objs[s.part] = replace_at(part_objs[s.part], s.path, new)
-        changed[s.part] = part_objs[s.part]
     assert out is not None
-    written = write_checkpoint(ck, out, changed, in_place=in_place)
-    if verify:
-        verify_output(ck, written, changed)
+    written = _write_edits(ck, out, [(opt, new_opt), *zip(scheds, new_scheds)], in_place=in_place, verify=verify)
     return result, written
 
 
