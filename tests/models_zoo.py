@@ -89,6 +89,22 @@ def copy_by_name(src: nn.Module, dst: nn.Module) -> None:
     dst.load_state_dict(src.state_dict())
 
 
+class TwoSame(nn.Module):
+    """Two same-shaped layers; ``swap=True`` registers them in the other order (a silent swap)."""
+
+    def __init__(self, swap: bool = False) -> None:
+        super().__init__()
+        if swap:
+            self.b = nn.Linear(4, 4)
+            self.a = nn.Linear(4, 4)
+        else:
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
 # --- entry points for --target (module:callable) ------------------------------------------------
 
 def gpt_reordered_blocks() -> nn.Module:

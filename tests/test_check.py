@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import FIXTURES, invoke, run_cli
-from models_zoo import BlockReordered, TinyGPT, decay_groups, gpt_loss
+from models_zoo import BlockReordered, TinyGPT, TwoSame, decay_groups, gpt_loss
 from torch import nn
 
 import optckpt
@@ -75,20 +75,6 @@ def test_prediction_matches_what_torch_does():
 
 
 # --- silent swaps ---------------------------------------------------------------------------------
-
-class TwoSame(nn.Module):
-    def __init__(self, swap: bool = False) -> None:
-        super().__init__()
-        if swap:
-            self.b = nn.Linear(4, 4)
-            self.a = nn.Linear(4, 4)
-        else:
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.b(self.a(x))
-
 
 def _train(model, opt, steps=2, inp=(3, 4)):
     for s in range(steps):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import FIXTURES, ROOT, invoke, run_cli
-from models_zoo import BlockReordered, TinyGPT, decay_groups, gpt_loss
+from models_zoo import BlockReordered, TinyGPT, TwoSame, decay_groups, gpt_loss
 from torch import nn
 
 import optckpt
@@ -132,20 +132,6 @@ def test_plain_load_without_repair_really_diverges(tmp_path):
         _step(new, new_opt, 1, _seed_loss)
 
 
-class TwoSame(nn.Module):
-    def __init__(self, swap: bool = False) -> None:
-        super().__init__()
-        if swap:
-            self.b = nn.Linear(4, 4)
-            self.a = nn.Linear(4, 4)
-        else:
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
 def _two_loss(model, seed):
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(seed))
     return (model(x) - 0.5).square().mean()
@@ -155,7 +141,7 @@ def _two_loss(model, seed):
 def test_silent_swap_of_same_shaped_layers(tmp_path, how):
     target_file = tmp_path / "two.py"
     target_file.write_text(
-        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom test_continuity import TwoSame\n"
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom models_zoo import TwoSame\n"
         "def build():\n    return TwoSame(swap=True)\n")
     _run(tmp_path, TwoSame, lambda: TwoSame(swap=True), OPTIMIZERS["AdamW"], _two_loss, how,
          target=f"{target_file}:build")
