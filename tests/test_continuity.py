@@ -278,3 +278,32 @@ def test_lbfgs_control_plain_load_silently_diverges(tmp_path):
     new_opt.load_state_dict(saved_opt)
     _step(new, new_opt, 2, _seed_loss)
     assert any(not torch.allclose(p, _params(old)[n], atol=1e-6) for n, p in _params(new).items())
+
+
+def test_enable_load_by_name_keeps_plain_load_state_dict_calls_right(tmp_path):
+    """The one-liner: after enable_load_by_name, the script's own optimizer.load_state_dict is by name."""
+    torch.manual_seed(0)
+    old = Model()
+    opt = torch.optim.Adam(old.parameters(), lr=1e-2)
+    optckpt.enable_load_by_name(opt, old)
+    for s in range(2):
+        _step(old, opt, s, _seed_loss)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == [n for n, _ in old.named_parameters()]
+    torch.save({"model": old.state_dict(), "optimizer": sd}, tmp_path / "ck.pt")
+    _step(old, opt, 2, _seed_loss)
+    reference = _params(old)
+    new = Model2()
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    new.load_state_dict(ck["model"])
+    new_opt = torch.optim.Adam(new.parameters(), lr=1e-2)
+    optckpt.enable_load_by_name(new_opt, new)
+    new_opt.load_state_dict(ck["optimizer"])  # the unchanged resume line
+    _step(new, new_opt, 2, _seed_loss)
+    _assert_same(_params(new), reference)
+    bare = torch.optim.Adam(Model2().parameters())
+    optckpt.enable_load_by_name(bare, Model2())
+    index_only = {"state": {}, "param_groups": [{**ck["optimizer"]["param_groups"][0]}]}
+    index_only["param_groups"][0].pop("param_names")
+    with pytest.raises(optckpt.MappingError):
+        bare.load_state_dict(index_only)  # no names: refusing beats guessing
