@@ -107,7 +107,7 @@ def test_permission_denied_as_another_user(tmp_path):
     assert _sha(d / "opt.pth") == _sha(SEED_OPT) and sorted(os.listdir(d)) == ["opt.pth"]
 
 
-@pytest.mark.parametrize("where", ["torch.save", "fsync", "replace"])
+@pytest.mark.parametrize("where", ["torch.save", "record-copy", "fsync", "replace"])
 def test_injected_eio_leaves_nothing(tmp_path, monkeypatch, where):
     src = tmp_path / "opt.pth"
     shutil.copy(SEED_OPT, src)
@@ -117,13 +117,16 @@ def test_injected_eio_leaves_nothing(tmp_path, monkeypatch, where):
     def boom(*a, **k):
         raise err
 
-    if where == "torch.save":
+    if where == "torch.save":  # the general path (the record-level rewrite declined)
         def partial_save(obj, f, *a, **k):
             with open(f, "wb") as fh:
                 fh.write(b"PK\x03\x04 partial")
             raise err
 
+        monkeypatch.setattr("optckpt.io.write.rewrite_records", lambda *a: False)
         monkeypatch.setattr(torch, "save", partial_save)
+    elif where == "record-copy":  # the record-level rewrite, mid-copy
+        monkeypatch.setattr("optckpt.io.records._copy_range", boom)
     elif where == "fsync":
         monkeypatch.setattr(os, "fsync", boom)
     else:

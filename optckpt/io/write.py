@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
+from .records import rewrite_records
 
 __all__ = ["replace_at", "write_checkpoint", "resolve_output", "atomic_torch_save"]
 
@@ -73,7 +74,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _save_torch(obj: Any, dest_dir: str, final_name: str, *, legacy: bool) -> str:
+def _save_torch(obj: Any, dest_dir: str, final_name: str, *, legacy: bool, source: str | None = None) -> str:
     """torch.save into a temp file in ``dest_dir``, fsynced; returns the temp path (not yet renamed).
 
     torch writes to a *path* with its C++ writer straight from the memory-mapped input (a Python
@@ -87,7 +88,8 @@ def _save_torch(obj: Any, dest_dir: str, final_name: str, *, legacy: bool) -> st
         raise WriteError(f"{os.path.join(dest_dir, final_name)}: cannot create a file in {dest_dir}: "
                          f"{e.strerror or e}") from None
     try:
-        torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy)
+        if legacy or source is None or not rewrite_records(source, obj, tmp):
+            torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -151,7 +153,8 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
         part = next(p for p in ck.parts if p.relpath == os.path.basename(ck.path))
         if part.relpath not in changed_parts:
             raise WriteError("internal: nothing to write")
-        tmp = _save_torch(changed_parts[part.relpath], dest_dir, os.path.basename(out), legacy=not part.zip_format)
+        tmp = _save_torch(changed_parts[part.relpath], dest_dir, os.path.basename(out), legacy=not part.zip_format,
+                          source=ck.path)
         try:
             _copy_mode(src, tmp)
             if in_place:
@@ -179,7 +182,7 @@ def _write_directory(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
             full = os.path.join(src, name)
             part = next((p for p in ck.parts if p.relpath == name), None)
             if name in changed_parts and part is not None:
-                tmp = _save_torch(changed_parts[name], tmpdir, name, legacy=not part.zip_format)
+                tmp = _save_torch(changed_parts[name], tmpdir, name, legacy=not part.zip_format, source=full)
                 _copy_mode(full, tmp)
                 os.replace(tmp, os.path.join(tmpdir, name))
             elif os.path.isdir(full):

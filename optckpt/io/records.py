@@ -1,0 +1,187 @@
+"""Record-level rewrite of a torch zip checkpoint: a new pickle, the storage records copied.
+
+A remap / reset / set only relabels storages or edits small values: no tensor byte changes. So
+instead of ``torch.save`` re-serialising every storage (and computing each record's CRC), the new
+object is pickled by torch's own ``_save`` into a recorder, every storage that is a memory-mapped
+record of the input is copied byte for byte from the input file (``os.copy_file_range``: in the
+kernel, no trip through user space) with the input's CRC, and only the pickle and genuinely new
+storages are written from memory. The result is an ordinary zip that ``torch.load`` reads with
+``weights_only=True, mmap=True`` (same record names, 64-byte data alignment, zip64 when needed).
+
+:func:`rewrite_records` returns False when the shortcut does not apply (legacy format, compressed
+records, the input not mapped); the caller then uses ``torch.save``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import struct
+import sys
+import zipfile
+import zlib
+from typing import Any
+
+import torch
+
+__all__ = ["rewrite_records"]
+
+_ALIGN = 64
+_Z64 = 0xFFFFFFFF  # the "see the zip64 extra field" placeholder
+_Z64_LIMIT = 0xFFFFFFFF  # sizes / offsets from here on need zip64 (a test lowers it)
+
+
+class _Recorder:
+    """Stands in for ``PyTorchFileWriter``: remembers what torch's ``_save`` would write."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Any, int]] = []
+
+    def write_record(self, name: str, data: Any, nbytes: int) -> None:
+        self.records.append((name, data, nbytes))
+
+    def write_record_metadata(self, name: str, nbytes: int) -> None:  # skip_data mode: not used here
+        raise RuntimeError("skip_data is not supported by the record rewriter")
+
+
+def _mapping_base(path: str) -> int | None:
+    """Address at which torch memory-mapped ``path`` (the whole file, from offset 0)."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].strip() == real and int(fields[2], 16) == 0:
+                    return int(fields[0].split("-")[0], 16)
+    except OSError:
+        return None
+    return None
+
+
+def _source_records(path: str) -> tuple[str, dict[int, zipfile.ZipInfo], dict[str, bytes]] | None:
+    """Prefix, data records by their data offset, and the small metadata records of the input."""
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        if not infos or any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+            return None
+        prefix = infos[0].filename.split("/", 1)[0]
+        small = {i.filename[len(prefix) + 1:]: z.read(i) for i in infos if "/data/" not in i.filename
+                 and i.filename.rsplit("/", 1)[-1] in ("version", ".format_version", ".storage_alignment")}
+    by_offset: dict[int, zipfile.ZipInfo] = {}
+    with open(path, "rb") as f:
+        for i in infos:
+            if "/data/" not in i.filename or i.filename.endswith("serialization_id"):
+                continue
+            f.seek(i.header_offset)
+            head = f.read(30)
+            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                return None
+            n, e = struct.unpack("<HH", head[26:30])
+            by_offset[i.header_offset + 30 + n + e] = i
+    return prefix, by_offset, small
+
+
+def rewrite_records(src: str, obj: Any, dest: str) -> bool:
+    """Write ``obj`` (whose tensors are mostly memory-mapped from ``src``) to ``dest`` record by record.
+
+    Returns False (nothing written) when the shortcut does not apply."""
+    if not zipfile.is_zipfile(src):
+        return False
+    found = _source_records(src)
+    if found is None:
+        return False
+    prefix, by_offset, small = found
+    rec = _Recorder()
+    torch.serialization._save(obj, rec, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    base = _mapping_base(src) if any(n.startswith("data/") for n, _, _ in rec.records) else 0
+    if base is None:
+        return False
+    entries: list[tuple[str, Any]] = []  # (name, bytes | (src_offset, ZipInfo) | storage)
+    for name, data, nbytes in rec.records:
+        if name.startswith("data/"):
+            storage = data
+            off = storage.data_ptr() - base if nbytes else -1
+            info = by_offset.get(off)
+            if info is not None and info.file_size == nbytes:
+                entries.append((name, (off, info)))
+            else:
+                entries.append((name, storage))
+        else:
+            entries.append((name, data.encode() if isinstance(data, str) else bytes(data)))
+    entries.append(("version", small.get("version", b"3\n")))
+    entries.append((".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode()))
+    _write_zip(src, dest, prefix, entries)
+    return True
+
+
+def _storage_bytes(storage: Any, nbytes: int) -> bytes:
+    t = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+    return t.numpy().tobytes() if nbytes else b""
+
+
+def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]]) -> None:
+    central: list[bytes] = []
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        src_fd, dst_fd = fin.fileno(), fout.fileno()
+        for rel, data in entries:
+            name = f"{prefix}/{rel}".encode()
+            if isinstance(data, tuple):
+                src_off, info = data
+                size, crc = info.file_size, info.CRC
+                payload = None
+            else:
+                payload = data if isinstance(data, bytes) else _storage_bytes(data, data.nbytes())
+                size, crc = len(payload), zlib.crc32(payload)
+            offset = fout.tell()
+            z64 = size >= _Z64_LIMIT or offset >= _Z64_LIMIT
+            z64_local = struct.pack("<HHQQ", 0x0001, 16, size, size) if z64 else b""
+            fixed = 30 + len(name) + len(z64_local)
+            pad = (-(offset + fixed + 4)) % _ALIGN
+            extra = z64_local + struct.pack("<HH", 0x4246, pad) + b"\0" * pad  # "FB" padding aligns the data
+            fout.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if z64 else 20, 0x0800, 0, 0, 0x21, crc,
+                                   _Z64 if z64 else size, _Z64 if z64 else size, len(name), len(extra)))
+            fout.write(name + extra)
+            if payload is not None:
+                fout.write(payload)
+            else:
+                fout.flush()
+                _copy_range(src_fd, dst_fd, src_off, fout.tell(), size)
+                fout.seek(fout.tell() + size)
+            z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if z64 else b""
+            central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if z64 else 20, 45 if z64 else 20, 0x0800,
+                                       0, 0, 0x21, crc, _Z64 if z64 else size, _Z64 if z64 else size, len(name),
+                                       len(z64_central), 0, 0, 0, 0, _Z64 if z64 else offset)
+                           + name + z64_central)
+        cd_start = fout.tell()
+        for c in central:
+            fout.write(c)
+        cd_size = fout.tell() - cd_start
+        n = len(central)
+        if cd_start >= _Z64_LIMIT or n >= 0xFFFF or cd_size >= _Z64_LIMIT:
+            z64_eocd = fout.tell()
+            fout.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
+            fout.write(struct.pack("<IIQI", 0x07064B50, 0, z64_eocd, 1))
+            fout.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _Z64, _Z64, 0))
+        else:
+            fout.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, size: int) -> None:
+    """Copy ``size`` bytes between files in the kernel (copy_file_range), or by reads where not offered."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range") and sys.platform.startswith("linux")
+    while done < size:
+        if use_kernel:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, size - done, src_off + done, dst_off + done)
+            except OSError as e:
+                if e.errno in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: fall back to reads
+                    use_kernel = False
+                    continue
+                raise
+        else:
+            chunk = os.pread(src_fd, min(size - done, 1 << 24), src_off + done)
+            n = os.pwrite(dst_fd, chunk, dst_off + done) if chunk else 0
+        if n <= 0:
+            raise OSError(5, "Input/output error: short copy")
+        done += n
