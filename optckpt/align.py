@@ -93,7 +93,7 @@ class Slot(NamedTuple):
 class Item(NamedTuple):
     """One optimizer index inside its group, in group order."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # (a field, shadowing tuple.index)
     shape: tuple[int, ...] | None  # None: no state, shape unknown (matches any slot)
 
 
@@ -103,7 +103,7 @@ class Assignment(NamedTuple):
     ``name`` is set iff exactly one slot is feasible; ``candidates`` lists every feasible slot name in
     model order (length 1 when certain, 0 when the index's group cannot be embedded at all)."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # (a field, shadowing tuple.index)
     name: str | None  # set iff exactly one feasible slot
     candidates: tuple[str, ...]  # every feasible slot name, in model order
 

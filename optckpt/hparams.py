@@ -104,9 +104,9 @@ def select_groups(groups: Sequence[Mapping[str, Any]], mapping: OptimizerMapping
             continue
         hits = [i for i, g in enumerate(groups) if g.get("name") == sel]
         if not hits:
-            names = [str(g.get("name")) for g in groups if "name" in g]
+            known = [str(g.get("name")) for g in groups if "name" in g]
             raise FormatError(f"--group {sel}: no group with that index or name (there are {len(groups)} groups"
-                              + (f"; names: {', '.join(names)})" if names else ")"))
+                              + (f"; names: {', '.join(known)})" if known else ")"))
         chosen.update(hits)
     if params:
         by_group: dict[int, list[str | None]] = {}

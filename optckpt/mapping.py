@@ -38,7 +38,7 @@ def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
     does not reveal it (no state, scalars only, LBFGS's global state)."""
     for k in _PARAM_SHAPED:
         v = entry.get(k)
-        if isinstance(v, torch.Tensor) or hasattr(v, "shape"):  # tensors, and DCP tensors still on disk
+        if v is not None and (isinstance(v, torch.Tensor) or hasattr(v, "shape")):  # DCP tensors on disk too
             return tuple(v.shape)
     row, col = entry.get("row_var"), entry.get("col_var")
     if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.ndim == col.ndim >= 2:
@@ -55,7 +55,7 @@ def is_lbfgs(opt: OptimizerState) -> bool:
 class IndexName(NamedTuple):
     """What is known about one optimizer index."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # (a field, shadowing tuple.index)
     group: int
     name: str | None  # set only when certain
     candidates: tuple[str, ...]  # every name it could be (one when certain)
@@ -301,16 +301,16 @@ def _infer(ck: Checkpoint, opt: OptimizerState, source_names: Sequence[Sequence[
         return _exact(opt, "group-name", [[str(g.hparams["name"])] for g in groups])
     untrusted = [m for m in chosen if not m.order_trusted]
     if untrusted and not trusted:
-        m = _shapes_only(opt, untrusted[0])
-        m.notes.extend(ck.notes)
-        return m
-    m = OptimizerMapping(opt.name, "none", _entries(opt, [[(None, ())] * n for n in sizes]))
+        by_shape = _shapes_only(opt, untrusted[0])
+        by_shape.notes.extend(ck.notes)
+        return by_shape
+    none = OptimizerMapping(opt.name, "none", _entries(opt, [[(None, ())] * n for n in sizes]))
     if trusted:
-        m.notes.append("no model state dict in this checkpoint can hold this optimizer's parameters in order "
-                       "(the groups are not ordered subsequences of its parameters): pass --source")
+        none.notes.append("no model state dict in this checkpoint can hold this optimizer's parameters in order "
+                          "(the groups are not ordered subsequences of its parameters): pass --source")
     else:
-        m.notes.append("no model state dict found: pass --model PATH or --source module:callable")
-    return m
+        none.notes.append("no model state dict found: pass --model PATH or --source module:callable")
+    return none
 
 
 def _choose_models(ck: Checkpoint, models: Sequence[str] | None) -> list[ModelState]:

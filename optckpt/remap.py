@@ -137,13 +137,13 @@ def build_plan(
     t = 0
     for gi, names in enumerate(target.groups):
         for name in names:
-            p = status_of.get(name)
-            if p is None or p.status in ("missing", "ambiguous"):
+            st = status_of.get(name)
+            if st is None or st.status in ("missing", "ambiguous"):
                 slots.append(Slot(t, gi, name, None, "reset"))
-            elif p.status == "shape_mismatch":
+            elif st.status == "shape_mismatch":
                 slots.append(Slot(t, gi, name, None, "reset-shape"))
             else:
-                slots.append(Slot(t, gi, name, p.source_index, "keep" if p.status == "ok" else "move"))
+                slots.append(Slot(t, gi, name, st.source_index, "keep" if st.status == "ok" else "move"))
             t += 1
     used = {s.source_index for s in slots if s.source_index is not None}
     dropped = [(e.index, e.name or f"<index {e.index}>") for e in entries if e.index not in used]

@@ -88,8 +88,8 @@ def load_optimizer_state_dict(
     ck, opt = _as_checkpoint(source, model_state_dict, optimizer_key, trust_pickle)
     names: list[list[str]] | None = None
     if source_names is not None:
-        names = [list(source_names)] if source_names and isinstance(source_names[0], str) else \
-            [list(g) for g in source_names]  # type: ignore[arg-type]
+        names = [[str(n) for n in source_names]] if source_names and isinstance(source_names[0], str) else \
+            [[str(n) for n in g] for g in source_names]
     mapping = infer_mapping(ck, opt, source_names=names)
     target = from_live(model, optimizer)
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,7 +230,7 @@ class RenameRule:
         return self.repl + name[len(self.pattern):] if name.startswith(self.pattern) else name
 
 
-def parse_rename(rules: list[str] | tuple[str, ...]) -> list[RenameRule]:
+def parse_rename(rules: Sequence[str]) -> list[RenameRule]:
     out = []
     for r in rules:
         if "=" not in r:

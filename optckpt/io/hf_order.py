@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 
@@ -39,6 +40,7 @@ def hf_model_order(directory: str, *, trust_code: bool = False) -> tuple[ModelSt
     try:
         config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_code,
                                                          local_files_only=True)
+        cls: Any
         if raw.get("auto_map"):
             cls = transformers.AutoModelForCausalLM if "AutoModelForCausalLM" in raw["auto_map"] else \
                 transformers.AutoModel

@@ -63,7 +63,7 @@ def _scan_pickle_globals(path: str) -> list[str]:
             strings: list[str] = []
             end = pos
             for op, arg, p in pickletools.genops(data[pos:]):
-                end = pos + p
+                end = pos + (p or 0)
                 if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
                     strings.append(str(arg))
                 elif op.name == "GLOBAL":
