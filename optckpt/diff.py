@@ -7,6 +7,7 @@ removed / added tensors only (grouped by shape and dtype first), never by compar
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import hashlib
 import math
@@ -142,7 +143,8 @@ def _digest(t: torch.Tensor) -> str:
     raw = flat.view(torch.uint8) if flat.numel() and flat.dtype != torch.bool else flat.to(torch.uint8)
     step = _CHUNK * 4
     for start in range(0, raw.numel(), step):
-        h.update(raw[start:start + step].numpy().tobytes())
+        piece = raw[start:start + step]
+        h.update(ctypes.string_at(piece.data_ptr(), piece.numel()))  # no numpy needed
     return h.hexdigest()
 
 

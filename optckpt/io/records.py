@@ -13,6 +13,7 @@ records, the input not mapped); the caller then uses ``torch.save``."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import random
@@ -115,8 +116,8 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
 
 
 def _storage_bytes(storage: Any, nbytes: int) -> bytes:
-    t = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
-    return t.numpy().tobytes() if nbytes else b""
+    """A CPU storage's bytes (without numpy, which optckpt does not depend on)."""
+    return ctypes.string_at(storage.data_ptr(), nbytes) if nbytes else b""
 
 
 def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]]) -> None:

@@ -1,0 +1,31 @@
+"""The public API is small and explicit: ``__all__`` lists exactly what the package exports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optckpt
+
+EXPECTED = {
+    "Checkpoint", "ModelState", "OptimizerState", "SchedulerState",
+    "OptckptError", "LoadError", "UnsafePickleError", "FormatError", "MappingError", "TargetError", "WriteError",
+    "load", "load_optimizer_state_dict", "enable_load_by_name", "LoadReport",
+}
+
+
+def test_all_is_exactly_the_public_api():
+    assert set(optckpt.__all__) == EXPECTED
+    for name in optckpt.__all__:
+        assert getattr(optckpt, name) is not None
+    public = {n for n in vars(optckpt) if not n.startswith("_") and n not in ("warnings",)}
+    submodules = {"checkpoint", "errors", "io", "resume", "mapping", "align", "validate", "target", "check",
+                  "remap", "kernels", "render", "inspect", "kinds", "ops", "hparams", "diff", "cli"}
+    assert public - submodules == EXPECTED
+
+
+def test_import_without_numpy_prints_nothing():
+    """torch's 'Failed to initialize NumPy' warning must not leak into the CLI's stderr."""
+    code = "import sys; sys.modules['numpy'] = None; import optckpt.cli"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "NumPy" not in r.stderr, r.stderr
