@@ -55,13 +55,6 @@ class TensorMeta:
         return cls(tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size())
 
     @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
     def is_floating(self) -> bool:
         return self.dtype in _FLOATING
 

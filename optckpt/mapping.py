@@ -80,9 +80,6 @@ class OptimizerMapping:
     def name_of(self) -> dict[int, str]:
         return {e.index: e.name for e in self.entries if e.name is not None}
 
-    def index_of(self) -> dict[str, int]:
-        return {e.name: e.index for e in self.entries if e.name is not None}
-
 
 def _items(opt: OptimizerState) -> list[list[Item]]:
     shapes = _shapes(opt)

@@ -70,11 +70,6 @@ class RemapPlan:
     # LBFGS: (source indices in optimizer order, their parameters' numels) to permute flat state
     lbfgs_layout: tuple[list[int], list[int]] | None = None
 
-    @property
-    def changes_anything(self) -> bool:
-        return bool(self.dropped) or any(s.action != "keep" for s in self.slots) or any(
-            g.source_group != g.group for g in self.groups)
-
     def summary(self) -> dict[str, int]:
         c = Counter(s.action for s in self.slots)
         return {"keep": c["keep"], "move": c["move"], "reset": c["reset"] + c["reset-shape"],

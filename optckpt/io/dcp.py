@@ -154,10 +154,6 @@ class LazyDCPTensors(Mapping[str, torch.Tensor]):
         return len(self._meta)
 
 
-class _LazyTensor:
-    """Placeholder for an optimizer state tensor of a DCP checkpoint (shape known, data on demand)."""
-
-
 def load_dcp(path: str) -> Checkpoint:
     """A DCP directory as a :class:`Checkpoint`: model tensors lazily, optimizer state FQN-keyed
     (``{"state": {fqn: {...}}, "param_groups": [{..., "params": [fqn, ...]}]}``, as
