@@ -64,6 +64,11 @@ def format_option(f: F) -> F:
                         show_default=True, help="Output format; json prints only JSON on stdout.")(f)
 
 
+def target_option(f: F) -> F:
+    return click.option("--target", "target_spec", required=True,
+                        help="The new code: module:callable, file.py:callable, a names file, or a checkpoint.")(f)
+
+
 def load_options(f: F) -> F:
     f = click.option("--trust-pickle", is_flag=True,
                      help="Allow full pickle loading (can execute code from the file). Only for files you trust.")(f)
@@ -105,8 +110,7 @@ def mapping_options(f: F) -> F:
 
 @cli.command()
 @click.argument("path", type=click.Path())
-@click.option("--target", "target_spec", required=True,
-              help="The new code: module:callable, file.py:callable, a names file, or a checkpoint.")
+@target_option
 @load_options
 @mapping_options
 @format_option
@@ -137,8 +141,7 @@ def write_options(f: F) -> F:
 
 @cli.command()
 @click.argument("path", type=click.Path())
-@click.option("--target", "target_spec", required=True,
-              help="The new code: module:callable, file.py:callable, a names file, or a checkpoint.")
+@target_option
 @load_options
 @mapping_options
 @write_options

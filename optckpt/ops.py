@@ -24,10 +24,16 @@ __all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_ch
            "ResetResult", "verify_output", "same_bits", "schedulers_of", "source_mapping"]
 
 
-def _editable(ck: Checkpoint) -> None:
+def _open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: str | None, dry_run: bool,
+                   in_place: bool, trust_pickle: bool) -> tuple[Checkpoint, OptimizerState, str | None]:
+    """Load a checkpoint to edit, check where the result may go, and pick the optimizer."""
+    ck = load(path, model=model, trust_pickle=trust_pickle)
     if ck.layout == "dcp":
         raise WriteError(f"{ck.path}: editing DCP checkpoints is not supported yet; `optckpt convert --to torch` "
                          "it, repair the single file, and `optckpt convert --to dcp` back")
+    if not dry_run:
+        out = resolve_output(path, out, in_place)
+    return ck, ck.optimizer(optimizer_key), out
 
 
 def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, in_place: bool,
@@ -82,11 +88,7 @@ def remap_checkpoint(
     trust_pickle: bool = False,
 ) -> tuple[RemapPlan, str | None]:
     """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right."""
-    ck = load(path, model=model, trust_pickle=trust_pickle)
-    _editable(ck)
-    if not dry_run:
-        out = resolve_output(path, out, in_place)
-    opt = ck.optimizer(optimizer_key)
+    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     plan, _ = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy, parse_rename(renames))
@@ -163,11 +165,7 @@ def reset_checkpoint(
         raise FormatError(f"--mode {mode!r}: expected drop or zero")
     if keys and mode == "drop":
         mode = "zero"
-    ck = load(path, model=model, trust_pickle=trust_pickle)
-    _editable(ck)
-    if not dry_run:
-        out = resolve_output(path, out, in_place)
-    opt = ck.optimizer(optimizer_key)
+    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
     selected: list[tuple[int, str]] = []
     for e in mapping.entries:
@@ -270,11 +268,7 @@ def set_checkpoint(
     """``optckpt set``: change group hyperparameters so the resumed run really uses them."""
     from .hparams import SetResult, parse_set, rewrite, select_groups
 
-    ck = load(path, model=model, trust_pickle=trust_pickle)
-    _editable(ck)
-    if not dry_run:
-        out = resolve_output(path, out, in_place)
-    opt = ck.optimizer(optimizer_key)
+    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle)
     sd_groups = opt.state_dict.get("param_groups", [])
     all_changes = list(changes) + [parse_set(s, sd_groups) for s in raw_sets]
     if not all_changes:
