@@ -14,6 +14,7 @@ import torch
 from .checkpoint import Checkpoint, OptimizerState
 from .errors import FormatError, MappingError, WriteError
 from .io import load
+from .io.dcp import is_dcp_dir
 from .io.write import replace_at, resolve_output, write_checkpoint
 from .kernels import fill_tensors
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
@@ -34,6 +35,59 @@ def _open_for_edit(path: str, out: str | None, model: str | None, optimizer_key:
     if not dry_run:
         out = resolve_output(path, out, in_place)
     return ck, ck.optimizer(optimizer_key), out
+
+
+def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequence[str], policy: Policy,
+               dry_run: bool, in_place: bool, verify: bool, trust_pickle: bool) -> tuple[RemapPlan, str | None]:
+    """DCP is keyed by name: a remap renames FQNs (``--rename`` or a detected wrapper prefix) and
+    drops the state of parameters that are gone or reshaped, in the metadata only; the shard files
+    are copied as they are, so memory stays bounded by the metadata."""
+    from .check import guess_prefix_rename
+
+    if in_place:
+        raise WriteError(f"{path}: --in-place is not supported for DCP checkpoints; write a new directory with -o")
+    ck = load(path, trust_pickle=trust_pickle)
+    opt = ck.optimizer()
+    mapping = infer_mapping(ck, opt)
+    target = resolve_target(target_spec, trust_pickle=trust_pickle)
+    rules = parse_rename(renames)
+    plan, report = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy, rules)
+    if not rules:
+        auto = guess_prefix_rename([e.name for e in mapping.entries if e.name], target.names)
+        rules = [auto] if auto is not None else []
+    by_source: dict[str, str | None] = {}
+    for p in report.params:
+        if p.source_index is None:
+            continue
+        keep = p.status in ("ok", "moved")
+        by_source[str(p.source_index)] = p.name if keep else None
+
+    def rename(fqn: str) -> str | None:
+        if fqn in by_source:
+            return by_source[fqn]
+        from .check import apply_renames
+
+        return apply_renames(fqn, rules)
+
+    if dry_run:
+        return plan, None
+    if out is None or os.path.exists(out):
+        raise WriteError(f"{out}: give a new directory with -o (DCP output is a directory)")
+    from .io.dcp import rewrite_dcp
+
+    rewrite_dcp(path, out, rename)
+    if verify:
+        new = load(out)
+        old_models = {m.name: m for m in ck.models}
+        for m in new.models:
+            src_model = old_models.get(m.name)
+            if src_model is None:
+                continue
+            back = {rename(k): k for k in src_model.meta}
+            for k in m.meta:
+                if not same_bits(m.tensors[k], src_model.tensors[back[k]]):
+                    raise WriteError(f"{out}: verification failed for {k}")
+    return plan, out
 
 
 def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, in_place: bool,
@@ -88,6 +142,9 @@ def remap_checkpoint(
     trust_pickle: bool = False,
 ) -> tuple[RemapPlan, str | None]:
     """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right."""
+    if is_dcp_dir(path):
+        return _remap_dcp(path, target_spec, out, renames=renames, policy=policy, dry_run=dry_run,
+                          in_place=in_place, verify=verify, trust_pickle=trust_pickle)
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)

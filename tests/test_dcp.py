@@ -143,11 +143,41 @@ def test_hostile_metadata_and_bytes_never_run(dcp_ckpt, tmp_path):
     assert r.exit_code == 2 and not marker.exists()
 
 
-def test_remap_on_dcp_is_refused_clearly(dcp_ckpt, tmp_path):
-    path, _, _ = dcp_ckpt
-    r = invoke("remap", str(path), "--target", str(ROOT / "tests" / "models_zoo.py") + ":gpt_plain", "-o",
-               str(tmp_path / "x"), "--allow-ambiguous")
-    assert r.exit_code == 2 and "convert" in r.stderr
+class Wrapped(torch.nn.Module):
+    """The new code: the model now sits under ``net.``, its blocks reordered, one block fewer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyGPT(n_layer=1, block=BlockReordered)
+
+
+def test_remap_dcp_renames_and_drops_in_metadata(dcp_ckpt, tmp_path):
+    path, m, opt = dcp_ckpt
+    target = tmp_path / "wrapped.py"
+    target.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+                      "from test_dcp import Wrapped\n\ndef build():\n    return Wrapped()\n")
+    out = tmp_path / "fixed"
+    r = invoke("remap", str(path), "--target", f"{target}:build", "-o", str(out), "--format", "json")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    shards = sorted(n for n in os.listdir(path) if n.endswith(".distcp"))
+    for n in shards:  # shard files copied as they are: nothing re-serialised
+        assert (out / n).read_bytes() == (path / n).read_bytes()
+    new = Wrapped()
+    new_opt = torch.optim.AdamW(new.parameters(), lr=1e-2)
+    msd, osd = get_state_dict(new, new_opt)
+    state = {"model": msd, "optimizer": osd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(out), no_dist=True)  # torch's own reader
+    set_state_dict(new, new_opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    old_state = {n: opt.state[p] for n, p in m.named_parameters()}
+    for n, p in new.named_parameters():
+        old = n.removeprefix("net.")
+        assert torch.equal(p.detach(), dict(m.named_parameters())[old].detach())
+        assert torch.equal(new_opt.state[p]["exp_avg"], old_state[old]["exp_avg"])
+    rep = json.loads(invoke("inspect", str(out), "--format", "json").stdout)
+    names = [e["inferred_name"] for e in rep["optimizers"][0]["entries"]]
+    assert all(n.startswith("net.") for n in names) and not any(".h.1." in n for n in names)
 
 
 MULTI_RANK = r"""

@@ -259,3 +259,84 @@ def save_dcp(state: dict[str, Any], out: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(state, checkpoint_id=out, no_dist=True)
+
+
+def rewrite_dcp(src: str, out: str, rename: Any) -> dict[str, int]:
+    """A DCP checkpoint with parameter FQNs renamed (``rename(fqn) -> new fqn``, or None to drop the
+    parameter's entries), written to the new directory ``out``.
+
+    Nothing is re-serialised: the shard files are copied as they are (``shutil.copyfile``: a kernel
+    copy), the metadata's keys are renamed, dropped entries simply lose their metadata, and only the
+    small ``param_groups.*.params`` lists are rewritten — into one extra shard file. Memory stays
+    bounded by the metadata, whatever the checkpoint size."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    md = read_dcp_metadata(src)
+    paths: dict[str, tuple[Any, ...]] = dict(md.planner_data or {})
+
+    def new_path(path: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if len(path) >= 2 and path[0] == "model":
+            fqn = rename(str(path[1]))
+            return None if fqn is None else ("model", fqn, *path[2:])
+        if len(path) >= 4 and path[0] == "optimizer" and path[1] == "state":
+            fqn = rename(str(path[2]))
+            return None if fqn is None else (*path[:2], fqn, *path[3:])
+        return path
+
+    def flat(path: tuple[Any, ...]) -> str:
+        return ".".join(str(p) for p in path)
+
+    key_map: dict[str, str | None] = {}
+    for key in md.state_dict_metadata:
+        path = paths.get(key, tuple(key.split(".")))
+        np_ = new_path(path)
+        key_map[key] = None if np_ is None else flat(np_)
+    params_keys = [k for k in md.state_dict_metadata
+                   if paths.get(k, ())[:2] == ("optimizer", "param_groups") and paths[k][-1] == "params"]
+    new_params = {k: [r for r in (rename(str(n)) for n in v) if r is not None]
+                  for k, v in _dcp_load(src, {k: io.BytesIO() for k in params_keys}).items()} if params_keys else {}
+    counts = {"renamed": sum(1 for k, v in key_map.items() if v is not None and v != k),
+              "dropped": sum(1 for v in key_map.values() if v is None)}
+    parent = os.path.dirname(os.path.abspath(out))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+    try:
+        for name in os.listdir(src):
+            if name != ".metadata" and os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        extra_name = "__optckpt_0.distcp"
+        extra_info: dict[str, tuple[int, int]] = {}
+        with open(os.path.join(tmp, extra_name), "wb") as f:
+            for k, value in new_params.items():
+                buf = io.BytesIO()
+                torch.save(value, buf)
+                extra_info[k] = (f.tell(), buf.getbuffer().nbytes)
+                f.write(buf.getbuffer())
+        sdm = {key_map[k]: v for k, v in md.state_dict_metadata.items() if key_map[k] is not None}
+        storage: dict[Any, Any] = {}
+        for idx, info in md.storage_data.items():
+            nk = key_map.get(idx.fqn, idx.fqn)
+            if nk is None:
+                continue
+            if idx.fqn in extra_info:
+                off, length = extra_info[idx.fqn]
+                info = dataclasses.replace(info, relative_path=extra_name, offset=off, length=length)
+            storage[MetadataIndex(nk, idx.offset, idx.index)] = info
+        planner = {key_map[k]: new_path(v) for k, v in paths.items() if key_map.get(k) is not None}
+        new_md = dataclasses.replace(md, state_dict_metadata=sdm, storage_data=storage, planner_data=planner)
+        if hasattr(new_md, "storage_meta") and new_md.storage_meta is not None:
+            new_md.storage_meta = dataclasses.replace(new_md.storage_meta, load_id="")
+        with open(os.path.join(tmp, ".metadata"), "wb") as f:
+            pickle.dump(new_md, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, out)
+    except BaseException:
+        import shutil as _sh
+
+        _sh.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
