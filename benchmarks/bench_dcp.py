@@ -98,8 +98,9 @@ def main() -> None:
         subprocess.run(["sync"], check=True)
         t_remap += time.perf_counter() - t1
         mib = 1 / 1024
-        print(f"DCP checkpoint {size / 2**30:.2f} GiB in {args.shards} shards (largest {largest_shard / 2**20:.0f} MiB);"
-              f" private-memory floor (python + torch + optckpt) {floor * mib:.0f} MiB; times after imports")
+        print(f"DCP checkpoint {size / 2**30:.2f} GiB in {args.shards} shards "
+              f"(largest {largest_shard / 2**20:.0f} MiB); private-memory floor (python + torch + optckpt) "
+              f"{floor * mib:.0f} MiB; times after imports")
         print(f"  inspect            {t_ins:7.2f} s  +{(m_ins - floor) * mib:6.0f} MiB")
         print(f"  dcp_to_torch_save  {t_full:7.2f} s  +{(m_full - floor) * mib:6.0f} MiB   inspect / it = "
               f"{t_ins / t_full:.3f}")
