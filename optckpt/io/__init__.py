@@ -66,7 +66,7 @@ def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
         ck.extras.update({f"__metadata__.{k}": v for k, v in extra.items()})
         return ck
     if kind in ("zip", "legacy"):
-        loaded = load_torch_file(path, trust_pickle=trust_pickle)
+        loaded = load_torch_file(path, trust_pickle=trust_pickle, kind=kind)
         found = discover(loaded.obj, name)
         layout = _classify_torch(loaded.obj, found)
         ck = Checkpoint(path=path, layout=layout)
@@ -138,7 +138,7 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
             ck.parts.append(Part(n, "safetensors", size))
             ck.models.append(ModelState(n, n, (), tensors, meta, order_trusted=False))
         elif kind in ("zip", "legacy"):
-            _load_dir_torch_part(ck, path, n, size, trust_pickle)
+            _load_dir_torch_part(ck, path, n, size, kind, trust_pickle)
         elif kind == "json":
             ck.parts.append(Part(n, "json", size))
             if n == "trainer_state.json":
@@ -156,17 +156,17 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
     return ck
 
 
-def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, trust_pickle: bool) -> None:
+def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: str, trust_pickle: bool) -> None:
     full = os.path.join(root, name)
     auxiliary = bool(_AUXILIARY.match(name))
     if auxiliary and not trust_pickle:
-        bad = unsafe_globals(full) if sniff(full) == "zip" else []
-        if bad or sniff(full) == "legacy":
+        bad = unsafe_globals(full) if kind == "zip" else []
+        if bad or kind == "legacy":
             ck.parts.append(Part(name, "opaque", size))
             ck.opaque.append(OpaquePart(name, size, "needs non-tensor globals", tuple(bad)))
             return
     try:
-        loaded = load_torch_file(full, trust_pickle=trust_pickle)
+        loaded = load_torch_file(full, trust_pickle=trust_pickle, kind=kind)
     except UnsafePickleError as e:
         if not auxiliary:
             raise

@@ -88,14 +88,15 @@ class TorchLoad:
     zip_format: bool
 
 
-def load_torch_file(path: str, *, trust_pickle: bool = False, mmap: bool = True) -> TorchLoad:
+def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None = None) -> TorchLoad:
     """``torch.load`` with ``weights_only=True`` (never executes code), memory-mapped when the
     file is zip-format, always onto the CPU (CUDA-saved files load on CPU-only machines).
 
     Records the storage locations the file was saved with (``cuda:0``, ``cpu``) without moving
     anything there. A pickle needing other globals raises :class:`UnsafePickleError` naming them,
-    unless ``trust_pickle`` (then it is loaded with full pickle, loudly)."""
-    kind = sniff(path)
+    unless ``trust_pickle`` (then it is loaded with full pickle, loudly). ``kind``: what
+    :func:`sniff` already said of the file, so that it is not read twice."""
+    kind = kind or sniff(path)
     if kind == "empty":
         raise LoadError(f"{path}: empty file (0 bytes): not a checkpoint")
     if kind not in ("zip", "legacy"):
@@ -120,7 +121,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, mmap: bool = True)
             path,
             map_location=_map,
             weights_only=not trust_pickle,
-            mmap=zip_format and mmap,
+            mmap=zip_format,
         )
     except pickle.UnpicklingError as e:
         names = unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))
