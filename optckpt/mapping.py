@@ -88,17 +88,14 @@ def _items(opt: OptimizerState) -> list[list[Item]]:
 
 def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
     """Every index's parameter shape as its state shows it (computed once per optimizer)."""
-    cached = _SHAPES.get(id(opt))
+    cached = opt.__dict__.get("_shapes")  # kept beside the state dict it was computed from
     if cached is not None and cached[0] is opt.state_dict:
         return cached[1]
     state = opt.state
     lbfgs = is_lbfgs(opt)
     shapes = {i: None if lbfgs else param_shape(state.get(i, {})) for g in opt.groups for i in g.params}
-    _SHAPES[id(opt)] = (opt.state_dict, shapes)
+    opt.__dict__["_shapes"] = (opt.state_dict, shapes)
     return shapes
-
-
-_SHAPES: dict[int, tuple[Any, dict[Any, tuple[int, ...] | None]]] = {}
 
 
 def _entries(opt: OptimizerState, names: Sequence[Sequence[tuple[str | None, tuple[str, ...]]]]) -> list[IndexName]:
@@ -242,7 +239,6 @@ def infer_mapping(
     try:
         mapping = _infer(ck, opt, source_names, models)
     finally:
-        _SHAPES.pop(id(opt), None)
         if gc_was_on:
             gc.enable()
     mapping.notes[:0] = warnings
