@@ -13,6 +13,7 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -168,7 +169,8 @@ def _from_checkpoint(path: str, trust_pickle: bool) -> Target:
     return Target(path, groups, shapes)
 
 
-def _from_callable(spec: str) -> Target:
+def _run_user_code(spec: str) -> Any:
+    """Import the module a spec names and call its callable; what it returns."""
     mod_part, _, attr = spec.rpartition(":")
     if not mod_part or not attr:
         raise TargetError(f"{spec!r}: expected module:callable or path/to/file.py:callable")
@@ -202,8 +204,17 @@ def _from_callable(spec: str) -> Target:
         out = fn()
     except Exception as e:
         raise TargetError(f"{spec}: calling {attr}() failed: {type(e).__name__}: {e}") from None
+    return out
+
+
+def _from_callable(spec: str) -> Target:
+    # User code runs with stdout pointed at stderr: whatever it prints or logs at import or call
+    # time must never mix with a report (``--format json`` prints only JSON on stdout).
+    with contextlib.redirect_stdout(sys.stderr):
+        out = _run_user_code(spec)
+    attr = spec.rpartition(":")[2]
     parts = out if isinstance(out, tuple) else (out,)
-    if isinstance(parts[0], torch.optim.Optimizer):
+    if parts and isinstance(parts[0], torch.optim.Optimizer):
         parts = (None, *parts)
     if not parts or not (parts[0] is None or isinstance(parts[0], torch.nn.Module)):
         raise TargetError(f"{spec}: {attr}() must return an nn.Module, (module, optimizer[, scheduler]) "
@@ -213,7 +224,8 @@ def _from_callable(spec: str) -> Target:
     if opt is not None and not isinstance(opt, torch.optim.Optimizer):
         raise TargetError(f"{spec}: the second value {attr}() returns must be a torch.optim.Optimizer")
     sched = parts[2] if len(parts) > 2 else None
-    return from_live(module_obj, opt, sched, spec=spec)
+    with contextlib.redirect_stdout(sys.stderr):
+        return from_live(module_obj, opt, sched, spec=spec)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from typing import Any
 
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part
@@ -36,11 +37,13 @@ def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
     CPU. Nothing is executed: ``torch.load`` runs with ``weights_only=True`` unless ``trust_pickle``."""
     p = os.fspath(path)
     try:
-        os.stat(p)
+        st = os.stat(p)
     except PermissionError:
         raise LoadError(f"{p}: permission denied") from None
     except OSError:
         raise LoadError(f"{p}: no such file or directory") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise LoadError(f"{p}: not a regular file or directory (a FIFO, socket or device); refused")
     if is_dcp_dir(p):
         ckpt = load_dcp(p)
     elif os.path.isdir(p):
@@ -131,6 +134,9 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
             ck.parts.append(Part(n, "safetensors", size))
             continue
         if n.endswith(".safetensors.index.json"):
+            continue
+        if n.startswith("."):  # hidden files (a stray DCP .metadata, editor state) are carried, never parsed
+            ck.parts.append(Part(n, "other", size))
             continue
         kind = sniff(full)
         if kind == "safetensors":

@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import pickle
+import stat
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -25,15 +26,51 @@ import torch
 
 from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, SchedulerState, TensorMeta
 from ..errors import LoadError, UnsafePickleError
+from .paths import member_path, require_regular
 
 __all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp"]
 
-_ALLOWED_MODULES = ("torch.distributed.checkpoint.",)
-_ALLOWED = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-    ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "channels_last"), ("torch", "preserve_format"),
+# Exactly the globals DCP metadata pickles refer to, as (module, qualified name) pairs. Each is
+# resolved once, here, from the module optckpt imports itself; ``find_class`` returns the object
+# stored for the exact pair and never looks anything up by the name the file gives (a dotted name
+# such as ``filesystem`` + ``os.system`` matches no pair). Every entry is a plain data class, an
+# enum or a constructor with no side effects.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"),
+    "torch.distributed.checkpoint.filesystem": ("_StorageInfo", "SerializationFormat"),
 }
+_OTHER_GLOBALS = {
+    ("torch", "Size"): lambda: torch.Size,
+    ("torch.serialization", "_get_layout"): lambda: torch.serialization._get_layout,
+    ("collections", "OrderedDict"): lambda: __import__("collections").OrderedDict,
+    ("builtins", "set"): lambda: set,
+    ("builtins", "frozenset"): lambda: frozenset,
+    ("pathlib", "PosixPath"): lambda: __import__("pathlib").PosixPath,
+    ("pathlib", "PurePosixPath"): lambda: __import__("pathlib").PurePosixPath,
+}
+_allowed_cache: dict[tuple[str, str], Any] = {}
+
+
+def metadata_globals() -> dict[tuple[str, str], Any]:
+    """The exact (module, name) → object table the metadata unpickler admits (torch dtypes, layouts
+    and memory formats are admitted separately, by type)."""
+    if not _allowed_cache:
+        import importlib
+
+        for mod_name, names in _METADATA_CLASSES.items():
+            mod = importlib.import_module(mod_name)
+            for n in names:
+                obj = getattr(mod, n, None)
+                if isinstance(obj, type) and obj.__module__ == mod_name and obj.__qualname__ == n:
+                    _allowed_cache[(mod_name, n)] = obj
+        for key, get in _OTHER_GLOBALS.items():
+            _allowed_cache[key] = get()
+    return _allowed_cache
+
+
+_TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -44,31 +81,91 @@ class _MetadataUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(_ALLOWED_MODULES) or (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        obj = metadata_globals().get((module, name))
+        if obj is not None:
+            return obj
+        if module == "torch" and name.isidentifier() and isinstance(vars(torch).get(name), _TORCH_VALUE_TYPES):
+            return vars(torch)[name]
         raise UnsafePickleError(self._path, [f"{module}.{name}"])
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(self._path, ["(persistent id)"])
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def is_dcp_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+    """A DCP checkpoint directory: a regular ``.metadata`` file beside ``.distcp`` shards and no
+    files of other layouts (a ``.metadata`` dropped into a HF / accelerate directory does not turn
+    it into DCP)."""
+    if not os.path.isdir(path) or not _is_regular(os.path.join(path, ".metadata")):
+        return False
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    if any(n.endswith(_OTHER_LAYOUT_SUFFIXES) or n in _OTHER_LAYOUT_FILES for n in names):
+        return False
+    return any(n.endswith(".distcp") for n in names)
+
+
+_OTHER_LAYOUT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pkl", ".tar")
+_OTHER_LAYOUT_FILES = frozenset({"config.json", "trainer_state.json", "adapter_config.json"})
 
 
 def read_dcp_metadata(path: str) -> Any:
     meta_path = os.path.join(path, ".metadata")
+    if not _is_regular(meta_path):
+        raise LoadError(f"{meta_path}: not a regular file")
     try:
         with open(meta_path, "rb") as f:
             md = _MetadataUnpickler(f, meta_path).load()
     except UnsafePickleError:
         raise
+    except RecursionError:
+        raise LoadError(f"{meta_path}: nested too deeply to be DCP metadata") from None
     except Exception as e:
         raise LoadError(f"{meta_path}: not a readable DCP metadata file ({type(e).__name__}: {e})") from None
     from torch.distributed.checkpoint.metadata import Metadata
 
-    if not isinstance(md, Metadata):
+    if type(md) is not Metadata:
         raise LoadError(f"{meta_path}: not DCP metadata")
+    _check_storage_paths(path, md)
     return md
+
+
+def _check_storage_paths(root: str, md: Any) -> None:
+    """Every shard the metadata names must be a regular file inside the checkpoint directory
+    (no ``..``, no absolute path, no symlink out of it, no FIFO or device), and every byte range
+    must lie inside it: DCP would otherwise open whatever path the file gives."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    real_root = os.path.realpath(root)
+    what = f"{root}/.metadata"
+    sizes: dict[str, int] = {}
+    storage = md.storage_data if isinstance(md.storage_data, Mapping) else {}
+    for idx, info in storage.items():
+        if type(info) is not _StorageInfo:
+            raise LoadError(f"{what}: storage entry {_fqn(idx)!r} is not a DCP storage record")
+        rel = info.relative_path
+        if rel not in sizes:
+            real = os.path.realpath(member_path(real_root, rel, what))
+            if os.path.commonpath([real_root, real]) != real_root:
+                raise LoadError(f"{what}: shard {rel!r} leads outside the checkpoint directory; refused")
+            sizes[rel] = require_regular(real, what)
+        off, length = info.offset, info.length
+        if not (isinstance(off, int) and isinstance(length, int)) or off < 0 or length < 0 \
+                or off + length > sizes[rel]:
+            raise LoadError(f"{root}: entry {_fqn(idx)!r} points past the end of shard {rel!r}")
+
+
+def _fqn(idx: Any) -> str:
+    return str(getattr(idx, "fqn", idx))
 
 
 def _reader(path: str) -> Any:

@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint import TensorMeta
 from ..errors import LoadError
+from .paths import member_path, require_regular
 
 __all__ = ["LazySafetensors", "read_header", "open_safetensors", "open_sharded_index"]
 
@@ -111,9 +112,8 @@ def open_sharded_index(index_path: str) -> tuple[LazySafetensors, dict[str, Tens
     files: dict[str, str] = {}
     meta: dict[str, TensorMeta] = {}
     for shard in shards:
-        shard_path = os.path.join(base, shard)
-        if not os.path.isfile(shard_path):
-            raise LoadError(f"{index_path}: names shard {shard!r}, which is missing from {base}")
+        shard_path = member_path(base, shard, index_path)
+        require_regular(shard_path, index_path)
         shard_meta, _ = read_header(shard_path)
         for k, m in shard_meta.items():
             files[k] = shard_path

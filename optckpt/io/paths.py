@@ -1,0 +1,31 @@
+"""Paths that a checkpoint names (DCP shards, safetensors index shards): kept inside the directory
+the user gave, and only ever regular files (a FIFO or a device would hang or flood a read)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ..errors import LoadError
+
+__all__ = ["member_path", "require_regular"]
+
+
+def member_path(root: str, rel: object, what: str) -> str:
+    """``root/rel`` for a relative name the checkpoint gives, refusing absolute paths, ``..``
+    components, empty parts and NUL bytes (``what`` names the file that gave it, for the error)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) \
+            or any(part in ("..", "") for part in rel.replace("\\", "/").split("/")):
+        raise LoadError(f"{what}: names the path {rel!r}, which leaves the checkpoint directory; refused")
+    return os.path.join(root, rel)
+
+
+def require_regular(path: str, what: str) -> int:
+    """The size of ``path``, which must exist and be a regular file (after symlinks); else one line."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise LoadError(f"{what}: {os.path.basename(path)!r} is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LoadError(f"{what}: {os.path.basename(path)!r} is not a regular file; refused")
+    return st.st_size
