@@ -59,6 +59,22 @@ def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
     ctx.exit(EXIT_ERROR)
 
 
+def _note_stale(out: str | None) -> None:
+    """Name the temp files that earlier, killed runs writing ``out`` left beside it."""
+    from .io.write import stale_temps
+
+    stale = stale_temps(out) if out else []
+    if stale:
+        click.echo(f"optckpt: note: {len(stale)} temp file(s) left by an interrupted earlier run beside {out}; "
+                   f"remove with: rm -r {' '.join(_shell_quote(p) for p in stale)}", err=True)
+
+
+def _shell_quote(p: str) -> str:
+    import shlex
+
+    return shlex.quote(p)
+
+
 def format_option(f: F) -> F:
     return click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                         show_default=True, help="Output format; json prints only JSON on stdout.")(f)
@@ -133,6 +149,8 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
 def write_options(f: F) -> F:
     f = click.option("--no-verify", "no_verify", is_flag=True,
                      help="Skip re-reading the output to check it bit for bit.")(f)
+    f = click.option("--replace-backup", is_flag=True,
+                     help="With --in-place: replace an existing PATH.bak (refused otherwise).")(f)
     f = click.option("--in-place", is_flag=True, help="Rewrite PATH itself (the original is kept as PATH.bak).")(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)
     f = click.option("-o", "--output", "output", type=click.Path(), default=None, help="Where to write.")(f)
@@ -158,7 +176,7 @@ def write_options(f: F) -> F:
 @format_option
 def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
           renames: tuple[str, ...], optimizer_key: str | None, models: str | None, output: str | None,
-          dry_run: bool, in_place: bool, no_verify: bool, missing: str, unexpected: str, shape_mismatch: str,
+          dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool, missing: str, unexpected: str, shape_mismatch: str,
           allow_ambiguous: bool, hparams: str, fmt: str) -> None:
     """Rewrite optimizer state so the unchanged resume script (plain load_state_dict) is right.
 
@@ -169,8 +187,10 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     plan, written = remap_checkpoint(
         path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
         optimizer_key=optimizer_key, models=models.split(",") if models else None, dry_run=dry_run,
-        in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle)
+        in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
+        replace_backup=replace_backup)
     report = plan.as_json() | {"written": written}
+    _note_stale(written)
     click.echo(to_json(report) if fmt == "json" else render_plan(report))
 
 
@@ -188,14 +208,17 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
 @format_option
 def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: str | None, trust_pickle: bool,
           source: str | None, renames: tuple[str, ...], optimizer_key: str | None, models: str | None,
-          output: str | None, dry_run: bool, in_place: bool, no_verify: bool, fmt: str) -> None:
+          output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool,
+          fmt: str) -> None:
     """Drop or re-initialise the optimizer state of selected parameters (e.g. a re-initialised head)."""
     result, written = reset_checkpoint(
         path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path, source=source,
         optimizer_key=optimizer_key, models=models.split(",") if models else None, dry_run=dry_run,
-        in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle)
+        in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
+        replace_backup=replace_backup)
     report = {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
               "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written}
+    _note_stale(written)
     if fmt == "json":
         click.echo(to_json(report))
     else:
@@ -226,8 +249,8 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
 def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: float | None, scale_lr: float | None,
             weight_decay: float | None, scale_weight_decay: float | None, raw_sets: tuple[str, ...],
             sched_mode: str, optimizer_key: str | None, models: str | None, model_path: str | None,
-            trust_pickle: bool, output: str | None, dry_run: bool, in_place: bool, no_verify: bool,
-            fmt: str) -> None:
+            trust_pickle: bool, output: str | None, dry_run: bool, in_place: bool, replace_backup: bool,
+            no_verify: bool, fmt: str) -> None:
     """Change param-group hyperparameters (lr, weight_decay, any key) consistently with schedulers."""
     if lr is not None and scale_lr is not None:
         raise click.UsageError("--lr and --scale-lr are exclusive")
@@ -242,9 +265,11 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
     result, written = set_checkpoint(
         path, output, changes, groups=groups, params=params, raw_sets=raw_sets, follow=sched_mode == "follow",
         model=model_path, optimizer_key=optimizer_key, models=models.split(",") if models else None,
-        dry_run=dry_run, in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle)
+        dry_run=dry_run, in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
+        replace_backup=replace_backup)
     report = {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
               "after": result.after, "notes": result.notes, "written": written}
+    _note_stale(written)
     if fmt == "json":
         click.echo(to_json(report))
         return
@@ -319,6 +344,7 @@ def convert(path: str, to: str, output: str, model_path: str | None, trust_pickl
     """Convert between layouts (index-based torch checkpoint <-> DCP, DCP -> single file, -> safetensors)."""
     written = convert_checkpoint(path, to, output, model=model_path, source=source, optimizer_key=optimizer_key,
                                  models=models.split(",") if models else None, trust_pickle=trust_pickle)
+    _note_stale(written)
     click.echo(f"written: {written}")
 
 

@@ -15,7 +15,17 @@ from .checkpoint import Checkpoint, OptimizerState
 from .errors import FormatError, MappingError, WriteError
 from .io import load
 from .io.dcp import is_dcp_dir
-from .io.write import replace_at, resolve_output, write_checkpoint
+from .io.write import (
+    commit_dir,
+    commit_file,
+    copy_mode,
+    new_output,
+    replace_at,
+    resolve_output,
+    temp_dir,
+    temp_file,
+    write_checkpoint,
+)
 from .kernels import fill_tensors
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
 from .remap import Policy, RemapPlan, apply_plan, attach_lbfgs_layout, build_plan, remap_scheduler
@@ -26,14 +36,15 @@ __all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_ch
 
 
 def _open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: str | None, dry_run: bool,
-                   in_place: bool, trust_pickle: bool) -> tuple[Checkpoint, OptimizerState, str | None]:
+                   in_place: bool, trust_pickle: bool,
+                   replace_backup: bool = False) -> tuple[Checkpoint, OptimizerState, str | None]:
     """Load a checkpoint to edit, check where the result may go, and pick the optimizer."""
     ck = load(path, model=model, trust_pickle=trust_pickle)
     if ck.layout == "dcp":
         raise WriteError(f"{ck.path}: editing DCP checkpoints is not supported yet; `optckpt convert --to torch` "
                          "it, repair the single file, and `optckpt convert --to dcp` back")
     if not dry_run:
-        out = resolve_output(path, out, in_place)
+        out = resolve_output(path, out, in_place, replace_backup=replace_backup)
     return ck, ck.optimizer(optimizer_key), out
 
 
@@ -71,13 +82,15 @@ def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequenc
 
     if dry_run:
         return plan, None
-    if out is None or os.path.exists(out):
-        raise WriteError(f"{out}: give a new directory with -o (DCP output is a directory)")
+    if out is None:
+        raise WriteError("no output given: pass -o NEW_DIR (DCP output is a new directory)")
+    out = new_output(out)
     from .io.dcp import rewrite_dcp
 
-    rewrite_dcp(path, out, rename)
-    if verify:
-        new = load(out)
+    def check(tmp: str) -> None:
+        if not verify:
+            return
+        new = load(tmp)
         old_models = {m.name: m for m in ck.models}
         for m in new.models:
             src_model = old_models.get(m.name)
@@ -86,12 +99,20 @@ def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequenc
             back = {rename(k): k for k in src_model.meta}
             for k in m.meta:
                 if not same_bits(m.tensors[k], src_model.tensors[back[k]]):
-                    raise WriteError(f"{out}: verification failed for {k}")
-    return plan, out
+                    raise WriteError(f"{out}: verification failed for {k} (nothing was written)")
+
+    tmp = temp_dir(os.path.dirname(os.path.abspath(out)), os.path.basename(out.rstrip(os.sep)))
+    try:
+        rewrite_dcp(path, tmp, rename)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    copy_mode(path, tmp)
+    return plan, commit_dir(tmp, out, verify=check)
 
 
 def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, in_place: bool,
-                 verify: bool) -> str:
+                 verify: bool, trust_pickle: bool = False, replace_backup: bool = False) -> str:
     """Put each new state dict where its old one sat (file + key path), write the changed files in
     the input's layout, and (``verify``) read them back bit for bit."""
     part_objs = {p.relpath: p.obj for p in ck.parts}
@@ -99,10 +120,8 @@ def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, 
     for where, new in edits:
         part_objs[where.part] = replace_at(part_objs[where.part], where.path, new)
         changed[where.part] = part_objs[where.part]
-    written = write_checkpoint(ck, out, changed, in_place=in_place)
-    if verify:
-        verify_output(ck, written, changed)
-    return written
+    check = (lambda tmp: verify_output(ck, tmp, changed, trust_pickle=trust_pickle)) if verify else None
+    return write_checkpoint(ck, out, changed, in_place=in_place, verify=check, replace_backup=replace_backup)
 
 
 def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
@@ -140,12 +159,14 @@ def remap_checkpoint(
     in_place: bool = False,
     verify: bool = True,
     trust_pickle: bool = False,
+    replace_backup: bool = False,
 ) -> tuple[RemapPlan, str | None]:
     """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right."""
     if is_dcp_dir(path):
         return _remap_dcp(path, target_spec, out, renames=renames, policy=policy, dry_run=dry_run,
                           in_place=in_place, verify=verify, trust_pickle=trust_pickle)
-    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle)
+    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
+                                  replace_backup)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     plan, _ = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy, parse_rename(renames))
@@ -158,7 +179,8 @@ def remap_checkpoint(
     n_groups = len(opt.state_dict.get("param_groups", []))
     edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
     assert out is not None
-    written = _write_edits(ck, out, edits, in_place=in_place, verify=verify)
+    written = _write_edits(ck, out, edits, in_place=in_place, verify=verify,
+                           trust_pickle=trust_pickle, replace_backup=replace_backup)
     return plan, written
 
 
@@ -212,6 +234,7 @@ def reset_checkpoint(
     in_place: bool = False,
     verify: bool = True,
     trust_pickle: bool = False,
+    replace_backup: bool = False,
 ) -> tuple[ResetResult, str | None]:
     """``optckpt reset``: drop or re-initialise the state of parameters matching ``params`` globs.
 
@@ -222,7 +245,8 @@ def reset_checkpoint(
         raise FormatError(f"--mode {mode!r}: expected drop or zero")
     if keys and mode == "drop":
         mode = "zero"
-    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle)
+    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
+                                  replace_backup)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
     selected: list[tuple[int, str]] = []
     for e in mapping.entries:
@@ -262,7 +286,8 @@ def reset_checkpoint(
     if dry_run:
         return result, None
     assert out is not None
-    written = _write_edits(ck, out, [(opt, new_sd)], in_place=in_place, verify=verify)
+    written = _write_edits(ck, out, [(opt, new_sd)], in_place=in_place, verify=verify,
+                           trust_pickle=trust_pickle, replace_backup=replace_backup)
     return result, written
 
 
@@ -283,7 +308,7 @@ def same_bits(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def verify_output(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any]) -> None:
+def verify_output(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *, trust_pickle: bool = False) -> None:
     """Re-read what was written: every rewritten file must hold exactly the intended object (each
     tensor bit for bit: unchanged ones identical to the input, moved ones equal to their source),
     and every file copied from a directory checkpoint must have its original size."""
@@ -292,10 +317,10 @@ def verify_output(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any]) ->
     single = not os.path.isdir(out)
     for relpath, intended in changed_parts.items():
         path = out if single else os.path.join(out, relpath)
-        got = load_torch_file(path).obj
+        got = load_torch_file(path, trust_pickle=trust_pickle, quiet=True).obj
         if not same_bits(got, intended):
             raise WriteError(f"{path}: verification failed: the written file differs from what was meant "
-                             "(the output is kept for inspection; the input is untouched)")
+                             "(nothing was written; the input is untouched)")
     if not single:
         for p in ck.parts:
             if p.relpath in changed_parts:
@@ -321,11 +346,13 @@ def set_checkpoint(
     in_place: bool = False,
     verify: bool = True,
     trust_pickle: bool = False,
+    replace_backup: bool = False,
 ) -> tuple[Any, str | None]:
     """``optckpt set``: change group hyperparameters so the resumed run really uses them."""
     from .hparams import SetResult, parse_set, rewrite, select_groups
 
-    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle)
+    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
+                                  replace_backup)
     sd_groups = opt.state_dict.get("param_groups", [])
     all_changes = list(changes) + [parse_set(s, sd_groups) for s in raw_sets]
     if not all_changes:
@@ -342,7 +369,8 @@ def set_checkpoint(
     if dry_run:
         return result, None
     assert out is not None
-    written = _write_edits(ck, out, [(opt, new_opt), *zip(scheds, new_scheds)], in_place=in_place, verify=verify)
+    written = _write_edits(ck, out, [(opt, new_opt), *zip(scheds, new_scheds)], in_place=in_place, verify=verify,
+                           trust_pickle=trust_pickle, replace_backup=replace_backup)
     return result, written
 
 
@@ -383,27 +411,26 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
     from .io.write import atomic_torch_save
 
     ck = load(path, model=model, trust_pickle=trust_pickle)
-    if os.path.exists(out):
-        raise WriteError(f"{out}: already exists; choose a new name")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise WriteError(f"{out}: the directory {parent} does not exist")
+    out = new_output(out)
+    dest_dir, final = os.path.dirname(os.path.abspath(out)), os.path.basename(out.rstrip(os.sep))
     data_models = [m for m in ck.models if len(m.tensors) == len(m.meta)]
     if not data_models:
         raise FormatError(f"{path}: no model weights to convert")
     main = data_models[0]
+    mode_from = path if os.path.isfile(path) else None
     if to == "safetensors":
-        from safetensors.torch import save_file
+        from .io.safetensors_io import save_safetensors
 
-        tensors = {k: main.tensors[k].contiguous() for k in main.meta if k not in main.tied}
-        tmp = out + ".tmp"
+        tensors = {k: main.tensors[k] for k in main.meta if k not in main.tied}
+        tmp = temp_file(dest_dir, final)
         try:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-            os.replace(tmp, out)
-        except OSError as e:
+            save_safetensors(tensors, tmp)
+        except BaseException:
             _remove(tmp)
-            raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
-        return out
+            raise
+        if mode_from:
+            copy_mode(mode_from, tmp)
+        return commit_file(tmp, out, verify=lambda t: _verify_converted(t, {"model": tensors}), no_clobber=True)
     state: dict[str, Any] = {"model": {k: main.tensors[k] for k in main.meta}}
     if ck.optimizers:
         opt = ck.optimizer(optimizer_key)
@@ -415,20 +442,36 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
     if ck.extras:
         state["extra"] = {k: v for k, v in ck.extras.items() if isinstance(v, (int, float, str, bool))}
     if to == "dcp":
-        tmpdir = out + ".tmp"
+        from .io.dcp import save_dcp
+
+        tmpdir = temp_dir(dest_dir, final)
         try:
             save_dcp(state, tmpdir)
-            os.rename(tmpdir, out)
         except (KeyboardInterrupt, SystemExit):
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise
         except BaseException as e:  # DCP's CheckpointException derives from BaseException
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise WriteError(f"{out}: DCP write failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        return out
+        copy_mode(path, tmpdir)
+        return commit_dir(tmpdir, out, verify=lambda t: _verify_converted(t, state))
     if to == "torch":
-        return atomic_torch_save(state, out)
+        from .io.write import atomic_torch_save
+
+        return atomic_torch_save(state, out, verify=lambda t: _verify_converted(t, state), mode_from=mode_from)
     raise FormatError(f"--to {to!r}: expected dcp, torch or safetensors")
+
+
+def _verify_converted(tmp: str, state: Mapping[str, Any]) -> None:
+    """A converted output read back through optckpt's own loader: every model tensor bit for bit."""
+    got = load(tmp)
+    model = next((m for m in got.models if len(m.meta)), None)
+    want = state.get("model", {})
+    if model is None or set(model.meta) != set(want):
+        raise WriteError(f"{tmp}: verification failed: the model tensors read back differ (nothing was written)")
+    for k, t in want.items():
+        if not same_bits(model.tensors[k], t):
+            raise WriteError(f"{tmp}: verification failed for {k} (nothing was written)")
 
 
 def _remove(path: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, SchedulerState, TensorMeta
-from ..errors import LoadError, UnsafePickleError
+from ..errors import LoadError, UnsafePickleError, WriteError
 from .paths import member_path, require_regular
 
 __all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp"]
@@ -358,9 +358,10 @@ def save_dcp(state: dict[str, Any], out: str) -> None:
         dcp.save(state, checkpoint_id=out, no_dist=True)
 
 
-def rewrite_dcp(src: str, out: str, rename: Any) -> dict[str, int]:
+def rewrite_dcp(src: str, tmp: str, rename: Any) -> dict[str, int]:
     """A DCP checkpoint with parameter FQNs renamed (``rename(fqn) -> new fqn``, or None to drop the
-    parameter's entries), written to the new directory ``out``.
+    parameter's entries), written into the empty (temp) directory ``tmp``; the caller verifies it
+    and renames it into place.
 
     Nothing is re-serialised: the shard files are copied as they are (``shutil.copyfile``: a kernel
     copy), the metadata's keys are renamed, dropped entries simply lose their metadata, and only the
@@ -368,7 +369,6 @@ def rewrite_dcp(src: str, out: str, rename: Any) -> dict[str, int]:
     bounded by the metadata, whatever the checkpoint size."""
     import dataclasses
     import shutil
-    import tempfile
 
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -398,13 +398,12 @@ def rewrite_dcp(src: str, out: str, rename: Any) -> dict[str, int]:
                   for k, v in _dcp_load(src, {k: io.BytesIO() for k in params_keys}).items()} if params_keys else {}
     counts = {"renamed": sum(1 for k, v in key_map.items() if v is not None and v != k),
               "dropped": sum(1 for v in key_map.values() if v is None)}
-    parent = os.path.dirname(os.path.abspath(out))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
     try:
-        for name in os.listdir(src):
-            if name != ".metadata" and os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-        extra_name = "__optckpt_0.distcp"
+        for name in {info.relative_path for info in md.storage_data.values()}:
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        names = {info.relative_path for info in md.storage_data.values()}
+        extra_name = next(f"__optckpt_{i}.distcp" for i in range(len(names) + 1)
+                          if f"__optckpt_{i}.distcp" not in names)
         extra_info: dict[str, tuple[int, int]] = {}
         with open(os.path.join(tmp, extra_name), "wb") as f:
             for k, value in new_params.items():
@@ -430,10 +429,6 @@ def rewrite_dcp(src: str, out: str, rename: Any) -> dict[str, int]:
             pickle.dump(new_md, f)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, out)
-    except BaseException:
-        import shutil as _sh
-
-        _sh.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as e:
+        raise WriteError(f"{tmp}: write failed: {e.strerror or e}") from None
     return counts

@@ -12,7 +12,7 @@ from ..checkpoint import TensorMeta
 from ..errors import LoadError
 from .paths import member_path, require_regular
 
-__all__ = ["LazySafetensors", "read_header", "open_safetensors", "open_sharded_index"]
+__all__ = ["LazySafetensors", "read_header", "open_safetensors", "open_sharded_index", "save_safetensors"]
 
 _DTYPE_SIZES = {
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
@@ -123,3 +123,41 @@ def open_sharded_index(index_path: str) -> tuple[LazySafetensors, dict[str, Tens
         raise LoadError(f"{index_path}: {len(missing)} tensors listed but absent from their shards, "
                         f"e.g. {missing[0]!r}")
     return LazySafetensors(files, meta), meta, shards
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file at ``path`` (an existing temp file), fsynced.
+
+    Written here rather than with ``safetensors.torch.save_file``, which needs numpy (not a
+    dependency of optckpt). The format: an 8-byte little-endian header length, a JSON header
+    (dtype, shape, data offsets per tensor, padded with spaces to 8 bytes), then the raw bytes in
+    header order. Each tensor's bytes are written straight from its memory (no copy)."""
+    import ctypes
+    import sys
+
+    if sys.byteorder != "little":
+        raise LoadError("writing safetensors needs a little-endian machine")
+    codes = {name: code for code, (name, _) in _DTYPE_SIZES.items()}
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    order: list[tuple[str, torch.Tensor]] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in codes:
+            raise LoadError(f"{name}: dtype {dtype} has no safetensors code")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": codes[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        order.append((name, t))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, t in order:
+            n = t.numel() * t.element_size()
+            if n:
+                f.write((ctypes.c_char * n).from_address(t.data_ptr()))
+        f.flush()
+        os.fsync(f.fileno())

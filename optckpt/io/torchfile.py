@@ -17,6 +17,7 @@ from ..errors import LoadError, UnsafePickleError
 __all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
+_CRC_CHECK_LIMIT = 1 << 30  # metadata records up to this size have their CRC checked on load
 
 
 def sniff(path: str) -> str:
@@ -88,14 +89,16 @@ class TorchLoad:
     zip_format: bool
 
 
-def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None = None) -> TorchLoad:
+def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None = None,
+                    quiet: bool = False) -> TorchLoad:
     """``torch.load`` with ``weights_only=True`` (never executes code), memory-mapped when the
     file is zip-format, always onto the CPU (CUDA-saved files load on CPU-only machines).
 
     Records the storage locations the file was saved with (``cuda:0``, ``cpu``) without moving
     anything there. A pickle needing other globals raises :class:`UnsafePickleError` naming them,
     unless ``trust_pickle`` (then it is loaded with full pickle, loudly). ``kind``: what
-    :func:`sniff` already said of the file, so that it is not read twice."""
+    :func:`sniff` already said of the file, so that it is not read twice; ``quiet``: no trust
+    warning (a re-read of what this process just wrote)."""
     kind = kind or sniff(path)
     if kind == "empty":
         raise LoadError(f"{path}: empty file (0 bytes): not a checkpoint")
@@ -111,7 +114,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
         return storage
 
     try:
-        if trust_pickle:
+        if trust_pickle and not quiet:
             print(
                 f"optckpt: warning: --trust-pickle: loading {path} with full pickle; "
                 "this can execute code from the file",
@@ -139,11 +142,24 @@ def _check_zip(path: str) -> None:
     """Validate the zip container before torch touches it: torch reports truncation poorly."""
     try:
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except Exception as e:  # BadZipFile, OSError, ValueError, NotImplementedError (bad version field), ...
+            infos = z.infolist()
+            pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+            if not pickles:
+                raise LoadError(f"{path}: a zip file, but not one written by torch.save (no data.pkl)")
+            # torch never checks the CRCs it writes: the pickle (and the small records beside it) are
+            # checked here, so a flipped bit in data.pkl is a corrupt file, not a silently wrong value.
+            # Tensor records are not read at load time (memory-mapped); their CRCs are not checked.
+            packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
+            if packed is not None:  # torch.save stores every record uncompressed; inflating one is unbounded work
+                raise LoadError(f"{path}: record {packed.filename!r} is compressed, which torch.save never writes; "
+                                "refused (a zip bomb or a re-packed file)")
+            for i in infos:
+                if "/data/" not in i.filename and i.file_size <= _CRC_CHECK_LIMIT:
+                    z.read(i)
+    except LoadError:
+        raise
+    except Exception as e:  # BadZipFile (incl. CRC), OSError, ValueError, NotImplementedError (version field), ...
         raise LoadError(f"{path}: truncated or corrupt zip container ({_first_line(e)})") from None
-    if not any(n.endswith("data.pkl") for n in names):
-        raise LoadError(f"{path}: a zip file, but not one written by torch.save (no data.pkl)")
 
 
 def _first_line(e: BaseException) -> str:

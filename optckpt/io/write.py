@@ -1,13 +1,22 @@
-"""Writing a changed checkpoint in the layout it was read from: atomically, never over the input
-unless asked (then a ``.bak`` is kept), opaque parts copied byte-for-byte."""
+"""Writing a changed checkpoint in the layout it was read from.
+
+The promise: the final path holds either what was there before or a complete, *verified* result.
+Every output is written to a temp file (or directory) created exclusively beside it, fsynced,
+verified there, and only then renamed into place. Temp names carry the writer's pid, so the temp
+files a killed run leaves behind are recognised (and named) by the next run. Nothing is written
+through a symlink, into a FIFO or device, or over an existing backup unless asked. ``--in-place``
+keeps the original as ``PATH.bak`` (a hard link to the original inode: no copy, no partial
+backup on a full disk)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +25,13 @@ from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
 from .records import rewrite_records
 
-__all__ = ["replace_at", "write_checkpoint", "resolve_output", "atomic_torch_save"]
+__all__ = ["replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
+           "temp_file", "temp_dir", "commit_file", "commit_dir", "stale_temps"]
+
+Verify = Callable[[str], None]
+"""Checks a written temp file/directory (raises :class:`WriteError`); runs before the final rename."""
+
+_NAME_KEEP = 120  # temp names embed at most this much of the output's name (NAME_MAX is 255)
 
 
 def replace_at(obj: Any, path: KeyPath, new: Any) -> Any:
@@ -39,26 +54,138 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def resolve_output(src: str, out: str | None, in_place: bool) -> str:
-    """Where to write, refusing to clobber the input unless ``in_place``."""
+def _check_writable_target(out: str) -> None:
+    """An existing path we would replace must be a plain file (never a link, FIFO or device)."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise WriteError(f"{out}: cannot check the output path: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise WriteError(f"{out}: is a symbolic link; name the real output path (nothing is written through links)")
+    if stat.S_ISDIR(st.st_mode):
+        raise WriteError(f"{out}: is a directory; name the output file")
+    if not stat.S_ISREG(st.st_mode):
+        raise WriteError(f"{out}: is not a regular file (a FIFO, socket or device); refused")
+
+
+def backup_path(src: str) -> str:
+    return os.path.realpath(src).rstrip(os.sep) + ".bak"
+
+
+def resolve_output(src: str, out: str | None, in_place: bool, *, replace_backup: bool = False) -> str:
+    """Where to write, refusing to clobber the input unless ``in_place`` (then the input's real path,
+    after checking that a backup can be kept)."""
     if in_place:
         if out is not None and not _same_file(src, out):
             raise WriteError("--in-place writes over the input: do not also give -o/--output")
-        if not os.access(os.path.dirname(os.path.realpath(src)) or ".", os.W_OK):
+        real = os.path.realpath(src)  # a symlinked input: rewrite the file it points to, keep the link
+        if not os.access(os.path.dirname(real) or ".", os.W_OK):
             raise WriteError(f"{src}: its directory is not writable")
-        return os.path.realpath(src)  # a symlinked input: rewrite the file it points to, keep the link
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise WriteError(f"{src}: {e.strerror or e}") from None
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            raise WriteError(f"{src}: has {st.st_nlink} hard links; rewriting it in place would leave the other "
+                             "names with the old content. Write a new file with -o instead")
+        bak = backup_path(src)
+        if os.path.lexists(bak) and not replace_backup:
+            raise WriteError(f"{bak}: a previous backup is in the way; move it away or pass --replace-backup")
+        if os.path.lexists(bak) and not (os.path.isdir(bak) if os.path.isdir(real) else
+                                         stat.S_ISREG(os.lstat(bak).st_mode)):
+            raise WriteError(f"{bak}: exists and is not a {'directory' if os.path.isdir(real) else 'regular file'}; "
+                             "refused")
+        return real
     if out is None:
         raise WriteError("no output given: pass -o OUT (or --in-place to rewrite the input, keeping a .bak)")
-    if os.path.exists(out) and _same_file(src, out):
+    if os.path.lexists(out) and os.path.exists(out) and _same_file(src, out):
         raise WriteError(f"{out}: is the input; pass --in-place to rewrite it (a .bak is kept)")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise WriteError(f"{out}: the directory {parent} does not exist")
-    if os.path.isdir(src) and os.path.exists(out):
-        raise WriteError(f"{out}: already exists; choose a new directory name")
-    if os.path.isdir(out):
-        raise WriteError(f"{out}: is a directory; name the output file")
+    if os.path.isdir(src):
+        if os.path.lexists(out):
+            raise WriteError(f"{out}: already exists; choose a new directory name")
+        return out
+    _check_writable_target(out)
     return out
+
+
+def new_output(out: str) -> str:
+    """An output that must not exist yet (``convert``)."""
+    if os.path.lexists(out):
+        raise WriteError(f"{out}: already exists; choose a new name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise WriteError(f"{out}: the directory {parent} does not exist")
+    return out
+
+
+def _prefix(final_name: str) -> str:
+    return f".{final_name[:_NAME_KEEP]}.optckpt-{os.getpid()}."
+
+
+def temp_file(dest_dir: str, final_name: str) -> str:
+    """A new empty temp file beside the output, created exclusively (``O_EXCL``)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_prefix(final_name), suffix=".tmp", dir=dest_dir)
+        os.close(fd)
+    except OSError as e:
+        raise WriteError(f"{os.path.join(dest_dir, final_name)}: cannot create a file in {dest_dir}: "
+                         f"{e.strerror or e}") from None
+    return tmp
+
+
+def temp_dir(dest_dir: str, final_name: str) -> str:
+    try:
+        return tempfile.mkdtemp(prefix=_prefix(final_name), suffix=".tmp", dir=dest_dir)
+    except OSError as e:
+        raise WriteError(f"{os.path.join(dest_dir, final_name)}: cannot create a temporary directory in "
+                         f"{dest_dir}: {e.strerror or e}") from None
+
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.optckpt-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def stale_temps(out: str) -> list[str]:
+    """Temp files/directories that earlier, killed runs writing ``out`` left beside it (their writer
+    process is gone)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    name = os.path.basename(out.rstrip(os.sep))[:_NAME_KEEP]
+    found = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    for entry in entries:
+        m = _TEMP_RE.match(entry)
+        if m is None or m["name"] != name:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        found.append(os.path.join(parent, entry))
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -74,35 +201,25 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _save_torch(obj: Any, dest_dir: str, final_name: str, *, legacy: bool, source: str | None = None) -> str:
-    """torch.save into a temp file in ``dest_dir``, fsynced; returns the temp path (not yet renamed).
+def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) -> None:
+    """torch.save ``obj`` into the (existing, empty) temp file ``tmp`` and fsync it.
 
     torch writes to a *path* with its C++ writer straight from the memory-mapped input (a Python
     file object would route every record through Python ``bytes``: ~2.5x slower on big files). That
     writer reports a failed write only as an opaque ``unexpected pos`` RuntimeError, so the real
     cause (ENOSPC, EIO, EROFS) is found by probing the directory afterwards."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=dest_dir)
-        os.close(fd)
-    except OSError as e:
-        raise WriteError(f"{os.path.join(dest_dir, final_name)}: cannot create a file in {dest_dir}: "
-                         f"{e.strerror or e}") from None
+    dest_dir, final = os.path.dirname(tmp), os.path.basename(tmp)
     try:
         if legacy or source is None or not rewrite_records(source, obj, tmp):
             torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(tmp)
     except BaseException as e:
         _unlink(tmp)
         if isinstance(e, OSError):
-            raise WriteError(f"{os.path.join(dest_dir, final_name)}: write failed: {e.strerror or e}") from None
+            raise WriteError(f"{os.path.join(dest_dir, final)}: write failed: {e.strerror or e}") from None
         if isinstance(e, RuntimeError):
-            raise WriteError(f"{os.path.join(dest_dir, final_name)}: write failed: {_probe(dest_dir, e)}") from None
+            raise WriteError(f"{os.path.join(dest_dir, final)}: write failed: {_probe(dest_dir, e)}") from None
         raise
-    return tmp
 
 
 def _probe(dest_dir: str, err: BaseException) -> str:
@@ -129,19 +246,106 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _copy_mode(src: str, dst: str) -> None:
+def copy_mode(src: str, dst: str) -> None:
     try:
         os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))
     except OSError:
         pass
 
 
-def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *, in_place: bool = False) -> str:
+def _keep_backup(src: str, replace: bool) -> None:
+    """``src.bak`` := the current ``src`` without copying (a hard link to its inode), never following
+    a link at the backup path; copied (into an exclusive temp, then linked) where hard links fail."""
+    bak = backup_path(src)
+    dest_dir = os.path.dirname(bak)
+    tmp = os.path.join(dest_dir, _prefix(os.path.basename(bak)) + "link.tmp")
+    _unlink(tmp)
+    try:
+        os.link(src, tmp, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP):
+            raise
+        tmp = temp_file(dest_dir, os.path.basename(bak))
+        shutil.copyfile(src, tmp)
+        copy_mode(src, tmp)
+        _fsync_path(tmp)
+    try:
+        if replace:
+            os.replace(tmp, bak)  # replaces whatever name sits there; never writes through it
+        else:
+            os.link(tmp, bak, follow_symlinks=False)  # no-clobber: EEXIST if a backup appeared meanwhile
+            os.unlink(tmp)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def commit_file(tmp: str, out: str, *, verify: Verify | None = None, no_clobber: bool = False,
+                in_place: bool = False, replace_backup: bool = False) -> str:
+    """Verify the fsynced temp file, then rename it to ``out`` (keeping a backup ``in_place``).
+    On any failure the temp file is removed and ``out`` is as it was."""
+    try:
+        if verify is not None:
+            verify(tmp)
+        if in_place:
+            _keep_backup(out, replace_backup)
+        if no_clobber:
+            os.link(tmp, out)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
+        _unlink(tmp)
+        if isinstance(e, FileExistsError):
+            raise WriteError(f"{e.filename or out}: appeared while writing (another run?); nothing replaced") from None
+        if isinstance(e, OSError):
+            raise WriteError(f"{out}: cannot write: {e.strerror or e}") from None
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(out)))
+    return out
+
+
+def commit_dir(tmpdir: str, out: str, *, verify: Verify | None = None, in_place: bool = False,
+               replace_backup: bool = False) -> str:
+    """Verify the temp directory, then rename it to ``out`` (which must not exist, or is the input
+    when ``in_place``: the input becomes ``out.bak``). On failure the temp directory is removed."""
+    parent = os.path.dirname(os.path.abspath(out))
+    old_bak: str | None = None
+    try:
+        _fsync_dir(tmpdir)
+        if verify is not None:
+            verify(tmpdir)
+        if in_place:
+            bak = backup_path(out)
+            if os.path.lexists(bak):
+                if not replace_backup:
+                    raise WriteError(f"{bak}: a previous backup is in the way; move it away or pass --replace-backup")
+                old_bak = temp_dir(parent, os.path.basename(bak))
+                os.replace(bak, old_bak)
+            os.rename(out, bak)
+            os.rename(tmpdir, out)
+        else:
+            if os.path.lexists(out):
+                raise WriteError(f"{out}: appeared while writing (another run?); nothing replaced")
+            os.rename(tmpdir, out)
+    except BaseException as e:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
+        raise
+    if old_bak is not None:
+        shutil.rmtree(old_bak, ignore_errors=True)
+    _fsync_dir(parent)
+    return out
+
+
+def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *, in_place: bool = False,
+                     verify: Verify | None = None, replace_backup: bool = False) -> str:
     """Write ``ck`` to ``out`` with the objects in ``changed_parts`` (part relpath → new object).
 
-    File layouts: one temp file + ``os.replace``. Directory layouts: a temp directory beside
-    ``out`` holding every file (changed ones re-saved, the rest copied byte-for-byte), then renamed
-    into place. With ``in_place`` the original is kept as ``PATH.bak``."""
+    File layouts: one temp file, verified, then renamed. Directory layouts: a temp directory beside
+    ``out`` holding every file (changed ones re-saved, the rest copied byte-for-byte, symlinks kept
+    as links, never followed), verified, then renamed into place. ``verify`` gets the temp path."""
     if ck.layout == "dcp":
         raise WriteError(f"{ck.path}: rewriting DCP checkpoints in place is not supported yet; "
                          "`optckpt convert --to torch` it, repair, and `convert --to dcp` back")
@@ -149,74 +353,55 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
     dest_dir = os.path.dirname(os.path.abspath(out))
     try:
         if os.path.isdir(src):
-            return _write_directory(ck, out, changed_parts, in_place)
+            return _write_directory(ck, src, out, changed_parts, in_place, verify, replace_backup)
         part = next(p for p in ck.parts if p.relpath == os.path.basename(ck.path))
         if part.relpath not in changed_parts:
             raise WriteError("internal: nothing to write")
-        tmp = _save_torch(changed_parts[part.relpath], dest_dir, os.path.basename(out), legacy=not part.zip_format,
-                          source=ck.path)
-        try:
-            _copy_mode(src, tmp)
-            if in_place:
-                bak = src + ".bak"
-                shutil.copy2(src, bak)
-            os.replace(tmp, out)
-        except OSError as e:
-            _unlink(tmp)
-            raise WriteError(f"{out}: cannot write: {e.strerror or e}") from None
-        _fsync_dir(dest_dir)
-        return out
+        tmp = temp_file(dest_dir, os.path.basename(out))
+        _save_torch(changed_parts[part.relpath], tmp, legacy=not part.zip_format, source=ck.path)
+        copy_mode(src, tmp)
+        return commit_file(tmp, out, verify=verify, in_place=in_place, replace_backup=replace_backup)
     except PermissionError as e:
         raise WriteError(f"{out}: permission denied ({e.strerror or e})") from None
 
 
-def _write_directory(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], in_place: bool) -> str:
-    src = os.path.realpath(ck.path) if in_place else ck.path
+def _write_directory(ck: Checkpoint, src: str, out: str, changed_parts: Mapping[str, Any], in_place: bool,
+                     verify: Verify | None, replace_backup: bool) -> str:
     parent = os.path.dirname(os.path.abspath(out))
+    tmpdir = temp_dir(parent, os.path.basename(out.rstrip(os.sep)))
     try:
-        tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise WriteError(f"{out}: cannot create a temporary directory in {parent}: {e.strerror or e}") from None
-    try:
+        copy_mode(src, tmpdir)
         for name in sorted(os.listdir(src)):
             full = os.path.join(src, name)
+            dst = os.path.join(tmpdir, name)
             part = next((p for p in ck.parts if p.relpath == name), None)
+            st = os.lstat(full)
             if name in changed_parts and part is not None:
-                tmp = _save_torch(changed_parts[name], tmpdir, name, legacy=not part.zip_format, source=full)
-                _copy_mode(full, tmp)
-                os.replace(tmp, os.path.join(tmpdir, name))
-            elif os.path.isdir(full):
-                shutil.copytree(full, os.path.join(tmpdir, name), symlinks=True)
-            else:
-                shutil.copy2(full, os.path.join(tmpdir, name), follow_symlinks=False)
-                with open(os.path.join(tmpdir, name), "rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmpdir)
-        if in_place:
-            bak = src.rstrip(os.sep) + ".bak"
-            if os.path.exists(bak):
-                raise WriteError(f"{bak}: a previous backup is in the way; move it first")
-            os.replace(src, bak)
-            os.replace(tmpdir, src)
-        else:
-            os.rename(tmpdir, out)
-        _fsync_dir(parent)
-        return out
+                tmp = temp_file(tmpdir, name)
+                _save_torch(changed_parts[name], tmp, legacy=not part.zip_format, source=full)
+                copy_mode(full, tmp)
+                os.replace(tmp, dst)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(full), dst)  # a link stays a link: never followed out of the checkpoint
+            elif stat.S_ISDIR(st.st_mode):
+                shutil.copytree(full, dst, symlinks=True)
+            elif stat.S_ISREG(st.st_mode):
+                shutil.copy2(full, dst, follow_symlinks=False)
+                _fsync_path(dst)
+            # FIFOs, sockets and devices are not checkpoint content: not carried
     except BaseException as e:
         shutil.rmtree(tmpdir, ignore_errors=True)
         if isinstance(e, OSError):
             raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
         raise
+    return commit_dir(tmpdir, out, verify=verify, in_place=in_place, replace_backup=replace_backup)
 
 
-def atomic_torch_save(obj: Any, out: str) -> str:
-    """``torch.save(obj, out)`` atomically: temp file, fsync, rename, directory fsync."""
+def atomic_torch_save(obj: Any, out: str, *, verify: Verify | None = None, mode_from: str | None = None) -> str:
+    """``torch.save(obj, out)`` to a new path: exclusive temp, fsync, verify, no-clobber rename."""
     dest_dir = os.path.dirname(os.path.abspath(out))
-    tmp = _save_torch(obj, dest_dir, os.path.basename(out), legacy=False)
-    try:
-        os.replace(tmp, out)
-    except OSError as e:
-        _unlink(tmp)
-        raise WriteError(f"{out}: cannot write: {e.strerror or e}") from None
-    _fsync_dir(dest_dir)
-    return out
+    tmp = temp_file(dest_dir, os.path.basename(out))
+    _save_torch(obj, tmp, legacy=False)
+    if mode_from is not None:
+        copy_mode(mode_from, tmp)
+    return commit_file(tmp, out, verify=verify, no_clobber=True)
