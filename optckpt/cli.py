@@ -173,7 +173,8 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     mapping = infer_mapping(ck, opt, source_names=source_names,
                             models=models.split(",") if models else None)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
-    mapping = name_by_target_shapes(mapping, target.names, target.shapes)
+    if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
+        mapping = name_by_target_shapes(mapping, target.names, target.shapes)
     report = check_mapping(mapping, target, parse_rename(renames)).as_json()
     click.echo(to_json(report) if fmt == "json" else render_check(report))
     sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
