@@ -11,11 +11,22 @@ import warnings
 # one line on stderr. Only this exact, benign message is filtered.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
-if _typing.TYPE_CHECKING:
-    from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
-    from .errors import FormatError, LoadError, MappingError, OptckptError, TargetError, UnsafePickleError, WriteError
-    from .io import load
-    from .resume import LoadReport, enable_load_by_name, load_optimizer_state_dict
+if _typing.TYPE_CHECKING:  # the names as type checkers see them (the ``as`` form marks a re-export)
+    from .checkpoint import Checkpoint as Checkpoint
+    from .checkpoint import ModelState as ModelState
+    from .checkpoint import OptimizerState as OptimizerState
+    from .checkpoint import SchedulerState as SchedulerState
+    from .errors import FormatError as FormatError
+    from .errors import LoadError as LoadError
+    from .errors import MappingError as MappingError
+    from .errors import OptckptError as OptckptError
+    from .errors import TargetError as TargetError
+    from .errors import UnsafePickleError as UnsafePickleError
+    from .errors import WriteError as WriteError
+    from .io import load as load
+    from .resume import LoadReport as LoadReport
+    from .resume import enable_load_by_name as enable_load_by_name
+    from .resume import load_optimizer_state_dict as load_optimizer_state_dict
 
 __version__ = "0.1.0"
 

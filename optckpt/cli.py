@@ -257,7 +257,8 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
         click.echo(to_json(report))
     else:
         what = f"keys {', '.join(result.keys)}" if result.keys else "whole state entries"
-        click.echo(f"optimizer {result.optimizer}: {result.mode} {what} of {plural(len(result.selected), 'parameter')}:")
+        n = plural(len(result.selected), "parameter")
+        click.echo(f"optimizer {result.optimizer}: {result.mode} {what} of {n}:")
         click.echo(table([[i, n] for i, n in result.selected], ["index", "parameter"]))
         click.echo(f"written: {written}" if written else "dry run: nothing written")
 

@@ -309,10 +309,10 @@ def _infer(ck: Checkpoint, opt: OptimizerState, source_names: Sequence[Sequence[
 def name_by_target_shapes(mapping: OptimizerMapping, names: Sequence[str],
                           shapes: Mapping[str, tuple[int, ...]]) -> OptimizerMapping:
     """The weakest evidence, for an optimizer saved without any model (call it only then; it acts only on
-    ``evidence == "none"``): the new code's parameter shapes. An index is named only when its state's shape occurs once among the
-    optimizer's indices and once among the target's parameters (evidence ``target-shapes``, "named by
-    shape only"); the others keep the target parameters of their shape as candidates. Any other
-    mapping is returned unchanged."""
+    ``evidence == "none"``): the new code's parameter shapes. An index is named only when its state's
+    shape occurs once among the optimizer's indices and once among the target's parameters (evidence
+    ``target-shapes``, "named by shape only"); the others keep the target parameters of their shape as
+    candidates. Any other mapping is returned unchanged."""
     if mapping.evidence != "none" or not shapes:
         return mapping
     by_shape: dict[tuple[int, ...], list[str]] = {}

@@ -86,7 +86,8 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         out.append("")
         dt = ", ".join(f"{k}×{v}" for k, v in m["dtypes"].items())
         order = "registration order" if m["order_trusted"] else "sorted by name: not the registration order"
-        out.append(f"model {m['name']}: {plural(m['num_tensors'], 'tensor')}, {human_bytes(m['bytes'])} ({dt}); {order}")
+        size = human_bytes(m["bytes"])
+        out.append(f"model {m['name']}: {plural(m['num_tensors'], 'tensor')}, {size} ({dt}); {order}")
         rows = []
         for t in m["tensors"][:_MAX_ROWS]:
             row = [t["name"], _shape(t["shape"]), t["dtype"], human_bytes(t["bytes"])]

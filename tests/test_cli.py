@@ -201,8 +201,8 @@ def test_repr_is_short():
             text = repr(obj)
             assert len(text) < 300 and "tensor(" not in text, text
     ck = optckpt.load(BUNDLE)
-    assert repr(ck) == ("<Checkpoint %r: torch-bundle, 1 model, 1 optimizer, 1 scheduler; "
-                        "extras epoch, global_step, best_acc1>" % BUNDLE)
+    assert repr(ck) == (f"<Checkpoint {BUNDLE!r}: torch-bundle, 1 model, 1 optimizer, 1 scheduler; "
+                        "extras epoch, global_step, best_acc1>")
     assert repr(ck.optimizer()) == "<OptimizerState 'optimizer': 8 params in 1 group, 8 with state>"
 
 
