@@ -1,32 +1,65 @@
-"""optckpt: inspect, check and repair PyTorch training checkpoints."""
+"""optckpt: inspect, check and repair PyTorch training checkpoints.
 
+The public names are imported on first use (module ``__getattr__``), so that ``import optckpt``
+— and with it ``optckpt --help``, ``--version`` and shell completion — does not pay torch's import."""
+
+import importlib as _importlib
+import typing as _typing
 import warnings
 
 # torch warns at import when numpy is absent; optckpt never needs numpy, and a CLI error must stay
 # one line on stderr. Only this exact, benign message is filtered.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
-from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState  # noqa: E402
-from .errors import FormatError, LoadError, MappingError, OptckptError, TargetError, UnsafePickleError, WriteError  # noqa: E402
-from .io import load  # noqa: E402
-from .resume import LoadReport, enable_load_by_name, load_optimizer_state_dict  # noqa: E402
+if _typing.TYPE_CHECKING:  # the names as type checkers see them (the ``as`` form marks a re-export)
+    from .checkpoint import Checkpoint as Checkpoint
+    from .checkpoint import ModelState as ModelState
+    from .checkpoint import OptimizerState as OptimizerState
+    from .checkpoint import SchedulerState as SchedulerState
+    from .errors import FormatError as FormatError
+    from .errors import LoadError as LoadError
+    from .errors import MappingError as MappingError
+    from .errors import OptckptError as OptckptError
+    from .errors import TargetError as TargetError
+    from .errors import UnsafePickleError as UnsafePickleError
+    from .errors import WriteError as WriteError
+    from .io import load as load
+    from .resume import LoadReport as LoadReport
+    from .resume import enable_load_by_name as enable_load_by_name
+    from .resume import load_optimizer_state_dict as load_optimizer_state_dict
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Checkpoint",
-    "ModelState",
-    "OptimizerState",
-    "SchedulerState",
-    "OptckptError",
-    "LoadError",
-    "UnsafePickleError",
-    "FormatError",
-    "MappingError",
-    "TargetError",
-    "WriteError",
-    "load",
-    "load_optimizer_state_dict",
-    "enable_load_by_name",
-    "LoadReport",
-]
+# public name -> the submodule that defines it
+_SOURCES = {
+    "Checkpoint": "checkpoint",
+    "ModelState": "checkpoint",
+    "OptimizerState": "checkpoint",
+    "SchedulerState": "checkpoint",
+    "OptckptError": "errors",
+    "LoadError": "errors",
+    "UnsafePickleError": "errors",
+    "FormatError": "errors",
+    "MappingError": "errors",
+    "TargetError": "errors",
+    "WriteError": "errors",
+    "load": "io",
+    "load_optimizer_state_dict": "resume",
+    "enable_load_by_name": "resume",
+    "LoadReport": "resume",
+}
+
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name: str) -> object:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'optckpt' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{source}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -65,7 +65,18 @@ _FLOATING = frozenset({"float16", "float32", "float64", "bfloat16", "complex32",
                        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"})
 
 
-@dataclass
+def _short(items: object, limit: int = 3) -> str:
+    """The first few names of a collection, then how many more."""
+    names = list(items)  # type: ignore[call-overload]
+    head = ", ".join(map(str, names[:limit]))
+    return head + (f", ... +{len(names) - limit}" if len(names) > limit else "")
+
+
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+@dataclass(repr=False)
 class ModelState:
     """A model state dict found in the checkpoint.
 
@@ -87,6 +98,10 @@ class ModelState:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.meta.values())
 
+    def __repr__(self) -> str:
+        order = "" if self.order_trusted else ", order not trusted"
+        return f"<ModelState {self.name!r}: {_n(len(self.meta), 'tensor')} [{_short(self.meta)}]{order}>"
+
 
 @dataclass(frozen=True)
 class ParamGroup:
@@ -98,7 +113,7 @@ class ParamGroup:
     param_names: tuple[str, ...] | None
 
 
-@dataclass
+@dataclass(repr=False)
 class OptimizerState:
     """An optimizer state dict (``{"state": {index: {...}}, "param_groups": [...]}``) as torch wrote it."""
 
@@ -136,8 +151,14 @@ class OptimizerState:
     def num_params(self) -> int:
         return sum(len(g.params) for g in self.groups)
 
+    def __repr__(self) -> str:
+        groups = self.state_dict.get("param_groups", [])
+        n = sum(len(g.get("params", ())) for g in groups if isinstance(g, Mapping))
+        return (f"<OptimizerState {self.name!r}: {_n(n, 'param')} in {_n(len(groups), 'group')}, "
+                f"{len(self.state)} with state>")
 
-@dataclass
+
+@dataclass(repr=False)
 class SchedulerState:
     """An LR scheduler state dict."""
 
@@ -145,6 +166,9 @@ class SchedulerState:
     part: str
     path: KeyPath
     state_dict: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"<SchedulerState {self.name!r}: last_epoch {self.state_dict.get('last_epoch')!r}>"
 
 
 @dataclass(frozen=True)
@@ -157,7 +181,7 @@ class OpaquePart:
     unsafe_globals: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(repr=False)
 class Part:
     """One file of the checkpoint (a single-file checkpoint has one part, named by its file name)."""
 
@@ -168,8 +192,11 @@ class Part:
     saved_locations: tuple[str, ...] = ()
     zip_format: bool = True
 
+    def __repr__(self) -> str:
+        return f"<Part {self.relpath!r}: {self.kind}, {self.nbytes} bytes>"
 
-@dataclass
+
+@dataclass(repr=False)
 class Checkpoint:
     """Everything optckpt knows about a checkpoint, file or directory."""
 
@@ -183,6 +210,12 @@ class Checkpoint:
     opaque: list[OpaquePart] = field(default_factory=list)
     other_keys: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        found = [_n(len(v), k) for k, v in (("model", self.models), ("optimizer", self.optimizers),
+                                             ("scheduler", self.schedulers), ("opaque part", self.opaque)) if v]
+        return (f"<Checkpoint {self.path!r}: {self.layout}, {', '.join(found) or 'nothing found'}"
+                + (f"; extras {_short(self.extras)}" if self.extras else "") + ">")
 
     @property
     def saved_locations(self) -> tuple[str, ...]:

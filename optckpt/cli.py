@@ -1,35 +1,58 @@
-"""The ``optckpt`` command line: parse, call the library, render. Errors become one line + exit 2."""
+"""The ``optckpt`` command line: parse, call the library, render. Errors become one line + exit 2.
+
+Each command imports the library (and with it torch) in its body: ``optckpt --help``, ``--version``
+and shell completion load click and nothing else."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import click
 
-from . import io
-from .check import check_mapping
-from .diff import diff_checkpoints, total_bytes
 from .errors import OptckptError
-from .hparams import Change
-from .inspect import inspect_checkpoint
-from .mapping import infer_mapping
-from .ops import convert_checkpoint, remap_checkpoint, reset_checkpoint, set_checkpoint
-from .remap import Policy
-from .render import render_check, render_diff, render_inspect, render_plan, table, to_json
-from .target import parse_rename, resolve_target
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
+# the sections `diff` reports (kept here, not imported from .diff, so that --help needs no torch)
+DIFF_SECTIONS = ("model", "param_groups", "optimizer", "scheduler", "extra")
+
 
 class _Group(click.Group):
-    """Turns every failure into ``optckpt: error: ...`` on stderr and exit 2 (traceback with --debug)."""
+    """Turns every failure into ``optckpt: error: ...`` on stderr and exit 2 (traceback with --debug);
+    bare ``optckpt`` prints the help and exits 0."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:
+            click.echo(ctx.get_help())
+            ctx.exit(EXIT_OK)
+        return super().parse_args(ctx, args)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        """click's own main, except that usage errors are one ``optckpt: error:`` line (exit 2)."""
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            _usage_line(f"{'; '.join(e.format_message().splitlines())}{where}", EXIT_ERROR, standalone_mode)
+        except click.ClickException as e:
+            _usage_line("; ".join(e.format_message().splitlines()), e.exit_code, standalone_mode)
+        except click.exceptions.Abort:
+            _usage_line("aborted", EXIT_ERROR, standalone_mode)
+        else:
+            code = rv if isinstance(rv, int) else EXIT_OK
+            if standalone_mode:
+                sys.exit(code)
+            return rv
+        return None
 
     def invoke(self, ctx: click.Context) -> Any:
         with warnings.catch_warnings():
@@ -50,6 +73,20 @@ class _Group(click.Group):
         except Exception as e:  # a bug or an unforeseen input: still one line, never a bare traceback
             _fail(ctx, f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                        "(re-run with --debug for the traceback)", e)
+
+
+def _usage_line(message: str, code: int, standalone_mode: bool) -> None:
+    click.echo(f"optckpt: error: {message}", err=True)
+    if standalone_mode:
+        sys.exit(code)
+    raise click.exceptions.Exit(code)
+
+
+def _finite_nonneg(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """--lr, --weight-decay, scale factors and tolerances: a finite number >= 0."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"must be a finite number >= 0, not {value}")
+    return value
 
 
 def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
@@ -104,9 +141,14 @@ def cli(debug: bool) -> None:
 @click.argument("path", type=click.Path())
 @load_options
 @format_option
-@click.option("--stats", is_flag=True, help="Per-tensor min/max/mean/norm and NaN/Inf counts (reads tensor data).")
+@click.option("--stats", is_flag=True, help="Per-tensor min/max/mean/norm and NaN/Inf counts of model and optimizer "
+                                            "state (reads tensor data).")
 def inspect(path: str, model_path: str | None, trust_pickle: bool, fmt: str, stats: bool) -> None:
     """Show what a checkpoint holds: layout, model tensors, optimizers, schedulers, extras."""
+    from . import io
+    from .inspect import inspect_checkpoint
+    from .render import render_inspect, to_json
+
     ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
     report = inspect_checkpoint(ck, stats=stats)
     click.echo(to_json(report) if fmt == "json" else render_inspect(report, stats=stats))
@@ -135,12 +177,20 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     """Predict what plain optimizer.load_state_dict would do under the new code.
 
     Exit 0 when it would be exactly right, 1 when not, 2 on error."""
+    from . import io
+    from .check import check_mapping
+    from .mapping import infer_mapping, name_by_target_shapes
+    from .render import render_check, to_json
+    from .target import parse_rename, resolve_target
+
     ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
     opt = ck.optimizer(optimizer_key)
     source_names = resolve_target(source, trust_pickle=trust_pickle).groups if source else None
     mapping = infer_mapping(ck, opt, source_names=source_names,
                             models=models.split(",") if models else None)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
+    if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
+        mapping = name_by_target_shapes(mapping, target.names, target.shapes)
     report = check_mapping(mapping, target, parse_rename(renames)).as_json()
     click.echo(to_json(report) if fmt == "json" else render_check(report))
     sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
@@ -176,12 +226,17 @@ def write_options(f: F) -> F:
 @format_option
 def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
           renames: tuple[str, ...], optimizer_key: str | None, models: str | None, output: str | None,
-          dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool, missing: str, unexpected: str, shape_mismatch: str,
+          dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool, missing: str, unexpected: str,
+          shape_mismatch: str,
           allow_ambiguous: bool, hparams: str, fmt: str) -> None:
     """Rewrite optimizer state so the unchanged resume script (plain load_state_dict) is right.
 
     Writes the same layout as PATH; moved state keeps its bytes, new parameters start fresh,
     removed ones are dropped, param groups and scheduler lists follow the target's grouping."""
+    from .ops import remap_checkpoint
+    from .remap import Policy
+    from .render import render_plan, to_json
+
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
                     allow_ambiguous=allow_ambiguous, hparams=hparams)  # type: ignore[arg-type]
     plan, written = remap_checkpoint(
@@ -211,6 +266,9 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
           output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool,
           fmt: str) -> None:
     """Drop or re-initialise the optimizer state of selected parameters (e.g. a re-initialised head)."""
+    from .ops import reset_checkpoint
+    from .render import plural, table, to_json
+
     result, written = reset_checkpoint(
         path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path, source=source,
         optimizer_key=optimizer_key, models=models.split(",") if models else None, dry_run=dry_run,
@@ -223,7 +281,8 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
         click.echo(to_json(report))
     else:
         what = f"keys {', '.join(result.keys)}" if result.keys else "whole state entries"
-        click.echo(f"optimizer {result.optimizer}: {result.mode} {what} of {len(result.selected)} parameters:")
+        n = plural(len(result.selected), "parameter")
+        click.echo(f"optimizer {result.optimizer}: {result.mode} {what} of {n}:")
         click.echo(table([[i, n] for i, n in result.selected], ["index", "parameter"]))
         click.echo(f"written: {written}" if written else "dry run: nothing written")
 
@@ -233,10 +292,14 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
 @click.option("--group", "groups", multiple=True, help="A param group by index or by its 'name' key (repeatable).")
 @click.option("--params", "params", multiple=True,
               help="Every group whose parameters all match this glob (repeatable), e.g. 'classifier.*'.")
-@click.option("--lr", type=float, default=None, help="The lr the next step uses; the schedule follows.")
-@click.option("--scale-lr", type=float, default=None, help="Multiply every future lr of the groups by F.")
-@click.option("--weight-decay", type=float, default=None, help="New weight_decay.")
-@click.option("--scale-weight-decay", type=float, default=None, help="Multiply weight_decay by F.")
+@click.option("--lr", type=float, default=None, callback=_finite_nonneg,
+              help="The lr the next step uses; the schedule follows.")
+@click.option("--scale-lr", type=float, default=None, callback=_finite_nonneg,
+              help="Multiply every future lr of the groups by F.")
+@click.option("--weight-decay", type=float, default=None, callback=_finite_nonneg,
+              help="New weight_decay.")
+@click.option("--scale-weight-decay", type=float, default=None, callback=_finite_nonneg,
+              help="Multiply weight_decay by F.")
 @click.option("--set", "raw_sets", multiple=True, help="KEY=VALUE for any other group key (betas=0.9,0.95, "
                                                        "momentum=0.95, lr_mult=2), typed like its current value.")
 @click.option("--scheduler", "sched_mode", type=click.Choice(["follow", "keep"]), default="follow",
@@ -252,6 +315,10 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
             trust_pickle: bool, output: str | None, dry_run: bool, in_place: bool, replace_backup: bool,
             no_verify: bool, fmt: str) -> None:
     """Change param-group hyperparameters (lr, weight_decay, any key) consistently with schedulers."""
+    from .hparams import Change
+    from .ops import set_checkpoint
+    from .render import render_set, to_json
+
     if lr is not None and scale_lr is not None:
         raise click.UsageError("--lr and --scale-lr are exclusive")
     if weight_decay is not None and scale_weight_decay is not None:
@@ -268,21 +335,9 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
         dry_run=dry_run, in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
         replace_backup=replace_backup)
     report = {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
-              "after": result.after, "notes": result.notes, "written": written}
+              "after": result.after, "schedulers": result.schedulers, "notes": result.notes, "written": written}
     _note_stale(written)
-    if fmt == "json":
-        click.echo(to_json(report))
-        return
-    rows = []
-    for gi, b, a in zip(result.groups, result.before, result.after):
-        for k in a:
-            if repr(a[k]) != repr(b[k]):
-                rows.append([gi, k, b[k], a[k]])
-    click.echo(f"optimizer {result.optimizer}: groups {', '.join(map(str, result.groups))}")
-    click.echo(table(rows, ["group", "key", "before", "after"]) if rows else "(no group value changes)")
-    for n in result.notes:
-        click.echo(f"note: {n}")
-    click.echo(f"written: {written}" if written else "dry run: nothing written")
+    click.echo(to_json(report) if fmt == "json" else render_set(report))
 
 
 @cli.command()
@@ -290,13 +345,15 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
 @click.argument("b", type=click.Path())
 @click.option("--model-a", type=click.Path(), default=None, help="Model state dict file joined to A.")
 @click.option("--model-b", type=click.Path(), default=None, help="Model state dict file joined to B.")
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
-@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance (of |A|).")
-@click.option("--only", "only", multiple=True, type=click.Choice(["model", "optimizer", "scheduler", "extra"]),
+@click.option("--atol", type=float, default=0.0, show_default=True, callback=_finite_nonneg,
+              help="Absolute tolerance.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, callback=_finite_nonneg,
+              help="Relative tolerance (of |A|).")
+@click.option("--only", "only", multiple=True, type=click.Choice(DIFF_SECTIONS),
               help="Compare only these sections (repeatable).")
 @click.option("--params", "params", multiple=True, help="Only parameters matching this glob (repeatable).")
 @click.option("--stats", is_flag=True, help="Add cosine similarity and the count of changed elements.")
-@click.option("--limit", type=int, default=None, help="At most N detail rows in the table.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N detail rows in the table.")
 @click.option("--device", default=None, help="Compute on this device (e.g. cuda) when present.")
 @click.option("--trust-pickle", is_flag=True, help="Allow full pickle loading (files you trust only).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
@@ -305,6 +362,10 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
          only: tuple[str, ...], params: tuple[str, ...], stats: bool, limit: int | None, device: str | None,
          trust_pickle: bool, fmt: str) -> None:
     """What changed between checkpoints A and B (any layouts). Exit 0 identical, 1 different."""
+    from . import io
+    from .diff import diff_checkpoints, total_bytes
+    from .render import render_diff, to_json
+
     if device is not None:
         import torch
 
@@ -342,6 +403,8 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 def convert(path: str, to: str, output: str, model_path: str | None, trust_pickle: bool, source: str | None,
             renames: tuple[str, ...], optimizer_key: str | None, models: str | None) -> None:
     """Convert between layouts (index-based torch checkpoint <-> DCP, DCP -> single file, -> safetensors)."""
+    from .ops import convert_checkpoint
+
     written = convert_checkpoint(path, to, output, model=model_path, source=source, optimizer_key=optimizer_key,
                                  models=models.split(",") if models else None, trust_pickle=trust_pickle)
     _note_stale(written)

@@ -26,7 +26,7 @@ from typing import Any
 from .errors import FormatError
 from .mapping import OptimizerMapping
 
-__all__ = ["Change", "parse_set", "select_groups", "rewrite", "SetResult"]
+__all__ = ["Change", "parse_set", "select_groups", "rewrite", "SetResult", "scheduler_changes"]
 
 _GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _SCHED_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
@@ -48,6 +48,8 @@ class SetResult:
     before: list[dict[str, Any]]
     after: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    # what changed in the schedulers: {"scheduler", "key", "before", "after"} per changed value
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
 
 
 def parse_set(text: str, groups: Sequence[Mapping[str, Any]]) -> Change:
@@ -202,3 +204,17 @@ def _scale_scheduler(sd: dict[str, Any], factors: Mapping[int, float], n_groups:
     for child in sd.get("_schedulers", []) or []:
         if isinstance(child, dict):
             _scale_scheduler(child, factors, n_groups, all_groups, notes)
+
+
+def scheduler_changes(name: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The lr-valued scheduler entries ``rewrite`` changed, old and new (children of SequentialLR /
+    ChainedScheduler as ``_schedulers[i].key``)."""
+    out = []
+    for key in (*_SCHED_LISTS, "eta_min"):
+        if key in before and repr(before[key]) != repr(after.get(key)):
+            out.append({"scheduler": name, "key": key, "before": before[key], "after": after.get(key)})
+    for i, (b, a) in enumerate(zip(before.get("_schedulers", []) or [], after.get("_schedulers", []) or [])):
+        if isinstance(b, Mapping) and isinstance(a, Mapping):
+            for c in scheduler_changes(name, b, a):
+                out.append(c | {"key": f"_schedulers[{i}].{c['key']}"})
+    return out

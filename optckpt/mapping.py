@@ -24,7 +24,7 @@ from .align import Item, Slot, align_groups
 from .checkpoint import _FLOATING, Checkpoint, ModelState, OptimizerState
 from .validate import validate_optimizer
 
-__all__ = ["IndexName", "OptimizerMapping", "param_shape", "infer_mapping", "is_lbfgs"]
+__all__ = ["IndexName", "OptimizerMapping", "param_shape", "infer_mapping", "is_lbfgs", "name_by_target_shapes"]
 
 # state keys whose tensor has exactly the parameter's shape, across torch.optim
 _PARAM_SHAPED = (
@@ -304,6 +304,37 @@ def _infer(ck: Checkpoint, opt: OptimizerState, source_names: Sequence[Sequence[
     else:
         none.notes.append("no model state dict found: pass --model PATH or --source module:callable")
     return none
+
+
+def name_by_target_shapes(mapping: OptimizerMapping, names: Sequence[str],
+                          shapes: Mapping[str, tuple[int, ...]]) -> OptimizerMapping:
+    """The weakest evidence, for an optimizer saved without any model (call it only then; it acts only on
+    ``evidence == "none"``): the new code's parameter shapes. An index is named only when its state's
+    shape occurs once among the optimizer's indices and once among the target's parameters (evidence
+    ``target-shapes``, "named by shape only"); the others keep the target parameters of their shape as
+    candidates. Any other mapping is returned unchanged."""
+    if mapping.evidence != "none" or not shapes:
+        return mapping
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for n in names:
+        if n in shapes:
+            by_shape.setdefault(tuple(shapes[n]), []).append(n)
+    in_optimizer: dict[tuple[int, ...] | None, int] = {}
+    for e in mapping.entries:
+        in_optimizer[e.shape] = in_optimizer.get(e.shape, 0) + 1
+    entries = []
+    for e in mapping.entries:
+        fits = tuple(by_shape.get(e.shape, ())) if e.shape is not None else ()
+        unique = len(fits) == 1 and in_optimizer[e.shape] == 1
+        entries.append(e._replace(name=fits[0] if unique else None, candidates=fits))
+    named = sum(e.name is not None for e in entries)
+    if not named:
+        return mapping
+    notes = [n for n in mapping.notes if not n.startswith("no model state dict found")]
+    notes.append(f"no model state was saved with this optimizer: {named} of {len(entries)} indices named by shape "
+                 "only (their shape occurs once in the optimizer and once in the target), the weakest evidence; "
+                 "pass --model PATH (the model saved with it) or --source (the old code) for certain names")
+    return OptimizerMapping(mapping.optimizer, "target-shapes", entries, mapping.model, notes)
 
 
 def _choose_models(ck: Checkpoint, models: Sequence[str] | None) -> list[ModelState]:

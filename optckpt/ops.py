@@ -349,7 +349,7 @@ def set_checkpoint(
     replace_backup: bool = False,
 ) -> tuple[Any, str | None]:
     """``optckpt set``: change group hyperparameters so the resumed run really uses them."""
-    from .hparams import SetResult, parse_set, rewrite, select_groups
+    from .hparams import SetResult, parse_set, rewrite, scheduler_changes, select_groups
 
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
                                   replace_backup)
@@ -365,7 +365,8 @@ def set_checkpoint(
     keys = sorted({k for g in sd_groups for k in g if k not in ("params", "param_names")})
     result = SetResult(opt.name, selected,
                        [{k: sd_groups[i].get(k) for k in keys} for i in selected],
-                       [{k: new_opt["param_groups"][i].get(k) for k in keys} for i in selected], notes)
+                       [{k: new_opt["param_groups"][i].get(k) for k in keys} for i in selected], notes,
+                       [c for s, new in zip(scheds, new_scheds) for c in scheduler_changes(s.name, s.state_dict, new)])
     if dry_run:
         return result, None
     assert out is not None

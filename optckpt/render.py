@@ -10,8 +10,12 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-__all__ = ["jsonable", "to_json", "table", "human_bytes", "render_inspect", "render_check", "render_plan",
-           "render_diff"]
+__all__ = ["SCHEMA_VERSION", "jsonable", "to_json", "table", "plural", "human_bytes", "render_inspect",
+           "render_check", "render_plan", "render_set", "render_diff"]
+
+SCHEMA_VERSION = 1
+"""The version of every ``--format json`` output (schemas: ``docs/json-schema.md``). Bumped when a field
+is removed or changes meaning; adding a field does not bump it."""
 
 
 def jsonable(v: Any) -> Any:
@@ -32,12 +36,18 @@ def jsonable(v: Any) -> Any:
     return repr(v)
 
 
-def to_json(report: Any) -> str:
-    return json.dumps(jsonable(report), indent=2)
+def to_json(report: Mapping[str, Any]) -> str:
+    """A command's report as JSON, ``schema_version`` first."""
+    return json.dumps({"schema_version": SCHEMA_VERSION, **jsonable(report)}, indent=2)
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 group``, ``2 groups``, ``0 entries`` (``many`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def human_bytes(n: int) -> str:
@@ -76,7 +86,8 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         out.append("")
         dt = ", ".join(f"{k}×{v}" for k, v in m["dtypes"].items())
         order = "registration order" if m["order_trusted"] else "sorted by name: not the registration order"
-        out.append(f"model {m['name']}: {m['num_tensors']} tensors, {human_bytes(m['bytes'])} ({dt}); {order}")
+        size = human_bytes(m["bytes"])
+        out.append(f"model {m['name']}: {plural(m['num_tensors'], 'tensor')}, {size} ({dt}); {order}")
         rows = []
         for t in m["tensors"][:_MAX_ROWS]:
             row = [t["name"], _shape(t["shape"]), t["dtype"], human_bytes(t["bytes"])]
@@ -101,8 +112,8 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         if o["ambiguous"]:
             names += f", {o['ambiguous']} ambiguous"
         out.append(
-            f"optimizer {o['name']}: {o['class']}, {o['num_params']} params in {len(o['groups'])} groups, "
-            f"{o['num_with_state']} with state{step}; {names}"
+            f"optimizer {o['name']}: {o['class']}, {plural(o['num_params'], 'param')} in "
+            f"{plural(len(o['groups']), 'group')}, {o['num_with_state']} with state{step}; {names}"
         )
         keys = ", ".join(f"{k}×{v}" for k, v in o["state_keys"].items()) or "none"
         out.append(f"  state keys: {keys}")
@@ -122,6 +133,8 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         out.append(table(erows, ["index", "group", "parameter", "state"]))
         if len(o["entries"]) > _MAX_ROWS:
             out.append(f"... {len(o['entries']) - _MAX_ROWS} more (use --format json for all)")
+        if stats:
+            out.append(_state_stats_table(o["entries"]))
         for n in o["notes"]:
             out.append(f"  note: {n}")
         if o["orphan_state_indices"]:
@@ -147,6 +160,21 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
     return "\n".join(out)
 
 
+def _state_stats_table(entries: list[dict[str, Any]]) -> str:
+    """``--stats`` for optimizer state: one row per state tensor (exp_avg, momentum_buffer, ...)."""
+    rows = []
+    for e in entries:
+        label = e["inferred_name"] or e["param_name"] or f"<index {e['index']}>"
+        for key, s in e.get("stats", {}).items():
+            rows.append([e["index"], label, key, _fmt(s["min"]), _fmt(s["max"]), _fmt(s["mean"]), _fmt(s["norm"]),
+                         s["nan"], s["inf"]])
+    if not rows:
+        return "  (no optimizer state tensors)"
+    shown = table(rows[:_MAX_ROWS], ["index", "parameter", "state", "min", "max", "mean", "norm", "nan", "inf"])
+    more = f"\n... {len(rows) - _MAX_ROWS} more (use --format json for all)" if len(rows) > _MAX_ROWS else ""
+    return shown + more
+
+
 # group keys that are torch implementation switches, not hyperparameters: hidden from the table
 _QUIET_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable", "maximize"})
 
@@ -169,7 +197,8 @@ def render_check(r: dict[str, Any]) -> str:
     else:
         verdict = "SAFE: plain optimizer.load_state_dict is exactly right" if r["safe"] else (
             "NOT SAFE: plain optimizer.load_state_dict would misapply optimizer state")
-    out.append(f"optimizer {r['optimizer']} (names from: {r['evidence']}): {verdict}")
+    evidence = "target shapes: named by shape only" if r["evidence"] == "target-shapes" else r["evidence"]
+    out.append(f"optimizer {r['optimizer']} (names from: {evidence}): {verdict}")
     counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items() if v)
     out.append(f"  {counts}")
     g = r["groups"]
@@ -191,10 +220,10 @@ def render_check(r: dict[str, Any]) -> str:
         tgt = "-" if p["target_index"] is None else str(p["target_index"])
         rows.append([p["name"], f"{src} -> {tgt}", _shape(p["shape"]), what])
     if rows:
-        out.append(table(rows, ["parameter", "index", "shape", "status"]))
+        out.append(table(rows, ["parameter", "index: checkpoint -> target", "shape", "status"]))
     ok = r["counts"].get("ok", 0)
     if ok:
-        out.append(f"({ok} parameters ok)")
+        out.append(f"({plural(ok, 'parameter')} ok)")
     for n in r["notes"]:
         out.append(f"note: {n}")
     return "\n".join(out)
@@ -212,10 +241,27 @@ def render_plan(r: dict[str, Any]) -> str:
         out.append(table(rows, ["new index", "group", "parameter", "old index", "action"]))
     for g in r["groups"]:
         origin = f"old group {g['hparams_from_group']}" if g["hparams_from_group"] is not None else "new"
-        out.append(f"group {g['group']}: {g['size']} params, hyperparameters from {origin}")
+        out.append(f"group {g['group']}: {plural(g['size'], 'param')}, hyperparameters from {origin}")
     for n in r["notes"]:
         out.append(f"note: {n}")
     out.append(f"written: {r['written']}" if r.get("written") else "dry run: nothing written")
+    return "\n".join(out)
+
+
+def render_set(r: dict[str, Any]) -> str:
+    """Old -> new for every group value and every scheduler value ``set`` changed."""
+    groups = r["groups"]
+    out = [f"optimizer {r['optimizer']}: {'group' if len(groups) == 1 else 'groups'} {', '.join(map(str, groups))}"]
+    rows = [[gi, k, _fmt(b[k]), _fmt(a[k])] for gi, b, a in zip(groups, r["before"], r["after"])
+            for k in a if repr(a[k]) != repr(b.get(k))]
+    out.append(table(rows, ["group", "key", "before", "after"]) if rows else "(no group value changes)")
+    srows = [[c["scheduler"], c["key"], _fmt(c["before"]), _fmt(c["after"])] for c in r["schedulers"]]
+    if srows:
+        out.append("")
+        out.append(table(srows, ["scheduler", "key", "before", "after"]))
+    for n in r["notes"]:
+        out.append(f"note: {n}")
+    out.append(f"written: {r['written']}" if r["written"] else "dry run: nothing written")
     return "\n".join(out)
 
 
@@ -224,7 +270,7 @@ def render_diff(r: dict[str, Any], *, fmt: str = "table", limit: int | None = No
     by magnitude; ``limit`` caps the detail rows."""
     tablefmt = "github" if fmt == "markdown" else "simple"
     entries = r["entries"]
-    out = [f"{r['a']}  vs  {r['b']}: " + ("IDENTICAL" if r["identical"] else f"{len(entries)} differences")]
+    out = [f"{r['a']}  vs  {r['b']}: " + ("IDENTICAL" if r["identical"] else plural(len(entries), "difference"))]
     compared = ", ".join(f"{k} {v}" for k, v in r["compared"].items())
     if compared:
         out.append(f"compared: {compared}")

@@ -127,16 +127,36 @@ def _names_file(path: str) -> Target:
         raise TargetError(f"{path}: cannot read: {e.strerror or e}") from None
     if path.endswith(".txt"):
         names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        return Target(path, [names])
+        return Target(path, _checked_names(path, [names]))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise TargetError(f"{path}: invalid JSON ({e})") from None
     if isinstance(data, list) and all(isinstance(x, str) for x in data):
-        return Target(path, [list(data)])
+        return Target(path, _checked_names(path, [list(data)]))
     if isinstance(data, list) and all(isinstance(g, list) and all(isinstance(x, str) for x in g) for g in data):
-        return Target(path, [list(g) for g in data])
+        return Target(path, _checked_names(path, [list(g) for g in data]))
     raise TargetError(f"{path}: expected a JSON list of parameter names, or a list of lists (one per param group)")
+
+
+# what named_parameters() yields: dot-separated, non-empty parts without whitespace (conv.weight, blocks.0.w)
+_PARAM_NAME = re.compile(r"[^\s.]+(\.[^\s.]+)*")
+
+
+def _checked_names(path: str, groups: list[list[str]]) -> list[list[str]]:
+    """A names file must hold parameter names, each once: free text is refused, not read as names."""
+    names = [n for g in groups for n in g]
+    if not names:
+        raise TargetError(f"{path}: no parameter names in this names file")
+    bad = next((n for n in names if not _PARAM_NAME.fullmatch(n)), None)
+    if bad is not None:
+        raise TargetError(f"{path}: {bad[:60]!r} is not a parameter name: a names file holds names like "
+                          "'conv.weight' (one per line in .txt, a JSON list in .json), in optimizer order")
+    seen: set[str] = set()
+    dupe = next((n for n in names if n in seen or seen.add(n)), None)  # type: ignore[func-returns-value]
+    if dupe is not None:
+        raise TargetError(f"{path}: {dupe!r} appears twice: each parameter has one optimizer index")
+    return groups
 
 
 def _from_checkpoint(path: str, trust_pickle: bool) -> Target:
