@@ -8,7 +8,7 @@ import logging
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,6 +32,12 @@ class Evidence:
     hint: str = ""  # how the user can give the missing evidence (ends the ambiguity error)
 
 
+class Logger(Protocol):
+    """The library's logger (a ``logging.Logger`` or one of the libraries' adapters)."""
+
+    def log(self, level: int, msg: str) -> Any: ...
+
+
 _TAKES_ALLOW_AMBIGUOUS = "allow_ambiguous" in inspect.signature(load_optimizer_state_dict).parameters
 
 
@@ -40,7 +46,8 @@ def load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None
     """:func:`optckpt.load_optimizer_state_dict` under the ambiguity contract: refuse (MappingError,
     optimizer untouched) when some saved state cannot be named with certainty, unless allowed."""
     if _TAKES_ALLOW_AMBIGUOUS:
-        return load_optimizer_state_dict(optimizer, model, source, allow_ambiguous=allow_ambiguous, **kwargs)
+        kwargs["allow_ambiguous"] = allow_ambiguous
+        return load_optimizer_state_dict(optimizer, model, source, **kwargs)
     # Compatibility: this load_optimizer_state_dict resets ambiguous state and lists it; refuse
     # instead, putting the optimizer back as it was (a load replaces state and groups, never mutates them).
     before = {"state": optimizer.state.copy(), "param_groups": [dict(g) for g in optimizer.param_groups]}
@@ -54,7 +61,7 @@ def load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None
     return report
 
 
-def log_report(logger: logging.Logger | logging.LoggerAdapter[Any], label: str, report: LoadReport) -> None:
+def log_report(logger: Logger, label: str, report: LoadReport) -> None:
     """One line per load, as ``load_state_dict`` reports its keys: INFO when clean, WARNING otherwise."""
     parts = [f"{len(report.moved)} moved"]
     for key in ("missing", "unexpected", "shape_mismatch", "ambiguous"):
@@ -70,7 +77,7 @@ class ByName:
     load then restores exactly that (the hook hands it the result in the live optimizer's order)."""
 
     def __init__(self, model: torch.nn.Module, evidence: Callable[[], Evidence], label: str,
-                 logger: logging.Logger | logging.LoggerAdapter[Any], allow_ambiguous: bool):
+                 logger: Logger, allow_ambiguous: bool):
         self.model = model
         self.evidence = evidence
         self.label = label
@@ -88,6 +95,11 @@ class ByName:
                                   for g, names in zip(sd["param_groups"], live)]
             return sd
         named = all("param_names" in g for g in sd.get("param_groups", []))
+        if named and [list(g["param_names"]) for g in sd["param_groups"]] == from_live(self.model, optimizer).groups:
+            # saved in exactly this order (a library reloading the optimizer's own state, as
+            # accelerate's prepare does): torch's positional load is the by-name load
+            self.report = LoadReport(evidence="param_names")
+            return sd
         ev = Evidence() if named else self.evidence()
         source: Any = sd
         if ev.models:
@@ -108,7 +120,7 @@ _ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, ByName] = weakref.We
 
 
 def attach(optimizer: torch.optim.Optimizer, model: torch.nn.Module, evidence: Callable[[], Evidence], *,
-           label: str, logger: logging.Logger | logging.LoggerAdapter[Any], allow_ambiguous: bool) -> ByName:
+           label: str, logger: Logger, allow_ambiguous: bool) -> ByName:
     """Make ``optimizer`` save ``param_names`` and load by name; once per optimizer (a second call
     updates the settings)."""
     hook = _ATTACHED.get(optimizer)
