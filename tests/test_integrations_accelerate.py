@@ -53,7 +53,7 @@ def _accelerator():
     return accelerate.Accelerator(cpu=True)
 
 
-def _run(model, steps, *, save_at=None, save_dir=None, resume=None, by_name=None):
+def _run(model, steps, *, save_at=None, save_dir=None, resume=None, by_name=None, **save_kwargs):
     """Train ``steps`` steps (from ``resume``, a save_state directory, when given); ``by_name``
     (kwargs) adds the integration's one line."""
     acc = _accelerator()
@@ -74,7 +74,7 @@ def _run(model, steps, *, save_at=None, save_dir=None, resume=None, by_name=None
         trunk.zero_grad()
         heads.zero_grad()
         if step + 1 == save_at and save_dir is not None:
-            acc.save_state(str(save_dir))
+            acc.save_state(str(save_dir), **save_kwargs)
     params = {n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters()}
     return params, hooks
 
@@ -136,3 +136,12 @@ def test_state_saved_through_the_integration_resumes_exactly_by_saved_names(tmp_
     got, hooks = _run(Net(changed=True), 4, save_at=2, resume=tmp_path / "state", by_name={})
     _assert_same_by_name(got, ref)
     assert hooks is not None and all(h.report is not None and h.report.evidence == "param_names" for h in hooks)
+
+
+def test_a_pickled_model_file_gives_the_order_without_old_model(tmp_path):
+    """save_state(safe_serialization=False) writes pytorch_model.bin, in registration order."""
+    ref, _ = _run(Net(), 4, save_at=2, save_dir=tmp_path / "state", safe_serialization=False)
+    assert (tmp_path / "state" / "pytorch_model.bin").exists()
+    got, hooks = _run(Net(changed=True), 4, save_at=2, resume=tmp_path / "state", by_name={})
+    _assert_same_by_name(got, ref)
+    assert hooks is not None and all(h.report is not None and h.report.evidence == "model-order" for h in hooks)

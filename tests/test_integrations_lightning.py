@@ -215,3 +215,16 @@ def test_ambiguous_saved_state_raises_unless_allowed(tmp_path):
     _fit(Tiny(changed=True), tmp_path / "allowed", 2, ckpt=tmp_path / "no_order.ckpt", callbacks=[callback])
     report = callback.hooks[0].report
     assert report is not None and report.ambiguous and "aux.weight" in report.missing
+
+
+def test_a_scheduler_saved_for_other_param_groups_is_refused(tmp_path):
+    ckpt = _checkpoint(Tiny(), tmp_path)
+
+    class TwoGroups(Tiny):
+        def configure_optimizers(self):
+            aux = list(self.aux.parameters())
+            opt = torch.optim.AdamW([{"params": list(self.net.parameters())}, {"params": aux, "lr": 1e-3}], lr=1e-2)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)}
+
+    with pytest.raises(MappingError, match="lr scheduler 0: saved for 1 param groups, the optimizer now has 2"):
+        _fit(TwoGroups(changed=True), tmp_path / "resumed", 2, ckpt=ckpt, callbacks=[LoadOptimizerByName()])
