@@ -99,6 +99,7 @@ class ByName:
             # saved in exactly this order (a library reloading the optimizer's own state, as
             # accelerate's prepare does): torch's positional load is the by-name load
             self.report = LoadReport(evidence="param_names")
+            self.logger.log(logging.DEBUG, f"optckpt: {self.label}: saved in the live order (param_names); plain load")
             return sd
         ev = Evidence() if named else self.evidence()
         source: Any = sd

@@ -39,8 +39,8 @@ def load_optimizers_by_name(accelerator: accelerate.Accelerator, *,
     where: list[str] = [""]
 
     def evidence() -> Evidence:
-        if old_sd is not None:
-            return Evidence(where=where[0], model_state_dict=old_sd, hint=_HINT)
+        if old_sd is not None or not where[0]:  # no directory: a load outside load_state
+            return Evidence(where=where[0] or "<state dict>", model_state_dict=old_sd, hint=_HINT)
         ordered = [m for m in load(where[0]).models if m.order_trusted]
         return Evidence(where=where[0], models=ordered[:1], hint=_HINT)
 
