@@ -1,0 +1,143 @@
+"""The mechanism every integration shares: a by-name load behind the library's own
+``optimizer.load_state_dict(sd)``, and ``param_names`` in every state dict saved from then on."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..checkpoint import Checkpoint, ModelState, OptimizerState
+from ..errors import MappingError, TargetError
+from ..resume import LoadReport, enable_load_by_name, load_optimizer_state_dict
+from ..target import from_live
+
+__all__ = ["Evidence", "ByName", "attach", "load_by_name", "owner_of", "log_report"]
+
+
+@dataclass
+class Evidence:
+    """What a library's checkpoint tells about the order its optimizer saw, for state dicts saved
+    without ``param_names``: the old model's state dict (registration order) and/or model states
+    such as the ``config.json`` rebuild of a Hugging Face directory."""
+
+    where: str = "<state dict>"
+    model_state_dict: Mapping[str, torch.Tensor] | None = None
+    models: list[ModelState] = field(default_factory=list)
+    hint: str = ""  # how the user can give the missing evidence (ends the ambiguity error)
+
+
+class Logger(Protocol):
+    """The library's logger (a ``logging.Logger`` or one of the libraries' adapters)."""
+
+    def log(self, level: int, msg: str) -> Any: ...
+
+
+_TAKES_ALLOW_AMBIGUOUS = "allow_ambiguous" in inspect.signature(load_optimizer_state_dict).parameters
+
+
+def load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None, source: Any, *,
+                 allow_ambiguous: bool, hint: str = "", **kwargs: Any) -> LoadReport:
+    """:func:`optckpt.load_optimizer_state_dict` under the ambiguity contract: refuse (MappingError,
+    optimizer untouched) when some saved state cannot be named with certainty, unless allowed."""
+    if _TAKES_ALLOW_AMBIGUOUS:
+        kwargs["allow_ambiguous"] = allow_ambiguous
+        return load_optimizer_state_dict(optimizer, model, source, **kwargs)
+    # Compatibility: this load_optimizer_state_dict resets ambiguous state and lists it; refuse
+    # instead, putting the optimizer back as it was (a load replaces state and groups, never mutates them).
+    before = {"state": optimizer.state.copy(), "param_groups": [dict(g) for g in optimizer.param_groups]}
+    report = load_optimizer_state_dict(optimizer, model, source, **kwargs)
+    if report.ambiguous and not allow_ambiguous:
+        optimizer.__setstate__(before)
+        shown = ", ".join(report.ambiguous[:4]) + (", ..." if len(report.ambiguous) > 4 else "")
+        raise MappingError(f"the saved state of {len(report.ambiguous)} parameters cannot be named with certainty "
+                           f"({shown}; evidence: {report.evidence}){hint}; or pass allow_ambiguous=True to "
+                           "start them fresh")
+    return report
+
+
+def log_report(logger: Logger, label: str, report: LoadReport) -> None:
+    """One line per load, as ``load_state_dict`` reports its keys: INFO when clean, WARNING otherwise."""
+    parts = [f"{len(report.moved)} moved"]
+    for key in ("missing", "unexpected", "shape_mismatch", "ambiguous"):
+        names: list[str] = getattr(report, key)
+        if names:
+            parts.append(f"{key} {names[:10]}" + (f" (+{len(names) - 10} more)" if len(names) > 10 else ""))
+    logger.log(logging.INFO if report.clean else logging.WARNING,
+               f"optckpt: {label} loaded by name (evidence: {report.evidence}): {', '.join(parts)}")
+
+
+class ByName:
+    """A load pre-hook: the state dict the library is loading goes in by name, and the library's own
+    load then restores exactly that (the hook hands it the result in the live optimizer's order)."""
+
+    def __init__(self, model: torch.nn.Module, evidence: Callable[[], Evidence], label: str,
+                 logger: Logger, allow_ambiguous: bool):
+        self.model = model
+        self.evidence = evidence
+        self.label = label
+        self.logger = logger
+        self.allow_ambiguous = allow_ambiguous
+        self.report: LoadReport | None = None  # of the last load
+        self._inner = False
+
+    def __call__(self, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+        if self._inner:
+            # load_optimizer_state_dict's own load_state_dict: sd is in this optimizer's order already;
+            # name it so that enable_load_by_name's hook (which refuses unnamed state) passes it through
+            live = from_live(self.model, optimizer).groups
+            sd["param_groups"] = [g if "param_names" in g else {**g, "param_names": names}
+                                  for g, names in zip(sd["param_groups"], live)]
+            return sd
+        named = all("param_names" in g for g in sd.get("param_groups", []))
+        if named and [list(g["param_names"]) for g in sd["param_groups"]] == from_live(self.model, optimizer).groups:
+            # saved in exactly this order (a library reloading the optimizer's own state, as
+            # accelerate's prepare does): torch's positional load is the by-name load
+            self.report = LoadReport(evidence="param_names")
+            self.logger.log(logging.DEBUG, f"optckpt: {self.label}: saved in the live order (param_names); plain load")
+            return sd
+        ev = Evidence() if named else self.evidence()
+        source: Any = sd
+        if ev.models:
+            source = Checkpoint(path=ev.where, layout="torch-optimizer", models=list(ev.models),
+                                optimizers=[OptimizerState("optimizer", ev.where, (), sd)])
+        self._inner = True
+        try:
+            report = load_by_name(optimizer, self.model, source, allow_ambiguous=self.allow_ambiguous, hint=ev.hint,
+                                  model_state_dict=None if named else ev.model_state_dict)
+        finally:
+            self._inner = False
+        self.report = report
+        log_report(self.logger, self.label, report)
+        return optimizer.state_dict()
+
+
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, ByName] = weakref.WeakKeyDictionary()
+
+
+def attach(optimizer: torch.optim.Optimizer, model: torch.nn.Module, evidence: Callable[[], Evidence], *,
+           label: str, logger: Logger, allow_ambiguous: bool) -> ByName:
+    """Make ``optimizer`` save ``param_names`` and load by name; once per optimizer (a second call
+    updates the settings)."""
+    hook = _ATTACHED.get(optimizer)
+    if hook is None:
+        enable_load_by_name(optimizer, model)
+        hook = ByName(model, evidence, label, logger, allow_ambiguous)
+        optimizer.register_load_state_dict_pre_hook(hook, prepend=True)  # before enable_load_by_name's
+        _ATTACHED[optimizer] = hook
+    hook.evidence, hook.label, hook.logger, hook.allow_ambiguous = evidence, label, logger, allow_ambiguous
+    return hook
+
+
+def owner_of(optimizer: torch.optim.Optimizer, models: list[torch.nn.Module], label: str) -> torch.nn.Module:
+    """The model that holds every parameter ``optimizer`` updates (its names are the ones saved)."""
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for m in models:
+        if ids <= {id(p) for p in m.parameters()}:
+            return m
+    raise TargetError(f"{label}: no model holds all the parameters it updates; prepare the model that owns them")
