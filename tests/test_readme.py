@@ -7,6 +7,8 @@
   other command fails the test until it is classified.
 * ``python`` blocks run as scripts (``python -c``, so ``from fixtures.models import ...`` resolves
   from the root). A block whose comment says ``# SomeError: message ...`` must fail with exactly that.
+* ``py`` blocks are fragments of the reader's own training script (they use its model, trainer and
+  data): not run here; each one's integration is exercised for real by ``tests/test_integrations_*``.
 * ``text`` blocks are synopses: every ``--option`` they list must be an option of that command.
 
 Paths under ``/tmp/`` are redirected to a per-test directory; the fixtures must be left untouched.
