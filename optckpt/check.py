@@ -98,7 +98,8 @@ class CheckReport:
             "params": [p.as_json() for p in _ordered(self.params)],
             "optimizer": self.optimizer,
             "evidence": self.evidence,
-            "evidence_counts": dict(Counter(p.evidence for p in self.params if p.source_index is not None)),
+            "evidence_counts": dict(Counter(p.evidence if p.status != "ambiguous" else "uncertain"
+                                            for p in self.params if p.source_index is not None)),
             "groups": {
                 "source": self.source_groups,
                 "target": self.target_groups,
@@ -185,8 +186,8 @@ def rename_hints(missing: Sequence[tuple[str, tuple[int, ...] | None]],
                 found.append((old, repl))
     found.sort(key=lambda h: len(h[0]))
     kept: list[tuple[str, str]] = []
-    for old, repl in found:  # "enc.layer.=encoder.layer." adds nothing to "enc.=encoder."
-        if not any(old.startswith(o) and repl.startswith(r) and old[len(o):] == repl[len(r):] for o, r in kept):
+    for old, repl in found:  # inside "enc.=encoder.", "enc.1.=encoder.1." adds nothing (and others mislead)
+        if not any(old.startswith(o) or repl.startswith(r) for o, r in kept):
             kept.append((old, repl))
     return [f"--rename {o}={r}" for o, r in kept]
 

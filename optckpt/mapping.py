@@ -418,6 +418,13 @@ def pair_groups(saved: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str
     return None
 
 
+def _same_shapes(items: Sequence[Item], names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """As many parameters, and the shapes the saved state shows all among the new ones."""
+    known = Counter(it.shape for it in items if it.shape is not None)
+    have = Counter(shapes.get(n) for n in names)
+    return len(items) == len(names) and all(have[s] >= c for s, c in known.items())
+
+
 def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequence[str]],
                        target_shapes: Mapping[str, tuple[int, ...]], target_hparams: Sequence[Mapping[str, Any]],
                        to_target: Callable[[str], str]) -> OptimizerMapping:
@@ -434,18 +441,25 @@ def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequen
     def unused(why: str) -> OptimizerMapping:
         return replace(mapping, notes=[*mapping.notes, f"group-structure: not used: {why}"])
 
-    paired = pair_groups(mapping.group_hparams, target_hparams, by_position=any(n > 1 for n in sizes))
-    if paired is None:
-        return unused("the new optimizer's param groups do not correspond one-to-one to the saved ones")
-    pairs, how = paired
-    for g, t in enumerate(pairs):
-        known = Counter(it.shape for it in items[g] if it.shape is not None)
-        have = Counter(target_shapes.get(n) for n in target_groups[t])
-        if sizes[g] != len(target_groups[t]) or any(have[s] < c for s, c in known.items()):
-            return unused(f"saved group {g} and new group {t} (matched by {how}) hold different parameters")
+    single = sum(1 for n in sizes if n) >= 2 and all(n <= 1 for n in sizes)
+    paired = pair_groups(mapping.group_hparams, target_hparams, by_position=not single)
     group_of = {n: t for t, names in enumerate(target_groups) for n in names}
-    result = align_groups(slots, items, slot_class=[group_of.get(to_target(s.name), -1) for s in slots],
-                          group_class=pairs)
+    if paired is not None:
+        pairs, how = paired
+        for g, t in enumerate(pairs):
+            if not _same_shapes(items[g], target_groups[t], target_shapes):
+                return unused(f"saved group {g} and new group {t} (matched by {how}) hold different parameters")
+        result = align_groups(slots, items, slot_class=[group_of.get(to_target(s.name), -1) for s in slots],
+                              group_class=pairs)
+    elif single and _same_shapes([it for g in items for it in g], list(group_of), target_shapes):
+        # one parameter per group, no one-to-one match of the groups (per-layer lrs differ only in lr):
+        # the groups in model order, over the parameters the new optimizer holds
+        how = "its parameter set, one-parameter groups in model order"
+        flat = align_groups(slots, [[it for g in items for it in g]],
+                            slot_class=[0 if to_target(s.name) in group_of else -1 for s in slots], group_class=[0])
+        result = [flat[0]]
+    else:
+        return unused("the new optimizer's param groups do not correspond one-to-one to the saved ones")
     allowed = {a.index: set(a.candidates) for g in result for a in g}
     entries = []
     settled = 0

@@ -70,6 +70,7 @@ class RemapPlan:
     notes: list[str] = field(default_factory=list)
     # LBFGS: (source indices in optimizer order, their parameters' numels) to permute flat state
     lbfgs_layout: tuple[list[int], list[int]] | None = None
+    evidence_counts: dict[str, int] = field(default_factory=dict)  # saved indices per rung that named them
 
     def summary(self) -> dict[str, int]:
         c = Counter(s.action for s in self.slots)
@@ -82,6 +83,7 @@ class RemapPlan:
         return {
             "optimizer": self.optimizer,
             "evidence": self.evidence,
+            "evidence_counts": dict(self.evidence_counts),
             "summary": self.summary(),
             "slots": [
                 {"target_index": s.target_index, "group": s.group, "name": s.name,
@@ -159,7 +161,8 @@ def build_plan(
         src = sources[gi] if sources[gi] is not None else by_pairing.get(gi)
         hp = _group_hparams(gi, src, source_groups, target, policy)
         groups.append(GroupPlan(gi, len(names), src, hp, tuple(names)))
-    plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped, list(report.notes))
+    plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped, list(report.notes),
+                     evidence_counts=dict(Counter(e.evidence if e.name is not None else "uncertain" for e in entries)))
     if by_pairing:
         plan.notes.append(f"new groups {sorted(by_pairing)} hold no certainly named saved parameter: hyperparameters "
                           f"from the saved groups they correspond to ({sorted(by_pairing.values())})")
