@@ -218,7 +218,8 @@ def check_mapping(mapping: OptimizerMapping, target: Target, renames: Sequence[R
         return n if n in tgt_pos else target.aliases.get(n, n)  # a tied parameter's other name
 
     if group_evidence and target.group_hparams is not None:
-        mapping = settle_by_grouping(mapping, target.groups, target.shapes, target.group_hparams, to_target)
+        order = [n for n, _ in target.module.named_parameters()] if target.module is not None else None
+        mapping = settle_by_grouping(mapping, target.groups, target.shapes, target.group_hparams, to_target, order)
     notes[:0] = mapping.notes
     src = mapping.entries  # flattened in group order: the position torch pairs by
     if mapping.group_sizes:

@@ -7,12 +7,13 @@ Evidence, strongest first:
 * alignment against a model state dict saved in **registration order** (pickled ``state_dict()``):
   every param group is an ordered subsequence of the model's parameters, the shapes of its state
   tensors pin each index (:mod:`optckpt.align`) — exact where forced, ``ambiguous`` otherwise;
-  when every param group holds one parameter, the groups themselves are taken to be created in model
-  order (mmengine ``paramwise_cfg``, layer-wise lr decay): ``group-order`` settles what is left;
 * single-parameter groups carrying a ``name`` key (3D Gaussian Splatting) when no model is saved;
 * shapes alone, when the model order is not trustworthy (safetensors): only shape-unique indices;
-* the new code's grouping (``group-structure``, :func:`settle_by_grouping`, needs the target's optimizer):
-  weakest, used only on what the rest leaves ambiguous, assuming the grouping rule is unchanged.
+* the new code's grouping (:func:`settle_by_grouping`, needs the target's optimizer): weakest, used
+  only on what the rest leaves ambiguous, assuming the grouping rule is unchanged: ``group-order``
+  when every group holds one parameter and the new code's groups follow its model's order (mmengine
+  ``paramwise_cfg``, layer-wise lr decay: the old groups are then taken to follow the old model's),
+  else ``group-structure`` (each old group's indices are parameters of its new counterpart).
 
 Every index records the rung that named it (``IndexName.evidence``).
 """
@@ -167,42 +168,8 @@ def _align(opt: OptimizerState, models: Sequence[ModelState]) -> OptimizerMappin
     if any(not a.candidates for g in result for a in g):
         return None  # this model cannot hold this optimizer's parameters in this order
     names = [[(a.name, a.candidates) for a in g] for g in result]
-    m = OptimizerMapping(opt.name, "model-order", _entries(opt, names, "model-order"),
-                         model="+".join(m.name for m in models), basis=(slots, groups))
-    if m.ambiguous:
-        _by_group_order(m, slots, groups)
-    return m
-
-
-def _by_group_order(m: OptimizerMapping, slots: list[Slot], groups: list[list[Item]]) -> None:
-    """One parameter per group (mmengine ``paramwise_cfg``, per-layer lr): such groups are made by
-    walking the model, so the groups in order are one ordered subsequence of it. Used only when that
-    is consistent (embeddable, and agreeing with what model order alone allows)."""
-    sizes = [len(g) for g in groups if g]
-    if len(sizes) < 2 or any(n != 1 for n in sizes):
-        return
-    flat = align_groups(slots, [[it for g in groups for it in g]])[0]
-    if any(not a.candidates for a in flat):
-        m.notes.append("param groups hold one parameter each, but not in the model's order: not used as evidence")
-        return
-    allowed = {a.index: set(a.candidates) for a in flat}
-    narrowed = []
-    for e in m.entries:
-        cands = tuple(c for c in e.candidates if c in allowed[e.index])
-        if not cands:
-            m.notes.append("param groups hold one parameter each, but their order contradicts the model: "
-                           "not used as evidence")
-            return
-        narrowed.append(cands)
-    settled = 0
-    for k, (e, cands) in enumerate(zip(m.entries, narrowed)):
-        if e.name is None and len(cands) < len(e.candidates):
-            settled += len(cands) == 1
-            m.entries[k] = e._replace(name=cands[0] if len(cands) == 1 else None, candidates=cands,
-                                      evidence="group-order")
-    if settled:
-        m.notes.append(f"group-order: {settled} indices named assuming the one-parameter groups were created "
-                       "in model order")
+    return OptimizerMapping(opt.name, "model-order", _entries(opt, names, "model-order"),
+                            model="+".join(m.name for m in models), basis=(slots, groups))
 
 
 Names = list[list[tuple[str | None, tuple[str, ...]]]]
@@ -425,14 +392,24 @@ def _same_shapes(items: Sequence[Item], names: Sequence[str], shapes: Mapping[st
     return len(items) == len(names) and all(have[s] >= c for s, c in known.items())
 
 
+def _in_model_order(groups: Sequence[Sequence[str]], order: Sequence[str] | None) -> bool:
+    flat = [n for g in groups for n in g]
+    if order is None or not flat:
+        return False
+    pos = {n: i for i, n in enumerate(order)}
+    at = [pos.get(n, -1) for n in flat]
+    return min(at) >= 0 and all(a < b for a, b in zip(at, at[1:]))
+
+
 def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequence[str]],
                        target_shapes: Mapping[str, tuple[int, ...]], target_hparams: Sequence[Mapping[str, Any]],
-                       to_target: Callable[[str], str]) -> OptimizerMapping:
+                       to_target: Callable[[str], str], target_order: Sequence[str] | None = None) -> OptimizerMapping:
     """The ``group-structure`` rung: when the new code's param groups correspond one-to-one to the
     saved ones (:func:`pair_groups`) and each pair holds the same parameters' shapes, assume the
     grouping rule is unchanged: an old group's indices can only be parameters of its new counterpart.
     Only what the stronger evidence left ambiguous is settled; anything inconsistent leaves the
-    mapping as it was (with a note). ``to_target`` turns a checkpoint name into the target's."""
+    mapping as it was (with a note). ``to_target`` turns a checkpoint name into the target's;
+    ``target_order`` is the new model's parameter order (for ``group-order``)."""
     if not mapping.ambiguous or mapping.basis is None:
         return mapping
     slots, items = mapping.basis
@@ -442,8 +419,9 @@ def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequen
         return replace(mapping, notes=[*mapping.notes, f"group-structure: not used: {why}"])
 
     single = sum(1 for n in sizes if n) >= 2 and all(n <= 1 for n in sizes)
-    paired = pair_groups(mapping.group_hparams, target_hparams, by_position=not single)
     group_of = {n: t for t, names in enumerate(target_groups) for n in names}
+    evidence = "group-structure"
+    paired = None if single else pair_groups(mapping.group_hparams, target_hparams)
     if paired is not None:
         pairs, how = paired
         for g, t in enumerate(pairs):
@@ -451,10 +429,11 @@ def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequen
                 return unused(f"saved group {g} and new group {t} (matched by {how}) hold different parameters")
         result = align_groups(slots, items, slot_class=[group_of.get(to_target(s.name), -1) for s in slots],
                               group_class=pairs)
-    elif single and _same_shapes([it for g in items for it in g], list(group_of), target_shapes):
-        # one parameter per group, no one-to-one match of the groups (per-layer lrs differ only in lr):
-        # the groups in model order, over the parameters the new optimizer holds
-        how = "its parameter set, one-parameter groups in model order"
+    elif single and _in_model_order(target_groups, target_order) and \
+            _same_shapes([it for g in items for it in g], list(group_of), target_shapes):
+        # one parameter per group, made by walking the model (the new code's groups do): the old groups
+        # in order are one ordered subsequence of the old model, over the parameters the new one holds
+        evidence, how = "group-order", "one-parameter groups in model order, as the new code makes them"
         flat = align_groups(slots, [[it for g in items for it in g]],
                             slot_class=[0 if to_target(s.name) in group_of else -1 for s in slots], group_class=[0])
         result = [flat[0]]
@@ -469,8 +448,8 @@ def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequen
             return unused("the new grouping cannot hold the saved groups in the saved model's order")
         if e.name is None and len(cands) < len(e.candidates):
             settled += len(cands) == 1
-            e = e._replace(name=cands[0] if len(cands) == 1 else None, candidates=cands, evidence="group-structure")
+            e = e._replace(name=cands[0] if len(cands) == 1 else None, candidates=cands, evidence=evidence)
         entries.append(e)
-    note = (f"group-structure: {settled} indices named assuming the new code groups parameters as the old code "
-            f"did (groups matched by {how}); --no-group-evidence turns this off")
+    note = (f"{evidence}: {settled} indices named assuming the new code groups parameters as the old code "
+            f"did ({how}); --no-group-evidence turns this off")
     return replace(mapping, entries=entries, notes=[*mapping.notes, note])

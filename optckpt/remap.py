@@ -155,7 +155,12 @@ def build_plan(
     for gi in range(len(target.groups)):
         votes = Counter(group_of_index[s.source_index] for s in slots if s.group == gi and s.source_index is not None)
         sources.append(votes.most_common(1)[0][0] if votes else None)
-    by_pairing = _unvoted_groups(sources, source_groups, target)
+    # only groups that are empty, or whose parameters are merely uncertain (not proven new), follow the
+    # saved group they correspond to; a group of new parameters takes the new code's hyperparameters
+    new = {p.name for p in by_status.get("missing", [])}
+    sources_or_new = [s if s is not None or not any(n in new for n in target.groups[gi]) else -1
+                      for gi, s in enumerate(sources)]
+    by_pairing = _unvoted_groups(sources_or_new, source_groups, target)
     groups = []
     for gi, names in enumerate(target.groups):
         src = sources[gi] if sources[gi] is not None else by_pairing.get(gi)
@@ -190,7 +195,7 @@ def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mappi
     back = {t: g for g, t in enumerate(paired[0])}
     taken = {s for s in sources if s is not None}
     out = {}
-    for gi, s in enumerate(sources):
+    for gi, s in enumerate(sources):  # -1: a group of new parameters, left alone
         g = back.get(gi)
         if s is not None or g is None or g in taken:
             continue

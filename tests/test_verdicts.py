@@ -146,12 +146,27 @@ def test_group_evidence_is_its_own_rung_and_can_be_turned_off(tmp_path):
 
 
 def test_one_group_per_parameter_names_by_group_order(tmp_path):
+    """Per-layer lr groups of one parameter each, Adam, several same-shaped layers: shapes and order
+    cannot tell which group is which; the new code's groups follow its model's order, so the old
+    ones are taken to follow the old model's (with the new model reordered)."""
     path, _ = _train_and_save(tmp_path, V.Net, "per_param", "Adam")
     mapping = infer_mapping(optckpt.load(path))
-    assert not mapping.ambiguous
-    assert "group-order" in {e.evidence for e in mapping.entries}
+    assert mapping.ambiguous
+    code, rep = invoke_json("check", str(path), "--target", f"{VM}:adam_per_param_new")
+    assert rep["counts"]["ambiguous"] == 0 and rep["evidence_counts"]["group-order"] > 0, rep
+    assert code == 1 and rep["verdict"] == "would_misapply"  # reordered: plain loading is wrong
     code, rep = invoke_json("inspect", str(path))
-    assert {e["evidence"] for e in rep["optimizers"][0]["entries"]} >= {"group-order"}
+    assert {e["evidence"] for e in rep["optimizers"][0]["entries"]} == {"model-order"}
+    # groups not in the new model's order: no assumption made
+    path2 = tmp_path / "shuffled.pt"
+    model, opt = V.build(V.Net, "per_param", "Adam")
+    V.step(model, opt, 0)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path2)
+    new = V.Net()
+    groups = V.per_param(new)
+    shuffled = torch.optim.Adam(groups[::-1], lr=1e-2)
+    report = check_mapping(infer_mapping(optckpt.load(path2)), from_live(new, shuffled))
+    assert "group-order" not in {p.evidence for p in report.params}
 
 
 # --- (4) one ambiguity contract ------------------------------------------------------------------
