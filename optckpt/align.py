@@ -428,9 +428,14 @@ def _prune_by_matching(work: list[_Group], n: int) -> set[int]:
     return changed
 
 
-def align_groups(slots: Sequence[Slot], groups: Sequence[Sequence[Item]]) -> list[list[Assignment]]:
+def align_groups(slots: Sequence[Slot], groups: Sequence[Sequence[Item]], *,
+                 slot_class: Sequence[int] | None = None,
+                 group_class: Sequence[int] | None = None) -> list[list[Assignment]]:
     """For each group, for each item, the set of model slots it can occupy in SOME valid joint embedding
     (every group an order-preserving, shape-respecting subsequence of the slots, groups pairwise disjoint).
+
+    ``slot_class`` / ``group_class`` (both or neither) restrict further: a group's items may only use
+    slots of the group's class (the group-structure evidence: which new param group a slot's name is in).
 
     Returns one list of :class:`Assignment` per group, in group and item order.
 
@@ -445,28 +450,36 @@ def align_groups(slots: Sequence[Slot], groups: Sequence[Sequence[Item]]) -> lis
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _align(slots, groups)
+        return _align(slots, groups, slot_class, group_class)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _align(slots: Sequence[Slot], groups: Sequence[Sequence[Item]]) -> list[list[Assignment]]:
+def _align(slots: Sequence[Slot], groups: Sequence[Sequence[Item]], slot_class: Sequence[int] | None,
+           group_class: Sequence[int] | None) -> list[list[Assignment]]:
     """:func:`align_groups` proper."""
     n = len(slots)
-    shape_ids: dict[tuple[int, ...], int] = {}
-    positions: dict[int, list[int]] = {_ANY: list(range(n))}
+    classes = slot_class if slot_class is not None and group_class is not None else [0] * n
+    gclass = group_class if slot_class is not None and group_class is not None else [0] * len(groups)
+    # shape ids are per (class, shape): a slot of another class never fits
+    shape_ids: dict[tuple[int, tuple[int, ...]], int] = {}
+    positions: dict[int, list[int]] = {}
+    any_of_class: dict[int, list[int]] = {}  # what an item of unknown shape may use
     slot_sid: list[int] = []
     for p, slot in enumerate(slots):
-        sid = shape_ids.setdefault(tuple(slot.shape), len(shape_ids))
+        sid = shape_ids.setdefault((classes[p], tuple(slot.shape)), len(shape_ids))
         slot_sid.append(sid)
         positions.setdefault(sid, []).append(p)
+        any_of_class.setdefault(classes[p], []).append(p)
 
     work: list[_Group] = []
     empty: list[int] = []
     for gid, items in enumerate(groups):
-        sids = [_ANY if it.shape is None else shape_ids.get(tuple(it.shape), -2) for it in items]
-        work.append(_Group(gid, items, sids, [positions.get(sid, empty) for sid in sids]))
+        k = gclass[gid]
+        sids = [_ANY if it.shape is None else shape_ids.get((k, tuple(it.shape)), -2) for it in items]
+        allow = [any_of_class.get(k, empty) if sid == _ANY else positions.get(sid, empty) for sid in sids]
+        work.append(_Group(gid, items, sids, allow))
 
     owner = [-1] * n  # group that certainly owns the slot, -1: unknown
     claimed_any = _propagate(work, set(range(len(work))), owner, slot_sid, False, n)

@@ -166,14 +166,22 @@ def mapping_options(f: F) -> F:
     return f
 
 
+def group_evidence_option(f: F) -> F:
+    return click.option("--no-group-evidence", "no_group_evidence", is_flag=True,
+                        help="Do not let the target optimizer's param groups settle uncertain names "
+                             "(that evidence assumes the grouping rule is unchanged).")(f)
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
 @target_option
 @load_options
 @mapping_options
+@group_evidence_option
 @format_option
 def check(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
-          renames: tuple[str, ...], optimizer_key: str | None, models: str | None, fmt: str) -> None:
+          renames: tuple[str, ...], optimizer_key: str | None, models: str | None, no_group_evidence: bool,
+          fmt: str) -> None:
     """Predict what plain optimizer.load_state_dict would do under the new code.
 
     Exit 0 when it would be exactly right, 1 when not, 2 on error."""
@@ -191,7 +199,7 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
         mapping = name_by_target_shapes(mapping, target.names, target.shapes)
-    report = check_mapping(mapping, target, parse_rename(renames)).as_json()
+    report = check_mapping(mapping, target, parse_rename(renames), group_evidence=not no_group_evidence).as_json()
     click.echo(to_json(report) if fmt == "json" else render_check(report))
     sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
 
@@ -223,12 +231,12 @@ def write_options(f: F) -> F:
 @click.option("--hparams", type=click.Choice(["checkpoint", "target"]), default="checkpoint", show_default=True,
               help="Group hyperparameters from the checkpoint (as torch's load_state_dict does) "
                    "or from the target optimizer.")
+@group_evidence_option
 @format_option
 def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
           renames: tuple[str, ...], optimizer_key: str | None, models: str | None, output: str | None,
           dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool, missing: str, unexpected: str,
-          shape_mismatch: str,
-          allow_ambiguous: bool, hparams: str, fmt: str) -> None:
+          shape_mismatch: str, allow_ambiguous: bool, hparams: str, no_group_evidence: bool, fmt: str) -> None:
     """Rewrite optimizer state so the unchanged resume script (plain load_state_dict) is right.
 
     Writes the same layout as PATH; moved state keeps its bytes, new parameters start fresh,
@@ -238,7 +246,8 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     from .render import render_plan, to_json
 
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
-                    allow_ambiguous=allow_ambiguous, hparams=hparams)  # type: ignore[arg-type]
+                    allow_ambiguous=allow_ambiguous, hparams=hparams,  # type: ignore[arg-type]
+                    group_evidence=not no_group_evidence)
     plan, written = remap_checkpoint(
         path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
         optimizer_key=optimizer_key, models=models.split(",") if models else None, dry_run=dry_run,

@@ -99,6 +99,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
                 "param_name": g.param_names[pos] if g.param_names and pos < len(g.param_names) else None,
                 "inferred_name": known[idx].name if idx in known else None,
                 "candidates": list(known[idx].candidates) if idx in known and known[idx].name is None else [],
+                "evidence": known[idx].evidence if idx in known else None,
                 "state": _state_shape_summary(st),
             }
             if stats:

@@ -8,14 +8,23 @@ Evidence, strongest first:
   every param group is an ordered subsequence of the model's parameters, the shapes of its state
   tensors pin each index (:mod:`optckpt.align`) — exact where forced, ``ambiguous`` otherwise;
 * single-parameter groups carrying a ``name`` key (3D Gaussian Splatting) when no model is saved;
-* shapes alone, when the model order is not trustworthy (safetensors): only shape-unique indices.
+* shapes alone, when the model order is not trustworthy (safetensors): only shape-unique indices;
+* the new code's grouping (:func:`settle_by_grouping`, needs the target's optimizer): weakest, used
+  only on what the rest leaves ambiguous, assuming the grouping rule is unchanged: ``group-order``
+  when every group holds one parameter and the new code's groups follow its model's order (mmengine
+  ``paramwise_cfg``, layer-wise lr decay: the old groups are then taken to follow the old model's),
+  else ``group-structure`` (each old group's indices are parameters of its new counterpart).
+
+Every index records the rung that named it (``IndexName.evidence``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -24,7 +33,8 @@ from .align import Item, Slot, align_groups
 from .checkpoint import _FLOATING, Checkpoint, ModelState, OptimizerState
 from .validate import validate_optimizer
 
-__all__ = ["IndexName", "OptimizerMapping", "param_shape", "infer_mapping", "is_lbfgs", "name_by_target_shapes"]
+__all__ = ["IndexName", "OptimizerMapping", "param_shape", "infer_mapping", "is_lbfgs", "pair_groups",
+           "settle_by_grouping", "name_by_target_shapes"]
 
 # state keys whose tensor has exactly the parameter's shape, across torch.optim
 _PARAM_SHAPED = (
@@ -61,6 +71,7 @@ class IndexName(NamedTuple):
     candidates: tuple[str, ...]  # every name it could be (one when certain)
     shape: tuple[int, ...] | None  # the parameter's shape as its state shows it
     has_state: bool
+    evidence: str = ""  # the rung that named it (or, when uncertain, the last one that narrowed it)
 
 
 @dataclass
@@ -72,6 +83,10 @@ class OptimizerMapping:
     entries: list[IndexName]
     model: str | None = None  # which model state dict(s) the alignment used
     notes: list[str] = field(default_factory=list)
+    group_sizes: list[int] = field(default_factory=list)  # every saved param group, empty ones included
+    group_hparams: list[dict[str, Any]] = field(default_factory=list)  # their keys but params / param_names
+    # what a model-order alignment ran on (model slots, items per group), for the group-structure rung
+    basis: tuple[list[Slot], list[list[Item]]] | None = field(default=None, repr=False)
 
     @property
     def ambiguous(self) -> list[IndexName]:
@@ -98,18 +113,22 @@ def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
     return shapes
 
 
-def _entries(opt: OptimizerState, names: Sequence[Sequence[tuple[str | None, tuple[str, ...]]]]) -> list[IndexName]:
+def _entries(opt: OptimizerState, names: Sequence[Sequence[tuple[str | None, tuple[str, ...]]]],
+             evidence: str) -> list[IndexName]:
     state = opt.state
     shapes = _shapes(opt)
+    # LBFGS keeps one global state (under the first index) that spans every parameter, in order
+    everyone = is_lbfgs(opt) and any(bool(v) for v in state.values())
     out = []
     for g, gnames in zip(opt.groups, names):
         for idx, (name, cands) in zip(g.params, gnames):
-            out.append(IndexName(idx, g.position, name, cands, shapes[idx], bool(state.get(idx))))
+            out.append(IndexName(idx, g.position, name, cands, shapes[idx], everyone or bool(state.get(idx)),
+                                 evidence))
     return out
 
 
 def _exact(opt: OptimizerState, evidence: str, names: Sequence[Sequence[str]]) -> OptimizerMapping:
-    return OptimizerMapping(opt.name, evidence, _entries(opt, [[(n, (n,)) for n in g] for g in names]))
+    return OptimizerMapping(opt.name, evidence, _entries(opt, [[(n, (n,)) for n in g] for g in names], evidence))
 
 
 # Buffers torch / transformers register under these names; never parameters. Excluding them turns
@@ -145,11 +164,13 @@ def slots_of(models: Sequence[ModelState]) -> list[Slot]:
 
 def _align(opt: OptimizerState, models: Sequence[ModelState]) -> OptimizerMapping | None:
     groups = _items(opt)
-    result = align_groups(slots_of(models), groups)
+    slots = slots_of(models)
+    result = align_groups(slots, groups)
     if any(not a.candidates for g in result for a in g):
         return None  # this model cannot hold this optimizer's parameters in this order
     names = [[(a.name, a.candidates) for a in g] for g in result]
-    return OptimizerMapping(opt.name, "model-order", _entries(opt, names), model="+".join(m.name for m in models))
+    return OptimizerMapping(opt.name, "model-order", _entries(opt, names, "model-order"),
+                            model="+".join(m.name for m in models), basis=(slots, groups))
 
 
 Names = list[list[tuple[str | None, tuple[str, ...]]]]
@@ -202,7 +223,8 @@ def _align_partial(opt: OptimizerState, models: Sequence[ModelState]) -> Optimiz
         return None
     for i, row in zip(others, loose):
         names[i] = row
-    m = OptimizerMapping(opt.name, "model-order", _entries(opt, names), model="+".join(x.name for x in models))
+    m = OptimizerMapping(opt.name, "model-order", _entries(opt, names, "model-order"),
+                         model="+".join(x.name for x in models))
     m.notes.append(f"param groups {others} are not in the model's order: matched by shape alone")
     return m
 
@@ -212,7 +234,7 @@ def _shapes_only(opt: OptimizerState, model: ModelState) -> OptimizerMapping:
     names = _unordered(_items(opt), slots_of([model]), set())
     if names is None:
         names = [[(None, ())] * len(g.params) for g in opt.groups]
-    m = OptimizerMapping(opt.name, "shapes-only", _entries(opt, names), model=model.name)
+    m = OptimizerMapping(opt.name, "shapes-only", _entries(opt, names, "shapes-only"), model=model.name)
     m.notes.append(
         f"{model.name} does not keep the registration order (safetensors / sharded weights are sorted by name); "
         "names are certain only for shape-unique parameters: pass --source module:callable (the old code) "
@@ -242,6 +264,8 @@ def infer_mapping(
         if gc_was_on:
             gc.enable()
     mapping.notes[:0] = warnings
+    mapping.group_sizes = [len(g.params) for g in opt.groups]
+    mapping.group_hparams = [dict(g.hparams) for g in opt.groups]
     return mapping
 
 
@@ -297,7 +321,7 @@ def _infer(ck: Checkpoint, opt: OptimizerState, source_names: Sequence[Sequence[
         by_shape = _shapes_only(opt, untrusted[0])
         by_shape.notes.extend(ck.notes)
         return by_shape
-    none = OptimizerMapping(opt.name, "none", _entries(opt, [[(None, ())] * n for n in sizes]))
+    none = OptimizerMapping(opt.name, "none", _entries(opt, [[(None, ())] * n for n in sizes], "none"))
     if trusted:
         none.notes.append("no model state dict in this checkpoint can hold this optimizer's parameters in order "
                           "(the groups are not ordered subsequences of its parameters): pass --source")
@@ -326,7 +350,8 @@ def name_by_target_shapes(mapping: OptimizerMapping, names: Sequence[str],
     for e in mapping.entries:
         fits = tuple(by_shape.get(e.shape, ())) if e.shape is not None else ()
         unique = len(fits) == 1 and in_optimizer[e.shape] == 1
-        entries.append(e._replace(name=fits[0] if unique else None, candidates=fits))
+        entries.append(e._replace(name=fits[0] if unique else None, candidates=fits,
+                                  evidence="target-shapes" if fits else e.evidence))
     named = sum(e.name is not None for e in entries)
     if not named:
         return mapping
@@ -334,7 +359,7 @@ def name_by_target_shapes(mapping: OptimizerMapping, names: Sequence[str],
     notes.append(f"no model state was saved with this optimizer: {named} of {len(entries)} indices named by shape "
                  "only (their shape occurs once in the optimizer and once in the target), the weakest evidence; "
                  "pass --model PATH (the model saved with it) or --source (the old code) for certain names")
-    return OptimizerMapping(mapping.optimizer, "target-shapes", entries, mapping.model, notes)
+    return dataclasses.replace(mapping, evidence="target-shapes", entries=entries, notes=notes)
 
 
 def _choose_models(ck: Checkpoint, models: Sequence[str] | None) -> list[ModelState]:
@@ -358,3 +383,106 @@ def _group_names_usable(opt: OptimizerState) -> bool:
         and all(isinstance(n, str) and n for n in names)
         and len(set(names)) == len(names)
     )
+
+
+# keys a scheduler rewrites (so a fresh target optimizer differs from the saved one) and the keys that
+# are not hyperparameters: left out when telling groups apart by their hyperparameters
+_SCHEDULED = frozenset({"params", "param_names", "lr", "initial_lr", "momentum", "betas", "max_lr", "min_lr",
+                        "base_momentum", "max_momentum"})
+
+
+def _signature(hp: Mapping[str, Any]) -> str:
+    return repr(sorted((k, repr(v)) for k, v in hp.items() if k not in _SCHEDULED))
+
+
+def pair_groups(saved: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str, Any]], *,
+                by_position: bool = True) -> tuple[list[int], str] | None:
+    """The target group each saved group corresponds to, one-to-one, and by what: equal ``name``
+    keys, else equal hyperparameters but the scheduled ones (lr, momentum...) and custom keys
+    (``lr_mult``, ``decay_mult``), else position when the counts match. None when none applies."""
+    if len(saved) != len(target) or not saved:
+        return None
+    names_s = [g.get("name") for g in saved]
+    names_t = [g.get("name") for g in target]
+    if all(isinstance(n, str) for n in names_s + names_t) and len(set(names_s)) == len(saved) \
+            and set(names_s) == set(names_t):
+        where = {n: i for i, n in enumerate(names_t)}
+        return [where[n] for n in names_s], "name"
+    sig_s = [_signature(g) for g in saved]
+    sig_t = [_signature(g) for g in target]
+    if len(set(sig_s)) == len(saved) and set(sig_s) == set(sig_t):
+        where = {s: i for i, s in enumerate(sig_t)}
+        return [where[s] for s in sig_s], "hyperparameters"
+    if by_position:
+        return list(range(len(saved))), "position"
+    return None
+
+
+def _same_shapes(items: Sequence[Item], names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """As many parameters, and the shapes the saved state shows all among the new ones."""
+    known = Counter(it.shape for it in items if it.shape is not None)
+    have = Counter(shapes.get(n) for n in names)
+    return len(items) == len(names) and all(have[s] >= c for s, c in known.items())
+
+
+def _in_model_order(groups: Sequence[Sequence[str]], order: Sequence[str] | None) -> bool:
+    flat = [n for g in groups for n in g]
+    if order is None or not flat:
+        return False
+    pos = {n: i for i, n in enumerate(order)}
+    at = [pos.get(n, -1) for n in flat]
+    return min(at) >= 0 and all(a < b for a, b in zip(at, at[1:]))
+
+
+def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequence[str]],
+                       target_shapes: Mapping[str, tuple[int, ...]], target_hparams: Sequence[Mapping[str, Any]],
+                       to_target: Callable[[str], str], target_order: Sequence[str] | None = None) -> OptimizerMapping:
+    """The ``group-structure`` rung: when the new code's param groups correspond one-to-one to the
+    saved ones (:func:`pair_groups`) and each pair holds the same parameters' shapes, assume the
+    grouping rule is unchanged: an old group's indices can only be parameters of its new counterpart.
+    Only what the stronger evidence left ambiguous is settled; anything inconsistent leaves the
+    mapping as it was (with a note). ``to_target`` turns a checkpoint name into the target's;
+    ``target_order`` is the new model's parameter order (for ``group-order``)."""
+    if not mapping.ambiguous or mapping.basis is None:
+        return mapping
+    slots, items = mapping.basis
+    sizes = [len(g) for g in items]
+
+    def unused(why: str) -> OptimizerMapping:
+        return replace(mapping, notes=[*mapping.notes, f"group-structure: not used: {why}"])
+
+    single = sum(1 for n in sizes if n) >= 2 and all(n <= 1 for n in sizes)
+    group_of = {n: t for t, names in enumerate(target_groups) for n in names}
+    evidence = "group-structure"
+    paired = None if single else pair_groups(mapping.group_hparams, target_hparams)
+    if paired is not None:
+        pairs, how = paired
+        for g, t in enumerate(pairs):
+            if not _same_shapes(items[g], target_groups[t], target_shapes):
+                return unused(f"saved group {g} and new group {t} (matched by {how}) hold different parameters")
+        result = align_groups(slots, items, slot_class=[group_of.get(to_target(s.name), -1) for s in slots],
+                              group_class=pairs)
+    elif single and _in_model_order(target_groups, target_order) and \
+            _same_shapes([it for g in items for it in g], list(group_of), target_shapes):
+        # one parameter per group, made by walking the model (the new code's groups do): the old groups
+        # in order are one ordered subsequence of the old model, over the parameters the new one holds
+        evidence, how = "group-order", "one-parameter groups in model order, as the new code makes them"
+        flat = align_groups(slots, [[it for g in items for it in g]],
+                            slot_class=[0 if to_target(s.name) in group_of else -1 for s in slots], group_class=[0])
+        result = [flat[0]]
+    else:
+        return unused("the new optimizer's param groups do not correspond one-to-one to the saved ones")
+    allowed = {a.index: set(a.candidates) for g in result for a in g}
+    entries = []
+    settled = 0
+    for e in mapping.entries:
+        cands = tuple(c for c in e.candidates if c in allowed.get(e.index, ()))
+        if not cands:
+            return unused("the new grouping cannot hold the saved groups in the saved model's order")
+        if e.name is None and len(cands) < len(e.candidates):
+            settled += len(cands) == 1
+            e = e._replace(name=cands[0] if len(cands) == 1 else None, candidates=cands, evidence=evidence)
+        entries.append(e)
+    note = (f"{evidence}: {settled} indices named assuming the new code groups parameters as the old code "
+            f"did ({how}); --no-group-evidence turns this off")
+    return replace(mapping, entries=entries, notes=[*mapping.notes, note])

@@ -16,7 +16,7 @@ import torch
 
 from .check import CheckReport, check_mapping
 from .errors import MappingError
-from .mapping import OptimizerMapping
+from .mapping import OptimizerMapping, pair_groups
 from .target import RenameRule, Target
 
 __all__ = ["Policy", "Slot", "GroupPlan", "RemapPlan", "build_plan", "apply_plan", "remap_scheduler",
@@ -34,6 +34,7 @@ class Policy:
     shape_mismatch: ShapeMismatch = "reset"
     allow_ambiguous: bool = False
     hparams: Literal["checkpoint", "target"] = "checkpoint"
+    group_evidence: bool = True  # let the target optimizer's grouping settle uncertain names
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class RemapPlan:
     notes: list[str] = field(default_factory=list)
     # LBFGS: (source indices in optimizer order, their parameters' numels) to permute flat state
     lbfgs_layout: tuple[list[int], list[int]] | None = None
+    evidence_counts: dict[str, int] = field(default_factory=dict)  # saved indices per rung that named them
 
     def summary(self) -> dict[str, int]:
         c = Counter(s.action for s in self.slots)
@@ -81,6 +83,7 @@ class RemapPlan:
         return {
             "optimizer": self.optimizer,
             "evidence": self.evidence,
+            "evidence_counts": dict(self.evidence_counts),
             "summary": self.summary(),
             "slots": [
                 {"target_index": s.target_index, "group": s.group, "name": s.name,
@@ -107,16 +110,19 @@ def build_plan(
     """Decide, for every index of the new optimizer, where its state comes from.
 
     ``source_groups`` are the old ``param_groups`` (hyperparameters are read from them)."""
-    report = check_mapping(mapping, target, renames)
+    report = check_mapping(mapping, target, renames, group_evidence=policy.group_evidence)
+    mapping = report.mapping or mapping
     by_status: dict[str, list[Any]] = {}
     for p in report.params:
         by_status.setdefault(p.status, []).append(p)
-    amb = by_status.get("ambiguous", [])
+    # an index without state has nothing to move: its uncertain name cannot lose or misplace anything
+    amb = [p for p in by_status.get("ambiguous", []) if p.has_state]
     if amb and not policy.allow_ambiguous:
         shown = "; ".join(f"index {p.source_index}: {' | '.join(p.candidates[:4]) or 'no candidate'}" for p in amb[:3])
+        more = f" and {len(amb) - 3} more" if len(amb) > 3 else ""
         raise MappingError(
-            f"{len(amb)} optimizer indices have uncertain names ({shown}); pass --source (the old code) or a "
-            "names file, or --allow-ambiguous to reset their state"
+            f"{len(amb)} optimizer indices with state have uncertain names ({shown}{more}); pass the old names "
+            "(--source / source_names=), or allow resetting their state (--allow-ambiguous / allow_ambiguous=True)"
         )
     if by_status.get("missing") and policy.missing == "error":
         raise MappingError(f"new parameters without saved state: {_names(by_status['missing'])} (--missing error)")
@@ -141,23 +147,61 @@ def build_plan(
                 slots.append(Slot(t, gi, name, st.source_index, "keep" if st.status == "ok" else "move"))
             t += 1
     used = {s.source_index for s in slots if s.source_index is not None}
-    dropped = [(e.index, e.name or f"<index {e.index}>") for e in entries if e.index not in used]
+    dropped = [(e.index, e.name or f"<index {e.index}>") for e in entries
+               if e.index not in used and (e.name is not None or e.has_state)]
 
     group_of_index = {e.index: e.group for e in entries}
+    sources: list[int | None] = []
+    for gi in range(len(target.groups)):
+        votes = Counter(group_of_index[s.source_index] for s in slots if s.group == gi and s.source_index is not None)
+        sources.append(votes.most_common(1)[0][0] if votes else None)
+    # only groups that are empty, or whose parameters are merely uncertain (not proven new), follow the
+    # saved group they correspond to; a group of new parameters takes the new code's hyperparameters
+    new = {p.name for p in by_status.get("missing", [])}
+    sources_or_new = [s if s is not None or not any(n in new for n in target.groups[gi]) else -1
+                      for gi, s in enumerate(sources)]
+    by_pairing = _unvoted_groups(sources_or_new, source_groups, target)
     groups = []
     for gi, names in enumerate(target.groups):
-        votes = Counter(group_of_index[s.source_index] for s in slots if s.group == gi and s.source_index is not None)
-        src = votes.most_common(1)[0][0] if votes else None
+        src = sources[gi] if sources[gi] is not None else by_pairing.get(gi)
         hp = _group_hparams(gi, src, source_groups, target, policy)
         groups.append(GroupPlan(gi, len(names), src, hp, tuple(names)))
-    plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped, list(report.notes))
+    plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped, list(report.notes),
+                     evidence_counts=dict(Counter(e.evidence if e.name is not None else "uncertain" for e in entries)))
+    if by_pairing:
+        plan.notes.append(f"new groups {sorted(by_pairing)} hold no certainly named saved parameter: hyperparameters "
+                          f"from the saved groups they correspond to ({sorted(by_pairing.values())})")
     for g in groups:
         if g.source_group is None:
             origin = "the target optimizer" if target.group_hparams else "old group 0"
             plan.notes.append(f"new group {g.group} holds no saved parameter: hyperparameters from {origin}")
     if amb:
-        plan.notes.append(f"{len(amb)} ambiguous indices: their state is reset (--allow-ambiguous)")
+        plan.notes.append(f"{len(amb)} ambiguous indices with state: their state is reset (--allow-ambiguous)")
     return plan, report
+
+
+def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mapping[str, Any]],
+                    target: Target) -> dict[int, int]:
+    """Saved groups for the new groups no named parameter ties to one (empty groups, as the
+    transformers Trainer's no-decay group under LoRA; groups of stateless uncertain indices): matched
+    by ``name``, other hyperparameters or position (:func:`optckpt.mapping.pair_groups`), an empty
+    new group only to an empty saved group, and never to a saved group another new group took."""
+    if all(s is not None for s in sources) or target.group_hparams is None:
+        return {}
+    saved = [{k: v for k, v in g.items() if k != "params"} for g in source_groups]
+    paired = pair_groups(saved, target.group_hparams)
+    if paired is None:
+        return {}
+    back = {t: g for g, t in enumerate(paired[0])}
+    taken = {s for s in sources if s is not None}
+    out = {}
+    for gi, s in enumerate(sources):  # -1: a group of new parameters, left alone
+        g = back.get(gi)
+        if s is not None or g is None or g in taken:
+            continue
+        if (len(target.groups[gi]) == 0) == (len(source_groups[g].get("params", ())) == 0):
+            out[gi] = g
+    return out
 
 
 def _names(ps: Sequence[Any]) -> str:
@@ -265,8 +309,9 @@ def _fresh_value(key: str, g: GroupPlan, old: list[Any]) -> Any:
 def attach_lbfgs_layout(plan: RemapPlan, mapping: OptimizerMapping, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Record the per-parameter sizes an LBFGS remap needs to permute its flat vectors."""
     numels = []
-    for e in mapping.entries:
-        shape = shapes.get(e.name or "")
+    new_name = {s.source_index: s.name for s in plan.slots if s.source_index is not None}
+    for e in mapping.entries:  # the saved name, else the name the plan gives it (renamed, or settled)
+        shape = shapes.get(e.name or "") or shapes.get(new_name.get(e.index, ""))
         if shape is None:
             return
         n = 1

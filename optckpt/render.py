@@ -189,18 +189,28 @@ _STATUS_TEXT = {
 }
 
 
+_VERDICT_TEXT = {
+    "safe": "SAFE: plain optimizer.load_state_dict is exactly right",
+    "load_fails": "NOT SAFE: plain optimizer.load_state_dict raises (the param groups differ)",
+    "would_misapply": "NOT SAFE: plain optimizer.load_state_dict would misapply optimizer state",
+    "cannot_prove_safe": "CANNOT PROVE SAFE: some names are uncertain (nothing proven wrong)",
+}
+
+
 def render_check(r: dict[str, Any]) -> str:
     out = []
     if r["evidence"] == "fqn":
         verdict = "SAFE: loading by name restores every parameter's state" if r["safe"] else (
             "NOT SAFE: some parameters are new, gone or reshaped")
     else:
-        verdict = "SAFE: plain optimizer.load_state_dict is exactly right" if r["safe"] else (
-            "NOT SAFE: plain optimizer.load_state_dict would misapply optimizer state")
+        verdict = _VERDICT_TEXT[r["verdict"]]
     evidence = "target shapes: named by shape only" if r["evidence"] == "target-shapes" else r["evidence"]
     out.append(f"optimizer {r['optimizer']} (names from: {evidence}): {verdict}")
     counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items() if v)
     out.append(f"  {counts}")
+    by = r.get("evidence_counts", {})
+    if len(by) > 1:
+        out.append("  named by: " + ", ".join(f"{k} {v}" for k, v in by.items()))
     g = r["groups"]
     if g["load_would_fail"]:
         out.append(f"  param groups: checkpoint {g['source']} vs target {g['target']}: "
@@ -214,13 +224,19 @@ def render_check(r: dict[str, Any]) -> str:
             what += ": CRASH (paired with state of another shape)"
         elif p["status"] == "moved" and p["silent"]:
             what += ": SILENT (shapes coincide, torch would not notice)"
+        elif p["status"] in ("moved", "ambiguous") and not p.get("has_state", True):
+            what += ": no state" + (", harmless" if p.get("risk") == "none" else (
+                ", lands in a group with other hyperparameters" if p.get("risk") == "misapplied" else
+                ", its group's hyperparameters may differ"))
         if p["status"] == "ambiguous":
             what += ": " + ", ".join(p.get("candidates", [])[:4]) + (" ..." if len(p.get("candidates", [])) > 4 else "")
         src = "-" if p["source_index"] is None else str(p["source_index"])
         tgt = "-" if p["target_index"] is None else str(p["target_index"])
-        rows.append([p["name"], f"{src} -> {tgt}", _shape(p["shape"]), what])
+        rows.append([p["name"], f"{src} -> {tgt}", _shape(p["shape"]), p.get("evidence") or "-", what])
     if rows:
-        out.append(table(rows, ["parameter", "index: checkpoint -> target", "shape", "status"]))
+        out.append(table(rows[:_MAX_ROWS], ["parameter", "index: checkpoint -> target", "shape", "named by", "status"]))
+        if len(rows) > _MAX_ROWS:
+            out.append(f"... {len(rows) - _MAX_ROWS} more (use --format json for all)")
     ok = r["counts"].get("ok", 0)
     if ok:
         out.append(f"({plural(ok, 'parameter')} ok)")
@@ -233,6 +249,9 @@ def render_plan(r: dict[str, Any]) -> str:
     s = r["summary"]
     out = [f"optimizer {r['optimizer']} (names from: {r['evidence']}): keep {s['keep']}, move {s['move']}, "
            f"reset {s['reset']}, drop {s['drop']}"]
+    by = r.get("evidence_counts", {})
+    if len(by) > 1:
+        out.append("named by: " + ", ".join(f"{k} {v}" for k, v in by.items()))
     rows = [[x["target_index"], x["group"], x["name"],
              "-" if x["source_index"] is None else x["source_index"], x["action"]]
             for x in r["slots"] if x["action"] != "keep"]

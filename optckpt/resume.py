@@ -64,6 +64,8 @@ def load_optimizer_state_dict(
     unexpected: Literal["drop", "error"] = "drop",
     shape_mismatch: Literal["reset", "error"] = "reset",
     strict: bool = False,
+    allow_ambiguous: bool = False,
+    group_evidence: bool = True,
     model_state_dict: Mapping[str, torch.Tensor] | None = None,
     source_names: Sequence[Sequence[str]] | Sequence[str] | None = None,
     optimizer_key: str | None = None,
@@ -80,7 +82,15 @@ def load_optimizer_state_dict(
     each takes the saved hyperparameters of the old group holding most of its parameters (as torch's
     own ``load_state_dict`` restores saved hyperparameters), or keeps its own with
     ``hparams="target"``. Tensors land on each parameter's device and dtype, exactly as
-    ``Optimizer.load_state_dict`` casts them. ``strict=True`` raises on anything but a clean match.
+    ``Optimizer.load_state_dict`` casts them. ``strict=True`` raises on any missing, unexpected or
+    reshaped parameter.
+
+    Uncertain names follow the CLI's contract (``optckpt remap``): when indices that hold state
+    cannot be named with certainty, :class:`MappingError` names them and their candidates and
+    nothing is loaded, unless ``allow_ambiguous=True`` (``--allow-ambiguous``), which resets their
+    state (listed in the report's ``ambiguous``). Indices without state never block. The optimizer's
+    own grouping settles what the checkpoint leaves open unless ``group_evidence=False``
+    (``--no-group-evidence``).
 
     ``source`` is a checkpoint path, a loaded :class:`Checkpoint`, or an optimizer state dict; for a
     bare index-based state dict pass ``model_state_dict=`` (the model saved with it, registration
@@ -93,21 +103,23 @@ def load_optimizer_state_dict(
     mapping = infer_mapping(ck, opt, source_names=names)
     target = from_live(model, optimizer)
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
-                    allow_ambiguous=not strict, hparams=hparams)
+                    allow_ambiguous=allow_ambiguous, hparams=hparams, group_evidence=group_evidence)
     plan, report = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy)
     if is_lbfgs(opt):
         attach_lbfgs_layout(plan, mapping, {**{n: m.shape for mod in ck.models for n, m in mod.meta.items()},
                                             **target.shapes})
     result = LoadReport(evidence=mapping.evidence)
     for p in report.params:
+        if p.status == "ambiguous" and not p.has_state:
+            continue  # nothing was lost: no state to reset
         bucket = {"moved": result.moved, "missing": result.missing, "unexpected": result.unexpected,
                   "shape_mismatch": result.shape_mismatch, "ambiguous": result.ambiguous}.get(p.status)
         if bucket is not None:
             bucket.append(p.name)
-    if strict and not result.clean:
+    if strict and (result.missing or result.unexpected or result.shape_mismatch):
         raise MappingError(
             f"strict load: missing {result.missing}, unexpected {result.unexpected}, "
-            f"shape_mismatch {result.shape_mismatch}, ambiguous {result.ambiguous}"
+            f"shape_mismatch {result.shape_mismatch}"
         )
     new_sd = apply_plan(plan, opt.state_dict, with_names="param_names" in optimizer.param_groups[0])
     result.notes = list(plan.notes)
@@ -164,7 +176,10 @@ def enable_load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module
         ck = Checkpoint(path="<state dict>", layout="torch-optimizer")
         ck.optimizers.append(OptimizerState("optimizer", "<state dict>", (), sd))
         mapping = infer_mapping(ck)
-        plan, _ = build_plan(mapping, sd["param_groups"], from_live(model, opt), Policy())
+        target = from_live(model, opt)
+        plan, _ = build_plan(mapping, sd["param_groups"], target, Policy())
+        if is_lbfgs(ck.optimizer()):
+            attach_lbfgs_layout(plan, mapping, target.shapes)
         new_sd = apply_plan(plan, sd, with_names="param_names" in opt.param_groups[0])
         if "param_names" not in opt.param_groups[0]:
             for g in new_sd["param_groups"]:

@@ -192,8 +192,14 @@ def test_partial_group_without_state_is_ambiguous_not_guessed(tmp_path):
     mapping = infer_mapping(optckpt.load(_save(tmp_path, m, opt)))
     assert mapping.entries[0].name is None
     assert set(mapping.entries[0].candidates) == {n for n, _ in m.named_parameters()}  # no state: no shape
-    rep = check_mapping(mapping, from_live(m, torch.optim.SGD([m["b"].weight], lr=0.1)))
-    assert not rep.safe and rep.counts["ambiguous"] == 1
+    target = from_live(m, torch.optim.SGD([m["b"].weight], lr=0.1))
+    rep = check_mapping(mapping, target, group_evidence=False)
+    # still uncertain, but an index without state cannot receive the wrong state: nothing to refuse
+    assert rep.counts["ambiguous"] == 1 and rep.params[0].risk == "none" and rep.safe
+    # the new optimizer's grouping (one group of one parameter) names it
+    rep = check_mapping(mapping, target)
+    assert rep.counts == {**rep.counts, "ok": 1, "ambiguous": 0}
+    assert rep.params[0].evidence == "group-structure" and rep.safe
 
 
 def test_tied_embeddings(tmp_path):

@@ -487,10 +487,14 @@ def test_reordered_model_check_and_load_by_name(tmp_path, case: Case) -> None:
     REORDER["ambiguous_cases"] += bool(mapping.ambiguous)
     REORDER["alias_changed"] += bool(alias_changed)
 
+    # One-parameter groups labelled at random are not made by walking the model, so the group-order
+    # rung's assumption does not hold for them (it is tested where it does: tests/test_verdicts.py);
+    # the group-structure rung's does (the new groups hold the same names) and stays on.
+    group_evidence = not (len(new_groups) >= 2 and all(len(g) == 1 for g in new_groups))
     # check: "ok" only where the index really did not change
     for target in (from_live(new_model), from_live(new_model, new_opt)):
         new_index = {n: i for i, n in enumerate(target.names)}
-        report = check_mapping(mapping, target)
+        report = check_mapping(mapping, target, group_evidence=group_evidence)
         for p in report.params:
             if p.status == "ok":
                 assert old_index[old_name[p.name]] == new_index[p.name] == p.target_index, p
@@ -502,7 +506,9 @@ def test_reordered_model_check_and_load_by_name(tmp_path, case: Case) -> None:
             assert {old_name[p.name] for p in report.params if p.status in ("ok", "moved")} == set(old_index)
 
     # load by name through the API
-    result = optckpt.load_optimizer_state_dict(new_opt, new_model, path)
+    # uncertain indices with state would make the API refuse (the CLI's contract): reset them here
+    result = optckpt.load_optimizer_state_dict(new_opt, new_model, path, allow_ambiguous=True,
+                                               group_evidence=group_evidence)
     assert result.evidence == "model-order"
     for g_new, group in enumerate(new_opt.param_groups):
         for p in group["params"]:

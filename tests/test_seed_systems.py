@@ -141,11 +141,16 @@ def test_tsm_policies_with_manual_schedule(tmp_path):
     _cnn_step(model, opt, 3)
     reference = _named(model)
 
-    # names are not provable from shapes + order here (several (4,) parameters): honest, then exact
-    r = invoke("check", str(path), "--target", f"{SS}:tsm_new", "--format", "json")
+    # names are not provable from shapes + order alone (several (4,) parameters): honest...
+    r = invoke("check", str(path), "--target", f"{SS}:tsm_new", "--no-group-evidence", "--format", "json")
     assert json.loads(r.stdout)["counts"]["ambiguous"] > 0
+    # ...but the new code's policy groups (same names, same shapes per group) settle them
+    r = invoke("check", str(path), "--target", f"{SS}:tsm_new", "--format", "json")
+    rep = json.loads(r.stdout)
+    assert rep["counts"]["ambiguous"] == 0 and rep["verdict"] == "would_misapply" and r.exit_code == 1
+    assert "group-structure" in {p["evidence"] for p in rep["params"]}
     out = tmp_path / "fixed.pth.tar"
-    r = invoke("remap", str(path), "--target", f"{SS}:tsm_new", "--source", f"{SS}:tsm_old", "-o", str(out))
+    r = invoke("remap", str(path), "--target", f"{SS}:tsm_new", "-o", str(out))
     assert r.exit_code == 0, r.stdout + r.stderr
     new, new_opt = S.tsm_new()
     ck = torch.load(out, weights_only=True)

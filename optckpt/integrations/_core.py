@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
 from collections.abc import Callable, Mapping
@@ -38,27 +37,17 @@ class Logger(Protocol):
     def log(self, level: int, msg: str) -> Any: ...
 
 
-_TAKES_ALLOW_AMBIGUOUS = "allow_ambiguous" in inspect.signature(load_optimizer_state_dict).parameters
-
-
 def load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None, source: Any, *,
                  allow_ambiguous: bool, hint: str = "", **kwargs: Any) -> LoadReport:
-    """:func:`optckpt.load_optimizer_state_dict` under the ambiguity contract: refuse (MappingError,
-    optimizer untouched) when some saved state cannot be named with certainty, unless allowed."""
-    if _TAKES_ALLOW_AMBIGUOUS:
-        kwargs["allow_ambiguous"] = allow_ambiguous
-        return load_optimizer_state_dict(optimizer, model, source, **kwargs)
-    # Compatibility: this load_optimizer_state_dict resets ambiguous state and lists it; refuse
-    # instead, putting the optimizer back as it was (a load replaces state and groups, never mutates them).
-    before = {"state": optimizer.state.copy(), "param_groups": [dict(g) for g in optimizer.param_groups]}
-    report = load_optimizer_state_dict(optimizer, model, source, **kwargs)
-    if report.ambiguous and not allow_ambiguous:
-        optimizer.__setstate__(before)
-        shown = ", ".join(report.ambiguous[:4]) + (", ..." if len(report.ambiguous) > 4 else "")
-        raise MappingError(f"the saved state of {len(report.ambiguous)} parameters cannot be named with certainty "
-                           f"({shown}; evidence: {report.evidence}){hint}; or pass allow_ambiguous=True to "
-                           "start them fresh")
-    return report
+    """:func:`optckpt.load_optimizer_state_dict` under its ambiguity contract (MappingError, nothing
+    loaded, unless ``allow_ambiguous``), with the library-specific ``hint`` on how to give the
+    missing evidence appended to the error."""
+    try:
+        return load_optimizer_state_dict(optimizer, model, source, allow_ambiguous=allow_ambiguous, **kwargs)
+    except MappingError as e:
+        if not hint:
+            raise
+        raise MappingError(f"{e}{hint}") from None
 
 
 def log_report(logger: Logger, label: str, report: LoadReport) -> None:
