@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import KeyPath, ModelState, OptimizerState, SchedulerState, TensorMeta, path_str
+from .safepickle import PickledObject, describe, is_module_object, module_tensors
 
 __all__ = ["Found", "discover", "is_optimizer_sd", "is_scheduler_sd", "is_model_sd", "model_state_from_dict"]
 
@@ -31,6 +32,8 @@ def is_scheduler_sd(obj: Any) -> bool:
     if not isinstance(obj, Mapping) or is_optimizer_sd(obj):
         return False
     if "_schedulers" in obj:
+        return True
+    if "last_step" in obj and "base_values" in obj and "param_name" in obj:  # mmengine's _ParamScheduler
         return True
     return "last_epoch" in obj and any(
         k in obj for k in ("base_lrs", "_last_lr", "best", "num_bad_epochs", "_step_count")
@@ -78,6 +81,7 @@ class Found:
     schedulers: list[SchedulerState] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     other_keys: dict[str, str] = field(default_factory=dict)
+    objects: dict[str, PickledObject] = field(default_factory=dict)
 
 
 def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
@@ -101,6 +105,9 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
             return True
         if is_model_sd(o):
             found.models.append(model_state_from_dict(o, name_of(path), part, path))
+            return True
+        if is_module_object(o):  # a whole pickled nn.Module: its parameters by attribute path
+            found.models.append(model_state_from_dict(module_tensors(o), name_of(path), part, path))
             return True
         if depth >= _MAX_DEPTH:
             return False
@@ -139,6 +146,10 @@ def _collect_top_level(obj: Any, found: Found) -> None:
         if k == "extra" and isinstance(v, Mapping) and v and all(isinstance(x, _SCALARS) for x in v.values()):
             found.extras.update({str(kk): vv for kk, vv in v.items()})  # torchtitan's {"extra": {...}}
             continue
+        if k == "meta" and isinstance(v, Mapping):  # mmengine's {"meta": {"epoch", "iter", ...}}
+            found.extras.update({f"meta.{kk}": vv for kk, vv in v.items() if isinstance(vv, _SCALARS)})
+        if isinstance(v, PickledObject) and (k,) not in claimed:
+            found.objects[key] = v
         if isinstance(v, _SCALARS):
             found.extras[key] = v
         elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.ndim == 0:
@@ -148,6 +159,8 @@ def _collect_top_level(obj: Any, found: Found) -> None:
 
 
 def summarize(v: Any) -> str:
+    if isinstance(v, PickledObject):
+        return describe(v)
     if isinstance(v, torch.Tensor):
         return f"tensor{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
     if isinstance(v, Mapping):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pickle
 import random
 import struct
 import sys
@@ -24,6 +23,8 @@ import zlib
 from typing import Any
 
 import torch
+
+from .safepickle import pickle_module_for
 
 __all__ = ["rewrite_records"]
 
@@ -93,7 +94,7 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
         return False
     prefix, by_offset, small = found
     rec = _Recorder()
-    torch.serialization._save(obj, rec, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    torch.serialization._save(obj, rec, pickle_module_for(obj), torch.serialization.DEFAULT_PROTOCOL, False)
     base = _mapping_base(src) if any(n.startswith("data/") for n, _, _ in rec.records) else 0
     if base is None:
         return False

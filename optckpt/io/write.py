@@ -15,6 +15,7 @@ import torch
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
 from .records import rewrite_records
+from .safepickle import pickle_module_for
 
 __all__ = ["replace_at", "write_checkpoint", "resolve_output", "atomic_torch_save"]
 
@@ -89,7 +90,7 @@ def _save_torch(obj: Any, dest_dir: str, final_name: str, *, legacy: bool, sourc
                          f"{e.strerror or e}") from None
     try:
         if legacy or source is None or not rewrite_records(source, obj, tmp):
-            torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy)
+            torch.save(obj, tmp, pickle_module=pickle_module_for(obj), _use_new_zipfile_serialization=not legacy)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
