@@ -114,6 +114,8 @@ def _classify_torch(obj: Any, found: Any) -> str:
             return "torch-optimizer"
         if found.models and found.models[0].path == ():
             return "torch-model"
+    if found.models and found.models[0].path == ():  # torch.save(model): a whole pickled module
+        return "torch-model"
     return "torch-bundle"
 
 

@@ -106,19 +106,20 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
         if is_model_sd(o):
             found.models.append(model_state_from_dict(o, name_of(path), part, path))
             return True
-        if is_module_object(o):  # a whole pickled nn.Module: its parameters by attribute path
-            found.models.append(model_state_from_dict(module_tensors(o), name_of(path), part, path))
+        if is_module_object(o) or isinstance(o, torch.nn.Module):  # a whole pickled nn.Module, by attribute path
+            tensors = module_tensors(o) if isinstance(o, PickledObject) else o.state_dict()  # (--trust-pickle: real)
+            found.models.append(model_state_from_dict(tensors, name_of(path), part, path))
             return True
         if depth >= _MAX_DEPTH:
             return False
         hit = False
         if isinstance(o, Mapping):
             for k, v in o.items():
-                if isinstance(v, (Mapping, list, tuple)):
+                if isinstance(v, (Mapping, list, tuple, PickledObject, torch.nn.Module)):
                     hit = walk(v, (*path, k), depth + 1) or hit
         elif isinstance(o, (list, tuple)):
             for i, v in enumerate(o):
-                if isinstance(v, (Mapping, list, tuple)):
+                if isinstance(v, (Mapping, list, tuple, PickledObject, torch.nn.Module)):
                     hit = walk(v, (*path, i), depth + 1) or hit
         return hit
 
@@ -148,7 +149,7 @@ def _collect_top_level(obj: Any, found: Found) -> None:
             continue
         if k == "meta" and isinstance(v, Mapping):  # mmengine's {"meta": {"epoch", "iter", ...}}
             found.extras.update({f"meta.{kk}": vv for kk, vv in v.items() if isinstance(vv, _SCALARS)})
-        if isinstance(v, PickledObject) and (k,) not in claimed:
+        if isinstance(v, PickledObject):
             found.objects[key] = v
         if isinstance(v, _SCALARS):
             found.extras[key] = v

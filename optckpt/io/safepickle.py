@@ -454,8 +454,21 @@ def has_placeholders(obj: Any) -> bool:
 
 def pickle_module_for(obj: Any) -> Any:
     """The ``pickle_module`` to save ``obj`` with: ``pickle`` itself, or, when ``obj`` holds
-    placeholders, a pickler that writes them back as they were read."""
-    return _WRITER if has_placeholders(obj) else pickle
+    placeholders, a pickler that writes them back as they were read.
+
+    A whole pickled model object is not rewritten from its placeholder: its parameters are what
+    the edit is about, and only its real class knows how they fit together."""
+    found = False
+    for o in _walk(obj):
+        if isinstance(o, PickledObject) and is_module_object(o):
+            from ..errors import WriteError
+
+            module = o.type_name.rpartition(".")[0]
+            raise WriteError(f"the checkpoint holds a whole pickled model object ({o.type_name}): optckpt reads it "
+                             f"without running it, but rewrites it only with --trust-pickle (which imports {module} "
+                             "and runs the file's unpickling code; only for files you trust)")
+        found = found or isinstance(o, _PLACEHOLDERS)
+    return _WRITER if found else pickle
 
 
 # ---------------------------------------------------------------------------------------------
