@@ -112,6 +112,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
         locations[str(location)] = None
         return storage
 
+    refused: list[str] | None = None
     try:
         if trust_pickle:
             print(
@@ -129,12 +130,14 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
         names = unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))
         if not names and "weights only" not in str(e).lower():
             raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
-        locations.clear()
-        obj = _load_placeholders(path, _map, zip_format, names)
+        refused = names
     except (UnsafePickleError, KeyboardInterrupt):
         raise
     except Exception as e:  # torch reports corruption with many types (RuntimeError, AssertionError, ...)
         raise LoadError(f"{path}: cannot load (truncated or corrupt torch file?): {_first_line(e)}") from None
+    if refused is not None:  # outside the handler: the refused attempt (and its file mapping) is released
+        locations.clear()
+        obj = _load_placeholders(path, _map, zip_format, refused)
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format)
 
 
