@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 __all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "safe_load_torch", "pickle_module_for",
-           "has_placeholders", "first_placeholder", "fields_of", "is_module_object", "module_tensors", "describe", "MAX_DEPTH"]
+           "has_placeholders", "first_placeholder", "fields_of", "is_module_object", "module_tensors", "describe",
+           "same", "MAX_DEPTH"]
 
 MAX_DEPTH = 64
 _COPYREG_WRAPPERS = {("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("copyreg", "_reconstructor")}
@@ -146,7 +147,7 @@ def _allowed() -> dict[tuple[str, str], Any]:
     try:
         import numpy as np
 
-        multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+        multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray  # type: ignore[attr-defined]
         for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
             out[(mod, "_reconstruct")] = multiarray._reconstruct
             out[(mod, "scalar")] = multiarray.scalar
@@ -164,10 +165,14 @@ def _buildable(inst: Any) -> bool:
     return np is not None and (type(inst) is np.ndarray or isinstance(inst, np.dtype))
 
 
-class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+_PyUnpickler: Any = pickle._Unpickler  # type: ignore[attr-defined]  # the pure-Python opcode loop
+_PyPickler: Any = pickle._Pickler  # type: ignore[attr-defined]
+
+
+class SafeUnpickler(_PyUnpickler):
     """``pickle``'s own opcode loop with every opcode that imports, calls or mutates replaced."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: dict[int, Any] = dict(_PyUnpickler.dispatch)
 
     def __init__(self, file: Any, **kwargs: Any):
         super().__init__(file, **kwargs)
@@ -337,10 +342,10 @@ def safe_load_torch(path: str, map_location: Any, *, zip_format: bool) -> Any:
 # writing
 
 
-class _SafePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+class _SafePickler(_PyPickler):
     """``pickle``'s pickler plus the two placeholder types, written back opcode for opcode."""
 
-    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: dict[type, Any] = dict(_PyPickler.dispatch)
 
     def save_pickled_global(self, obj: PickledGlobal) -> None:
         if "\n" in obj.module or "\n" in obj.qualname:
