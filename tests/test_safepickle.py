@@ -268,3 +268,71 @@ def test_placeholders_record_what_the_pickle_said(tmp_path):
     legacy = tmp_path / "legacy.pth"
     torch.save(torch.load(path, weights_only=False), legacy, _use_new_zipfile_serialization=False)
     assert same(load_torch_file(str(legacy)).obj["args"], args)
+
+
+def _mmengine_run(tmp_path, iters: int, name: str):
+    """mmengine 0.10's Runner.save_checkpoint layout (meta, state_dict, message_hub, optimizer,
+    param_schedulers), from its real OptimWrapper, schedulers and MessageHub (the Runner itself
+    needs OpenCV to import)."""
+    pytest.importorskip("mmengine.optim")
+    from mmengine.logging import MessageHub
+    from mmengine.optim import OptimWrapper
+    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
+
+    torch.manual_seed(0)
+    model = models.SmallCNN()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    scheds = [LinearLR(wrapper, start_factor=0.1, by_epoch=False, begin=0, end=2),
+              CosineAnnealingLR(wrapper, T_max=4, by_epoch=False, begin=2, end=6)]
+    hub = MessageHub.get_instance(f"optckpt-{name}")
+
+    def one(i):
+        x, y = _data()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        wrapper.update_params(loss)
+        for s in scheds:
+            s.step()
+        hub.update_scalar("train/loss", float(loss))
+        hub.update_info("iter", i + 1)
+
+    for i in range(iters):
+        one(i)
+    ckpt = {"meta": {"epoch": 0, "iter": iters, "seed": 0, "experiment_name": name, "mmengine_version": "0.10.7"},
+            "state_dict": model.state_dict(), "message_hub": hub.state_dict(), "optimizer": wrapper.state_dict(),
+            "param_schedulers": [s.state_dict() for s in scheds]}
+    path = tmp_path / f"{name}.pth"
+    torch.save(ckpt, path)
+    one(iters)
+    return path, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_mmengine_checkpoint(tmp_path):
+    from mmengine.optim import OptimWrapper
+    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
+
+    a, _ = _mmengine_run(tmp_path, 2, "iter_2")
+    b, uninterrupted = _mmengine_run(tmp_path, 3, "iter_3")
+    code, rep = invoke_json("inspect", str(b))
+    assert code == 0 and len(rep["schedulers"]) == 2 and rep["extras"]["meta.iter"] == 3
+    code, rep = invoke_json("diff", str(a), str(b), "--only", "scheduler", "--only", "extra")
+    assert code == 1
+    changed = {(e["section"], e["name"], e["key"]) for e in rep["entries"]}
+    assert ("extra", "extras", "meta.iter") in changed and ("scheduler", "param_schedulers[1]", "last_step") in changed
+    out = tmp_path / "remapped.pth"
+    r = invoke("remap", str(b), "--target", TARGET, "-o", str(out))
+    assert r.exit_code == 0, r.stdout + r.stderr
+    # Runner.resume: load the checkpoint, then optim_wrapper / schedulers / message_hub load_state_dict
+    ckpt = torch.load(out, map_location="cpu", weights_only=False)
+    model = models.SmallCNNHeadFirst()
+    model.load_state_dict(ckpt["state_dict"])
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    scheds = [LinearLR(wrapper, start_factor=0.1, by_epoch=False, begin=0, end=2),  # built before the resume
+              CosineAnnealingLR(wrapper, T_max=4, by_epoch=False, begin=2, end=6)]
+    wrapper.load_state_dict(ckpt["optimizer"])
+    for s, sd in zip(scheds, ckpt["param_schedulers"]):
+        s.load_state_dict(sd)
+    assert ckpt["message_hub"]["runtime_info"]["iter"] == 3
+    x, y = _data()
+    wrapper.update_params(torch.nn.functional.cross_entropy(model(x), y))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), uninterrupted[n], atol=1e-6, rtol=0)
