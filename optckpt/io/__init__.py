@@ -12,7 +12,7 @@ from ..errors import LoadError, UnsafePickleError
 from .dcp import is_dcp_dir, load_dcp
 from .discover import discover
 from .hf_order import hf_model_order
-from .safepickle import describe, first_placeholder
+from .safepickle import PickledObject, describe, first_placeholder
 from .safetensors_io import open_safetensors, open_sharded_index
 from .torchfile import load_torch_file, sniff, unsafe_globals
 
@@ -93,8 +93,10 @@ def _refuse_placeholders(path: str, found: Any) -> None:
         hit = first_placeholder(st.state_dict)
         if hit is not None:
             where = path_str((*st.path, *hit[0]))
-            raise LoadError(f"{path}: {where or '(root)'} is a pickled object where optimizer / scheduler state "
-                            f"must be plain data; nothing was run (--trust-pickle would run {describe(hit[1])})")
+            obj = hit[1]
+            name = obj.type_name if isinstance(obj, PickledObject) else obj.name
+            raise UnsafePickleError(path, [name], f"{where or '(root)'} is a pickled object, {describe(obj)}, where "
+                                    "optimizer / scheduler state must be plain data")
 
 
 def _describe(obj: Any) -> str:
