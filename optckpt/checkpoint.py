@@ -209,6 +209,9 @@ class Checkpoint:
     extras: dict[str, Any] = field(default_factory=dict)
     opaque: list[OpaquePart] = field(default_factory=list)
     other_keys: dict[str, str] = field(default_factory=dict)
+    objects: dict[str, Any] = field(default_factory=dict)
+    """Pickled objects at the top level (``args``: an ``argparse.Namespace``), read as inert
+    placeholders (:class:`optckpt.io.safepickle.PickledObject`), by key."""
     notes: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:

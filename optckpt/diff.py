@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
+from .io.safepickle import describe, fields_of, same
 from .kinds import guess_scheduler
 from .mapping import OptimizerMapping, infer_mapping
 
@@ -394,6 +395,8 @@ def _diff_schedulers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, rep
 
 def _diff_extras(a: Checkpoint, b: Checkpoint, report: DiffReport) -> None:
     report.entries.extend(_hp_entries("extra", "extras", a.extras, b.extras))
+    for key in [*a.objects, *[k for k in b.objects if k not in a.objects]]:
+        report.entries.extend(_object_entries(key, a.objects.get(key), b.objects.get(key)))
     parts_b = {p.relpath: p for p in b.parts}
     for o in a.opaque:
         pb = parts_b.get(o.part)
@@ -403,6 +406,26 @@ def _diff_extras(a: Checkpoint, b: Checkpoint, report: DiffReport) -> None:
         if os.path.isfile(fa) and os.path.isfile(fb) and _file_digest(fa) != _file_digest(fb):
             report.entries.append(Entry("extra", o.part, None, "changed", o.nbytes, pb.nbytes))
     report.compared["extra"] = len(a.extras)
+
+
+def _object_entries(key: str, oa: Any, ob: Any) -> list[Entry]:
+    """A pickled object (``args``) on either side: its fields compared by name, as data."""
+    if oa is None or ob is None:
+        return [Entry("extra", key, None, "added" if oa is None else "removed",
+                      None if oa is None else oa.type_name, None if ob is None else ob.type_name)]
+    if oa.type_name != ob.type_name:
+        return [Entry("extra", key, "type", "changed", oa.type_name, ob.type_name)]
+    fa, fb = fields_of(oa), fields_of(ob)
+    if fa is not None and fb is not None:
+        return [_described(e) for e in _hp_entries("extra", key, fa, fb)]
+    return [] if same(oa, ob) else [Entry("extra", key, None, "changed", describe(oa), describe(ob))]
+
+
+def _described(e: Entry) -> Entry:
+    plain = (bool, int, float, str, type(None))
+    e.a = e.a if isinstance(e.a, plain) else describe(e.a)
+    e.b = e.b if isinstance(e.b, plain) else describe(e.b)
+    return e
 
 
 def _file_digest(path: str) -> str:

@@ -23,17 +23,19 @@ class LoadError(OptckptError):
 
 
 class UnsafePickleError(LoadError):
-    """A pickle needs globals that ``torch.load(weights_only=True)`` refuses.
+    """A pickle that cannot be read without running code from it.
 
-    ``globals`` lists them; nothing in the file was executed."""
+    ``unsafe_globals`` lists the globals a full unpickle would import and call; ``reason`` says why
+    the safe reader could not stand in for them. Nothing in the file was executed."""
 
-    def __init__(self, path: str, unsafe_globals: list[str]):
+    def __init__(self, path: str, unsafe_globals: list[str], reason: str | None = None):
         self.path = path
         self.unsafe_globals = unsafe_globals
         names = ", ".join(unsafe_globals) if unsafe_globals else "(unknown globals)"
+        why = f" ({reason})" if reason else ""
         super().__init__(
-            f"{path}: refusing to unpickle: it needs globals that are not plain tensors/containers: {names}. "
-            "Nothing was executed. If you trust this file, pass --trust-pickle (trust_pickle=True)."
+            f"{path}: refusing to unpickle: it cannot be read without running its code{why}. Nothing was executed. "
+            f"If you trust this file, --trust-pickle (trust_pickle=True) would import and call: {names}."
         )
 
 

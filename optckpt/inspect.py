@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
+from .io.safepickle import describe, fields_of, is_module_object
 from .kinds import guess_optimizer, guess_scheduler
 from .mapping import OptimizerMapping, infer_mapping
 from .render import jsonable
@@ -30,12 +31,35 @@ def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]
         "schedulers": [_scheduler_report(s) for s in ck.schedulers],
         "extras": jsonable(ck.extras),
         "other_keys": dict(ck.other_keys),
+        "objects": [_object_report(k, v) for k, v in ck.objects.items()],
         "notes": list(ck.notes),
         "opaque": [
             {"file": o.part, "bytes": o.nbytes, "reason": o.reason, "unsafe_globals": list(o.unsafe_globals)}
             for o in ck.opaque
         ],
     }
+
+
+def _object_report(key: str, obj: Any) -> dict[str, Any]:
+    """A pickled object read as a placeholder: its type and, where they are plain data, its fields."""
+    fields = fields_of(obj)
+    return {
+        "key": key,
+        "type": obj.type_name,
+        "kind": "model" if is_module_object(obj) else ("call" if obj.is_call else "object"),
+        "summary": describe(obj),
+        "fields": None if fields is None or is_module_object(obj) else {k: _plain(v) for k, v in fields.items()},
+    }
+
+
+def _plain(v: Any) -> Any:
+    """A field value as JSON-able data: plain values as they are, the rest described (bounded)."""
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return jsonable(v)
+    if isinstance(v, (list, tuple)) and len(v) <= 16 and all(isinstance(x, (bool, int, float, str)) or x is None
+                                                             for x in v):
+        return jsonable(v)
+    return describe(v)
 
 
 def _model_report(m: ModelState, stats: bool) -> dict[str, Any]:
@@ -70,7 +94,7 @@ def _state_shape_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(v, (list, tuple)):
             out[k] = f"list ({len(v)} items)"
         else:
-            out[k] = type(v).__name__
+            out[k] = describe(v)
     return out
 
 

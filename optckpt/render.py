@@ -154,6 +154,18 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         out.append("extras: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r["extras"].items()))
     if r["other_keys"]:
         out.append("other keys: " + ", ".join(f"{k} ({v})" for k, v in r["other_keys"].items()))
+    for obj in r.get("objects", []):
+        out.append("")
+        what = {"model": "pickled model object", "call": "pickled call", "object": "pickled object"}[obj["kind"]]
+        n = f", {len(obj['fields'])} fields" if obj["fields"] is not None else ""
+        out.append(f"{obj['key']}: {what} {obj['type']}{n} (read as data; nothing imported or run)")
+        if obj["fields"]:
+            frows = [[k, _fmt(v)] for k, v in list(obj["fields"].items())[:_MAX_ROWS]]
+            out.append(table(frows, ["field", "value"]))
+            if len(obj["fields"]) > _MAX_ROWS:
+                out.append(f"... {len(obj['fields']) - _MAX_ROWS} more (use --format json for all)")
+        elif obj["kind"] == "call":
+            out.append(f"  {obj['summary']}")
     for o in r["opaque"]:
         glob = f"; needs {', '.join(o['unsafe_globals'])}" if o["unsafe_globals"] else ""
         out.append(f"opaque part {o['file']} ({human_bytes(o['bytes'])}): {o['reason']}{glob}; kept byte-for-byte")

@@ -84,14 +84,13 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_hostile_pickle_refused_and_never_runs(tmp_path):
+def test_hostile_pickle_read_as_data_and_never_runs(tmp_path):
     marker = tmp_path / "PWNED"
-    torch.save({"model": {"w": torch.ones(1)}, "extra": [{"x": _Evil(str(marker))}]}, tmp_path / "evil.pt")
+    torch.save({"model": {"w": torch.ones(1)}, "extra": [{"x": _Evil(str(marker))}], "y": _Evil(str(marker))},
+               tmp_path / "evil.pt")
     r = run_cli("inspect", str(tmp_path / "evil.pt"))
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("optckpt: error:")
-    assert "system" in r.stderr and "--trust-pickle" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 0 and r.stderr == ""
+    assert "pickled call posix.system" in r.stdout and "nothing imported or run" in r.stdout
     assert not marker.exists()
 
 

@@ -72,6 +72,8 @@ def _commands(path, tmp_path):
 
 
 def test_no_payload_ever_runs(tmp_path):
+    """The payloads are read as inert placeholders: a command either works around them or fails
+    with one clear line; what it writes carries them unrun, and reading that back runs nothing."""
     marker = tmp_path / "PWNED"
     tried = 0
     for name, path in _hostile_files(tmp_path).items():
@@ -79,9 +81,15 @@ def test_no_payload_ever_runs(tmp_path):
             r = invoke(*cmd)
             tried += 1
             assert not marker.exists(), (name, cmd)
-            assert r.exit_code == 2, (name, cmd, r.stdout, r.stderr)
-            assert r.stderr.startswith("optckpt: error:") and len(r.stderr.strip().splitlines()) == 1
-            assert not (tmp_path / "out.pt").exists()
+            assert r.exit_code in (0, 1, 2), (name, cmd, r.stdout, r.stderr)
+            if r.exit_code == 2:
+                assert r.stderr.startswith("optckpt: error:") and len(r.stderr.strip().splitlines()) == 1
+                assert "unexpected" not in r.stderr, (name, cmd, r.stderr)
+                assert not (tmp_path / "out.pt").exists()
+            out = tmp_path / "out.pt"
+            if out.exists():
+                assert invoke("inspect", str(out)).exit_code in (0, 2) and not marker.exists()
+                out.unlink()
     assert tried == 90
 
 
@@ -89,8 +97,8 @@ def test_refusal_names_the_globals(tmp_path):
     files = _hostile_files(tmp_path)
     r = invoke("inspect", str(files["in_optimizer_state.pt"]))
     assert "builtins.exec" in r.stderr and "--trust-pickle" in r.stderr
-    r = invoke("inspect", str(files["legacy.pt"]))
-    assert "system" in r.stderr
+    r = invoke("inspect", str(files["legacy.pt"]))  # a call beside the state: shown, not run
+    assert r.exit_code == 0 and "posix.system('touch " in r.stdout and "nothing imported or run" in r.stdout
 
 
 def test_trust_pickle_is_the_only_way_and_is_loud(tmp_path):

@@ -8,11 +8,12 @@ import re
 import stat
 from typing import Any
 
-from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part
+from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
 from .dcp import is_dcp_dir, load_dcp
 from .discover import discover
 from .hf_order import hf_model_order
+from .safepickle import PickledObject, describe, first_placeholder
 from .safetensors_io import open_safetensors, open_sharded_index
 from .torchfile import load_torch_file, sniff, unsafe_globals
 
@@ -75,7 +76,8 @@ def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
         ck = Checkpoint(path=path, layout=layout)
         ck.parts.append(Part(name, "torch", size, loaded.obj, loaded.saved_locations, loaded.zip_format))
         ck.models, ck.optimizers, ck.schedulers = found.models, found.optimizers, found.schedulers
-        ck.extras, ck.other_keys = found.extras, found.other_keys
+        ck.extras, ck.other_keys, ck.objects = found.extras, found.other_keys, found.objects
+        _refuse_placeholders(path, found)
         if not (found.models or found.optimizers or found.schedulers):
             raise LoadError(
                 f"{path}: a torch file, but no model, optimizer or scheduler state dict found in it "
@@ -85,6 +87,19 @@ def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
     if kind == "empty":
         raise LoadError(f"{path}: empty file (0 bytes): not a checkpoint")
     raise LoadError(f"{path}: not a checkpoint: neither a torch.save file (zip or legacy pickle) nor safetensors")
+
+
+def _refuse_placeholders(path: str, found: Any) -> None:
+    """Optimizer and scheduler state is plain data: a pickled object (read as a placeholder, not
+    run) where a number or a tensor belongs is refused here, not misread later."""
+    for st in (*found.optimizers, *found.schedulers):
+        hit = first_placeholder(st.state_dict)
+        if hit is not None:
+            where = path_str((*st.path, *hit[0]))
+            obj = hit[1]
+            name = obj.type_name if isinstance(obj, PickledObject) else obj.name
+            raise UnsafePickleError(path, [name], f"{where or '(root)'} is a pickled object, {describe(obj)}, where "
+                                    "optimizer / scheduler state must be plain data")
 
 
 def _describe(obj: Any) -> str:
@@ -104,6 +119,8 @@ def _classify_torch(obj: Any, found: Any) -> str:
             return "torch-optimizer"
         if found.models and found.models[0].path == ():
             return "torch-model"
+    if found.models and found.models[0].path == ():  # torch.save(model): a whole pickled module
+        return "torch-model"
     return "torch-bundle"
 
 
@@ -185,11 +202,14 @@ def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: 
         ck.opaque.append(OpaquePart(name, size, "training bookkeeping (kept as is)"))
         return
     found = discover(loaded.obj, name, name_prefix=name)
+    _refuse_placeholders(full, found)
     ck.models.extend(found.models)
     ck.optimizers.extend(found.optimizers)
     ck.schedulers.extend(found.schedulers)
     for k, v in found.extras.items():
         ck.extras[f"{name}:{k}"] = v
+    for k, v in found.objects.items():
+        ck.objects[f"{name}:{k}"] = v
 
 
 def _trainer_state_extras(path: str) -> dict[str, Any]:

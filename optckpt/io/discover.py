@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import KeyPath, ModelState, OptimizerState, SchedulerState, TensorMeta, path_str
+from .safepickle import PickledObject, describe, is_module_object, module_tensors
 
 __all__ = ["Found", "discover", "is_optimizer_sd", "is_scheduler_sd", "is_model_sd", "model_state_from_dict"]
 
@@ -31,6 +32,8 @@ def is_scheduler_sd(obj: Any) -> bool:
     if not isinstance(obj, Mapping) or is_optimizer_sd(obj):
         return False
     if "_schedulers" in obj:
+        return True
+    if "last_step" in obj and "base_values" in obj and "param_name" in obj:  # mmengine's _ParamScheduler
         return True
     return "last_epoch" in obj and any(
         k in obj for k in ("base_lrs", "_last_lr", "best", "num_bad_epochs", "_step_count")
@@ -78,6 +81,7 @@ class Found:
     schedulers: list[SchedulerState] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     other_keys: dict[str, str] = field(default_factory=dict)
+    objects: dict[str, PickledObject] = field(default_factory=dict)
 
 
 def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
@@ -102,16 +106,20 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
         if is_model_sd(o):
             found.models.append(model_state_from_dict(o, name_of(path), part, path))
             return True
+        if is_module_object(o) or isinstance(o, torch.nn.Module):  # a whole pickled nn.Module, by attribute path
+            tensors = module_tensors(o) if isinstance(o, PickledObject) else o.state_dict()  # (--trust-pickle: real)
+            found.models.append(model_state_from_dict(tensors, name_of(path), part, path))
+            return True
         if depth >= _MAX_DEPTH:
             return False
         hit = False
         if isinstance(o, Mapping):
             for k, v in o.items():
-                if isinstance(v, (Mapping, list, tuple)):
+                if isinstance(v, (Mapping, list, tuple, PickledObject, torch.nn.Module)):
                     hit = walk(v, (*path, k), depth + 1) or hit
         elif isinstance(o, (list, tuple)):
             for i, v in enumerate(o):
-                if isinstance(v, (Mapping, list, tuple)):
+                if isinstance(v, (Mapping, list, tuple, PickledObject, torch.nn.Module)):
                     hit = walk(v, (*path, i), depth + 1) or hit
         return hit
 
@@ -139,6 +147,10 @@ def _collect_top_level(obj: Any, found: Found) -> None:
         if k == "extra" and isinstance(v, Mapping) and v and all(isinstance(x, _SCALARS) for x in v.values()):
             found.extras.update({str(kk): vv for kk, vv in v.items()})  # torchtitan's {"extra": {...}}
             continue
+        if k == "meta" and isinstance(v, Mapping):  # mmengine's {"meta": {"epoch", "iter", ...}}
+            found.extras.update({f"meta.{kk}": vv for kk, vv in v.items() if isinstance(vv, _SCALARS)})
+        if isinstance(v, PickledObject):
+            found.objects[key] = v
         if isinstance(v, _SCALARS):
             found.extras[key] = v
         elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.ndim == 0:
@@ -148,6 +160,8 @@ def _collect_top_level(obj: Any, found: Found) -> None:
 
 
 def summarize(v: Any) -> str:
+    if isinstance(v, PickledObject):
+        return describe(v)
     if isinstance(v, torch.Tensor):
         return f"tensor{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
     if isinstance(v, Mapping):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pickle
 import random
 import struct
 import sys
@@ -24,6 +23,8 @@ import zlib
 from typing import Any
 
 import torch
+
+from .safepickle import pickle_module_for
 
 __all__ = ["rewrite_records"]
 
@@ -45,17 +46,28 @@ class _Recorder:
         raise RuntimeError("skip_data is not supported by the record rewriter")
 
 
-def _mapping_base(path: str) -> int | None:
-    """Address at which torch memory-mapped ``path`` (the whole file, from offset 0)."""
+def _mappings(path: str) -> list[tuple[int, int]]:
+    """Address ranges at which ``path`` is memory-mapped whole (from offset 0). There may be several:
+    a refused ``weights_only`` load can leave its mapping alive until collected."""
     real = os.path.realpath(path)
+    out = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 fields = line.split(maxsplit=5)
                 if len(fields) == 6 and fields[5].strip() == real and int(fields[2], 16) == 0:
-                    return int(fields[0].split("-")[0], 16)
+                    lo, hi = fields[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
     except OSError:
-        return None
+        return []
+    return out
+
+
+def _offset_in(ranges: list[tuple[int, int]], ptr: int) -> int | None:
+    """``ptr``'s offset in the file, from the mapping that holds it."""
+    for lo, hi in ranges:
+        if lo <= ptr < hi:
+            return ptr - lo
     return None
 
 
@@ -93,16 +105,16 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
         return False
     prefix, by_offset, small = found
     rec = _Recorder()
-    torch.serialization._save(obj, rec, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
-    base = _mapping_base(src) if any(n.startswith("data/") for n, _, _ in rec.records) else 0
-    if base is None:
+    torch.serialization._save(obj, rec, pickle_module_for(obj), torch.serialization.DEFAULT_PROTOCOL, False)
+    ranges = _mappings(src) if any(n.startswith("data/") for n, _, _ in rec.records) else [(0, 0)]
+    if not ranges:
         return False
     entries: list[tuple[str, Any]] = []  # (name, bytes | (src_offset, ZipInfo) | storage)
     for name, data, nbytes in rec.records:
         if name.startswith("data/"):
             storage = data
-            off = storage.data_ptr() - base if nbytes else -1
-            info = by_offset.get(off)
+            off = _offset_in(ranges, storage.data_ptr()) if nbytes else None
+            info = by_offset.get(off) if off is not None else None
             if info is not None and info.file_size == nbytes:
                 entries.append((name, (off, info)))
             else:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import LoadError, UnsafePickleError
+from .safepickle import safe_load_torch
 
 __all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals"]
 
@@ -95,8 +96,9 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     file is zip-format, always onto the CPU (CUDA-saved files load on CPU-only machines).
 
     Records the storage locations the file was saved with (``cuda:0``, ``cpu``) without moving
-    anything there. A pickle needing other globals raises :class:`UnsafePickleError` naming them,
-    unless ``trust_pickle`` (then it is loaded with full pickle, loudly). ``kind``: what
+    anything there. A pickle needing other globals is read again by the safe reader (each of them an
+    inert placeholder, nothing imported or run); one even that cannot read raises
+    :class:`UnsafePickleError` naming them, unless ``trust_pickle`` (then full pickle, loudly). ``kind``: what
     :func:`sniff` already said of the file, so that it is not read twice; ``quiet``: no trust
     warning (a re-read of what this process just wrote)."""
     kind = kind or sniff(path)
@@ -113,6 +115,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
         locations[str(location)] = None
         return storage
 
+    refused: list[str] | None = None
     try:
         if trust_pickle and not quiet:
             print(
@@ -130,12 +133,27 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
         names = unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))
         if not names and "weights only" not in str(e).lower():
             raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
-        raise UnsafePickleError(path, names) from None
+        refused = names
     except (UnsafePickleError, KeyboardInterrupt):
         raise
     except Exception as e:  # torch reports corruption with many types (RuntimeError, AssertionError, ...)
         raise LoadError(f"{path}: cannot load (truncated or corrupt torch file?): {_first_line(e)}") from None
+    if refused is not None:  # outside the handler: the refused attempt (and its file mapping) is released
+        locations.clear()
+        obj = _load_placeholders(path, _map, zip_format, refused)
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format)
+
+
+def _load_placeholders(path: str, map_location: Any, zip_format: bool, names: list[str]) -> Any:
+    """The weights-only refusal's fallback: every other global read as an inert placeholder."""
+    try:
+        return safe_load_torch(path, map_location, zip_format=zip_format)
+    except KeyboardInterrupt:
+        raise
+    except RecursionError:
+        raise UnsafePickleError(path, names, "nested too deeply to read safely") from None
+    except Exception as e:
+        raise UnsafePickleError(path, names, _first_line(e)) from None
 
 
 def _check_zip(path: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
 from .records import rewrite_records
+from .safepickle import pickle_module_for
 
 __all__ = ["replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
            "temp_file", "temp_dir", "commit_file", "commit_dir", "stale_temps"]
@@ -211,7 +212,7 @@ def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) 
     dest_dir, final = os.path.dirname(tmp), os.path.basename(tmp)
     try:
         if legacy or source is None or not rewrite_records(source, obj, tmp):
-            torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy)
+            torch.save(obj, tmp, pickle_module=pickle_module_for(obj), _use_new_zipfile_serialization=not legacy)
         _fsync_path(tmp)
     except BaseException as e:
         _unlink(tmp)
