@@ -118,10 +118,12 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         keys = ", ".join(f"{k}×{v}" for k, v in o["state_keys"].items()) or "none"
         out.append(f"  state keys: {keys}")
         grows = []
-        for g in o["groups"]:
+        for g in o["groups"][:_MAX_ROWS]:
             hp = ", ".join(f"{k}={_fmt(v)}" for k, v in g["hparams"].items() if k not in _QUIET_KEYS)
             grows.append([g["group"], g["size"], _fmt(g["next_lr"]), hp])
         out.append(table(grows, ["group", "params", "next-step lr", "hyperparameters"]))
+        if len(o["groups"]) > _MAX_ROWS:
+            out.append(f"... {len(o['groups']) - _MAX_ROWS} more groups (use --format json for all)")
         erows = []
         for e in o["entries"][:_MAX_ROWS]:
             st = ", ".join(f"{k}={_shape(v) if isinstance(v, list) else _fmt(v)}" for k, v in e["state"].items())

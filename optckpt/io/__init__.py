@@ -77,7 +77,8 @@ def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
         ck.parts.append(Part(name, "torch", size, loaded.obj, loaded.saved_locations, loaded.zip_format))
         ck.models, ck.optimizers, ck.schedulers = found.models, found.optimizers, found.schedulers
         ck.extras, ck.other_keys, ck.objects = found.extras, found.other_keys, found.objects
-        _refuse_placeholders(path, found)
+        if loaded.placeholders:
+            _refuse_placeholders(path, found)
         if not (found.models or found.optimizers or found.schedulers):
             raise LoadError(
                 f"{path}: a torch file, but no model, optimizer or scheduler state dict found in it "
@@ -202,7 +203,8 @@ def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: 
         ck.opaque.append(OpaquePart(name, size, "training bookkeeping (kept as is)"))
         return
     found = discover(loaded.obj, name, name_prefix=name)
-    _refuse_placeholders(full, found)
+    if loaded.placeholders:
+        _refuse_placeholders(full, found)
     ck.models.extend(found.models)
     ck.optimizers.extend(found.optimizers)
     ck.schedulers.extend(found.schedulers)

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, SchedulerState, TensorMeta
 from ..errors import LoadError, UnsafePickleError, WriteError
+from .bounds import check_bounds
 from .paths import member_path, require_regular
 
 __all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp"]
@@ -183,7 +184,7 @@ def _reader(path: str) -> Any:
     return SafeReader(path)
 
 
-def _planner(results: dict[str, Any], refused: list[UnsafePickleError], path: str) -> Any:
+def _planner(results: dict[str, Any], refused: list[LoadError], path: str) -> Any:
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     class SafePlanner(DefaultLoadPlanner):
@@ -191,6 +192,10 @@ def _planner(results: dict[str, Any], refused: list[UnsafePickleError], path: st
             fqn = read_item.dest_index.fqn
             try:
                 results[fqn] = torch.load(value, weights_only=True)
+                check_bounds(results[fqn], f"{path} (DCP entry {fqn})")
+            except LoadError as e:
+                refused.append(e)
+                raise
             except pickle.UnpicklingError:
                 value.seek(0)
                 try:
@@ -208,7 +213,7 @@ def _dcp_load(path: str, keys: Mapping[str, Any]) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
     results: dict[str, Any] = {}
-    refused: list[UnsafePickleError] = []
+    refused: list[LoadError] = []
     sd = dict(keys)
     quiet = logging.getLogger("c10d-NullHandler-dcp_logger")
     was_disabled, quiet.disabled = quiet.disabled, True  # DCP logs failures at ERROR: one line is ours to print
@@ -216,7 +221,7 @@ def _dcp_load(path: str, keys: Mapping[str, Any]) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         try:
             dcp.load(sd, storage_reader=_reader(path), planner=_planner(results, refused, path), no_dist=True)
-        except UnsafePickleError:
+        except LoadError:
             raise
         except (KeyboardInterrupt, SystemExit):
             raise

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import LoadError, UnsafePickleError
+from .bounds import check_bounds
 from .safepickle import safe_load_torch
 
 __all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals"]
@@ -88,6 +89,7 @@ class TorchLoad:
     obj: Any
     saved_locations: tuple[str, ...]
     zip_format: bool
+    placeholders: bool = False  # read by the safe reader: may hold inert placeholders
 
 
 def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None = None,
@@ -141,7 +143,9 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     if refused is not None:  # outside the handler: the refused attempt (and its file mapping) is released
         locations.clear()
         obj = _load_placeholders(path, _map, zip_format, refused)
-    return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format)
+    check_bounds(obj, path)
+    return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format,
+                     placeholders=refused is not None)
 
 
 def _load_placeholders(path: str, map_location: Any, zip_format: bool, names: list[str]) -> Any:

@@ -1,0 +1,124 @@
+"""Work bounded by the input: what a loaded pickle may look like before anything walks it.
+
+A pickle is a graph: its memo lets one small container be referenced any number of times, so a
+20 KB file can hold a list that holds the same list 40 times, 25 levels deep ("billion laughs":
+40^25 entries when walked as a tree), or a list that contains itself. Every tree walk downstream
+(discovery, rendering, equality, rewriting) would then run for ever. One identity-aware pass,
+right after loading, measures the object graph in time linear in its *distinct* objects, and
+refuses (one line naming the limit) structures whose tree walk would be amplified beyond them,
+containers inside themselves, nesting deeper than any real checkpoint has (torch.save itself
+cannot write much deeper: its pickler recurses), and tensors that view a tiny storage as a huge one
+(stride 0: four bytes in the file, gigabytes once read)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import LoadError
+
+__all__ = ["MAX_NESTING", "check_bounds"]
+
+MAX_NESTING = 256
+_AMPLIFICATION = 4  # a tree walk may visit each distinct entry this many times (plus the slack below)
+_SLACK = 1_000_000
+_LEAF_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
+_MAX_EXPANDED_VIEW = 64 << 20
+
+
+def _children(o: Any) -> tuple[int, list[Any]] | None:
+    """How many entries ``o`` holds, and those of them that are not plain scalars (None: not a
+    container). Scalars are filtered by type in C (``map(type, ...)``): a list of 5 M indices costs
+    one pass, not 5 M Python steps."""
+    from .safepickle import PickledObject
+
+    if type(o) is dict or isinstance(o, Mapping):
+        items: Any = [*o.keys(), *o.values()]
+    elif isinstance(o, (list, tuple, set, frozenset)):
+        items = o
+    elif isinstance(o, PickledObject):
+        items = [o.callable, o.args, o.kwargs, *(v for _, v in o.ops)]
+    else:
+        return None
+    if set(map(type, items)) <= _LEAF_TYPES:
+        return len(items), []
+    return len(items), [c for c in items if type(c) not in _LEAF_TYPES]
+
+
+def _check_extent(t: torch.Tensor, where: str) -> None:
+    """A tensor whose elements overlap in memory (stride 0, an expanded view) is fine, unless reading
+    it would materialise much more than its file holds: a 4-byte storage viewed as 10^9 elements."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes <= _MAX_EXPANDED_VIEW or t.layout != torch.strided or t.device.type == "meta":
+        return
+    try:
+        stored = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return
+    if nbytes > stored + _MAX_EXPANDED_VIEW:
+        raise LoadError(f"{where}: a tensor of shape {tuple(t.shape)} (strides {t.stride()}) views a "
+                        f"{stored:,}-byte storage: reading it would materialise {nbytes:,} bytes "
+                        f"(limit: its storage + {_MAX_EXPANDED_VIEW >> 20} MiB); refused")
+
+
+def check_bounds(obj: Any, where: str) -> None:
+    """Raise :class:`LoadError` if walking ``obj`` as a tree would not be bounded by its size."""
+    done: dict[int, tuple[int, int]] = {}  # id -> (entries under it as a tree, nesting below it)
+    on_path: set[int] = set()
+    keep: list[Any] = []  # objects whose ids are in ``done`` stay alive (ids are not reused)
+    root = _children(obj)
+    if root is None:
+        if isinstance(obj, torch.Tensor):
+            _check_extent(obj, where)
+        return
+    distinct = root[0]
+    stack: list[tuple[Any, Iterator[Any], list[int]]] = [(obj, iter(root[1]), [root[0], 0])]
+    on_path.add(id(obj))
+    while stack:
+        node, it, acc = stack[-1]
+        for child in it:
+            if isinstance(child, torch.Tensor):
+                _check_extent(child, where)
+                continue
+            if type(child) in (list, tuple) and set(map(type, child)) <= _LEAF_TYPES:  # e.g. params, betas
+                acc[0] += len(child)
+                distinct += len(child)
+                acc[1] = max(acc[1], 1)
+                continue
+            cid = id(child)
+            known = done.get(cid)
+            if known is not None:
+                acc[0] += known[0]
+                acc[1] = max(acc[1], known[1] + 1)
+                if len(stack) + known[1] >= MAX_NESTING:
+                    raise LoadError(f"{where}: containers nested deeper than {MAX_NESTING} levels: not a "
+                                    "checkpoint; refused")
+                continue
+            if cid in on_path:
+                raise LoadError(f"{where}: a container holds itself (a reference cycle): not a checkpoint; refused")
+            grand = _children(child)
+            if grand is None:
+                continue
+            if len(stack) >= MAX_NESTING:
+                raise LoadError(f"{where}: containers nested deeper than {MAX_NESTING} levels: not a checkpoint; "
+                                "refused")
+            distinct += grand[0]
+            on_path.add(cid)
+            stack.append((child, iter(grand[1]), [grand[0], 0]))
+            break
+        else:
+            stack.pop()
+            on_path.discard(id(node))
+            done[id(node)] = (acc[0], acc[1])
+            keep.append(node)
+            if stack:
+                parent = stack[-1][2]
+                parent[0] += acc[0]
+                parent[1] = max(parent[1], acc[1] + 1)
+                if parent[0] > _AMPLIFICATION * distinct + _SLACK:
+                    raise LoadError(
+                        f"{where}: shared references make it more than {parent[0]:,} entries when walked, from "
+                        f"{distinct:,} distinct ones (limit {_AMPLIFICATION}x + {_SLACK:,}): a 'billion laughs' "
+                        "structure, not a checkpoint; refused")
