@@ -290,6 +290,19 @@ def _names(m: OptimizerMapping, renames: Mapping[str, str]) -> dict[str, int]:
     return out
 
 
+def _members(names: Mapping[str, Any], groups: Sequence[Any]) -> dict[int, list[str]]:
+    """Group position -> the sorted names of its parameters (one pass over names, not one per group)."""
+    group_of = {idx: gi for gi, g in enumerate(groups) for idx in g.params}
+    out: dict[int, list[str]] = {}
+    for n, idx in names.items():
+        gi = group_of.get(idx)
+        if gi is not None:
+            out.setdefault(gi, []).append(n)
+    for v in out.values():
+        v.sort()
+    return out
+
+
 def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, params: Sequence[str], stats: bool,
                      device: str | None, renames: Mapping[str, str], report: DiffReport,
                      progress: Callable[[int], None]) -> None:
@@ -303,6 +316,7 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
         na, nb = _names(ma, renames), _names(mb, renames)
         # param groups: hyperparameters per group (in order), and membership by name
         ga, gb = oa.groups, ob.groups
+        by_group_a, by_group_b = _members(na, ga), _members(nb, gb)
         for i in range(max(len(ga), len(gb))):
             gname = f"{label}group {i}"
             if i >= len(gb):
@@ -313,8 +327,7 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
                 continue
             report.entries.extend(_hp_entries("param_groups", gname, ga[i].hparams, gb[i].hparams, atol=atol,
                                               rtol=rtol))
-            members_a = sorted(n for n, idx in na.items() if idx in set(ga[i].params))
-            members_b = sorted(n for n, idx in nb.items() if idx in set(gb[i].params))
+            members_a, members_b = by_group_a.get(i, []), by_group_b.get(i, [])
             if members_a != members_b:
                 report.entries.append(Entry("param_groups", gname, "params", "changed",
                                             [n for n in members_a if n not in members_b],

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Mapping
 from typing import Any
 
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
@@ -79,6 +80,7 @@ def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
         ck.extras, ck.other_keys, ck.objects = found.extras, found.other_keys, found.objects
         if loaded.placeholders:
             _refuse_placeholders(path, found)
+        _check_counts(path, found)
         if not (found.models or found.optimizers or found.schedulers):
             raise LoadError(
                 f"{path}: a torch file, but no model, optimizer or scheduler state dict found in it "
@@ -88,6 +90,20 @@ def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
     if kind == "empty":
         raise LoadError(f"{path}: empty file (0 bytes): not a checkpoint")
     raise LoadError(f"{path}: not a checkpoint: neither a torch.save file (zip or legacy pickle) nor safetensors")
+
+
+MAX_OPTIMIZER_INDICES = 1_000_000
+
+
+def _check_counts(path: str, found: Any) -> None:
+    """An optimizer of more than a million parameter tensors is not one any model has (the largest
+    real ones hold ~10^5): refused before any per-index work, which would take minutes and gigabytes."""
+    for o in found.optimizers:
+        groups = o.state_dict.get("param_groups", [])
+        n = sum(len(g.get("params", ())) for g in groups if isinstance(g, Mapping))
+        if n > MAX_OPTIMIZER_INDICES or len(o.state) > MAX_OPTIMIZER_INDICES:
+            raise LoadError(f"{path}: optimizer {o.name} lists {max(n, len(o.state)):,} parameter indices "
+                            f"(limit {MAX_OPTIMIZER_INDICES:,}); refused")
 
 
 def _refuse_placeholders(path: str, found: Any) -> None:
@@ -205,6 +221,7 @@ def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: 
     found = discover(loaded.obj, name, name_prefix=name)
     if loaded.placeholders:
         _refuse_placeholders(full, found)
+    _check_counts(full, found)
     ck.models.extend(found.models)
     ck.optimizers.extend(found.optimizers)
     ck.schedulers.extend(found.schedulers)

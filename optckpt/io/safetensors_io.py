@@ -20,7 +20,7 @@ _DTYPE_SIZES = {
     "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
     "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8), "C64": ("complex64", 8),
 }
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 16 << 20  # ~200k tensors; real shards hold a few thousand (the format allows 100 MB)
 
 
 def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, str]]:
@@ -33,7 +33,10 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, str]]:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if n < 2 or n > min(_MAX_HEADER, size - 8):
+            if _MAX_HEADER < n <= size - 8:
+                raise LoadError(f"{path}: safetensors header of {n:,} bytes (limit {_MAX_HEADER >> 20} MiB, about "
+                                "200,000 tensors); refused")
+            if n < 2 or n > size - 8:
                 raise LoadError(f"{path}: not a valid safetensors file (header length {n} vs file size {size})")
             raw = f.read(n)
     except OSError as e:

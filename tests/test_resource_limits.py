@@ -1,0 +1,149 @@
+"""Work bounded by the input: small crafted files that would make a tree walk, a read or a parse
+explode are refused with one line naming the limit; big but real structures keep working."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import sys
+import zipfile
+
+import pytest
+import torch
+from conftest import FIXTURES, invoke
+
+GOOD = FIXTURES / "bundle.pt"
+TARGET = str(FIXTURES / "models.py") + ":build_cnn"
+
+
+def _commands(p: str, tmp_path) -> list[list[str]]:
+    o = str(tmp_path / "out.pt")
+    return [["inspect", p], ["inspect", p, "--stats"], ["check", p, "--target", TARGET],
+            ["remap", p, "--target", TARGET, "-o", o], ["set", p, "--scale-lr", "0.5", "-o", o],
+            ["reset", p, "--params", "*", "-o", o], ["diff", p, str(GOOD)],
+            ["convert", p, "--to", "torch", "-o", str(tmp_path / "c.pt")]]
+
+
+def _refused_everywhere(path, tmp_path, needle: str) -> None:
+    for cmd in _commands(str(path), tmp_path):
+        r = invoke(*cmd)
+        assert r.exit_code == 2, (cmd, r.stdout[-300:], r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (cmd, r.stderr)
+        assert not (tmp_path / "out.pt").exists() and not (tmp_path / "c.pt").exists()
+
+
+def _good() -> dict:
+    return torch.load(GOOD, weights_only=True)
+
+
+def test_billion_laughs_is_refused(tmp_path):
+    a: list = [1]
+    for _ in range(25):
+        a = [a] * 40  # 40^25 entries as a tree, 1 KB of pickle
+    torch.save({**_good(), "laughs": a}, tmp_path / "laughs.pt")
+    _refused_everywhere(tmp_path / "laughs.pt", tmp_path, "billion laughs")
+    g = _good()
+    g["optimizer"]["param_groups"][0]["junk"] = a  # inside what every command walks
+    torch.save(g, tmp_path / "in_group.pt")
+    _refused_everywhere(tmp_path / "in_group.pt", tmp_path, "billion laughs")
+
+
+def test_reference_cycles_and_deep_nesting_are_refused(tmp_path):
+    cyc: list = []
+    cyc.append(cyc)
+    torch.save({**_good(), "cycle": cyc}, tmp_path / "cycle.pt")
+    _refused_everywhere(tmp_path / "cycle.pt", tmp_path, "reference cycle")
+    deep: dict = {"w": 1}
+    for _ in range(2000):
+        deep = {"x": deep}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)
+    try:
+        torch.save({**_good(), "deep": deep}, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    _refused_everywhere(tmp_path / "deep.pt", tmp_path, "nested deeper than 256 levels")
+
+
+def test_shared_references_that_do_not_amplify_still_load(tmp_path):
+    """torch's own param groups share one ``betas`` tuple; a config dict referenced twice is fine."""
+    shared = {"note": "same dict twice", "values": list(range(100))}
+    g = _good()
+    g["a"], g["b"] = shared, shared
+    torch.save(g, tmp_path / "shared.pt")
+    r = invoke("inspect", str(tmp_path / "shared.pt"))
+    assert r.exit_code == 0, r.stderr
+
+
+def test_stride_zero_views_of_tiny_storages_are_refused(tmp_path):
+    t = torch.ones(1).expand(1_000_000_000)  # 4 bytes in the file, 4 GB once read
+    torch.save({"model": {"w": t}, "optimizer": {"state": {0: {"exp_avg": t, "step": torch.tensor(1.0)}},
+                                                 "param_groups": [{"lr": 0.1, "params": [0]}]}}, tmp_path / "s0.pt")
+    _refused_everywhere(tmp_path / "s0.pt", tmp_path, "would materialise")
+    small = torch.zeros(1, 8).expand(4, 8)  # a real expanded buffer (position_ids-like): fine
+    torch.save({"model": {"w": torch.ones(2), "ids": small}}, tmp_path / "ok.pt")
+    assert invoke("inspect", str(tmp_path / "ok.pt")).exit_code == 0
+
+
+def test_compressed_records_are_refused(tmp_path):
+    """torch.save stores records; a deflated data.pkl would inflate unbounded (a zip bomb)."""
+    buf = io.BytesIO()
+    torch.save(_good(), buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(tmp_path / "bomb.pt", "w") as out:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                out.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                out.writestr(info, data)
+    _refused_everywhere(tmp_path / "bomb.pt", tmp_path, "compressed")
+
+
+def test_flipped_bit_in_the_pickle_is_corruption(tmp_path):
+    raw = bytearray(GOOD.read_bytes())
+    z = zipfile.ZipFile(GOOD)
+    info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    lr = raw.index(b"lr", start)  # a byte of the pickle near a hyperparameter
+    raw[lr + 12] ^= 0x01
+    (tmp_path / "flip.pt").write_bytes(bytes(raw))
+    r = invoke("inspect", str(tmp_path / "flip.pt"))
+    assert r.exit_code == 2 and "corrupt" in r.stderr, r.stderr
+
+
+def test_absurd_index_counts_are_refused_before_per_index_work(tmp_path):
+    torch.save({"state": {}, "param_groups": [{"lr": 0.1, "params": list(range(1_200_000))}]}, tmp_path / "many.pt")
+    r = invoke("inspect", str(tmp_path / "many.pt"))
+    assert r.exit_code == 2 and "limit 1,000,000" in r.stderr, r.stderr
+
+
+def test_oversized_safetensors_headers_are_refused(tmp_path):
+    n = 240_000
+    hdr = {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(n)}
+    raw = json.dumps(hdr).encode()
+    raw += b" " * (-len(raw) % 8)
+    assert len(raw) > 16 << 20
+    with open(tmp_path / "big.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"\0" * (4 * n))
+    r = invoke("inspect", str(tmp_path / "big.safetensors"))
+    assert r.exit_code == 2 and "limit 16 MiB" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_many_single_parameter_groups_still_work(tmp_path):
+    """Per-parameter groups (mmengine paramwise_cfg, layer-wise lr decay) at scale: 30k groups."""
+    n = 30_000
+    torch.save({"state": {i: {"momentum_buffer": torch.zeros(1)} for i in range(0, n, 3)},
+                "param_groups": [{"lr": 0.1 * (1 + i % 7), "momentum": 0.9, "params": [i]} for i in range(n)]},
+               tmp_path / "groups.pt")
+    r = invoke("inspect", str(tmp_path / "groups.pt"), "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert len(rep["optimizers"][0]["groups"]) == n
+    r = invoke("diff", str(tmp_path / "groups.pt"), str(tmp_path / "groups.pt"))
+    assert r.exit_code == 0, r.stderr
+    r = invoke("set", str(tmp_path / "groups.pt"), "--group", "7", "--lr", "0.5", "-o", str(tmp_path / "o.pt"))
+    assert r.exit_code == 0, r.stderr
