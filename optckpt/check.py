@@ -110,7 +110,7 @@ class CheckReport:
         }
 
 
-def _severity(p: ParamStatus) -> tuple[int, int]:
+def _severity(p: ParamStatus) -> tuple[int, int, int, str]:
     """Crashes first, then proven misapplication, then uncertainty, then harmless changes, then ok."""
     if p.crash or p.status == "shape_mismatch":
         rank = 0
@@ -122,8 +122,12 @@ def _severity(p: ParamStatus) -> tuple[int, int]:
         rank = 3
     else:
         rank = 4
-    pos = p.target_index if p.target_index is not None else (p.source_index or 0)
-    return rank, pos
+    # target position first; then the saved index, which is a name (str) in DCP / FQN-keyed state:
+    # never compared with an int
+    if p.target_index is not None:
+        return rank, 0, p.target_index, ""
+    src = p.source_index
+    return rank, 1, src if isinstance(src, int) else 0, "" if isinstance(src, int) or src is None else str(src)
 
 
 def _ordered(params: Sequence[ParamStatus]) -> list[ParamStatus]:
