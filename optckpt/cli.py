@@ -76,7 +76,7 @@ class _Group(click.Group):
 
 
 def _usage_line(message: str, code: int, standalone_mode: bool) -> None:
-    click.echo(f"optckpt: error: {message}", err=True)
+    click.echo(f"optckpt: error: {_escape(message)}", err=True)
     if standalone_mode:
         sys.exit(code)
     raise click.exceptions.Exit(code)
@@ -92,8 +92,14 @@ def _finite_nonneg(ctx: click.Context, param: click.Parameter, value: float | No
 def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
     if ctx.find_root().params.get("debug"):
         traceback.print_exception(exc, file=sys.stderr)
-    click.echo(f"optckpt: error: {message}", err=True)
+    click.echo(f"optckpt: error: {_escape(message)}", err=True)
     ctx.exit(EXIT_ERROR)
+
+
+def _escape(text: str, *, newlines: bool = True) -> str:
+    from .render import escape
+
+    return escape(text, newlines=newlines)
 
 
 def _note_stale(out: str | None) -> None:
@@ -151,7 +157,7 @@ def inspect(path: str, model_path: str | None, trust_pickle: bool, fmt: str, sta
 
     ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
     report = inspect_checkpoint(ck, stats=stats)
-    click.echo(to_json(report) if fmt == "json" else render_inspect(report, stats=stats))
+    click.echo(to_json(report) if fmt == "json" else _escape(render_inspect(report, stats=stats), newlines=False))
 
 
 def mapping_options(f: F) -> F:
@@ -200,7 +206,7 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
         mapping = name_by_target_shapes(mapping, target.names, target.shapes)
     report = check_mapping(mapping, target, parse_rename(renames), group_evidence=not no_group_evidence).as_json()
-    click.echo(to_json(report) if fmt == "json" else render_check(report))
+    click.echo(to_json(report) if fmt == "json" else _escape(render_check(report), newlines=False))
     sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
 
 
@@ -255,7 +261,7 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
         replace_backup=replace_backup)
     report = plan.as_json() | {"written": written}
     _note_stale(written)
-    click.echo(to_json(report) if fmt == "json" else render_plan(report))
+    click.echo(to_json(report) if fmt == "json" else _escape(render_plan(report), newlines=False))
 
 
 @cli.command()
@@ -346,7 +352,7 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
     report = {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
               "after": result.after, "schedulers": result.schedulers, "notes": result.notes, "written": written}
     _note_stale(written)
-    click.echo(to_json(report) if fmt == "json" else render_set(report))
+    click.echo(to_json(report) if fmt == "json" else _escape(render_set(report), newlines=False))
 
 
 @cli.command()
@@ -387,7 +393,7 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
     with _progress(total_bytes(ca, cb), "comparing") as tick:
         report = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=only, params=params, stats=stats,
                                   device=device, progress=tick).as_json()
-    click.echo(to_json(report) if fmt == "json" else render_diff(report, fmt=fmt, limit=limit))
+    click.echo(to_json(report) if fmt == "json" else _escape(render_diff(report, fmt=fmt, limit=limit), newlines=False))
     sys.exit(EXIT_OK if report["identical"] else EXIT_DIFFERENT)
 
 

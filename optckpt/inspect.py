@@ -127,7 +127,8 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
                 "state": _state_shape_summary(st),
             }
             if stats:
-                row["stats"] = {k: tensor_stats(v) for k, v in st.items() if isinstance(v, torch.Tensor) and v.ndim}
+                row["stats"] = {k: tensor_stats(v.load() if _on_disk(v) else v) for k, v in st.items()
+                                if (isinstance(v, torch.Tensor) or _on_disk(v)) and len(v.shape)}
                 nonfinite += sum(s["nan"] + s["inf"] for s in row["stats"].values())
             entries.append(row)
     orphans = [k for k in state if k not in group_of]
@@ -155,6 +156,11 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     if stats:
         report["nonfinite_state_values"] = nonfinite
     return report
+
+
+def _on_disk(v: Any) -> bool:
+    """A DCP optimizer tensor still on disk (read only for ``--stats``, one at a time)."""
+    return not isinstance(v, torch.Tensor) and hasattr(v, "load") and hasattr(v, "shape")
 
 
 def _scheduler_report(s: SchedulerState) -> dict[str, Any]:

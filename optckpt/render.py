@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import math
 from collections.abc import Mapping
@@ -41,8 +43,21 @@ def to_json(report: Mapping[str, Any]) -> str:
     return json.dumps({"schema_version": SCHEMA_VERSION, **jsonable(report)}, indent=2)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_ALL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape(text: str, *, newlines: bool = True) -> str:
+    """``text`` safe for a terminal: control characters (ANSI escapes, carriage returns; newlines
+    too unless ``newlines=False``) shown as ``\\xNN``, so a name from a file can neither move the
+    cursor nor split a one-line message."""
+    pat = _CONTROL_ALL if newlines else _CONTROL
+    return pat.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def table(rows: list[list[Any]], headers: list[str]) -> str:
-    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+    cells = [[escape(c) if isinstance(c, str) else c for c in row] for row in rows]
+    return tabulate(cells, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

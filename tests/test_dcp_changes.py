@@ -61,3 +61,14 @@ def test_every_command_on_each_kind_of_change(ck, tmp_path, change, counts):
     assert invoke("convert", str(out), "--to", "torch", "-o", str(tmp_path / "single.pt")).exit_code == 0
     r = invoke("check", str(tmp_path / "single.pt"), "--target", target)
     assert r.exit_code in (0, 1) and r.stdout, r.stderr
+
+
+def test_stats_read_dcp_optimizer_tensors(ck):
+    r = invoke("inspect", str(ck), "--stats", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    opt = json.loads(r.stdout)["optimizers"][0]
+    with_state = [e for e in opt["entries"] if e["state"]]
+    assert with_state and all(set(e["stats"]) >= {"exp_avg", "exp_avg_sq"} for e in with_state)
+    got = optckpt.load(ck).optimizer().state["wte.weight"]["exp_avg"].load()
+    assert abs(with_state[0]["stats"]["exp_avg"]["norm"] - float(got.norm())) < 1e-6
+    assert opt["nonfinite_state_values"] == 0

@@ -240,3 +240,16 @@ def test_diff_sees_equal_tensors_at_any_alignment(tmp_path):
     assert invoke("convert", str(FIXTURES / "bundle.pt"), "--to", "safetensors", "-o", str(st)).exit_code == 0
     r = invoke("diff", str(FIXTURES / "bundle.pt"), str(st), "--only", "model", "--format", "json")
     assert r.exit_code == 0 and json.loads(r.stdout)["identical"], r.stdout
+
+
+def test_paths_and_names_are_printed_escaped_on_one_line(tmp_path):
+    odd = tmp_path / "new\nline\x1b[31m.pt"
+    r = invoke("inspect", str(odd))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "\x1b" not in r.stderr, r.stderr
+    assert "\\x0a" in r.stderr
+    sd = {"\x1b[2Jevil\nname": torch.ones(2), "ok": torch.ones(1)}
+    torch.save({"model": sd}, tmp_path / "names.pt")
+    r = invoke("inspect", str(tmp_path / "names.pt"))
+    assert r.exit_code == 0 and "\x1b" not in r.stdout and "\\x1b[2Jevil\\x0aname" in r.stdout, r.stdout
+    js = json.loads(invoke("inspect", str(tmp_path / "names.pt"), "--format", "json").stdout)
+    assert js["models"][0]["tensors"][0]["name"] == "\x1b[2Jevil\nname"  # JSON keeps the real name
