@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
