@@ -34,7 +34,7 @@ import torch
 
 __all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "safe_load_torch", "pickle_module_for",
            "has_placeholders", "first_placeholder", "fields_of", "is_module_object", "module_tensors", "describe",
-           "same", "MAX_DEPTH"]
+           "same", "walk", "MAX_DEPTH"]
 
 MAX_DEPTH = 64
 _COPYREG_WRAPPERS = {("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("copyreg", "_reconstructor")}
@@ -421,7 +421,7 @@ def _children(o: Any) -> Iterator[Any]:
             yield v
 
 
-def _walk(obj: Any) -> Iterator[Any]:
+def walk(obj: Any) -> Iterator[Any]:
     """Every object reachable through containers and placeholders, each once, depth-first."""
     seen: set[int] = set()
     stack = [(obj, 0)]
@@ -454,7 +454,7 @@ def first_placeholder(obj: Any) -> tuple[tuple[Any, ...], PickledGlobal | Pickle
 
 
 def has_placeholders(obj: Any) -> bool:
-    return any(isinstance(o, _PLACEHOLDERS) for o in _walk(obj))
+    return any(isinstance(o, _PLACEHOLDERS) for o in walk(obj))
 
 
 def pickle_module_for(obj: Any) -> Any:
@@ -464,7 +464,7 @@ def pickle_module_for(obj: Any) -> Any:
     A whole pickled model object is not rewritten from its placeholder: its parameters are what
     the edit is about, and only its real class knows how they fit together."""
     found = False
-    for o in _walk(obj):
+    for o in walk(obj):
         if isinstance(o, PickledObject) and is_module_object(o):
             from ..errors import WriteError
 

@@ -55,33 +55,15 @@ def unsafe_globals(path: str) -> list[str]:
 
 
 def _scan_pickle_globals(path: str) -> list[str]:
-    import pickletools
+    """The globals a legacy pickle names beyond the weights-only rules: read by the safe reader
+    (each one an inert placeholder), so the names are exact, and nothing runs."""
+    from .safepickle import PickledGlobal, walk
 
-    found: dict[str, None] = {}
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            strings: list[str] = []
-            end = pos
-            for op, arg, p in pickletools.genops(data[pos:]):
-                end = pos + (p or 0)
-                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-                    strings.append(str(arg))
-                elif op.name == "GLOBAL":
-                    found[str(arg).replace(" ", ".")] = None
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found[f"{strings[-2]}.{strings[-1]}"] = None
-                elif op.name == "STOP":
-                    break
-            if end + 1 <= pos:
-                break
-            pos = end + 1
+        obj = safe_load_torch(path, lambda storage, location: storage, zip_format=False)
     except Exception:
-        pass
-    allowed = {"torch._utils._rebuild_tensor_v2", "collections.OrderedDict", "torch.FloatStorage"}
-    return [g for g in found if g not in allowed and not g.startswith("torch.")]
+        return []
+    return sorted({o.name for o in walk(obj) if isinstance(o, PickledGlobal)})
 
 
 @dataclass
