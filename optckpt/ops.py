@@ -546,11 +546,12 @@ def fqn_optimizer_state(ck: Checkpoint, opt: OptimizerState, mapping: OptimizerM
 
 def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None, source: str | None = None,
                        optimizer_key: str | None = None, models: Sequence[str] | None = None,
-                       trust_pickle: bool = False) -> str:
+                       trust_pickle: bool = False, max_shard_size: int | None = None) -> str:
     """``optckpt convert``: between layouts. ``dcp`` follows torchtitan's top-level keys (``model``,
     ``optimizer`` FQN-keyed as ``get_state_dict`` produces it, ``lr_scheduler``, ``extra``);
     ``torch`` writes one ``torch.save`` file of the same structure (DCP → single file);
-    ``safetensors`` writes the model weights (tied duplicates once)."""
+    ``safetensors`` writes the model weights (tied duplicates once): one file, or with
+    ``max_shard_size`` (bytes) a directory in Hugging Face's sharded layout."""
     from .io.dcp import save_dcp
     from .io.write import atomic_torch_save
 
@@ -562,6 +563,10 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
         raise FormatError(f"{path}: no model weights to convert")
     main = data_models[0]
     mode_from = path if os.path.isfile(path) else None
+    if max_shard_size is not None and to != "safetensors":
+        raise FormatError("--max-shard-size applies to --to safetensors only")
+    if to == "safetensors" and max_shard_size is not None:
+        return _convert_sharded_safetensors(main, out, max_shard_size, mode_from)
     if to == "safetensors":
         from .io.safetensors_io import save_safetensors
 
@@ -604,6 +609,38 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
 
         return atomic_torch_save(state, out, verify=lambda t: _verify_converted(t, state), mode_from=mode_from)
     raise FormatError(f"--to {to!r}: expected dcp, torch or safetensors")
+
+
+def _convert_sharded_safetensors(main: Any, out: str, max_bytes: int, mode_from: str | None) -> str:
+    """The model weights as a new directory of HF-style shards (``from_pretrained`` reads it once
+    the model's ``config.json`` sits beside them); one shard's tensors in memory at a time."""
+    from .io.safetensors_io import save_sharded_safetensors
+
+    if max_bytes <= 0:
+        raise FormatError(f"--max-shard-size {max_bytes}: expected a positive size")
+    sizes = {k: main.meta[k].nbytes for k in main.meta if k not in main.tied}
+    dest_dir, final = os.path.dirname(os.path.abspath(out)), os.path.basename(out.rstrip(os.sep))
+    tmpdir = temp_dir(dest_dir, final)
+    try:
+        save_sharded_safetensors(sizes, lambda k: main.tensors[k], tmpdir, max_bytes)
+    except BaseException as e:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
+        raise
+    if mode_from:
+        copy_mode(mode_from, tmpdir)
+
+    def check(tmp: str) -> None:
+        got = load(tmp)
+        model = next((m for m in got.models if len(m.meta)), None)
+        if model is None or set(model.meta) != set(sizes):
+            raise WriteError(f"{tmp}: verification failed: the model tensors read back differ (nothing was written)")
+        for k in sizes:
+            if not same_bits(model.tensors[k], main.tensors[k]):
+                raise WriteError(f"{tmp}: verification failed for {k} (nothing was written)")
+
+    return commit_dir(tmpdir, out, verify=check)
 
 
 def _verify_converted(tmp: str, state: Mapping[str, Any]) -> None:
