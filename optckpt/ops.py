@@ -39,10 +39,7 @@ def _open_for_edit(path: str, out: str | None, model: str | None, optimizer_key:
                    in_place: bool, trust_pickle: bool,
                    replace_backup: bool = False) -> tuple[Checkpoint, OptimizerState, str | None]:
     """Load a checkpoint to edit, check where the result may go, and pick the optimizer."""
-    ck = load(path, model=model, trust_pickle=trust_pickle)
-    if ck.layout == "dcp":
-        raise WriteError(f"{ck.path}: editing DCP checkpoints is not supported yet; `optckpt convert --to torch` "
-                         "it, repair the single file, and `optckpt convert --to dcp` back")
+    ck = load(path, model=model, trust_pickle=trust_pickle)  # DCP directories are edited by the _*_dcp helpers
     if not dry_run:
         out = resolve_output(path, out, in_place, replace_backup=replace_backup)
     return ck, ck.optimizer(optimizer_key), out
