@@ -407,21 +407,44 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
         yield bar.update
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _byte_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``5GB`` / ``500MB`` (powers of 10, as transformers reads them), ``2GiB`` (powers of 2), or bytes."""
+    if value is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = m[2].upper() if m else ""
+    if m is None or unit not in _SIZE_UNITS or float(m[1]) * _SIZE_UNITS[unit] < 1:
+        raise click.BadParameter(f"{value!r}: expected a size such as 5GB, 500MB, 2GiB or a number of bytes")
+    return int(float(m[1]) * _SIZE_UNITS[unit])
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--to", "to", type=click.Choice(["dcp", "torch", "safetensors"]), required=True,
               help="dcp: torch.distributed.checkpoint directory (torchtitan keys, FQN-keyed optimizer); "
                    "torch: one torch.save file; safetensors: model weights.")
 @click.option("-o", "--output", "output", type=click.Path(), required=True, help="Where to write (must not exist).")
+@click.option("--max-shard-size", "max_shard_size", default=None, callback=_byte_size, metavar="SIZE",
+              help="With --to safetensors: write a directory of Hugging Face shards "
+                   "(model-0000X-of-0000N.safetensors + model.safetensors.index.json) of at most SIZE each "
+                   "(5GB, 500MB, 2GiB, or bytes).")
 @load_options
 @mapping_options
-def convert(path: str, to: str, output: str, model_path: str | None, trust_pickle: bool, source: str | None,
-            renames: tuple[str, ...], optimizer_key: str | None, models: str | None) -> None:
+def convert(path: str, to: str, output: str, max_shard_size: int | None, model_path: str | None,
+            trust_pickle: bool, source: str | None, renames: tuple[str, ...], optimizer_key: str | None,
+            models: str | None) -> None:
     """Convert between layouts (index-based torch checkpoint <-> DCP, DCP -> single file, -> safetensors)."""
     from .ops import convert_checkpoint
 
     written = convert_checkpoint(path, to, output, model=model_path, source=source, optimizer_key=optimizer_key,
-                                 models=models.split(",") if models else None, trust_pickle=trust_pickle)
+                                 models=models.split(",") if models else None, trust_pickle=trust_pickle,
+                                 max_shard_size=max_shard_size)
     _note_stale(written)
     click.echo(f"written: {written}")
 

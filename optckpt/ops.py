@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,24 +39,21 @@ def _open_for_edit(path: str, out: str | None, model: str | None, optimizer_key:
                    in_place: bool, trust_pickle: bool,
                    replace_backup: bool = False) -> tuple[Checkpoint, OptimizerState, str | None]:
     """Load a checkpoint to edit, check where the result may go, and pick the optimizer."""
-    ck = load(path, model=model, trust_pickle=trust_pickle)
-    if ck.layout == "dcp":
-        raise WriteError(f"{ck.path}: editing DCP checkpoints is not supported yet; `optckpt convert --to torch` "
-                         "it, repair the single file, and `optckpt convert --to dcp` back")
+    ck = load(path, model=model, trust_pickle=trust_pickle)  # DCP directories are edited by the _*_dcp helpers
     if not dry_run:
         out = resolve_output(path, out, in_place, replace_backup=replace_backup)
     return ck, ck.optimizer(optimizer_key), out
 
 
 def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequence[str], policy: Policy,
-               dry_run: bool, in_place: bool, verify: bool, trust_pickle: bool) -> tuple[RemapPlan, str | None]:
+               dry_run: bool, in_place: bool, verify: bool, trust_pickle: bool,
+               replace_backup: bool = False) -> tuple[RemapPlan, str | None]:
     """DCP is keyed by name: a remap renames FQNs (``--rename`` or a detected wrapper prefix) and
     drops the state of parameters that are gone or reshaped, in the metadata only; the shard files
-    are copied as they are, so memory stays bounded by the metadata."""
+    are hard-linked as they are, so memory stays bounded by the metadata. ``in_place`` replaces
+    only the input's ``.metadata`` (kept as ``.metadata.bak``)."""
     from .check import guess_prefix_rename
 
-    if in_place:
-        raise WriteError(f"{path}: --in-place is not supported for DCP checkpoints; write a new directory with -o")
     ck = load(path, trust_pickle=trust_pickle)
     opt = ck.optimizer()
     mapping = infer_mapping(ck, opt)
@@ -82,10 +79,7 @@ def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequenc
 
     if dry_run:
         return plan, None
-    if out is None:
-        raise WriteError("no output given: pass -o NEW_DIR (DCP output is a new directory)")
-    out = new_output(out)
-    from .io.dcp import rewrite_dcp
+    _dcp_output(path, out, in_place)
 
     def check(tmp: str) -> None:
         if not verify:
@@ -99,16 +93,48 @@ def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequenc
             back = {rename(k): k for k in src_model.meta}
             for k in m.meta:
                 if not same_bits(m.tensors[k], src_model.tensors[back[k]]):
-                    raise WriteError(f"{out}: verification failed for {k} (nothing was written)")
+                    raise WriteError(f"{out or path}: verification failed for {k} (nothing was written)")
 
-    tmp = temp_dir(os.path.dirname(os.path.abspath(out)), os.path.basename(out.rstrip(os.sep)))
+    return plan, _commit_dcp(path, out, in_place, replace_backup, check, rename=rename)
+
+
+def _dcp_output(path: str, out: str | None, in_place: bool) -> None:
+    """Check where a DCP edit may go before any work: a new directory, or (``in_place``) the input."""
+    if in_place:
+        if out is not None and not (os.path.exists(out) and os.path.samefile(path, out)):
+            raise WriteError("--in-place writes over the input: do not also give -o/--output")
+        if not os.access(path, os.W_OK):
+            raise WriteError(f"{path}: the directory is not writable")
+        return
+    if out is None:
+        raise WriteError("no output given: pass -o NEW_DIR (a new DCP directory), or --in-place to edit PATH's "
+                         "metadata (the old one is kept as .metadata.bak)")
+    new_output(out)
+
+
+def _commit_dcp(path: str, out: str | None, in_place: bool, replace_backup: bool,
+                check: Callable[[str], None] | None, **edit: Any) -> str:
+    """Stage a DCP edit (:func:`optckpt.io.dcp.rewrite_dcp`: shards hard-linked, one extra shard,
+    new ``.metadata``) in a temp directory beside its destination, verify it there, then commit it:
+    renamed to ``out``, or (``in_place``) swapped into ``path`` by replacing only ``.metadata``."""
+    from .io.dcp import commit_in_place, rewrite_dcp
+
+    dest = path if in_place else out
+    assert dest is not None
+    real = os.path.realpath(dest) if in_place else dest
+    tmp = temp_dir(os.path.dirname(os.path.abspath(real)), os.path.basename(real.rstrip(os.sep)))
     try:
-        rewrite_dcp(path, tmp, rename)
+        rewrite_dcp(path, tmp, **edit)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if in_place:
+        commit_in_place(real, tmp, verify=check, replace_backup=replace_backup)
+        return path
     copy_mode(path, tmp)
-    return plan, commit_dir(tmp, out, verify=check)
+    return commit_dir(tmp, dest, verify=check)
+
+
 
 
 def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, in_place: bool,
@@ -164,7 +190,8 @@ def remap_checkpoint(
     """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right."""
     if is_dcp_dir(path):
         return _remap_dcp(path, target_spec, out, renames=renames, policy=policy, dry_run=dry_run,
-                          in_place=in_place, verify=verify, trust_pickle=trust_pickle)
+                          in_place=in_place, verify=verify, trust_pickle=trust_pickle,
+                          replace_backup=replace_backup)
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
                                   replace_backup)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
@@ -187,7 +214,7 @@ def remap_checkpoint(
 @dataclass
 class ResetResult:
     optimizer: str
-    selected: list[tuple[int, str]]
+    selected: list[tuple[Any, str]]  # (index, name); DCP's index is the parameter's FQN
     mode: str
     keys: list[str]
     notes: list[str] = field(default_factory=list)
@@ -219,6 +246,91 @@ def _fresh_like(key: str, v: Any, group: Mapping[str, Any], pending: dict[float,
     return v
 
 
+def _select_params(mapping: OptimizerMapping, params: Sequence[str]) -> list[tuple[Any, str]]:
+    """(index, name) of the optimizer entries whose name matches a glob; an entry whose possible names
+    only partly match is refused."""
+    selected: list[tuple[Any, str]] = []
+    for e in mapping.entries:
+        cands = [e.name] if e.name is not None else list(e.candidates)
+        hits = [c for c in cands if any(fnmatch.fnmatchcase(c, g) for g in params)]
+        if not hits:
+            continue
+        if len(hits) != len(cands):
+            raise MappingError(
+                f"index {e.index} may be {', '.join(cands[:4])}: only some match {', '.join(params)}; "
+                "pass --source for exact names"
+            )
+        selected.append((e.index, e.name or hits[0]))
+    if not selected:
+        raise MappingError(f"no optimizer parameter matches {', '.join(params)}")
+    return selected
+
+
+def _reset_dcp(path: str, params: Sequence[str], out: str | None, *, keys: Sequence[str], mode: str,
+               optimizer_key: str | None, dry_run: bool, in_place: bool, verify: bool,
+               replace_backup: bool) -> tuple[ResetResult, str | None]:
+    """``reset`` on DCP: ``drop`` removes the parameters' state entries from the metadata (no byte
+    of any shard is rewritten); ``zero`` writes the re-initialised tensors into one extra shard."""
+    from .io.dcp import DCPTensorRef, metadata_paths, read_dcp_metadata
+
+    ck = load(path)
+    opt = ck.optimizer(optimizer_key)
+    selected = _select_params(infer_mapping(ck, opt), params)
+    result = ResetResult(opt.name, [(i, n) for i, n in selected], mode, list(keys))
+    chosen = {str(i) for i, _ in selected}
+    group_of = {str(p): g for g in opt.state_dict.get("param_groups", []) for p in g["params"]}
+    flat = {p: k for k, p in metadata_paths(read_dcp_metadata(path)).items()}
+    drop: list[str] = []
+    fills: dict[str, float] = {}
+    values: dict[tuple[Any, ...], Any] = {}
+    for fqn, entry in opt.state.items():
+        if str(fqn) not in chosen:
+            continue
+        missing = [k for k in keys if k not in entry]
+        if missing:
+            raise MappingError(f"{fqn} has no state key {missing[0]!r} (it has: {', '.join(entry)})")
+        for k, v in entry.items():
+            kpath = (*opt.path, "state", fqn, k)
+            if mode == "drop":
+                drop.append(flat[kpath])
+            elif not keys or k in keys:
+                fill = _fresh_value(k, group_of.get(str(fqn), {}))
+                if isinstance(v, DCPTensorRef):
+                    fills[flat[kpath]] = fill
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    values[kpath] = type(v)(fill)
+    if dry_run:
+        return result, None
+    _dcp_output(path, out, in_place)
+
+    def check(tmp: str) -> None:
+        if not verify:
+            return
+        new = load(tmp)
+        state = new.optimizer(optimizer_key).state
+        for fqn, entry in opt.state.items():
+            if str(fqn) in chosen and mode == "drop":
+                if fqn in state:
+                    raise WriteError(f"{out or path}: verification failed: {fqn} still has state (nothing written)")
+                continue
+            for k, v in entry.items():
+                got = state[fqn][k]
+                if isinstance(v, DCPTensorRef):
+                    key = flat[(*opt.path, "state", fqn, k)]
+                    want = torch.full(v.shape, fills[key], dtype=v.dtype) if key in fills else None
+                    if want is not None and not same_bits(got.load(), want):
+                        raise WriteError(f"{out or path}: verification failed for {fqn}.{k} (nothing written)")
+                    if got.shape != v.shape or got.dtype != v.dtype:
+                        raise WriteError(f"{out or path}: verification failed for {fqn}.{k} (nothing written)")
+
+    written = _commit_dcp(path, out, in_place, replace_backup, check, values=values, fills=fills, drop=drop)
+    if mode == "drop":
+        result.notes.append("the dropped entries are gone from the metadata: load with "
+                            "DefaultLoadPlanner(allow_partial_load=True), or use --mode zero for a checkpoint "
+                            "every strict dcp.load accepts")
+    return result, written
+
+
 def reset_checkpoint(
     path: str,
     params: Sequence[str],
@@ -245,23 +357,13 @@ def reset_checkpoint(
         raise FormatError(f"--mode {mode!r}: expected drop or zero")
     if keys and mode == "drop":
         mode = "zero"
+    if is_dcp_dir(path):
+        return _reset_dcp(path, params, out, keys=keys, mode=mode, optimizer_key=optimizer_key, dry_run=dry_run,
+                          in_place=in_place, verify=verify, replace_backup=replace_backup)
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
                                   replace_backup)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
-    selected: list[tuple[int, str]] = []
-    for e in mapping.entries:
-        cands = [e.name] if e.name is not None else list(e.candidates)
-        hits = [c for c in cands if any(fnmatch.fnmatchcase(c, g) for g in params)]
-        if not hits:
-            continue
-        if len(hits) != len(cands):
-            raise MappingError(
-                f"index {e.index} may be {', '.join(cands[:4])}: only some match {', '.join(params)}; "
-                "pass --source for exact names"
-            )
-        selected.append((e.index, e.name or hits[0]))
-    if not selected:
-        raise MappingError(f"no optimizer parameter matches {', '.join(params)}")
+    selected = _select_params(mapping, params)
     if is_lbfgs(opt):
         raise FormatError("LBFGS keeps one global state for all parameters: it cannot be reset per parameter")
     result = ResetResult(opt.name, selected, mode, list(keys))
@@ -351,8 +453,13 @@ def set_checkpoint(
     """``optckpt set``: change group hyperparameters so the resumed run really uses them."""
     from .hparams import SetResult, parse_set, rewrite, scheduler_changes, select_groups
 
-    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
-                                  replace_backup)
+    dcp = is_dcp_dir(path)
+    if dcp:
+        ck = load(path)
+        opt = ck.optimizer(optimizer_key)
+    else:
+        ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
+                                      replace_backup)
     sd_groups = opt.state_dict.get("param_groups", [])
     all_changes = list(changes) + [parse_set(s, sd_groups) for s in raw_sets]
     if not all_changes:
@@ -369,10 +476,43 @@ def set_checkpoint(
                        [c for s, new in zip(scheds, new_scheds) for c in scheduler_changes(s.name, s.state_dict, new)])
     if dry_run:
         return result, None
+    if dcp:
+        return result, _set_dcp(path, out, opt, new_opt, scheds, new_scheds, in_place=in_place, verify=verify,
+                                replace_backup=replace_backup)
     assert out is not None
     written = _write_edits(ck, out, [(opt, new_opt), *zip(scheds, new_scheds)], in_place=in_place, verify=verify,
                            trust_pickle=trust_pickle, replace_backup=replace_backup)
     return result, written
+
+
+def _set_dcp(path: str, out: str | None, opt: OptimizerState, new_opt: Mapping[str, Any], scheds: Sequence[Any],
+             new_scheds: Sequence[Mapping[str, Any]], *, in_place: bool, verify: bool, replace_backup: bool) -> str:
+    """``set`` on DCP: only the changed param-group and scheduler entries are written (into one extra
+    shard, under a new ``.metadata``); every shard file is carried over as it is."""
+    from .io.dcp import changed_small_values
+
+    _dcp_output(path, out, in_place)
+    values: dict[tuple[Any, ...], Any] = {}
+    old_groups = {"param_groups": opt.state_dict.get("param_groups", [])}
+    values.update(changed_small_values(path, opt.path[0], old_groups, {"param_groups": new_opt["param_groups"]}))
+    for s, new in zip(scheds, new_scheds):
+        values.update(changed_small_values(path, s.path[0], s.state_dict, new))
+
+    def check(tmp: str) -> None:
+        if not verify:
+            return
+        got = load(tmp)
+        g_opt = next(o for o in got.optimizers if o.name == opt.name)
+        want = [{k: v for k, v in g.items()} for g in new_opt["param_groups"]]
+        if not same_bits(g_opt.state_dict["param_groups"], want):
+            raise WriteError(f"{out or path}: verification failed: param groups differ (nothing was written)")
+        got_s = {s.name: s.state_dict for s in got.schedulers}
+        for s, new in zip(scheds, new_scheds):
+            if not same_bits(got_s.get(s.name), new):
+                raise WriteError(f"{out or path}: verification failed: scheduler {s.name} differs "
+                                 "(nothing was written)")
+
+    return _commit_dcp(path, out, in_place, replace_backup, check, values=values)
 
 
 def _materialize(v: Any) -> Any:
@@ -403,11 +543,12 @@ def fqn_optimizer_state(ck: Checkpoint, opt: OptimizerState, mapping: OptimizerM
 
 def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None, source: str | None = None,
                        optimizer_key: str | None = None, models: Sequence[str] | None = None,
-                       trust_pickle: bool = False) -> str:
+                       trust_pickle: bool = False, max_shard_size: int | None = None) -> str:
     """``optckpt convert``: between layouts. ``dcp`` follows torchtitan's top-level keys (``model``,
     ``optimizer`` FQN-keyed as ``get_state_dict`` produces it, ``lr_scheduler``, ``extra``);
     ``torch`` writes one ``torch.save`` file of the same structure (DCP → single file);
-    ``safetensors`` writes the model weights (tied duplicates once)."""
+    ``safetensors`` writes the model weights (tied duplicates once): one file, or with
+    ``max_shard_size`` (bytes) a directory in Hugging Face's sharded layout."""
     from .io.dcp import save_dcp
     from .io.write import atomic_torch_save
 
@@ -419,6 +560,10 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
         raise FormatError(f"{path}: no model weights to convert")
     main = data_models[0]
     mode_from = path if os.path.isfile(path) else None
+    if max_shard_size is not None and to != "safetensors":
+        raise FormatError("--max-shard-size applies to --to safetensors only")
+    if to == "safetensors" and max_shard_size is not None:
+        return _convert_sharded_safetensors(main, out, max_shard_size, mode_from)
     if to == "safetensors":
         from .io.safetensors_io import save_safetensors
 
@@ -461,6 +606,38 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
 
         return atomic_torch_save(state, out, verify=lambda t: _verify_converted(t, state), mode_from=mode_from)
     raise FormatError(f"--to {to!r}: expected dcp, torch or safetensors")
+
+
+def _convert_sharded_safetensors(main: Any, out: str, max_bytes: int, mode_from: str | None) -> str:
+    """The model weights as a new directory of HF-style shards (``from_pretrained`` reads it once
+    the model's ``config.json`` sits beside them); one shard's tensors in memory at a time."""
+    from .io.safetensors_io import save_sharded_safetensors
+
+    if max_bytes <= 0:
+        raise FormatError(f"--max-shard-size {max_bytes}: expected a positive size")
+    sizes = {k: main.meta[k].nbytes for k in main.meta if k not in main.tied}
+    dest_dir, final = os.path.dirname(os.path.abspath(out)), os.path.basename(out.rstrip(os.sep))
+    tmpdir = temp_dir(dest_dir, final)
+    try:
+        save_sharded_safetensors(sizes, lambda k: main.tensors[k], tmpdir, max_bytes)
+    except BaseException as e:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
+        raise
+    if mode_from:
+        copy_mode(mode_from, tmpdir)
+
+    def check(tmp: str) -> None:
+        got = load(tmp)
+        model = next((m for m in got.models if len(m.meta)), None)
+        if model is None or set(model.meta) != set(sizes):
+            raise WriteError(f"{tmp}: verification failed: the model tensors read back differ (nothing was written)")
+        for k in sizes:
+            if not same_bits(model.tensors[k], main.tensors[k]):
+                raise WriteError(f"{tmp}: verification failed for {k} (nothing was written)")
+
+    return commit_dir(tmpdir, out, verify=check)
 
 
 def _verify_converted(tmp: str, state: Mapping[str, Any]) -> None:

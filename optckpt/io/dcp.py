@@ -13,13 +13,14 @@ hyperparameters, scheduler fields)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import pickle
 import stat
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +30,8 @@ from ..errors import LoadError, UnsafePickleError, WriteError
 from .bounds import check_bounds
 from .paths import member_path, require_regular
 
-__all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp"]
+__all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp", "rewrite_dcp", "commit_in_place",
+           "changed_small_values", "metadata_paths"]
 
 # Exactly the globals DCP metadata pickles refer to, as (module, qualified name) pairs. Each is
 # resolved once, here, from the module optckpt imports itself; ``find_class`` returns the object
@@ -292,8 +294,8 @@ def load_dcp(path: str) -> Checkpoint:
         value: Any = small.get(key) if key in small else ("tensor", key)
         node: Any = tree
         for p in parts[:-1]:
-            node = node.setdefault(str(p), {})
-        node[str(parts[-1])] = value
+            node = node.setdefault(p if isinstance(p, int) else str(p), {})
+        node[parts[-1] if isinstance(parts[-1], int) else str(parts[-1])] = value
     for top, sub in tree.items():
         if not isinstance(sub, dict):
             ck.extras[top] = sub
@@ -301,7 +303,7 @@ def load_dcp(path: str) -> Checkpoint:
         if "state" in sub and "param_groups" in sub:
             ck.optimizers.append(OptimizerState(top, "dcp", (top,), _optimizer(path, top, sub, tensor_meta, dtypes)))
         elif "last_epoch" in sub or "_schedulers" in sub:
-            ck.schedulers.append(SchedulerState(top, "dcp", (top,), sub))
+            ck.schedulers.append(SchedulerState(top, "dcp", (top,), _listify(sub)))
         elif all(isinstance(v, tuple) and v and v[0] == "tensor" for v in _leaves(sub)):
             keys = {k[len(top) + 1:]: m for k, m in tensor_meta.items() if k.startswith(top + ".")}
             dts = {k[len(top) + 1:]: d for k, d in dtypes.items() if k.startswith(top + ".")}
@@ -310,8 +312,18 @@ def load_dcp(path: str) -> Checkpoint:
         else:  # torchtitan's "extra" (and any other small dict): its scalars are extras
             for k, v in sub.items():
                 if not isinstance(v, dict):
-                    ck.extras[k if top == "extra" else f"{top}.{k}"] = v
+                    ck.extras[str(k) if top == "extra" else f"{top}.{k}"] = v
     return ck
+
+
+def _listify(node: Any) -> Any:
+    """DCP flattens lists of dicts by index (``_schedulers.0.base_lrs``): rebuild those lists."""
+    if not isinstance(node, dict):
+        return node
+    out = {k: _listify(v) for k, v in node.items()}
+    if out and all(type(k) is int for k in out) and sorted(out) == list(range(len(out))):
+        return [out[i] for i in range(len(out))]
+    return out
 
 
 def _leaves(d: Mapping[str, Any]) -> Iterator[Any]:
@@ -363,24 +375,97 @@ def save_dcp(state: dict[str, Any], out: str) -> None:
         dcp.save(state, checkpoint_id=out, no_dist=True)
 
 
-def rewrite_dcp(src: str, tmp: str, rename: Any) -> dict[str, int]:
-    """A DCP checkpoint with parameter FQNs renamed (``rename(fqn) -> new fqn``, or None to drop the
-    parameter's entries), written into the empty (temp) directory ``tmp``; the caller verifies it
-    and renames it into place.
+_EXTRA_PREFIX = "__optckpt_"
 
-    Nothing is re-serialised: the shard files are copied as they are (``shutil.copyfile``: a kernel
-    copy), the metadata's keys are renamed, dropped entries simply lose their metadata, and only the
-    small ``param_groups.*.params`` lists are rewritten — into one extra shard file. Memory stays
-    bounded by the metadata, whatever the checkpoint size."""
-    import dataclasses
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """``dst`` := ``src`` without copying bytes where the filesystem allows (a hard link: the shard
+    is read-only content, DCP never rewrites a shard file), else a kernel copy."""
     import shutil
 
-    from torch.distributed.checkpoint.metadata import MetadataIndex
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP, errno.EACCES):
+            raise
+        shutil.copyfile(src, dst)
+
+
+def metadata_paths(md: Any) -> dict[str, tuple[Any, ...]]:
+    """Flat DCP key → the nested key path it was flattened from (``planner_data``)."""
+    paths: dict[str, tuple[Any, ...]] = dict(md.planner_data or {})
+    return {k: tuple(paths.get(k) or k.split(".")) for k in md.state_dict_metadata}
+
+
+def _at(node: Any, path: Sequence[Any]) -> Any:
+    for p in path:
+        if isinstance(node, Mapping):
+            node = node[p] if p in node else node[str(p)]
+        else:
+            node = node[int(p)]
+    return node
+
+
+def changed_small_values(path: str, top: str, old: Any, new: Any) -> dict[tuple[Any, ...], Any]:
+    """The small (non-tensor) entries under ``top`` whose value differs between the nested ``old``
+    and ``new`` structures, keyed by DCP key path — exactly DCP's flattening granularity, read off
+    the metadata. Param-group keys that ``new`` adds get a path of their own."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    md = read_dcp_metadata(path)
+    out: dict[tuple[Any, ...], Any] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for key, kpath in metadata_paths(md).items():
+        if kpath[0] != top or not isinstance(md.state_dict_metadata[key], BytesStorageMetadata):
+            continue
+        seen.add(kpath)
+        try:
+            before, after = _at(old, kpath[1:]), _at(new, kpath[1:])
+        except (KeyError, IndexError, ValueError, TypeError):
+            continue
+        if type(before) is not type(after) or repr(before) != repr(after):
+            out[kpath] = after
+    groups = new.get("param_groups") if isinstance(new, Mapping) else None
+    for i, g in enumerate(groups if isinstance(groups, list) else []):
+        for k, v in g.items():
+            if (top, "param_groups", i, k) not in seen and k not in ("params", "param_names"):
+                out[(top, "param_groups", i, k)] = v
+    return out
+
+
+def rewrite_dcp(src: str, tmp: str, rename: Callable[[str], str | None] | None = None, *,
+                values: Mapping[tuple[Any, ...], Any] | None = None, fills: Mapping[str, float] | None = None,
+                drop: Collection[str] = ()) -> dict[str, int]:
+    """An edited DCP checkpoint written into the empty (temp) directory ``tmp``; the caller verifies
+    it and commits it.
+
+    ``rename(fqn) -> new fqn | None`` renames (or drops) every entry of a parameter; ``values`` sets
+    small entries (key path → value, new paths added); ``fills`` replaces whole tensor entries (flat
+    key → the value every element starts at); ``drop`` removes flat keys. Nothing is re-serialised:
+    the shard files are hard-linked (copied where links fail) as they are, the metadata's keys are
+    edited, and only what changed — small values, re-initialised tensors, renamed
+    ``param_groups.*.params`` lists — is written, into one extra shard. Memory stays bounded by the
+    metadata plus the largest re-initialised tensor, whatever the checkpoint size."""
+    import dataclasses
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        MetadataIndex,
+        TensorStorageMetadata,
+    )
 
     md = read_dcp_metadata(src)
-    paths: dict[str, tuple[Any, ...]] = dict(md.planner_data or {})
+    paths = metadata_paths(md)
+    values, fills, dropped = dict(values or {}), dict(fills or {}), set(drop)
+    unknown = [k for k in (*fills, *dropped) if k not in md.state_dict_metadata]
+    if unknown:
+        raise WriteError(f"{src}: no DCP entry {unknown[0]!r}")
 
     def new_path(path: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if rename is None:
+            return path
         if len(path) >= 2 and path[0] == "model":
             fqn = rename(str(path[1]))
             return None if fqn is None else ("model", fqn, *path[2:])
@@ -389,46 +474,78 @@ def rewrite_dcp(src: str, tmp: str, rename: Any) -> dict[str, int]:
             return None if fqn is None else (*path[:2], fqn, *path[3:])
         return path
 
-    def flat(path: tuple[Any, ...]) -> str:
+    def flat(path: Sequence[Any]) -> str:
         return ".".join(str(p) for p in path)
 
     key_map: dict[str, str | None] = {}
     for key in md.state_dict_metadata:
-        path = paths.get(key, tuple(key.split(".")))
-        np_ = new_path(path)
+        np_ = None if key in dropped else new_path(paths[key])
         key_map[key] = None if np_ is None else flat(np_)
-    params_keys = [k for k in md.state_dict_metadata
-                   if paths.get(k, ())[:2] == ("optimizer", "param_groups") and paths[k][-1] == "params"]
-    new_params = {k: [r for r in (rename(str(n)) for n in v) if r is not None]
-                  for k, v in _dcp_load(src, {k: io.BytesIO() for k in params_keys}).items()} if params_keys else {}
+    if rename is not None:
+        params_keys = [k for k, p in paths.items() if p[:2] == ("optimizer", "param_groups") and p[-1] == "params"
+                       and paths[k] not in values]
+        loaded = _dcp_load(src, {k: io.BytesIO() for k in params_keys}) if params_keys else {}
+        for k, v in loaded.items():
+            values[paths[k]] = [r for r in (rename(str(n)) for n in v) if r is not None]
     counts = {"renamed": sum(1 for k, v in key_map.items() if v is not None and v != k),
-              "dropped": sum(1 for v in key_map.values() if v is None)}
+              "dropped": sum(1 for v in key_map.values() if v is None), "written": len(values) + len(fills)}
+    by_path = {p: k for k, p in paths.items()}
     try:
-        for name in {info.relative_path for info in md.storage_data.values()}:
-            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
         names = {info.relative_path for info in md.storage_data.values()}
-        extra_name = next(f"__optckpt_{i}.distcp" for i in range(len(names) + 1)
-                          if f"__optckpt_{i}.distcp" not in names)
-        extra_info: dict[str, tuple[int, int]] = {}
+        for name in sorted(names):
+            _link_or_copy(os.path.join(src, name), os.path.join(tmp, name))
+        taken = names | set(os.listdir(src))
+        extra_name = next(f"{_EXTRA_PREFIX}{i}.distcp" for i in range(len(taken) + 1)
+                          if f"{_EXTRA_PREFIX}{i}.distcp" not in taken)
+        written_at: dict[str, tuple[int, int]] = {}  # new flat key -> (offset, length) in the extra shard
+        sdm: dict[str, Any] = {}
+        planner: dict[str, Any] = {}
+        for k, v in md.state_dict_metadata.items():
+            nk = key_map[k]
+            if nk is not None:
+                sdm[nk], planner[nk] = v, new_path(paths[k])
         with open(os.path.join(tmp, extra_name), "wb") as f:
-            for k, value in new_params.items():
+            def put(obj: Any) -> tuple[int, int]:
                 buf = io.BytesIO()
-                torch.save(value, buf)
-                extra_info[k] = (f.tell(), buf.getbuffer().nbytes)
+                torch.save(obj, buf)
+                at = (f.tell(), buf.getbuffer().nbytes)
                 f.write(buf.getbuffer())
-        sdm = {key_map[k]: v for k, v in md.state_dict_metadata.items() if key_map[k] is not None}
+                return at
+
+            for kpath, value in values.items():
+                old_key = by_path.get(kpath)
+                nk = flat(kpath) if old_key is None else key_map[old_key]
+                if nk is None:
+                    continue
+                if old_key is not None and not isinstance(md.state_dict_metadata[old_key], BytesStorageMetadata):
+                    raise WriteError(f"{src}: entry {old_key!r} is a tensor, not a small value")
+                written_at[nk] = put(value)
+                sdm[nk], planner[nk] = BytesStorageMetadata(), tuple(kpath)
+            for key, fill in fills.items():
+                nk = key_map[key]
+                m = md.state_dict_metadata[key]
+                if nk is None or not isinstance(m, TensorStorageMetadata):
+                    continue
+                written_at[nk] = put(torch.full(tuple(m.size), fill, dtype=m.properties.dtype))
+                sdm[nk] = dataclasses.replace(m, chunks=[ChunkStorageMetadata(
+                    offsets=torch.Size([0] * len(m.size)), sizes=torch.Size(m.size))])
+            f.flush()
+            os.fsync(f.fileno())
         storage: dict[Any, Any] = {}
         for idx, info in md.storage_data.items():
             nk = key_map.get(idx.fqn, idx.fqn)
-            if nk is None:
+            if nk is None or nk in written_at:
                 continue
-            if idx.fqn in extra_info:
-                off, length = extra_info[idx.fqn]
-                info = dataclasses.replace(info, relative_path=extra_name, offset=off, length=length)
             storage[MetadataIndex(nk, idx.offset, idx.index)] = info
-        planner = {key_map[k]: new_path(v) for k, v in paths.items() if key_map.get(k) is not None}
+        for nk, (off, length) in written_at.items():
+            m = sdm[nk]
+            offset = torch.Size([0] * len(m.size)) if isinstance(m, TensorStorageMetadata) else None
+            storage[MetadataIndex(nk, offset, 0 if offset is not None else None)] = _StorageInfo(
+                relative_path=extra_name, offset=off, length=length)
+        if not written_at:
+            os.unlink(os.path.join(tmp, extra_name))
         new_md = dataclasses.replace(md, state_dict_metadata=sdm, storage_data=storage, planner_data=planner)
-        if hasattr(new_md, "storage_meta") and new_md.storage_meta is not None:
+        if getattr(new_md, "storage_meta", None) is not None:
             new_md.storage_meta = dataclasses.replace(new_md.storage_meta, load_id="")
         with open(os.path.join(tmp, ".metadata"), "wb") as f:
             pickle.dump(new_md, f)
@@ -437,3 +554,61 @@ def rewrite_dcp(src: str, tmp: str, rename: Any) -> dict[str, int]:
     except OSError as e:
         raise WriteError(f"{tmp}: write failed: {e.strerror or e}") from None
     return counts
+
+
+def commit_in_place(src: str, staged: str, *, verify: Callable[[str], None] | None = None,
+                    replace_backup: bool = False) -> str:
+    """Make the verified edit staged in ``staged`` (a sibling directory from :func:`rewrite_dcp`)
+    the content of ``src``: its extra shard is linked in under a name no file there has, the current
+    ``.metadata`` is kept as ``.metadata.bak`` (a hard link), and the new ``.metadata`` replaces the
+    old one with one atomic rename — a reader sees the old checkpoint or the new one, never a mix.
+    The shards the old metadata names are never touched, so ``.metadata.bak`` restores it exactly;
+    extra shards referenced by neither metadata are removed. ``staged`` is removed in every case."""
+    import shutil
+
+    from .write import _fsync_dir
+
+    meta, bak = os.path.join(src, ".metadata"), os.path.join(src, ".metadata.bak")
+    added: list[str] = []
+    try:
+        if verify is not None:
+            verify(staged)
+        if os.path.lexists(bak) and not (replace_backup and _is_regular(bak)):
+            raise WriteError(f"{bak}: a previous backup is in the way; move it away or pass --replace-backup")
+        for name in os.listdir(staged):
+            if name.startswith(_EXTRA_PREFIX) and not os.path.lexists(os.path.join(src, name)):
+                os.link(os.path.join(staged, name), os.path.join(src, name))
+                added.append(name)
+        _fsync_dir(src)
+        tmp_bak = os.path.join(src, f".metadata.bak.optckpt-{os.getpid()}.tmp")
+        if os.path.lexists(tmp_bak):
+            os.unlink(tmp_bak)
+        os.link(meta, tmp_bak)
+        os.replace(tmp_bak, bak)
+        os.replace(os.path.join(staged, ".metadata"), meta)
+    except BaseException as e:
+        for name in added:
+            try:
+                os.unlink(os.path.join(src, name))
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise WriteError(f"{src}: in-place write failed: {e.strerror or e}") from None
+        raise
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    _fsync_dir(src)
+    referenced = {info.relative_path for m in (meta, bak) for info in _storage_of(m)}
+    for name in os.listdir(src):
+        if name.startswith(_EXTRA_PREFIX) and name.endswith(".distcp") and name not in referenced:
+            os.unlink(os.path.join(src, name))
+    return src
+
+
+def _storage_of(meta_path: str) -> Iterator[Any]:
+    try:
+        with open(meta_path, "rb") as f:
+            md = _MetadataUnpickler(f, meta_path).load()
+    except Exception:
+        return
+    yield from (md.storage_data.values() if isinstance(md.storage_data, Mapping) else ())

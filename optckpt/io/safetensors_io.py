@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -12,7 +12,8 @@ from ..checkpoint import TensorMeta
 from ..errors import LoadError
 from .paths import member_path, require_regular
 
-__all__ = ["LazySafetensors", "read_header", "open_safetensors", "open_sharded_index", "save_safetensors"]
+__all__ = ["LazySafetensors", "read_header", "open_safetensors", "open_sharded_index", "save_safetensors",
+           "shard_plan", "save_sharded_safetensors"]
 
 _DTYPE_SIZES = {
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
@@ -164,3 +165,41 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: M
                 f.write((ctypes.c_char * n).from_address(t.data_ptr()))
         f.flush()
         os.fsync(f.fileno())
+
+
+def shard_plan(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    """Names grouped into shards of at most ``max_bytes`` each, in the given order, the way
+    ``transformers`` cuts them (a tensor larger than the limit gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return [s for s in shards if s]
+
+
+def save_sharded_safetensors(names: Mapping[str, int], get: Callable[[str], torch.Tensor], directory: str,
+                             max_bytes: int) -> list[str]:
+    """Hugging Face's sharded layout in the (empty, temp) ``directory``: ``model-0000X-of-0000N.safetensors``
+    plus ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``), or one
+    ``model.safetensors`` when everything fits in one shard. ``names`` maps each tensor to its byte
+    size; ``get(name)`` reads it. One shard's tensors are held at a time. Returns the files written."""
+    plan = shard_plan(names, max_bytes)
+    if len(plan) == 1:
+        save_safetensors({k: get(k) for k in plan[0]}, os.path.join(directory, "model.safetensors"))
+        return ["model.safetensors"]
+    files = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    weight_map: dict[str, str] = {}
+    for fname, keys in zip(files, plan):
+        save_safetensors({k: get(k) for k in keys}, os.path.join(directory, fname))
+        weight_map.update({k: fname for k in keys})
+    index = {"metadata": {"total_size": sum(names.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return [*files, "model.safetensors.index.json"]
