@@ -195,18 +195,20 @@ def remap_checkpoint(
         attach_lbfgs_layout(plan, mapping, {**target.shapes, **shapes})
     new_sd = apply_plan(plan, sd)
     model_edits = _model_edits(ck, saved_mapping, plan, target, rules, policy)
-    separate = [(m, new) for m, new in model_edits if not any(p.relpath == m.part for p in ck.parts)]
-    if separate and not dry_run and model_output is None and not in_place:
-        raise WriteError(f"{separate[0][0].part}: the --model file's keys must change for the new code: pass "
-                         "--model-output PATH (or --in-place)")
+    joined = [(m, new) for m, new in model_edits if model is not None and m.name.split(":")[0] == model]
+    separate = joined[:1]
+    if separate and model_output is None and not in_place:
+        plan.notes.append(f"model {model}: not rewritten (the new code's strict load needs the "
+                          "changes above): pass --model-output PATH to write it")
     if dry_run:
         return plan, None
-    if separate:
-        _write_model_file(separate[0][0], separate[0][1], model_output, in_place=in_place, verify=verify,
+    if separate and (model_output is not None or in_place):
+        assert model is not None
+        _write_model_file(model, separate[0][0], separate[0][1], model_output, in_place=in_place, verify=verify,
                           trust_pickle=trust_pickle, replace_backup=replace_backup)
     n_groups = len(opt.state_dict.get("param_groups", []))
     edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
-    edits += [(m, new) for m, new in model_edits if (m, new) not in separate]
+    edits += [(m, new) for m, new in model_edits if not any(m is j for j, _ in joined)]
     assert out is not None
     written = _write_edits(ck, out, edits, in_place=in_place, verify=verify,
                            trust_pickle=trust_pickle, replace_backup=replace_backup)
@@ -245,12 +247,12 @@ def _model_edits(ck: Checkpoint, mapping: OptimizerMapping, plan: RemapPlan, tar
     return edits
 
 
-def _write_model_file(m: Any, new: dict[str, torch.Tensor], model_output: str | None, *, in_place: bool,
-                      verify: bool, trust_pickle: bool, replace_backup: bool) -> str:
+def _write_model_file(path: str, m: Any, new: dict[str, torch.Tensor], model_output: str | None, *,
+                      in_place: bool, verify: bool, trust_pickle: bool, replace_backup: bool) -> str:
     """A separately saved model file (``--model``), rewritten in its own layout."""
-    mck = load(m.part, trust_pickle=trust_pickle)
+    mck = load(path, trust_pickle=trust_pickle)
     mm = next(x for x in mck.models if x.path == m.path)
-    out = resolve_output(m.part, model_output, in_place, replace_backup=replace_backup)
+    out = resolve_output(path, model_output, in_place, replace_backup=replace_backup)
     return _write_edits(mck, out, [(mm, new)], in_place=in_place, verify=verify, trust_pickle=trust_pickle,
                         replace_backup=replace_backup)
 

@@ -90,8 +90,9 @@ class RemapPlan:
 
     def summary(self) -> dict[str, int]:
         c = Counter(s.action for s in self.slots)
-        return {"keep": c["keep"], "move": c["move"], "reset": c["reset"] + c["reset-shape"],
-                "drop": len(self.dropped), "slice": c["slice"]}
+        out = {"keep": c["keep"], "move": c["move"], "reset": c["reset"] + c["reset-shape"],
+               "drop": len(self.dropped)}
+        return out | ({"slice": c["slice"]} if c["slice"] else {})
 
     def as_json(self) -> dict[str, Any]:
         from .render import jsonable
@@ -418,11 +419,21 @@ def attach_lbfgs_layout(plan: RemapPlan, mapping: OptimizerMapping, shapes: Mapp
 
 # --- transforms and model state -------------------------------------------------------------------
 
-def _effective_renames(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule]) -> list[RenameRule]:
-    """The renames :func:`optckpt.check.check_mapping` applies: the given ones, else a detected wrapper prefix."""
+def _effective_renames(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule],
+                       rules: Sequence[TransformRule]) -> list[RenameRule]:
+    """The renames :func:`optckpt.check.check_mapping` applies: the given ones, else a detected wrapper
+    prefix, found with the names the transforms use counted as the target's (fuse parts, split wholes)."""
     if renames:
         return list(renames)
-    auto = guess_prefix_rename([c for e in mapping.entries for c in e.candidates], target.names)
+    saved = [c for e in mapping.entries for c in e.candidates]
+    known = list(target.names)
+    fuses = [r for r in rules if r.kind == "fuse"]
+    known += [p for st in expand_rules(fuses, target.names, ()) for p in st.parts] if fuses else []
+    for r in rules:
+        if r.kind == "split":
+            tails = {n.split(".", 1)[1] for n in saved if "." in n} | set(saved)
+            known += [n for n in tails if (re.fullmatch(r.name, n) if r.regex else n == r.name)]
+    auto = guess_prefix_rename(saved, known)
     return [auto] if auto is not None else []
 
 
@@ -435,7 +446,7 @@ def prepare_source(mapping: OptimizerMapping, state_dict: Mapping[str, Any], tar
         return mapping, dict(state_dict), []
     from .kinds import guess_optimizer
 
-    eff = _effective_renames(mapping, target, renames)
+    eff = _effective_renames(mapping, target, renames, rules)
     saved = [apply_renames(e.name, eff) for e in mapping.entries if e.name is not None]
     steps = expand_rules(rules, target.names, saved)
     kind = guess_optimizer(state_dict.get("param_groups", []))
@@ -456,7 +467,8 @@ def rewrite_model(tensors: Mapping[str, torch.Tensor], plan: RemapPlan, target: 
     expected: dict[str, torch.Tensor] | None = None
     if target.module is not None:
         expected = dict(target.module.state_dict())
-    known = list(expected) if expected is not None else target.names
+    known = list(expected) if expected is not None else list(target.names)
+    known += [n for s in plan.transforms for n in (s.parts if s.kind == "fuse" else (s.whole,))]
     user = [apply_renames(k, renames) for k in tensors]
     wrap = guess_prefix_rename(user, known)
     prefix = wrap.pattern if wrap is not None and not wrap.repl else ""  # keys carry a wrapper prefix
@@ -521,6 +533,14 @@ def rewrite_model(tensors: Mapping[str, torch.Tensor], plan: RemapPlan, target: 
         if n not in by_inner:
             out[prefix + n] = init.detach().clone()
             info["added"].append(prefix + n)
+    if expected is not None and (fused or split):  # new tensors: the model's registration order, as state_dict()
+        rank = {prefix + n: i for i, n in enumerate(expected)}
+        out = dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], -1)))
+    stateful = {s.name for s in plan.slots if s.source_index is not None}
+    lost = [n for n in info["added"] if n[len(prefix):] in stateful]
+    if lost:
+        raise MappingError(f"the model state dict has no weights for {', '.join(lost[:3])} although the optimizer "
+                           "has state for them: its keys do not follow the optimizer's names (pass --rename)")
     old_keys = list(tensors)
     info["renamed"] = sum(1 for k in inner if k not in out and prefix + inner[k] in out)
     if list(out) == old_keys and all(out[k] is tensors[k] for k in old_keys):
