@@ -131,7 +131,7 @@ def build_plan(
     """Decide, for every index of the new optimizer, where its state comes from.
 
     ``source_groups`` are the old ``param_groups`` (hyperparameters are read from them). A target
-    without an optimizer (a model, or a flat names file) keeps the saved grouping
+    model without its optimizer keeps the saved grouping
     (:func:`keep_saved_grouping`)."""
     regroup_notes: list[str] = []
     if _model_only(target) and len(source_groups) > 1:
@@ -223,9 +223,9 @@ def build_plan(
 
 
 def _model_only(target: Target) -> bool:
-    """A target that says nothing about grouping: a model without its optimizer, or a flat names file."""
-    return target.optimizer is None and target.group_hparams is None and len(target.groups) == 1 and \
-        (target.module is not None or target.spec.endswith((".txt", ".json")))
+    """A target that says nothing about grouping: a model without its optimizer (a names file
+    states its groups: a flat list is one group)."""
+    return target.optimizer is None and target.group_hparams is None and target.module is not None
 
 
 def keep_saved_grouping(report: CheckReport, target: Target,
