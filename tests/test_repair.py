@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import repair_models as rm
 import torch
-from conftest import invoke, run_cli
+from conftest import FIXTURES, invoke, run_cli
 
 import optckpt
 
-MODELS = str(Path(__file__).resolve().parent / "repair_models.py")
+MODELS = str(FIXTURES / "repair_models.py")
 QKV = r"re:qkv\.(weight|bias)=q.\1+k.\1+v.\1"
 TOL = 1e-6
 
