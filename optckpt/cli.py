@@ -231,8 +231,17 @@ def write_options(f: F) -> F:
               help="New parameters (no saved state): start fresh, or fail.")
 @click.option("--unexpected", type=click.Choice(["drop", "error"]), default="drop", show_default=True,
               help="Saved state of parameters the target lacks: drop it, or fail.")
-@click.option("--shape-mismatch", type=click.Choice(["reset", "error"]), default="reset", show_default=True,
-              help="Parameters whose shape changed: start fresh, or fail.")
+@click.option("--shape-mismatch", type=click.Choice(["reset", "error", "slice"]), default="reset", show_default=True,
+              help="Parameters whose shape changed: start fresh, fail, or keep the shared region of weights and "
+                   "state (slice: vocabulary growth; the rest from the target's initialisation / fresh state).")
+@click.option("--fuse", "fuses", multiple=True,
+              help="NEW=OLD1+OLD2[@DIM] (or re:PATTERN=TEMPLATE+...): concatenate saved parameters and their "
+                   "state into one new parameter along DIM (default 0). Repeatable.")
+@click.option("--split", "splits", multiple=True,
+              help="OLD=NEW1+NEW2[@DIM] (or re:PATTERN=TEMPLATE+...): cut a saved parameter and its state into "
+                   "new parameters along DIM (default 0), sizes from the target. Repeatable.")
+@click.option("--model-output", "model_output", type=click.Path(), default=None,
+              help="Where to write the --model file when its keys change for the new code.")
 @click.option("--allow-ambiguous", is_flag=True, help="Reset (instead of refusing) indices whose name is uncertain.")
 @click.option("--hparams", type=click.Choice(["checkpoint", "target"]), default="checkpoint", show_default=True,
               help="Group hyperparameters from the checkpoint (as torch's load_state_dict does) "
@@ -242,21 +251,26 @@ def write_options(f: F) -> F:
 def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
           renames: tuple[str, ...], optimizer_key: str | None, models: str | None, output: str | None,
           dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool, missing: str, unexpected: str,
-          shape_mismatch: str, allow_ambiguous: bool, hparams: str, no_group_evidence: bool, fmt: str) -> None:
+          shape_mismatch: str, fuses: tuple[str, ...], splits: tuple[str, ...], model_output: str | None,
+          allow_ambiguous: bool, hparams: str, no_group_evidence: bool, fmt: str) -> None:
     """Rewrite optimizer state so the unchanged resume script (plain load_state_dict) is right.
 
     Writes the same layout as PATH; moved state keeps its bytes, new parameters start fresh,
-    removed ones are dropped, param groups and scheduler lists follow the target's grouping."""
+    removed ones are dropped, param groups and scheduler lists follow the target's grouping (a
+    target without an optimizer keeps the saved grouping). The model state dicts are rewritten to
+    match: renamed, fused / split / sliced, removed keys dropped, new ones from the target."""
     from .ops import remap_checkpoint
     from .remap import Policy
     from .render import render_plan, to_json
+    from .transforms import parse_transforms
 
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
                     allow_ambiguous=allow_ambiguous, hparams=hparams,  # type: ignore[arg-type]
                     group_evidence=not no_group_evidence)
     plan, written = remap_checkpoint(
         path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
-        optimizer_key=optimizer_key, models=models.split(",") if models else None, dry_run=dry_run,
+        transforms=parse_transforms(fuses, splits), model_output=model_output, optimizer_key=optimizer_key,
+        models=models.split(",") if models else None, dry_run=dry_run,
         in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
         replace_backup=replace_backup)
     report = plan.as_json() | {"written": written}

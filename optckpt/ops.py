@@ -28,8 +28,18 @@ from .io.write import (
 )
 from .kernels import fill_tensors
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
-from .remap import Policy, RemapPlan, apply_plan, attach_lbfgs_layout, build_plan, remap_scheduler
+from .remap import (
+    Policy,
+    RemapPlan,
+    apply_plan,
+    attach_lbfgs_layout,
+    build_plan,
+    prepare_source,
+    remap_scheduler,
+    rewrite_model,
+)
 from .target import parse_rename, resolve_target
+from .transforms import TransformRule
 
 __all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_checkpoint", "fqn_optimizer_state",
            "ResetResult", "verify_output", "same_bits", "schedulers_of", "source_mapping"]
@@ -179,6 +189,7 @@ def remap_checkpoint(
     source: str | None = None,
     renames: Sequence[str] = (),
     policy: Policy = Policy(),
+    transforms: Sequence[TransformRule] = (),
     optimizer_key: str | None = None,
     models: Sequence[str] | None = None,
     dry_run: bool = False,
@@ -186,29 +197,91 @@ def remap_checkpoint(
     verify: bool = True,
     trust_pickle: bool = False,
     replace_backup: bool = False,
+    model_output: str | None = None,
 ) -> tuple[RemapPlan, str | None]:
-    """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right."""
+    """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right,
+    and the model state dicts beside it so that the new code loads them with ``strict=True``
+    (a separate ``--model`` file is written to ``model_output``, or rewritten with ``in_place``)."""
     if is_dcp_dir(path):
+        if transforms or policy.shape_mismatch == "slice":
+            raise WriteError(f"{path}: --fuse / --split / --shape-mismatch slice are not supported for DCP "
+                             "checkpoints yet: `optckpt convert --to torch` it first")
         return _remap_dcp(path, target_spec, out, renames=renames, policy=policy, dry_run=dry_run,
                           in_place=in_place, verify=verify, trust_pickle=trust_pickle,
                           replace_backup=replace_backup)
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
                                   replace_backup)
-    mapping = source_mapping(ck, opt, source, models, trust_pickle)
+    saved_mapping = source_mapping(ck, opt, source, models, trust_pickle)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
-    plan, _ = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy, parse_rename(renames))
+    rules = parse_rename(renames)
+    mapping, sd, steps = prepare_source(saved_mapping, opt.state_dict, target, rules, transforms)
+    plan, _ = build_plan(mapping, sd.get("param_groups", []), target, policy, rules)
+    plan.transforms = steps
     if is_lbfgs(opt):
         shapes = {n: m.shape for mod in ck.models for n, m in mod.meta.items()}
         attach_lbfgs_layout(plan, mapping, {**target.shapes, **shapes})
-    new_sd = apply_plan(plan, opt.state_dict)
+    new_sd = apply_plan(plan, sd)
+    model_edits = _model_edits(ck, saved_mapping, plan, target, rules, policy)
+    joined = [(m, new) for m, new in model_edits if model is not None and m.name.split(":")[0] == model]
+    separate = joined[:1]
+    if separate and model_output is None and not in_place:
+        plan.notes.append(f"model {model}: not rewritten (the new code's strict load needs the "
+                          "changes above): pass --model-output PATH to write it")
     if dry_run:
         return plan, None
+    if separate and (model_output is not None or in_place):
+        assert model is not None
+        _write_model_file(model, separate[0][0], separate[0][1], model_output, in_place=in_place, verify=verify,
+                          trust_pickle=trust_pickle, replace_backup=replace_backup)
     n_groups = len(opt.state_dict.get("param_groups", []))
     edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
+    edits += [(m, new) for m, new in model_edits if not any(m is j for j, _ in joined)]
     assert out is not None
     written = _write_edits(ck, out, edits, in_place=in_place, verify=verify,
                            trust_pickle=trust_pickle, replace_backup=replace_backup)
     return plan, written
+
+
+def _model_edits(ck: Checkpoint, mapping: OptimizerMapping, plan: RemapPlan, target: Any,
+                 renames: Sequence[Any], policy: Policy) -> list[tuple[Any, dict[str, torch.Tensor]]]:
+    """The model state dicts of the optimizer's model (those holding most of its saved names: the
+    model itself, an EMA copy), rewritten for the new code (:func:`optckpt.remap.rewrite_model`);
+    each one's outcome goes into ``plan.models`` and the notes."""
+    names = {e.name for e in mapping.entries if e.name is not None}
+    kinds = {p.relpath: p.kind for p in ck.parts}
+    edits = []
+    for m in ck.models:
+        if not names or len(m.tensors) != len(m.meta) or 2 * len(names & set(m.meta)) < len(names):
+            continue
+        kind = kinds.get(m.part, "torch")
+        if kind != "torch":
+            plan.models.append({"name": m.name, "part": m.part, "rewritten": False})
+            plan.notes.append(f"model {m.name}: a {kind} file: its keys are not rewritten (not supported yet)")
+            continue
+        new, info = rewrite_model(m.tensors, plan, target, renames, policy)
+        plan.models.append({"name": m.name, "part": m.part, "rewritten": new is not None, **info})
+        if new is None:
+            continue
+        edits.append((m, new))
+        said = [f"{info['renamed']} keys renamed"] + [f"{k} {', '.join(info[k][:4])}" + (
+            f" and {len(info[k]) - 4} more" if len(info[k]) > 4 else "") for k in
+            ("fused", "split", "sliced", "dropped", "added") if info[k]]
+        plan.notes.append(f"model {m.name}: " + "; ".join(said))
+        if info["shape_mismatch"]:
+            plan.notes.append(f"model {m.name}: {', '.join(info['shape_mismatch'][:4])} keep their saved shape: "
+                              "the new code's strict load fails on them (--shape-mismatch slice keeps the shared "
+                              "region)")
+    return edits
+
+
+def _write_model_file(path: str, m: Any, new: dict[str, torch.Tensor], model_output: str | None, *,
+                      in_place: bool, verify: bool, trust_pickle: bool, replace_backup: bool) -> str:
+    """A separately saved model file (``--model``), rewritten in its own layout."""
+    mck = load(path, trust_pickle=trust_pickle)
+    mm = next(x for x in mck.models if x.path == m.path)
+    out = resolve_output(path, model_output, in_place, replace_backup=replace_backup)
+    return _write_edits(mck, out, [(mm, new)], in_place=in_place, verify=verify, trust_pickle=trust_pickle,
+                        replace_backup=replace_backup)
 
 
 @dataclass

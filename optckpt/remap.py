@@ -7,24 +7,36 @@ same tensor objects, relabelled with their new index."""
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
-from .check import CheckReport, check_mapping
+from .check import CheckReport, apply_renames, check_mapping, guess_prefix_rename
 from .errors import MappingError
 from .mapping import OptimizerMapping, pair_groups
 from .target import RenameRule, Target
+from .transforms import (
+    Step,
+    TransformRule,
+    expand_rules,
+    fuse_tensors,
+    refusal,
+    slice_state,
+    slice_tensor,
+    split_tensor,
+    transform_source,
+)
 
 __all__ = ["Policy", "Slot", "GroupPlan", "RemapPlan", "build_plan", "apply_plan", "remap_scheduler",
-           "attach_lbfgs_layout"]
+           "attach_lbfgs_layout", "keep_saved_grouping", "prepare_source", "rewrite_model"]
 
 Missing = Literal["reset", "error"]
 Unexpected = Literal["drop", "error"]
-ShapeMismatch = Literal["reset", "error"]
+ShapeMismatch = Literal["reset", "error", "slice"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class Slot:
     name: str
     source_index: int | None  # None: fresh state
     action: str  # "keep" (same index) | "move" | "reset" (new parameter) | "reset-shape" (shape changed)
+    # | "slice" (shape changed: the shared region kept, the rest fresh)
 
 
 @dataclass(frozen=True)
@@ -71,11 +84,15 @@ class RemapPlan:
     # LBFGS: (source indices in optimizer order, their parameters' numels) to permute flat state
     lbfgs_layout: tuple[list[int], list[int]] | None = None
     evidence_counts: dict[str, int] = field(default_factory=dict)  # saved indices per rung that named them
+    transforms: list[Step] = field(default_factory=list)  # fuse / split steps applied to the saved state
+    sliced: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # target index: shapes
+    models: list[dict[str, Any]] = field(default_factory=list)  # what happened to each model state dict
 
     def summary(self) -> dict[str, int]:
         c = Counter(s.action for s in self.slots)
-        return {"keep": c["keep"], "move": c["move"], "reset": c["reset"] + c["reset-shape"],
-                "drop": len(self.dropped)}
+        out = {"keep": c["keep"], "move": c["move"], "reset": c["reset"] + c["reset-shape"],
+               "drop": len(self.dropped)}
+        return out | ({"slice": c["slice"]} if c["slice"] else {})
 
     def as_json(self) -> dict[str, Any]:
         from .render import jsonable
@@ -96,6 +113,10 @@ class RemapPlan:
                  "hparams": jsonable(g.hparams)}
                 for g in self.groups
             ],
+            "transforms": [t.as_json() for t in self.transforms] + [
+                {"kind": "slice", "name": s.name, "from_shape": list(self.sliced[s.target_index][0]),
+                 "to_shape": list(self.sliced[s.target_index][1])} for s in self.slots if s.action == "slice"],
+            "models": [dict(m) for m in self.models],
             "notes": list(self.notes),
         }
 
@@ -109,7 +130,14 @@ def build_plan(
 ) -> tuple[RemapPlan, CheckReport]:
     """Decide, for every index of the new optimizer, where its state comes from.
 
-    ``source_groups`` are the old ``param_groups`` (hyperparameters are read from them)."""
+    ``source_groups`` are the old ``param_groups`` (hyperparameters are read from them). A target
+    model without its optimizer keeps the saved grouping
+    (:func:`keep_saved_grouping`)."""
+    regroup_notes: list[str] = []
+    if _model_only(target) and len(source_groups) > 1:
+        first = check_mapping(mapping, target, renames, group_evidence=False)
+        target, regroup_notes = keep_saved_grouping(first, target, source_groups)
+        policy = replace(policy, group_evidence=False)  # the grouping came from the checkpoint: no evidence
     report = check_mapping(mapping, target, renames, group_evidence=policy.group_evidence)
     mapping = report.mapping or mapping
     by_status: dict[str, list[Any]] = {}
@@ -135,12 +163,19 @@ def build_plan(
     status_of = {p.name: p for p in report.params if p.target_index is not None}
     entries = mapping.entries
     slots: list[Slot] = []
+    sliced: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    entry_shape = {e.index: e.shape for e in entries}
     t = 0
     for gi, names in enumerate(target.groups):
         for name in names:
             st = status_of.get(name)
             if st is None or st.status in ("missing", "ambiguous"):
                 slots.append(Slot(t, gi, name, None, "reset"))
+            elif st.status == "shape_mismatch" and policy.shape_mismatch == "slice" and st.has_state:
+                old = entry_shape.get(st.source_index) if st.source_index is not None else None
+                assert old is not None  # a shape mismatch knows both shapes
+                slots.append(Slot(t, gi, name, st.source_index, "slice"))
+                sliced[t] = (old, target.shapes[name])
             elif st.status == "shape_mismatch":
                 slots.append(Slot(t, gi, name, None, "reset-shape"))
             else:
@@ -167,7 +202,14 @@ def build_plan(
         hp = _group_hparams(gi, src, source_groups, target, policy)
         groups.append(GroupPlan(gi, len(names), src, hp, tuple(names)))
     plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped, list(report.notes),
-                     evidence_counts=dict(Counter(e.evidence if e.name is not None else "uncertain" for e in entries)))
+                     evidence_counts=dict(Counter(e.evidence if e.name is not None else "uncertain" for e in entries)),
+                     sliced=sliced)
+    plan.notes[:0] = regroup_notes
+    for s in slots:
+        if s.action == "slice":
+            a, b = sliced[s.target_index]
+            plan.notes.append(f"slice: {s.name} {list(a)} -> {list(b)}: the shared region of its state kept, "
+                              "the rest fresh")
     if by_pairing:
         plan.notes.append(f"new groups {sorted(by_pairing)} hold no certainly named saved parameter: hyperparameters "
                           f"from the saved groups they correspond to ({sorted(by_pairing.values())})")
@@ -178,6 +220,51 @@ def build_plan(
     if amb:
         plan.notes.append(f"{len(amb)} ambiguous indices with state: their state is reset (--allow-ambiguous)")
     return plan, report
+
+
+def _model_only(target: Target) -> bool:
+    """A target that says nothing about grouping: a model without its optimizer (a names file
+    states its groups: a flat list is one group)."""
+    return target.optimizer is None and target.group_hparams is None and target.module is not None
+
+
+def keep_saved_grouping(report: CheckReport, target: Target,
+                        source_groups: Sequence[Mapping[str, Any]]) -> tuple[Target, list[str]]:
+    """The target regrouped as the checkpoint was: every parameter found in the checkpoint stays in
+    the group it was saved in (a decay / no-decay split keeps its weight decay); a new parameter joins
+    the group of the same parameter in its sibling modules (``blocks.3.attn.weight`` like
+    ``blocks.0.attn.weight``), else of its own module's other parameters, else the first group."""
+    mapping = report.mapping
+    assert mapping is not None
+    group_of_index = {e.index: e.group for e in mapping.entries}
+    saved = {p.name: group_of_index[p.source_index] for p in report.params
+             if p.target_index is not None and p.source_index is not None and p.source_index in group_of_index}
+    assign = dict(saved)
+    notes = [f"the target has no optimizer: every parameter stays in its saved group ({len(source_groups)} groups, "
+             "with their hyperparameters)"]
+    for name in target.names:
+        if name in assign:
+            continue
+        g, like = _sibling_group(name, saved, target.shapes)
+        assign[name] = g
+        why = f"like {like}" if like else "no saved sibling: the first group"
+        notes.append(f"new parameter {name} joins saved group {g} ({why})")
+    groups = [[n for n in target.names if assign[n] == g] for g in range(len(source_groups))]
+    hparams = [{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "param_names")}
+               for g in source_groups]
+    return replace(target, groups=groups, group_hparams=hparams), notes
+
+
+def _sibling_group(name: str, saved: Mapping[str, int],
+                   shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, str | None]:
+    masked = re.sub(r"\d+", "#", name)
+    pools = ([n for n in saved if re.sub(r"\d+", "#", n) == masked and shapes.get(n) == shapes.get(name)],
+             [n for n in saved if n.rpartition(".")[0] == name.rpartition(".")[0]])
+    for pool in pools:
+        if pool:
+            g = Counter(saved[n] for n in pool).most_common(1)[0][0]
+            return g, next(n for n in pool if saved[n] == g)
+    return 0, None
 
 
 def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mapping[str, Any]],
@@ -228,11 +315,20 @@ def apply_plan(plan: RemapPlan, state_dict: Mapping[str, Any], *, with_names: bo
     lbfgs = "param_groups" in state_dict and state_dict["param_groups"] and \
         "history_size" in state_dict["param_groups"][0]
     new_state: dict[int, Any] = {}
+    if lbfgs and (plan.sliced or plan.transforms):
+        raise MappingError(f"{refusal('LBFGS')}: its state cannot be sliced, fused or split "
+                           "(use --shape-mismatch reset)")
     if lbfgs:
         new_state = _remap_lbfgs(plan, old_state)
     else:
         for s in plan.slots:
-            if s.source_index is not None and s.source_index in old_state:
+            if s.source_index is None or s.source_index not in old_state:
+                continue
+            if s.action == "slice":
+                old, new = plan.sliced[s.target_index]
+                new_state[s.target_index] = slice_state(old_state[s.source_index], old, new,
+                                                        plan.groups[s.group].hparams, s.name)
+            else:
                 new_state[s.target_index] = dict(old_state[s.source_index])
     groups = []
     for g in plan.groups:
@@ -319,3 +415,134 @@ def attach_lbfgs_layout(plan: RemapPlan, mapping: OptimizerMapping, shapes: Mapp
             n *= d
         numels.append(n)
     plan.lbfgs_layout = ([e.index for e in mapping.entries], numels)
+
+
+# --- transforms and model state -------------------------------------------------------------------
+
+def _effective_renames(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule],
+                       rules: Sequence[TransformRule]) -> list[RenameRule]:
+    """The renames :func:`optckpt.check.check_mapping` applies: the given ones, else a detected wrapper
+    prefix, found with the names the transforms use counted as the target's (fuse parts, split wholes)."""
+    if renames:
+        return list(renames)
+    saved = [c for e in mapping.entries for c in e.candidates]
+    known = list(target.names)
+    fuses = [r for r in rules if r.kind == "fuse"]
+    known += [p for st in expand_rules(fuses, target.names, ()) for p in st.parts] if fuses else []
+    for r in rules:
+        if r.kind == "split":
+            tails = {n.split(".", 1)[1] for n in saved if "." in n} | set(saved)
+            known += [n for n in tails if (re.fullmatch(r.name, n) if r.regex else n == r.name)]
+    auto = guess_prefix_rename(saved, known)
+    return [auto] if auto is not None else []
+
+
+def prepare_source(mapping: OptimizerMapping, state_dict: Mapping[str, Any], target: Target,
+                   renames: Sequence[RenameRule] = (), rules: Sequence[TransformRule] = ()
+                   ) -> tuple[OptimizerMapping, dict[str, Any], list[Step]]:
+    """The saved optimizer with ``--fuse`` / ``--split`` applied (:mod:`optckpt.transforms`), ready
+    for :func:`build_plan`; the concrete steps go into the plan (``plan.transforms``)."""
+    if not rules:
+        return mapping, dict(state_dict), []
+    from .kinds import guess_optimizer
+
+    eff = _effective_renames(mapping, target, renames, rules)
+    saved = [apply_renames(e.name, eff) for e in mapping.entries if e.name is not None]
+    steps = expand_rules(rules, target.names, saved)
+    kind = guess_optimizer(state_dict.get("param_groups", []))
+    new_mapping, state = transform_source(mapping, state_dict.get("state", {}), steps,
+                                          lambda n: apply_renames(n, eff), target.shapes, kind)
+    return new_mapping, {**state_dict, "state": state}, steps
+
+
+def rewrite_model(tensors: Mapping[str, torch.Tensor], plan: RemapPlan, target: Target,
+                  renames: Sequence[RenameRule],
+                  policy: Policy) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The model state dict the new code loads with ``strict=True``: keys renamed as the optimizer's
+    (buffers with their module), fused / split as the plan says, reshaped weights sliced
+    (``--shape-mismatch slice``: the new region from the target's own initialisation), keys of
+    removed parameters and buffers dropped, new ones added from the target's initialisation. A
+    wrapper prefix the keys carry (Lightning's ``net.``, ``module.``) is kept: it is how the saving
+    code stores the model. ``None`` when nothing changes."""
+    expected: dict[str, torch.Tensor] | None = None
+    if target.module is not None:
+        expected = dict(target.module.state_dict())
+    known = list(expected) if expected is not None else list(target.names)
+    known += [n for s in plan.transforms for n in (s.parts if s.kind == "fuse" else (s.whole,))]
+    user = [apply_renames(k, renames) for k in tensors]
+    wrap = guess_prefix_rename(user, known)
+    prefix = wrap.pattern if wrap is not None and not wrap.repl else ""  # keys carry a wrapper prefix
+    if wrap is not None and wrap.repl:  # the new code's names carry one the keys lack: renaming it is the fix
+        prefix = ""
+    inner: dict[str, str] = {}
+    outside: list[str] = []
+    for k, u in zip(tensors, user):
+        if wrap is not None and not prefix:
+            u = wrap.apply(u)
+        if prefix and not u.startswith(prefix):
+            outside.append(k)  # not the module's (a Lightning module's other state): kept as it is
+            continue
+        inner[k] = u[len(prefix):]
+    by_inner: dict[str, torch.Tensor] = {inner[k]: tensors[k] for k in inner}
+    order = [inner[k] for k in inner]
+    fused, split = [], []
+    for s in plan.transforms:
+        what = f"model --{s.kind} {s.whole}"
+        if s.kind == "fuse" and all(p in by_inner for p in s.parts):
+            at = order.index(s.parts[0])
+            by_inner[s.whole] = fuse_tensors([by_inner.pop(p) for p in s.parts], s.dim, what)
+            order = [n for n in order if n not in s.parts]
+            order.insert(at, s.whole)
+            fused.append(s.whole)
+        elif s.kind == "split" and s.whole in by_inner:
+            shapes = [target.shapes.get(p) for p in s.parts]
+            whole = by_inner.pop(s.whole)
+            if any(sh is None for sh in shapes) or sum(sh[s.dim] for sh in shapes if sh) != whole.shape[s.dim]:
+                raise MappingError(f"{what}: the model tensor {list(whole.shape)} does not split into "
+                                   f"{[list(sh) if sh else None for sh in shapes]}")
+            at = order.index(s.whole)
+            order[at:at + 1] = list(s.parts)
+            by_inner.update(zip(s.parts, split_tensor(whole, [sh[s.dim] for sh in shapes if sh], s.dim)))
+            split.append(s.whole)
+        elif s.kind == "fuse" and any(p in by_inner for p in s.parts):
+            raise MappingError(f"{what}: the model state holds only some of {', '.join(s.parts)}")
+    gone = {n for _, n in plan.dropped}
+    info: dict[str, Any] = {"renamed": 0, "dropped": [], "added": [], "sliced": [], "fused": fused, "split": split,
+                            "shape_mismatch": []}
+    out: dict[str, torch.Tensor] = {}
+    for k in outside:
+        out[k] = tensors[k]
+    for n in order:
+        v = by_inner[n]
+        if (expected is not None and n not in expected) or (expected is None and n in gone):
+            info["dropped"].append(prefix + n)
+            continue
+        init = expected.get(n) if expected is not None else None
+        if init is not None and tuple(v.shape) != tuple(init.shape):
+            if policy.shape_mismatch == "slice":
+                v = slice_tensor(v, init)
+                info["sliced"].append(prefix + n)
+            else:
+                info["shape_mismatch"].append(prefix + n)
+        elif expected is None and n in target.shapes and tuple(v.shape) != tuple(target.shapes[n]) \
+                and policy.shape_mismatch == "slice":
+            raise MappingError(f"{n}: slicing the model's weights needs the new code's initial weights "
+                               "(give --target as module:callable)")
+        out[prefix + n] = v
+    for n, init in (expected or {}).items():
+        if n not in by_inner:
+            out[prefix + n] = init.detach().clone()
+            info["added"].append(prefix + n)
+    if expected is not None and (fused or split):  # new tensors: the model's registration order, as state_dict()
+        rank = {prefix + n: i for i, n in enumerate(expected)}
+        out = dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], -1)))
+    stateful = {s.name for s in plan.slots if s.source_index is not None}
+    lost = [n for n in info["added"] if n[len(prefix):] in stateful]
+    if lost:
+        raise MappingError(f"the model state dict has no weights for {', '.join(lost[:3])} although the optimizer "
+                           "has state for them: its keys do not follow the optimizer's names (pass --rename)")
+    old_keys = list(tensors)
+    info["renamed"] = sum(1 for k in inner if k not in out and prefix + inner[k] in out)
+    if list(out) == old_keys and all(out[k] is tensors[k] for k in old_keys):
+        return None, info
+    return out, info

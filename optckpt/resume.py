@@ -15,8 +15,9 @@ from .io import load
 from .io.discover import is_optimizer_sd, model_state_from_dict
 from .kernels import place_tensors
 from .mapping import infer_mapping, is_lbfgs
-from .remap import Policy, apply_plan, attach_lbfgs_layout, build_plan
+from .remap import Policy, apply_plan, attach_lbfgs_layout, build_plan, prepare_source
 from .target import from_live
+from .transforms import parse_transforms
 
 __all__ = ["LoadReport", "load_optimizer_state_dict", "enable_load_by_name"]
 
@@ -31,6 +32,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
     ambiguous: list[str] = field(default_factory=list)
+    transformed: list[str] = field(default_factory=list)  # fused / split / sliced parameters
     evidence: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -62,7 +64,9 @@ def load_optimizer_state_dict(
     *,
     missing: Literal["reset", "error"] = "reset",
     unexpected: Literal["drop", "error"] = "drop",
-    shape_mismatch: Literal["reset", "error"] = "reset",
+    shape_mismatch: Literal["reset", "error", "slice"] = "reset",
+    fuse: Sequence[str] = (),
+    split: Sequence[str] = (),
     strict: bool = False,
     allow_ambiguous: bool = False,
     group_evidence: bool = True,
@@ -83,7 +87,10 @@ def load_optimizer_state_dict(
     own ``load_state_dict`` restores saved hyperparameters), or keeps its own with
     ``hparams="target"``. Tensors land on each parameter's device and dtype, exactly as
     ``Optimizer.load_state_dict`` casts them. ``strict=True`` raises on any missing, unexpected or
-    reshaped parameter.
+    reshaped parameter. ``shape_mismatch="slice"`` keeps the shared region of a reshaped parameter's
+    state (the rest fresh, as torch starts it); ``fuse=["qkv.weight=q.weight+k.weight+v.weight@0"]``
+    and ``split=[...]`` concatenate / cut state exactly as ``optckpt remap --fuse / --split`` do
+    (the report's ``transformed`` lists them).
 
     Uncertain names follow the CLI's contract (``optckpt remap``): when indices that hold state
     cannot be named with certainty, :class:`MappingError` names them and their candidates and
@@ -104,7 +111,9 @@ def load_optimizer_state_dict(
     target = from_live(model, optimizer)
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
                     allow_ambiguous=allow_ambiguous, hparams=hparams, group_evidence=group_evidence)
-    plan, report = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy)
+    mapping, sd, steps = prepare_source(mapping, opt.state_dict, target, (), parse_transforms(fuse, split))
+    plan, report = build_plan(mapping, sd.get("param_groups", []), target, policy)
+    plan.transforms = steps
     if is_lbfgs(opt):
         attach_lbfgs_layout(plan, mapping, {**{n: m.shape for mod in ck.models for n, m in mod.meta.items()},
                                             **target.shapes})
@@ -121,8 +130,9 @@ def load_optimizer_state_dict(
             f"strict load: missing {result.missing}, unexpected {result.unexpected}, "
             f"shape_mismatch {result.shape_mismatch}"
         )
-    new_sd = apply_plan(plan, opt.state_dict, with_names="param_names" in optimizer.param_groups[0])
+    new_sd = apply_plan(plan, sd, with_names="param_names" in optimizer.param_groups[0])
     result.notes = list(plan.notes)
+    result.transformed = [s.whole for s in steps] + [s.name for s in plan.slots if s.action == "slice"]
     _place_state(new_sd, optimizer)
     optimizer.load_state_dict(new_sd)
     return result

@@ -20,7 +20,7 @@ def test_all_is_exactly_the_public_api():
         assert getattr(optckpt, name) is not None
     public = {n for n in vars(optckpt) if not n.startswith("_") and n not in ("warnings",)}
     submodules = {"checkpoint", "errors", "io", "resume", "mapping", "align", "validate", "target", "check",
-                  "remap", "kernels", "render", "inspect", "kinds", "ops", "hparams", "diff", "cli",
+                  "remap", "transforms", "kernels", "render", "inspect", "kinds", "ops", "hparams", "diff", "cli",
                   "integrations"}  # imported only on demand; present once a test used it
     assert public - submodules == EXPECTED
 
