@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import FIXTURES, ROOT, invoke
+from conftest import FIXTURES, ROOT, invoke, run_two_ranks
 from models_zoo import BlockReordered, TinyGPT, gpt_loss
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -205,19 +202,8 @@ dist.destroy_process_group()
 
 def test_multi_rank_save_two_processes(tmp_path):
     """A real 2-process gloo save of row-sharded tensors: two shard files; optckpt reads whole tensors."""
-    script = tmp_path / "save.py"
-    script.write_text(MULTI_RANK)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "multi"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen([sys.executable, str(script), str(out)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
-    errs = [p.communicate(timeout=240)[1] for p in procs]
-    if any(p.returncode for p in procs):
-        pytest.skip(f"torch.distributed gloo is not usable here: {errs[0][-300:]!r}")
+    run_two_ranks(MULTI_RANK, out, tmp_path)
     shards = sorted(n for n in os.listdir(out) if n.endswith(".distcp"))
     assert len(shards) == 2
     full = torch.load(str(out) + ".full.pt", weights_only=True)

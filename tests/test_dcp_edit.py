@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, invoke, run_cli
+from conftest import ROOT, invoke, run_cli, run_two_ranks
 from models_zoo import TinyGPT, gpt_loss
 from test_dcp import MULTI_RANK, Wrapped
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -278,19 +275,8 @@ def test_dry_run_writes_nothing(trained, tmp_path):
 
 def test_two_process_sharded_dtensors_set_and_reset(tmp_path):
     """A real 2-process gloo save of row-sharded DTensors, edited in place, read back whole."""
-    script = tmp_path / "save.py"
-    script.write_text(MULTI_RANK)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "multi"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen([sys.executable, str(script), str(out)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
-    errs = [p.communicate(timeout=240)[1] for p in procs]
-    if any(p.returncode for p in procs):
-        pytest.skip(f"torch.distributed gloo is not usable here: {errs[0][-300:]!r}")
+    run_two_ranks(MULTI_RANK, out, tmp_path)
     full = torch.load(str(out) + ".full.pt", weights_only=True)
     shards = {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".distcp")}
     assert len(shards) == 2

@@ -216,11 +216,18 @@ def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) 
         _fsync_path(tmp)
     except BaseException as e:
         _unlink(tmp)
-        if isinstance(e, OSError):
-            raise WriteError(f"{os.path.join(dest_dir, final)}: write failed: {e.strerror or e}") from None
-        if isinstance(e, RuntimeError):
+        if isinstance(e, RuntimeError) and not isinstance(e, OSError):
             raise WriteError(f"{os.path.join(dest_dir, final)}: write failed: {_probe(dest_dir, e)}") from None
-        raise
+        raise _as_write_error(e, os.path.join(dest_dir, final), "write failed") from None
+
+
+def _as_write_error(e: BaseException, where: str, what: str) -> BaseException:
+    """An OS failure while writing ``where`` as one-line :class:`WriteError` (anything else as it is)."""
+    if isinstance(e, FileExistsError):
+        return WriteError(f"{e.filename or where}: appeared while writing (another run?); nothing replaced")
+    if isinstance(e, OSError):
+        return WriteError(f"{where}: {what}: {e.strerror or e}")
+    return e
 
 
 def _probe(dest_dir: str, err: BaseException) -> str:
@@ -297,11 +304,7 @@ def commit_file(tmp: str, out: str, *, verify: Verify | None = None, no_clobber:
             os.replace(tmp, out)
     except BaseException as e:
         _unlink(tmp)
-        if isinstance(e, FileExistsError):
-            raise WriteError(f"{e.filename or out}: appeared while writing (another run?); nothing replaced") from None
-        if isinstance(e, OSError):
-            raise WriteError(f"{out}: cannot write: {e.strerror or e}") from None
-        raise
+        raise _as_write_error(e, out, "cannot write") from None
     _fsync_dir(os.path.dirname(os.path.abspath(out)))
     return out
 
