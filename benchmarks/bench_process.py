@@ -3,7 +3,7 @@
     python benchmarks/bench_process.py [--cases small,issue,many] [--repeats 3] [--tmpdir DIR]
 
 Every figure is the wall time of a whole process (interpreter start-up, imports, work, exit) minus
-the median wall time of ``python -c "import torch"``; medians of --repeats rounds, the commands
+the wall time of a ``python -c "import torch"`` process run just before it; medians of --repeats rounds, the commands
 interleaved round by round, page cache warm (inputs read once first), every output path already
 existing (a re-run overwrites it, as ``cp`` over an existing file does). Baselines, timed the same way:
 
@@ -174,6 +174,15 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
             with open(stamp) as f:
                 after.setdefault(label, []).append(float(f.read()))
 
+    def py_rec(label: str, cmd: list[str], inner: bool = False, sync: bool = False, **kw: object) -> None:
+        """A Python process, net of an ``import torch`` process run just before it (paired: on a
+        shared machine start-up time drifts by seconds between rounds)."""
+        base, base_mem = run([py, "-c", "import torch"])
+        walls.setdefault("import torch", []).append(base)
+        mem["import torch"] = max(mem.get("import torch", 0), base_mem)
+        wall, peak = synced(cmd, **kw) if sync else run(cmd, **kw)  # type: ignore[arg-type]
+        rec(label, wall - base, peak, inner)
+
     def synced(cmd: list[str], **kw: object) -> tuple[float, int]:
         t, m = run(cmd, **kw)  # type: ignore[arg-type]
         t0 = time.perf_counter()
@@ -181,22 +190,21 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
         return t + time.perf_counter() - t0, m
 
     for _ in range(repeats):
-        rec("import torch", *run([py, "-c", "import torch"]))
         rec("cp A OUT && sync", *synced(["cp", a, cp_out]))
-        rec("remap", *synced(remap, env=env), inner=True)
-        rec("naive load/re-key/save", *synced([*wrap, "naive", a, cp_out], env=env), inner=True)
-        rec("torch.load", *run([py, "-c", "import torch,sys; torch.load(sys.argv[1], weights_only=True)", a]))
-        rec("inspect", *run([*wrap, "inspect", a, "--format", "json"], env=env), inner=True)
+        py_rec("remap", remap, inner=True, sync=True, env=env)
+        py_rec("naive load/re-key/save", [*wrap, "naive", a, cp_out], inner=True, sync=True, env=env)
+        py_rec("torch.load", [py, "-c", "import torch,sys; torch.load(sys.argv[1], weights_only=True)", a])
+        py_rec("inspect", [*wrap, "inspect", a, "--format", "json"], inner=True, env=env)
         rec("cat A B", *run(f"cat {a} {b} > /dev/null", shell=True))
-        rec("diff", *run([*wrap, "diff", a, b, "--format", "json"], env=env, ok=(1,)), inner=True)
+        py_rec("diff", [*wrap, "diff", a, b, "--format", "json"], inner=True, env=env, ok=(1,))
     base = statistics.median(walls["import torch"])
-    no_import = {"cp A OUT && sync", "cat A B"}  # not Python processes: nothing to subtract
-    net = {k: statistics.median(v) - (0 if k in no_import else base) for k, v in walls.items() if k != "import torch"}
+    net = {k: statistics.median(v) for k, v in walls.items() if k != "import torch"}
     aft = {k: statistics.median(v) for k, v in after.items()}
     res: dict[str, object] = {
         "case": name, "d": d, "blocks": blocks, "params": len(names), "storages": 4 * len(names),
         "bytes": os.path.getsize(a), "largest": largest, "import_torch_s": base, "net_s": net, "after_import_s": aft,
-        "extra_private_mib": {k: (mem[k] - mem["import torch"]) / 1024 for k in mem if k != "import torch"},
+        "extra_private_mib": {k: (mem[k] - mem["import torch"]) / 1024 for k in mem
+                              if k not in ("import torch", "cp A OUT && sync", "cat A B")},
         "ratios": {
             "inspect / torch.load": net["inspect"] / net["torch.load"],
             "remap / (cp && sync)": net["remap"] / net["cp A OUT && sync"],
@@ -240,7 +248,7 @@ def show(r: dict[str, object], repeats: int) -> None:
     assert isinstance(net, dict) and isinstance(aft, dict) and isinstance(mem, dict)
     print(f"\n== {r['case']}: {r['params']} parameters, {r['storages']} storages, {r['bytes'] / 1e9:.2f} GB, "
           f"largest tensor {r['largest'] / 2**20:.0f} MiB; median of {repeats}; "
-          f"python -c 'import torch' = {r['import_torch_s']:.2f} s subtracted")
+          f"python -c 'import torch' (median {r['import_torch_s']:.2f} s) subtracted pairwise")
     print(f"{'command':26s} {'whole-process s':>16s} {'after-import s':>15s} {'extra RssAnon':>14s}")
     for k, v in net.items():
         a = f"{aft[k]:.2f}" if k in aft else ""
