@@ -140,13 +140,7 @@ def _storage_bytes(storage: Any, nbytes: int) -> bytes:
 def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]]) -> None:
     central: list[bytes] = []
     tick = PROGRESS.get()
-    # The destination is the writer's new, empty temp file: opened without O_TRUNC, since a
-    # truncating open makes ext4 (auto_da_alloc) allocate and start writing back the whole file
-    # synchronously at close, before the caller's own fsync.
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
-    if os.fstat(fd).st_size:
-        os.ftruncate(fd, 0)
-    with open(src, "rb") as fin, open(fd, "wb", closefd=True) as fout:
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
         src_fd, dst_fd = fin.fileno(), fout.fileno()
         for rel, data in entries:
             name = f"{prefix}/{rel}".encode()
