@@ -210,6 +210,10 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
 
 
+verbose_option = click.option("--verbose", "-v", "verbose", is_flag=True,
+                              help="Every row of the plan in the table (default: counts and the first rows).")
+
+
 def write_options(f: F) -> F:
     f = click.option("--no-verify", "no_verify", is_flag=True,
                      help="Skip re-reading the output to check it bit for bit.")(f)
@@ -247,12 +251,13 @@ def write_options(f: F) -> F:
               help="Group hyperparameters from the checkpoint (as torch's load_state_dict does) "
                    "or from the target optimizer.")
 @group_evidence_option
+@verbose_option
 @format_option
 def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
           renames: tuple[str, ...], optimizer_key: str | None, models: str | None, output: str | None,
           dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool, missing: str, unexpected: str,
           shape_mismatch: str, fuses: tuple[str, ...], splits: tuple[str, ...], model_output: str | None,
-          allow_ambiguous: bool, hparams: str, no_group_evidence: bool, fmt: str) -> None:
+          allow_ambiguous: bool, hparams: str, no_group_evidence: bool, verbose: bool, fmt: str) -> None:
     """Rewrite optimizer state so the unchanged resume script (plain load_state_dict) is right.
 
     Writes the same layout as PATH; moved state keeps its bytes, new parameters start fresh,
@@ -267,15 +272,16 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
                     allow_ambiguous=allow_ambiguous, hparams=hparams,  # type: ignore[arg-type]
                     group_evidence=not no_group_evidence)
-    plan, written = remap_checkpoint(
-        path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
-        transforms=parse_transforms(fuses, splits), model_output=model_output, optimizer_key=optimizer_key,
-        models=models.split(",") if models else None, dry_run=dry_run,
-        in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
-        replace_backup=replace_backup)
+    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt):
+        plan, written = remap_checkpoint(
+            path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
+            transforms=parse_transforms(fuses, splits), model_output=model_output, optimizer_key=optimizer_key,
+            models=models.split(",") if models else None, dry_run=dry_run,
+            in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
+            replace_backup=replace_backup)
     report = plan.as_json() | {"written": written}
     _note_stale(written)
-    click.echo(to_json(report) if fmt == "json" else _escape(render_plan(report), newlines=False))
+    click.echo(to_json(report) if fmt == "json" else _escape(render_plan(report, verbose=verbose), newlines=False))
 
 
 @cli.command()
@@ -289,20 +295,22 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
 @load_options
 @mapping_options
 @write_options
+@verbose_option
 @format_option
 def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: str | None, trust_pickle: bool,
           source: str | None, renames: tuple[str, ...], optimizer_key: str | None, models: str | None,
           output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool,
-          fmt: str) -> None:
+          verbose: bool, fmt: str) -> None:
     """Drop or re-initialise the optimizer state of selected parameters (e.g. a re-initialised head)."""
     from .ops import reset_checkpoint
-    from .render import plural, table, to_json
+    from .render import first_rows, plural, table, to_json
 
-    result, written = reset_checkpoint(
-        path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path, source=source,
-        optimizer_key=optimizer_key, models=models.split(",") if models else None, dry_run=dry_run,
-        in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
-        replace_backup=replace_backup)
+    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt):
+        result, written = reset_checkpoint(
+            path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path,
+            source=source, optimizer_key=optimizer_key, models=models.split(",") if models else None,
+            dry_run=dry_run, in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
+            replace_backup=replace_backup)
     report = {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
               "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written}
     _note_stale(written)
@@ -312,7 +320,10 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
         what = f"keys {', '.join(result.keys)}" if result.keys else "whole state entries"
         n = plural(len(result.selected), "parameter")
         click.echo(f"optimizer {result.optimizer}: {result.mode} {what} of {n}:")
-        click.echo(table([[i, n] for i, n in result.selected], ["index", "parameter"]))
+        shown, more = first_rows([[i, n] for i, n in result.selected], verbose)
+        click.echo(table(shown, ["index", "parameter"]))
+        if more:
+            click.echo(more)
         click.echo(f"written: {written}" if written else "dry run: nothing written")
 
 
@@ -358,11 +369,12 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
         Change("weight_decay", weight_decay) if weight_decay is not None else None,
         Change("scale_weight_decay", scale_weight_decay) if scale_weight_decay is not None else None,
     ) if c is not None]
-    result, written = set_checkpoint(
-        path, output, changes, groups=groups, params=params, raw_sets=raw_sets, follow=sched_mode == "follow",
-        model=model_path, optimizer_key=optimizer_key, models=models.split(",") if models else None,
-        dry_run=dry_run, in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
-        replace_backup=replace_backup)
+    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt):
+        result, written = set_checkpoint(
+            path, output, changes, groups=groups, params=params, raw_sets=raw_sets,
+            follow=sched_mode == "follow", model=model_path, optimizer_key=optimizer_key,
+            models=models.split(",") if models else None, dry_run=dry_run, in_place=in_place,
+            verify=not no_verify, trust_pickle=trust_pickle, replace_backup=replace_backup)
     report = {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
               "after": result.after, "schedulers": result.schedulers, "notes": result.notes, "written": written}
     _note_stale(written)
@@ -404,7 +416,7 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
             raise click.UsageError(f"--device {device}: not available here ({str(e).splitlines()[0]})") from None
     ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
     cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
-    with _progress(total_bytes(ca, cb), "comparing") as tick:
+    with _progress(total_bytes(ca, cb), "comparing", fmt) as tick:
         report = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=only, params=params, stats=stats,
                                   device=device, progress=tick).as_json()
     click.echo(to_json(report) if fmt == "json" else _escape(render_diff(report, fmt=fmt, limit=limit), newlines=False))
@@ -412,13 +424,43 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
 
 
 @contextlib.contextmanager
-def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr, only on a terminal and only for work worth showing (> 256 MB)."""
-    if not sys.stderr.isatty() or total < (256 << 20):
-        yield lambda n: None
+def _progress(total: int, label: str, fmt: str = "table") -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr (yields its ``update``, else None): only on a terminal, only for work
+    worth showing (> 256 MB), never while JSON goes to a pipe."""
+    if not sys.stderr.isatty() or total < (256 << 20) or (fmt == "json" and not sys.stdout.isatty()):
+        yield None
         return
     with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
         yield bar.update
+        bar.update(max(0, total - bar.pos))  # done: the estimate of the total was the file size
+
+
+def _tree_bytes(path: str) -> int:
+    import os
+
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                total += os.path.getsize(full)
+    return total
+
+
+@contextlib.contextmanager
+def _write_progress(path: str, *, dry_run: bool, verify: bool, fmt: str) -> Iterator[None]:
+    """Progress of an edit that writes (and re-reads) a checkpoint of ``path``'s size."""
+    from .io.records import PROGRESS
+
+    total = 0 if dry_run else _tree_bytes(path) * (2 if verify else 1)
+    with _progress(total, "writing", fmt) as tick:
+        token = PROGRESS.set(tick)
+        try:
+            yield
+        finally:
+            PROGRESS.reset(token)
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

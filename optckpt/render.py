@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-__all__ = ["SCHEMA_VERSION", "jsonable", "to_json", "table", "plural", "human_bytes", "render_inspect",
+__all__ = ["SCHEMA_VERSION", "jsonable", "to_json", "table", "plural", "human_bytes", "first_rows", "render_inspect",
            "render_check", "render_plan", "render_set", "render_diff"]
 
 SCHEMA_VERSION = 1
@@ -273,7 +273,15 @@ def render_check(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_plan(r: dict[str, Any]) -> str:
+def first_rows(rows: list[Any], verbose: bool) -> tuple[list[Any], str | None]:
+    """All rows with ``verbose``, else the first ``_MAX_ROWS`` and a line naming how many are left."""
+    if verbose or len(rows) <= _MAX_ROWS:
+        return rows, None
+    return rows[:_MAX_ROWS], f"... {len(rows) - _MAX_ROWS} more (use --verbose or --format json for all)"
+
+
+def render_plan(r: dict[str, Any], *, verbose: bool = False) -> str:
+    """The plan's counts, then its changed rows (the first ``_MAX_ROWS`` unless ``verbose``)."""
     s = r["summary"]
     out = [f"optimizer {r['optimizer']} (names from: {r['evidence']}): keep {s['keep']}, move {s['move']}, "
            f"reset {s['reset']}, drop {s['drop']}"]
@@ -285,10 +293,16 @@ def render_plan(r: dict[str, Any]) -> str:
             for x in r["slots"] if x["action"] != "keep"]
     rows += [["-", "-", d["name"], d["source_index"], "drop"] for d in r["dropped"]]
     if rows:
-        out.append(table(rows, ["new index", "group", "parameter", "old index", "action"]))
-    for g in r["groups"]:
+        shown, more = first_rows(rows, verbose)
+        out.append(table(shown, ["new index", "group", "parameter", "old index", "action"]))
+        if more:
+            out.append(more)
+    groups, more = first_rows(r["groups"], verbose)
+    for g in groups:
         origin = f"old group {g['hparams_from_group']}" if g["hparams_from_group"] is not None else "new"
         out.append(f"group {g['group']}: {plural(g['size'], 'param')}, hyperparameters from {origin}")
+    if more:
+        out.append(more.replace(" more ", " more groups ", 1))
     for n in r["notes"]:
         out.append(f"note: {n}")
     out.append(f"written: {r['written']}" if r.get("written") else "dry run: nothing written")

@@ -20,13 +20,18 @@ import struct
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
 from .safepickle import pickle_module_for
 
-__all__ = ["rewrite_records"]
+__all__ = ["rewrite_records", "PROGRESS"]
+
+PROGRESS: ContextVar[Callable[[int], None] | None] = ContextVar("optckpt_write_progress", default=None)
+"""Where the writers report bytes written / verified (the CLI's progress bar); None: nobody asks."""
 
 _ALIGN = 64
 _Z64 = 0xFFFFFFFF  # the "see the zip64 extra field" placeholder
@@ -134,6 +139,7 @@ def _storage_bytes(storage: Any, nbytes: int) -> bytes:
 
 def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]]) -> None:
     central: list[bytes] = []
+    tick = PROGRESS.get()
     with open(src, "rb") as fin, open(dest, "wb") as fout:
         src_fd, dst_fd = fin.fileno(), fout.fileno()
         for rel, data in entries:
@@ -160,6 +166,8 @@ def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]])
                 fout.flush()
                 _copy_range(src_fd, dst_fd, src_off, fout.tell(), size)
                 fout.seek(fout.tell() + size)
+            if tick is not None:
+                tick(size)
             z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if z64 else b""
             central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if z64 else 20, 45 if z64 else 20, 0x0800,
                                        0, 0, 0x21, crc, _Z64 if z64 else size, _Z64 if z64 else size, len(name),

@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
-from .records import rewrite_records
+from .records import PROGRESS, rewrite_records
 from .safepickle import pickle_module_for
 
 __all__ = ["replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
@@ -373,6 +373,7 @@ def _write_directory(ck: Checkpoint, src: str, out: str, changed_parts: Mapping[
                      verify: Verify | None, replace_backup: bool) -> str:
     parent = os.path.dirname(os.path.abspath(out))
     tmpdir = temp_dir(parent, os.path.basename(out.rstrip(os.sep)))
+    tick = PROGRESS.get()
     try:
         copy_mode(src, tmpdir)
         for name in sorted(os.listdir(src)):
@@ -392,6 +393,8 @@ def _write_directory(ck: Checkpoint, src: str, out: str, changed_parts: Mapping[
             elif stat.S_ISREG(st.st_mode):
                 shutil.copy2(full, dst, follow_symlinks=False)
                 _fsync_path(dst)
+                if tick is not None:
+                    tick(st.st_size)
             # FIFOs, sockets and devices are not checkpoint content: not carried
     except BaseException as e:
         shutil.rmtree(tmpdir, ignore_errors=True)

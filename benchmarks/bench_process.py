@@ -1,0 +1,264 @@
+"""``optckpt`` timed the way a user meets it: the whole process, the output already there.
+
+    python benchmarks/bench_process.py [--cases small,issue,many] [--repeats 3] [--tmpdir DIR]
+
+Every figure is the wall time of a whole process (interpreter start-up, imports, work, exit) minus
+the wall time of a ``python -c "import torch"`` process run just before it; medians of --repeats rounds, the commands
+interleaved round by round, page cache warm (inputs read once first), every output path already
+existing (a re-run overwrites it, as ``cp`` over an existing file does). Baselines, timed the same way:
+
+* ``cp A OUT && sync``          (OUT pre-existing) for ``remap`` (whose figure includes a ``sync`` too)
+* ``cat A B > /dev/null``       for ``diff``
+* ``torch.load(A, weights_only=True)`` (whole process minus ``import torch``) for ``inspect``
+* the naive script: ``torch.load`` → re-key the optimizer state → ``torch.save`` (+ ``sync``)
+
+The optckpt and naive processes also record the time after their imports (``import torch,
+optckpt.cli`` done): printed as the *after-import* figures, which is what ``bench_remap_diff.py``
+reports. Peak private memory (``RssAnon``, sampled every 5 ms) is reported above the ``import torch``
+floor.
+
+Checkpoints (synthetic, float32, Adam state built directly: ``step`` / ``exp_avg`` / ``exp_avg_sq``
+per parameter, one storage each): a pre-LN transformer of ``blocks`` blocks of width ``d`` (two
+LayerNorms, fused qkv, output projection, 4x MLP: 12 parameters a block) plus an 8192 x d embedding.
+B for ``diff`` is A with one tensor perturbed. The remap target reverses the parameter order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+CASES = {  # name: (d, blocks); storages = 4 * (12 * blocks + 1)
+    "small": (512, 12),   # 580 storages, 0.49 GB
+    "issue": (512, 39),   # 1,876 storages, 1.53 GB: the bundle of issue #20 (469 parameters)
+    "many": (128, 208),   # 9,988 storages, 0.43 GB of small tensors
+}
+
+WRAP = r"""
+import os, sys, time
+import torch, optckpt.cli
+t0 = time.perf_counter()
+code = 0
+try:
+    if sys.argv[1] == "naive":
+        sys.argv = sys.argv[1:]
+        exec(compile(NAIVE, "naive", "exec"))
+    else:
+        sys.argv = ["optckpt", *sys.argv[1:]]
+        optckpt.cli.main()
+except SystemExit as e:
+    code = e.code or 0
+with open(os.environ["BENCH_TIME"], "w") as f:
+    f.write(str(time.perf_counter() - t0))
+sys.exit(code)
+"""
+
+NAIVE = r"""
+import sys, torch
+src, dst = sys.argv[1], sys.argv[2]
+ck = torch.load(src, weights_only=True, map_location="cpu")
+st = ck["optimizer"]["state"]
+n = len(ck["optimizer"]["param_groups"][0]["params"])
+ck["optimizer"]["state"] = {n - 1 - i: v for i, v in st.items()}
+torch.save(ck, dst)
+"""
+
+
+def layout(d: int, blocks: int) -> list[tuple[str, tuple[int, ...]]]:
+    out: list[tuple[str, tuple[int, ...]]] = [("embed.weight", (8192, d))]
+    for b in range(blocks):
+        p = f"blocks.{b}."
+        out += [(p + "ln1.weight", (d,)), (p + "ln1.bias", (d,)),
+                (p + "attn.qkv.weight", (3 * d, d)), (p + "attn.qkv.bias", (3 * d,)),
+                (p + "attn.proj.weight", (d, d)), (p + "attn.proj.bias", (d,)),
+                (p + "ln2.weight", (d,)), (p + "ln2.bias", (d,)),
+                (p + "mlp.fc1.weight", (4 * d, d)), (p + "mlp.fc1.bias", (4 * d,)),
+                (p + "mlp.fc2.weight", (d, 4 * d)), (p + "mlp.fc2.bias", (d,))]
+    return out
+
+
+def build(path: str, d: int, blocks: int) -> tuple[list[str], int]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lay = layout(d, blocks)
+    model = {n: torch.randn(s, generator=g) for n, s in lay}
+    state = {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(s, generator=g) * 1e-3,
+                 "exp_avg_sq": torch.rand(s, generator=g) * 1e-6} for i, (_, s) in enumerate(lay)}
+    groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+               "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+               "fused": None, "decoupled_weight_decay": False, "params": list(range(len(lay)))}]
+    torch.save({"model": model, "optimizer": {"state": state, "param_groups": groups}, "epoch": 1}, path)
+    return [n for n, _ in lay], max(4 * _numel(s) for _, s in lay)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def run(cmd: list[str] | str, *, env: dict[str, str] | None = None, shell: bool = False,
+        ok: tuple[int, ...] = (0,)) -> tuple[float, int]:
+    """Wall seconds and peak RssAnon (KiB) of one process."""
+    peak = 0
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, shell=shell, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak = max(peak, int(line.split()[1]))
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = p.communicate()
+    wall = time.perf_counter() - t0
+    done.set()
+    th.join()
+    if p.returncode not in ok:
+        raise SystemExit(f"{cmd}: exit {p.returncode}: {err.decode()[-2000:]}")
+    return wall, peak
+
+
+def warm(*paths: str) -> None:
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[str, object]:
+    py = sys.executable
+    a, b, out, cp_out = (os.path.join(tmp, x) for x in ("a.pt", "b.pt", "out.pt", "cp.pt"))
+    names, largest = build(a, d, blocks)
+    target = os.path.join(tmp, "target.json")
+    with open(target, "w") as f:
+        json.dump(names[::-1], f)
+    subprocess.run([py, "-c", "import torch,sys; ck=torch.load(sys.argv[1], weights_only=True, mmap=True);"
+                    "w='blocks.3.mlp.fc1.weight'; ck['model'][w] = ck['model'][w] + 1e-3;"
+                    "torch.save(ck, sys.argv[2])", a, b], check=True)
+    stamp = os.path.join(tmp, "t.txt")
+    env = dict(os.environ, BENCH_TIME=stamp)
+    wrap = [py, "-c", f"NAIVE = {NAIVE!r}\n" + WRAP]
+    remap = [*wrap, "remap", a, "--target", target, "-o", out, "--format", "json"]
+    # the output paths exist before every timed run (a re-run), as for cp
+    subprocess.run(remap, env=env, check=True, stdout=subprocess.DEVNULL)
+    shutil.copyfile(a, cp_out)
+    warm(a, b)
+    subprocess.run(["sync"], check=True)
+    walls: dict[str, list[float]] = {}
+    after: dict[str, list[float]] = {}
+    mem: dict[str, int] = {}
+
+    def rec(label: str, wall: float, peak: int, inner: bool = False) -> None:
+        walls.setdefault(label, []).append(wall)
+        mem[label] = max(mem.get(label, 0), peak)
+        if inner:
+            with open(stamp) as f:
+                after.setdefault(label, []).append(float(f.read()))
+
+    def py_rec(label: str, cmd: list[str], inner: bool = False, sync: bool = False, **kw: object) -> None:
+        """A Python process, net of an ``import torch`` process run just before it (paired: on a
+        shared machine start-up time drifts by seconds between rounds)."""
+        base, base_mem = run([py, "-c", "import torch"])
+        walls.setdefault("import torch", []).append(base)
+        mem["import torch"] = max(mem.get("import torch", 0), base_mem)
+        wall, peak = synced(cmd, **kw) if sync else run(cmd, **kw)  # type: ignore[arg-type]
+        rec(label, wall - base, peak, inner)
+
+    def synced(cmd: list[str], **kw: object) -> tuple[float, int]:
+        t, m = run(cmd, **kw)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        subprocess.run(["sync"], check=True)
+        return t + time.perf_counter() - t0, m
+
+    for _ in range(repeats):
+        rec("cp A OUT && sync", *synced(["cp", a, cp_out]))
+        py_rec("remap", remap, inner=True, sync=True, env=env)
+        py_rec("naive load/re-key/save", [*wrap, "naive", a, cp_out], inner=True, sync=True, env=env)
+        py_rec("torch.load", [py, "-c", "import torch,sys; torch.load(sys.argv[1], weights_only=True)", a])
+        py_rec("inspect", [*wrap, "inspect", a, "--format", "json"], inner=True, env=env)
+        rec("cat A B", *run(f"cat {a} {b} > /dev/null", shell=True))
+        py_rec("diff", [*wrap, "diff", a, b, "--format", "json"], inner=True, env=env, ok=(1,))
+    base = statistics.median(walls["import torch"])
+    net = {k: statistics.median(v) for k, v in walls.items() if k != "import torch"}
+    aft = {k: statistics.median(v) for k, v in after.items()}
+    res: dict[str, object] = {
+        "case": name, "d": d, "blocks": blocks, "params": len(names), "storages": 4 * len(names),
+        "bytes": os.path.getsize(a), "largest": largest, "import_torch_s": base, "net_s": net, "after_import_s": aft,
+        "extra_private_mib": {k: (mem[k] - mem["import torch"]) / 1024 for k in mem
+                              if k not in ("import torch", "cp A OUT && sync", "cat A B")},
+        "ratios": {
+            "inspect / torch.load": net["inspect"] / net["torch.load"],
+            "remap / (cp && sync)": net["remap"] / net["cp A OUT && sync"],
+            "remap / naive": net["remap"] / net["naive load/re-key/save"],
+            "diff / cat A B": net["diff"] / net["cat A B"],
+        },
+        "after_import_ratios": {
+            "remap / (cp && sync)": aft["remap"] / net["cp A OUT && sync"],
+            "diff / cat A B": aft["diff"] / net["cat A B"],
+        },
+    }
+    for p in (a, b, out, cp_out):
+        os.unlink(p)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="small,issue,many")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tmpdir", default=None)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="optckpt-bench-process-", dir=args.tmpdir)
+    results = []
+    try:
+        for name in args.cases.split(","):
+            d, blocks = CASES[name]
+            r = bench_case(name, d, blocks, args.repeats, tmp)
+            results.append(r)
+            if not args.json:
+                show(r, args.repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+
+
+def show(r: dict[str, object], repeats: int) -> None:
+    net, aft, mem = r["net_s"], r["after_import_s"], r["extra_private_mib"]
+    assert isinstance(net, dict) and isinstance(aft, dict) and isinstance(mem, dict)
+    print(f"\n== {r['case']}: {r['params']} parameters, {r['storages']} storages, {r['bytes'] / 1e9:.2f} GB, "
+          f"largest tensor {r['largest'] / 2**20:.0f} MiB; median of {repeats}; "
+          f"python -c 'import torch' (median {r['import_torch_s']:.2f} s) subtracted pairwise")
+    print(f"{'command':26s} {'whole-process s':>16s} {'after-import s':>15s} {'extra RssAnon':>14s}")
+    for k, v in net.items():
+        a = f"{aft[k]:.2f}" if k in aft else ""
+        m = f"{mem[k]:.0f} MiB" if k in mem else ""
+        print(f"{k:26s} {v:16.2f} {a:>15s} {m:>14s}")
+    for k, v in dict(r["ratios"]).items():  # type: ignore[call-overload]
+        print(f"  {k:24s} = {v:.2f}")
+    for k, v in dict(r["after_import_ratios"]).items():  # type: ignore[call-overload]
+        print(f"  after-import {k:11s} = {v:.2f}")
+
+
+if __name__ == "__main__":
+    main()
