@@ -307,6 +307,7 @@ def _mmengine_run(tmp_path, iters: int, name: str):
 
 
 def test_mmengine_checkpoint(tmp_path):
+    pytest.importorskip("mmengine.optim")  # mmengine is not a test extra (its Runner needs OpenCV)
     from mmengine.optim import OptimWrapper
     from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
 
