@@ -6,9 +6,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
-
 from conftest import invoke, invoke_json
+from torch import nn
 
 
 def _train_and_save(path, steps):
