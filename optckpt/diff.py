@@ -219,8 +219,9 @@ def _diff_models(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, params:
     """Model tensors; returns the renames found (old name → new name) for the optimizer section."""
     renames: dict[str, str] = {}
     count = 0
+    several = len(_data_models(a)) > 1 or len(_data_models(b)) > 1  # timm's state_dict + state_dict_ema
     for ma, mb in _pair_models(a, b):
-        prefix = "" if ma.name == mb.name or len(_data_models(a)) == 1 else f"{ma.name}:"
+        prefix = f"{ma.name}:" if several else ""
         names_a = [n for n in ma.meta if _selected(n, params)]
         names_b = [n for n in mb.meta if _selected(n, params)]
         set_a, set_b = set(names_a), set(names_b)

@@ -14,6 +14,7 @@ from ..errors import LoadError, UnsafePickleError
 from .dcp import is_dcp_dir, load_dcp
 from .discover import discover
 from .hf_order import hf_model_order
+from .peft import ADAPTER_FILES, peft_adapter_order
 from .safepickle import PickledObject, describe, first_placeholder
 from .safetensors_io import open_safetensors, open_sharded_index
 from .torchfile import load_torch_file, sniff, unsafe_globals
@@ -187,7 +188,15 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
             ck.parts.append(Part(n, "other", size))
     if not (ck.models or ck.optimizers or ck.schedulers):
         raise LoadError(f"{path}: a directory, but no model, optimizer or scheduler files found in it")
-    if ck.optimizers and ck.models and not any(m.order_trusted for m in ck.models) and "config.json" in files:
+    adapter = next((m for m in ck.models if m.part in ADAPTER_FILES), None)
+    if ck.optimizers and adapter is not None and "adapter_config.json" in files and \
+            not any(m.order_trusted for m in ck.models):
+        order, why = peft_adapter_order(path, adapter, trust_code=trust_pickle)
+        if order is not None:
+            ck.models.insert(0, order)
+        else:
+            ck.notes.append(f"PEFT adapter names and order unknown: {why}")
+    elif ck.optimizers and ck.models and not any(m.order_trusted for m in ck.models) and "config.json" in files:
         order, why = hf_model_order(path, trust_code=trust_pickle)
         if order is not None:
             ck.models.insert(0, order)
