@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke, invoke_json, run_cli
 
 from optckpt.io import load
-
-from conftest import invoke, invoke_json, run_cli
 
 pytest.importorskip("deepspeed", reason="DeepSpeed not installed")
 

@@ -294,7 +294,8 @@ def _cut_stage3(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, 
             for k, v in entry.items():
                 if isinstance(v, torch.Tensor) and v.dim() == 1:
                     if v.numel() != sub.numel():
-                        raise LoadError(f"{where}: state {k!r} has {v.numel()} elements for a sub-group of {sub.numel()}")
+                        raise LoadError(f"{where}: state {k!r} has {v.numel()} elements "
+                                        f"for a sub-group of {sub.numel()}")
                     per_key.setdefault(k, []).append(v)
                 elif r == 0:
                     scalars[k] = v
