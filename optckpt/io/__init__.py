@@ -12,6 +12,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
 from .dcp import is_dcp_dir, load_dcp
+from .deepspeed import deepspeed_dir, load_deepspeed
 from .discover import discover
 from .hf_order import hf_model_order
 from .peft import ADAPTER_FILES, peft_adapter_order
@@ -143,6 +144,9 @@ def _classify_torch(obj: Any, found: Any) -> str:
 
 
 def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
+    step = deepspeed_dir(path)  # ZeRO stage 1-3: flat partitions cut back by parameter
+    if step is not None:
+        return load_deepspeed(path, step, trust_pickle)
     try:
         names = sorted(os.listdir(path))
     except OSError as e:

@@ -353,6 +353,9 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
     if ck.layout == "dcp":
         raise WriteError(f"{ck.path}: rewriting DCP checkpoints in place is not supported yet; "
                          "`optckpt convert --to torch` it, repair, and `convert --to dcp` back")
+    if ck.layout == "deepspeed":
+        raise WriteError(f"{ck.path}: editing DeepSpeed ZeRO partitions is not supported; "
+                         "`optckpt convert --to torch` (or `--to dcp`) gives a name-keyed checkpoint to edit")
     src = os.path.realpath(ck.path) if in_place else ck.path
     dest_dir = os.path.dirname(os.path.abspath(out))
     try:

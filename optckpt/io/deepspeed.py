@@ -1,0 +1,330 @@
+"""DeepSpeed ZeRO checkpoints (stages 1-3), read offline without DeepSpeed.
+
+``engine.save_checkpoint(dir)`` writes ``dir/latest`` (the tag) and ``dir/<tag>/`` holding
+``mp_rank_00_model_states.pt`` (stage 3: ``zero_pp_rank_R_mp_rank_00_model_states.pt``, one per
+rank) and one ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`` per data-parallel rank. The
+optimizer files pickle DeepSpeed's own objects (the loss scaler, the stage enum), so they are read
+by the safe reader (inert placeholders, nothing imported); only plain tensors, numbers and lists are
+used from them.
+
+Each rank holds flat fp32 partitions and flat optimizer state over them. They are cut back into
+per-parameter tensors with the saved ``param_shapes`` (names and flat order per group):
+
+* stages 1/2: ``single_partition_of_fp32_groups[g]`` (padding already removed) concatenated across
+  ranks is group ``g``'s flat buffer, each parameter followed by its ``param_alignment_paddings``;
+  the optimizer state of group ``g`` is padded by ``group_paddings[g]`` on each rank;
+* stage 3: ``fp32_flat_groups`` (sub-groups, concatenated) holds every parameter's
+  ``ceil(numel / world_size)``-element slice; a parameter is its slices in rank order, trimmed.
+
+The result is keyed by name, like DCP's (``{"state": {fqn: {...}}, "param_groups": [{...,
+"params": [fqn, ...]}]}``). A single rank's pieces are views into the memory-mapped file."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, SchedulerState, TensorMeta
+from ..errors import LoadError
+from .paths import member_path
+from .safepickle import first_placeholder
+from .torchfile import load_torch_file, sniff
+
+__all__ = ["deepspeed_dir", "load_deepspeed"]
+
+_MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MAX_PARAMS = 1_000_000
+
+
+def _zero_files(path: str) -> tuple[list[str], list[str]]:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return [], []
+    files = [n for n in names if os.path.isfile(os.path.join(path, n))]
+    return [n for n in files if _MODEL.match(n)], [n for n in files if _OPTIM.match(n)]
+
+
+def deepspeed_dir(path: str) -> str | None:
+    """The ZeRO step directory ``path`` stands for (itself, or the tag its ``latest`` file names),
+    or None when it is not one. Stage 0 (no optimizer partitions) is an ordinary directory."""
+    models, optims = _zero_files(path)
+    if models and optims:
+        return path
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest) or os.path.getsize(latest) > 4096:
+        return None
+    try:
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not tag:
+        return None
+    step = member_path(path, tag, latest)
+    models, optims = _zero_files(step)
+    return step if models and optims else None
+
+
+def load_deepspeed(path: str, step: str, trust_pickle: bool = False) -> Checkpoint:
+    """A ZeRO checkpoint (``path``: the directory given; ``step``: its tag directory) as a name-keyed
+    :class:`Checkpoint`: the model from ``module``, the optimizer cut back per parameter."""
+    models, optims = _zero_files(step)
+    rel = os.path.relpath(step, path)
+    ck = Checkpoint(path=path, layout="deepspeed")
+    loaded: dict[str, Any] = {}
+    for n in [*models, *optims]:
+        full = os.path.join(step, n)
+        got = load_torch_file(full, trust_pickle=trust_pickle, kind=sniff(full))
+        relpath = n if rel == "." else os.path.join(rel, n)
+        ck.parts.append(Part(relpath, "torch", os.path.getsize(full), got.obj, got.saved_locations, got.zip_format))
+        loaded[n] = got.obj
+    mp = {int(m.group(2)) for n in [*models, *optims] if (m := (_MODEL.match(n) or _OPTIM.match(n)))}
+    if mp != {0}:
+        raise LoadError(f"{step}: model-parallel ZeRO checkpoint (mp ranks {sorted(mp)}); only mp_rank 00 is read")
+    ranks = sorted((int(_group(_OPTIM, n, 1)), n) for n in optims)
+    if [r for r, _ in ranks] != list(range(len(ranks))):
+        raise LoadError(f"{step}: optimizer partitions of ranks {[r for r, _ in ranks]}; expected 0..{len(ranks) - 1}")
+    model_sd = _dict(loaded[models[0]], f"{step}/{models[0]}")
+    zero = [_dict(_dict(loaded[n], f"{step}/{n}").get("optimizer_state_dict"), f"{step}/{n}: optimizer_state_dict")
+            for _, n in ranks]
+    shapes = _param_shapes(model_sd, f"{step}/{models[0]}")
+    where = f"{step}/{ranks[0][1]}"
+    if "fp32_flat_groups" in zero[0]:
+        stage, params, state, groups = 3, *_cut_stage3(zero, shapes, where)
+    elif "single_partition_of_fp32_groups" in zero[0]:
+        stage, params, state, groups = 1, *_cut_stage12(zero, shapes, where)
+    else:
+        raise LoadError(f"{where}: neither single_partition_of_fp32_groups nor fp32_flat_groups: "
+                        "not a ZeRO stage 1-3 optimizer file")
+    opt_sd = {"state": state, "param_groups": groups}
+    hit = first_placeholder(opt_sd)
+    if hit is not None:
+        raise LoadError(f"{where}: optimizer field {hit[0]} is a pickled object where plain data belongs")
+    module = model_sd.get("module")
+    tensors = {k: v for k, v in module.items() if isinstance(v, torch.Tensor)} if isinstance(module, Mapping) else {}
+    if stage == 3:  # the module holds empty placeholders for partitioned parameters: the fp32 masters stand in
+        tensors = {k: params.get(k, v) for k, v in tensors.items()}
+        tensors.update({k: v for k, v in params.items() if k not in tensors})
+        empty = [k for k, v in tensors.items() if v.numel() == 0]
+        if empty:
+            ck.notes.append(f"stage 3: {len(empty)} partitioned tensor(s) not among the optimizer's parameters "
+                            f"(frozen?) are empty here: {', '.join(empty[:3])}")
+    ck.models.append(ModelState("module", os.path.join(rel, models[0]) if rel != "." else models[0], ("module",),
+                                tensors, {k: TensorMeta.of(v) for k, v in tensors.items()}, order_trusted=True))
+    ck.optimizers.append(OptimizerState("optimizer", ck.parts[len(models)].relpath, ("optimizer_state_dict",), opt_sd))
+    sched = model_sd.get("lr_scheduler")
+    if isinstance(sched, dict) and "last_epoch" in sched and first_placeholder(sched) is None:
+        ck.schedulers.append(SchedulerState("lr_scheduler", ck.models[0].part, ("lr_scheduler",), sched))
+    ck.extras["zero_stage"] = _config_stage(loaded[ranks[0][1]]) or stage
+    ck.extras["world_size"] = len(ranks)
+    for k in ("global_steps", "global_samples", "skipped_steps", "ds_version"):
+        v = model_sd.get(k)
+        if isinstance(v, (int, float, str, bool)):
+            ck.extras[k] = v
+    return ck
+
+
+def _group(rx: re.Pattern[str], name: str, i: int) -> str:
+    m = rx.match(name)
+    assert m is not None
+    return m.group(i)
+
+
+def _dict(obj: Any, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise LoadError(f"{what}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def _config_stage(obj: Any) -> int | None:
+    cfg = obj.get("ds_config") if isinstance(obj, dict) else None
+    z = cfg.get("zero_optimization") if isinstance(cfg, dict) else None
+    s = z.get("stage") if isinstance(z, dict) else None
+    return s if isinstance(s, int) else None
+
+
+def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[list[tuple[str, tuple[int, ...]]]]:
+    raw = model_sd.get("param_shapes")
+    if not isinstance(raw, list) or not raw:
+        raise LoadError(f"{what}: no param_shapes: cannot cut the flat ZeRO partitions by parameter")
+    out: list[list[tuple[str, tuple[int, ...]]]] = []
+    for g in raw:
+        if not isinstance(g, Mapping):
+            raise LoadError(f"{what}: param_shapes entry is {type(g).__name__}, not a name -> shape mapping")
+        group = []
+        for name, shape in g.items():
+            dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+            if not isinstance(name, str) or dims is None or not all(type(d) is int and d >= 0 for d in dims):
+                raise LoadError(f"{what}: param_shapes entry {name!r}: {shape!r} is not a shape")
+            group.append((name, dims))
+        out.append(group)
+    if sum(map(len, out)) > _MAX_PARAMS:
+        raise LoadError(f"{what}: param_shapes lists more than {_MAX_PARAMS:,} parameters; refused")
+    return out
+
+
+def _tensor(v: Any, what: str) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor) or v.dim() != 1:
+        raise LoadError(f"{what}: expected a flat (1-d) tensor, found {type(v).__name__}")
+    return v
+
+
+def _ints(v: Any, n: int, what: str) -> list[int]:
+    if not isinstance(v, list) or len(v) != n or not all(type(x) is int and x >= 0 for x in v):
+        raise LoadError(f"{what}: expected a list of {n} non-negative integers")
+    return v
+
+
+def _hparams(base: Mapping[str, Any], n_groups: int, what: str) -> list[dict[str, Any]]:
+    groups = base.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != n_groups or not all(isinstance(g, dict) for g in groups):
+        raise LoadError(f"{what}: base optimizer has no param_groups matching param_shapes' {n_groups} group(s)")
+    return groups
+
+
+def _join(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
+
+
+def _cut(flat: torch.Tensor, shapes: Sequence[tuple[str, tuple[int, ...]]], paddings: Sequence[int],
+         what: str) -> dict[str, torch.Tensor]:
+    """Parameter tensors out of a group's flat buffer (views); every element accounted for."""
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for (name, shape), pad in zip(shapes, paddings):
+        n = math.prod(shape)
+        if offset + n > flat.numel():
+            raise LoadError(f"{what}: flat partition of {flat.numel()} elements ends inside {name} {list(shape)}")
+        out[name] = flat.narrow(0, offset, n).view(shape)
+        offset += n + pad
+    if offset != flat.numel():
+        raise LoadError(f"{what}: flat partition of {flat.numel()} elements, but param_shapes account for {offset}")
+    return out
+
+
+def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, tuple[int, ...]]]],
+                 what: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    n = len(shapes)
+    params: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    groups: list[dict[str, Any]] = []
+    ranks = [(z["single_partition_of_fp32_groups"], _ints(z.get("group_paddings"), n, f"{what}: group_paddings"),
+              z.get("base_optimizer_state")) for z in zero]
+    for r, (fp32, _, _) in enumerate(ranks):
+        if not isinstance(fp32, list) or len(fp32) != n:
+            raise LoadError(f"{what}: rank {r} has {len(fp32) if isinstance(fp32, list) else 'no'} fp32 partitions "
+                            f"for {n} param group(s)")
+    counts = zero[0].get("partition_count")
+    if isinstance(counts, list) and any(c != len(zero) for c in counts):
+        raise LoadError(f"{what}: partition_count {counts}, but {len(zero)} optimizer file(s) found")
+    align = zero[0].get("param_alignment_paddings")
+    hp = _hparams(ranks[0][2], n, what) if isinstance(ranks[0][2], dict) else None
+    for g, group in enumerate(shapes):
+        pads = _ints(align[g], len(group), f"{what}: param_alignment_paddings[{g}]") if isinstance(align, list) \
+            else [0] * len(group)
+        where = f"{what}: group {g}"
+        params.update(_cut(_join([_tensor(fp32[g], where) for fp32, _, _ in ranks]), group, pads, where))
+        per_key: dict[str, list[torch.Tensor]] = {}
+        scalars: dict[str, Any] = {}
+        for r, (fp32, padding, base) in enumerate(ranks):
+            entry = _stage12_entry(base, g, f"{what} (rank {r})")
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.dim() == 1:
+                    lean = fp32[g].numel()
+                    if v.numel() not in (lean, lean + padding[g]):
+                        raise LoadError(f"{where}: state {k!r} has {v.numel()} elements for a partition of {lean}")
+                    per_key.setdefault(k, []).append(v[:lean])
+                elif r == 0:
+                    scalars[k] = v
+        cut = {k: _cut(_join(v), group, pads, f"{where}, state {k!r}") for k, v in per_key.items()}
+        for name, _ in group:
+            state[name] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
+            state[name].update({k: c[name] for k, c in cut.items()})
+        hparams = hp[g] if hp is not None else {}
+        groups.append({**{k: v for k, v in hparams.items() if k != "params"}, "params": [nm for nm, _ in group]})
+    return params, state, groups
+
+
+def _stage12_entry(base: Any, g: int, what: str) -> dict[str, Any]:
+    """Group ``g``'s flat optimizer state: the torch state dict (rigid) or the list of lean states (elastic)."""
+    if isinstance(base, list):
+        entry = base[g] if g < len(base) else None
+    elif isinstance(base, dict) and isinstance(base.get("state"), dict):
+        group = _hparams(base, len(base.get("param_groups") or ()), what)[g]
+        idx = group.get("params")
+        entry = base["state"].get(idx[0]) if isinstance(idx, list) and len(idx) == 1 else None
+    else:
+        raise LoadError(f"{what}: base_optimizer_state is {type(base).__name__}, not an optimizer state")
+    if entry is None:
+        return {}
+    return _dict(entry, f"{what}: group {g} state")
+
+
+def _cut_stage3(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, tuple[int, ...]]]],
+                what: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    world = len(zero)
+    count = zero[0].get("partition_count")
+    if isinstance(count, int) and count != world:
+        raise LoadError(f"{what}: partition_count {count}, but {world} optimizer file(s) found")
+    flats: list[torch.Tensor] = []
+    keyed: list[dict[str, torch.Tensor]] = []
+    scalars: dict[str, Any] = {}
+    base0 = _dict(zero[0].get("optimizer_state_dict"), f"{what}: optimizer_state_dict")
+    for r, z in enumerate(zero):
+        where = f"{what} (rank {r})"
+        subs = z.get("fp32_flat_groups")
+        if not isinstance(subs, list) or not subs:
+            raise LoadError(f"{where}: fp32_flat_groups is not a list of flat tensors")
+        flats.append(_join([_tensor(t, where) for t in subs]))
+        base = _dict(z.get("optimizer_state_dict"), f"{where}: optimizer_state_dict")
+        st = base.get("state")
+        order = [i for g in _hparams(base, len(shapes), where) for i in (g.get("params") or [])]
+        if not isinstance(st, dict) or len(order) != len(subs):
+            raise LoadError(f"{where}: optimizer state does not match its {len(subs)} fp32 sub-group(s)")
+        per_key: dict[str, list[torch.Tensor]] = {}
+        for i, sub in zip(order, subs):
+            entry = _dict(st.get(i, {}), f"{where}: state {i!r}")
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.dim() == 1:
+                    if v.numel() != sub.numel():
+                        raise LoadError(f"{where}: state {k!r} has {v.numel()} elements "
+                                        f"for a sub-group of {sub.numel()}")
+                    per_key.setdefault(k, []).append(v)
+                elif r == 0:
+                    scalars[k] = v
+        keyed.append({k: _join(v) for k, v in per_key.items() if len(v) == len(subs)})
+    params = _gather3(flats, shapes, what)
+    names = [nm for group in shapes for nm, _ in group]
+    cut = {k: _gather3([kd[k] for kd in keyed], shapes, f"{what}, state {k!r}") for k in keyed[0]
+           if all(k in kd for kd in keyed)}
+    state = {nm: {**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()},
+                  **{k: c[nm] for k, c in cut.items()}} for nm in names}
+    groups = [{**{k: v for k, v in hp.items() if k != "params"}, "params": [nm for nm, _ in group]}
+              for hp, group in zip(_hparams(base0, len(shapes), what), shapes)]
+    return params, state, groups
+
+
+def _gather3(flats: Sequence[torch.Tensor], shapes: list[list[tuple[str, tuple[int, ...]]]],
+             what: str) -> dict[str, torch.Tensor]:
+    """Stage 3: every rank holds a padded ``ceil(numel / world)`` slice of each parameter, in order."""
+    world = len(flats)
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, shape in (p for group in shapes for p in group):
+        n = math.prod(shape)
+        part = -(-n // world)
+        if any(offset + part > f.numel() for f in flats):
+            raise LoadError(f"{what}: flat partition ends inside {name} {list(shape)}")
+        out[name] = _join([f.narrow(0, offset, part) for f in flats]).narrow(0, 0, n).view(shape)
+        offset += part
+    if any(f.numel() != offset for f in flats):
+        raise LoadError(f"{what}: flat partitions of {[f.numel() for f in flats]} elements, "
+                        f"but param_shapes account for {offset} per rank")
+    return out
