@@ -138,7 +138,7 @@ def test_concurrent_converts_end_with_one_verified_result(tmp_path):
         for rc, err in results:
             assert rc in (0, 2), err
             if rc == 2:
-                assert len(err.strip().splitlines()) == 1 and "exists" in err or "appeared" in err, err
+                assert len(err.strip().splitlines()) == 1 and ("exists" in err or "appeared" in err), err
         ck = optckpt.load(out)
         want = torch.load(FIXTURES / "bundle.pt", weights_only=True)["model"]
         assert all(torch.equal(ck.models[0].tensors[k], v) for k, v in want.items())

@@ -334,6 +334,8 @@ def commit_dir(tmpdir: str, out: str, *, verify: Verify | None = None, in_place:
             os.rename(tmpdir, out)
     except BaseException as e:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another writer won the race
+            raise WriteError(f"{out}: appeared while writing (another run?); nothing replaced") from None
         if isinstance(e, OSError):
             raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
         raise
