@@ -219,7 +219,13 @@ def write_options(f: F) -> F:
                      help="Skip re-reading the output to check it bit for bit.")(f)
     f = click.option("--replace-backup", is_flag=True,
                      help="With --in-place: replace an existing PATH.bak (refused otherwise).")(f)
-    f = click.option("--in-place", is_flag=True, help="Rewrite PATH itself (the original is kept as PATH.bak).")(f)
+    f = click.option("--backup", is_flag=True,
+                     help="With --in-place on a torch zip file: also keep a full copy as PATH.bak "
+                          "(other layouts always keep PATH.bak).")(f)
+    f = click.option("--in-place", is_flag=True,
+                     help="Rewrite PATH itself. A torch zip file gets the new version appended (the tensor "
+                          "records stay where they are; `optckpt restore PATH` undoes it); other layouts are "
+                          "rewritten beside it, the original kept as PATH.bak.")(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)
     f = click.option("-o", "--output", "output", type=click.Path(), default=None, help="Where to write.")(f)
     return f
@@ -255,9 +261,10 @@ def write_options(f: F) -> F:
 @format_option
 def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: bool, source: str | None,
           renames: tuple[str, ...], optimizer_key: str | None, models: str | None, output: str | None,
-          dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool, missing: str, unexpected: str,
-          shape_mismatch: str, fuses: tuple[str, ...], splits: tuple[str, ...], model_output: str | None,
-          allow_ambiguous: bool, hparams: str, no_group_evidence: bool, verbose: bool, fmt: str) -> None:
+          dry_run: bool, in_place: bool, replace_backup: bool, backup: bool, no_verify: bool, missing: str,
+          unexpected: str, shape_mismatch: str, fuses: tuple[str, ...], splits: tuple[str, ...],
+          model_output: str | None, allow_ambiguous: bool, hparams: str, no_group_evidence: bool,
+          verbose: bool, fmt: str) -> None:
     """Rewrite optimizer state so the unchanged resume script (plain load_state_dict) is right.
 
     Writes the same layout as PATH; moved state keeps its bytes, new parameters start fresh,
@@ -278,7 +285,7 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
             transforms=parse_transforms(fuses, splits), model_output=model_output, optimizer_key=optimizer_key,
             models=models.split(",") if models else None, dry_run=dry_run,
             in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
-            replace_backup=replace_backup)
+            replace_backup=replace_backup, backup=backup)
     report = plan.as_json() | {"written": written}
     _note_stale(written)
     click.echo(to_json(report) if fmt == "json" else _escape(render_plan(report, verbose=verbose), newlines=False))
@@ -299,7 +306,7 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
 @format_option
 def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: str | None, trust_pickle: bool,
           source: str | None, renames: tuple[str, ...], optimizer_key: str | None, models: str | None,
-          output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, no_verify: bool,
+          output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, backup: bool, no_verify: bool,
           verbose: bool, fmt: str) -> None:
     """Drop or re-initialise the optimizer state of selected parameters (e.g. a re-initialised head)."""
     from .ops import reset_checkpoint
@@ -310,7 +317,7 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
             path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path,
             source=source, optimizer_key=optimizer_key, models=models.split(",") if models else None,
             dry_run=dry_run, in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
-            replace_backup=replace_backup)
+            replace_backup=replace_backup, backup=backup)
     report = {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
               "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written}
     _note_stale(written)
@@ -352,7 +359,7 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
 def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: float | None, scale_lr: float | None,
             weight_decay: float | None, scale_weight_decay: float | None, raw_sets: tuple[str, ...],
             sched_mode: str, optimizer_key: str | None, models: str | None, model_path: str | None,
-            trust_pickle: bool, output: str | None, dry_run: bool, in_place: bool, replace_backup: bool,
+            trust_pickle: bool, output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, backup: bool,
             no_verify: bool, fmt: str) -> None:
     """Change param-group hyperparameters (lr, weight_decay, any key) consistently with schedulers."""
     from .hparams import Change
@@ -374,7 +381,7 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
             path, output, changes, groups=groups, params=params, raw_sets=raw_sets,
             follow=sched_mode == "follow", model=model_path, optimizer_key=optimizer_key,
             models=models.split(",") if models else None, dry_run=dry_run, in_place=in_place,
-            verify=not no_verify, trust_pickle=trust_pickle, replace_backup=replace_backup)
+            verify=not no_verify, trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
     report = {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
               "after": result.after, "schedulers": result.schedulers, "notes": result.notes, "written": written}
     _note_stale(written)
@@ -503,6 +510,30 @@ def convert(path: str, to: str, output: str, max_shard_size: int | None, model_p
                                  max_shard_size=max_shard_size)
     _note_stale(written)
     click.echo(f"written: {written}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--dry-run", is_flag=True, help="Say which version would be restored; change nothing.")
+def restore(path: str, dry_run: bool) -> None:
+    """Undo the last --in-place edit of a torch zip file, or clear an interrupted one.
+
+    An in-place edit appends the new version to the file and leaves every byte of the previous
+    one where it was; this cuts the file back to the previous version (byte-identical to the
+    file before that edit). Run it again to go back further."""
+    from .errors import WriteError
+    from .io.append import restore_previous, versions
+
+    chain = versions(path)
+    if len(chain) < 2:
+        raise WriteError(f"{path}: holds no earlier version (it was not edited in place by optckpt)")
+    if dry_run:
+        click.echo(f"{path}: {len(chain) - 1} earlier version(s) kept; restore would cut it from {chain[0]} to "
+                   f"{chain[1]} bytes. Dry run: nothing changed")
+        return
+    before, after = restore_previous(path)
+    click.echo(f"restored {path}: {before} -> {after} bytes (the version before the last in-place edit); "
+               f"{len(chain) - 2} earlier version(s) still kept")
 
 
 def main() -> None:

@@ -48,11 +48,11 @@ __all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_ch
 
 def _open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: str | None, dry_run: bool,
                    in_place: bool, trust_pickle: bool,
-                   replace_backup: bool = False) -> tuple[Checkpoint, OptimizerState, str | None]:
+                   replace_backup: bool = False, backup: bool = False) -> tuple[Checkpoint, OptimizerState, str | None]:
     """Load a checkpoint to edit, check where the result may go, and pick the optimizer."""
     ck = load(path, model=model, trust_pickle=trust_pickle)  # DCP directories are edited by the _*_dcp helpers
     if not dry_run:
-        out = resolve_output(path, out, in_place, replace_backup=replace_backup)
+        out = resolve_output(path, out, in_place, replace_backup=replace_backup, backup=backup)
     return ck, ck.optimizer(optimizer_key), out
 
 
@@ -149,7 +149,8 @@ def _commit_dcp(path: str, out: str | None, in_place: bool, replace_backup: bool
 
 
 def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, in_place: bool,
-                 verify: bool, trust_pickle: bool = False, replace_backup: bool = False) -> str:
+                 verify: bool, trust_pickle: bool = False, replace_backup: bool = False,
+                 backup: bool = False) -> str:
     """Put each new state dict where its old one sat (file + key path), write the changed files in
     the input's layout, and (``verify``) read them back bit for bit."""
     part_objs = {p.relpath: p.obj for p in ck.parts}
@@ -158,7 +159,8 @@ def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, 
         part_objs[where.part] = replace_at(part_objs[where.part], where.path, new)
         changed[where.part] = part_objs[where.part]
     check = (lambda tmp: verify_output(ck, tmp, changed, trust_pickle=trust_pickle)) if verify else None
-    return write_checkpoint(ck, out, changed, in_place=in_place, verify=check, replace_backup=replace_backup)
+    return write_checkpoint(ck, out, changed, in_place=in_place, verify=check, replace_backup=replace_backup,
+                            backup=backup)
 
 
 def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
@@ -198,6 +200,7 @@ def remap_checkpoint(
     verify: bool = True,
     trust_pickle: bool = False,
     replace_backup: bool = False,
+    backup: bool = False,
     model_output: str | None = None,
 ) -> tuple[RemapPlan, str | None]:
     """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right,
@@ -211,7 +214,7 @@ def remap_checkpoint(
                           in_place=in_place, verify=verify, trust_pickle=trust_pickle,
                           replace_backup=replace_backup)
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
-                                  replace_backup)
+                                  replace_backup, backup)
     saved_mapping = source_mapping(ck, opt, source, models, trust_pickle)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     rules = parse_rename(renames)
@@ -233,13 +236,13 @@ def remap_checkpoint(
     if separate and (model_output is not None or in_place):
         assert model is not None
         _write_model_file(model, separate[0][0], separate[0][1], model_output, in_place=in_place, verify=verify,
-                          trust_pickle=trust_pickle, replace_backup=replace_backup)
+                          trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
     n_groups = len(opt.state_dict.get("param_groups", []))
     edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
     edits += [(m, new) for m, new in model_edits if not any(m is j for j, _ in joined)]
     assert out is not None
     written = _write_edits(ck, out, edits, in_place=in_place, verify=verify,
-                           trust_pickle=trust_pickle, replace_backup=replace_backup)
+                           trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
     return plan, written
 
 
@@ -276,13 +279,14 @@ def _model_edits(ck: Checkpoint, mapping: OptimizerMapping, plan: RemapPlan, tar
 
 
 def _write_model_file(path: str, m: Any, new: dict[str, torch.Tensor], model_output: str | None, *,
-                      in_place: bool, verify: bool, trust_pickle: bool, replace_backup: bool) -> str:
+                      in_place: bool, verify: bool, trust_pickle: bool, replace_backup: bool,
+                      backup: bool) -> str:
     """A separately saved model file (``--model``), rewritten in its own layout."""
     mck = load(path, trust_pickle=trust_pickle)
     mm = next(x for x in mck.models if x.path == m.path)
-    out = resolve_output(path, model_output, in_place, replace_backup=replace_backup)
+    out = resolve_output(path, model_output, in_place, replace_backup=replace_backup, backup=backup)
     return _write_edits(mck, out, [(mm, new)], in_place=in_place, verify=verify, trust_pickle=trust_pickle,
-                        replace_backup=replace_backup)
+                        replace_backup=replace_backup, backup=backup)
 
 
 @dataclass
@@ -421,6 +425,7 @@ def reset_checkpoint(
     verify: bool = True,
     trust_pickle: bool = False,
     replace_backup: bool = False,
+    backup: bool = False,
 ) -> tuple[ResetResult, str | None]:
     """``optckpt reset``: drop or re-initialise the state of parameters matching ``params`` globs.
 
@@ -435,7 +440,7 @@ def reset_checkpoint(
         return _reset_dcp(path, params, out, keys=keys, mode=mode, optimizer_key=optimizer_key, dry_run=dry_run,
                           in_place=in_place, verify=verify, replace_backup=replace_backup)
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
-                                  replace_backup)
+                                  replace_backup, backup)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
     selected = _select_params(mapping, params)
     if is_lbfgs(opt):
@@ -463,35 +468,56 @@ def reset_checkpoint(
         return result, None
     assert out is not None
     written = _write_edits(ck, out, [(opt, new_sd)], in_place=in_place, verify=verify,
-                           trust_pickle=trust_pickle, replace_backup=replace_backup)
+                           trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
     return result, written
 
 
-def same_bits(a: Any, b: Any) -> bool:
+def same_bits(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> bool:
     """Bit-for-bit equality of tensors (NaN == NaN), recursively through containers. The bytes of
-    each tensor compared go to the writers' progress hook, when one is set."""
+    each tensor compared go to the writers' progress hook, when one is set. ``same_record``: says
+    of two tensors that they are provably the same bytes without reading them (else compared)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
         from .diff import bit_equal
 
-        equal = bit_equal(a, b)
+        equal = (same_record is not None and same_record(a, b)) or bit_equal(a, b)
         tick = PROGRESS.get()
         if tick is not None:
             tick(a.numel() * a.element_size())
         return equal
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return list(a.keys()) == list(b.keys()) and all(same_bits(a[k], b[k]) for k in a)
+        return list(a.keys()) == list(b.keys()) and all(same_bits(a[k], b[k], same_record) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_bits(x, y, same_record) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
         return True
     return bool(a == b)
 
 
+def _same_record_in(path: str) -> Callable[[torch.Tensor, torch.Tensor], bool]:
+    """For a file edited by appending (its old bytes never written): two tensors memory-mapped from
+    ``path`` at the same file offset, with the same dtype, shape, strides and storage size, hold the
+    same bytes, whichever version's mapping each came from."""
+    from .io.records import _mappings, _offset_in
+
+    ranges = _mappings(path)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+        if a.device.type != "cpu" or b.device.type != "cpu" or sa.nbytes() != sb.nbytes() or sa.nbytes() == 0:
+            return False
+        oa, ob = _offset_in(ranges, sa.data_ptr()), _offset_in(ranges, sb.data_ptr())
+        return (oa is not None and oa == ob and a.dtype == b.dtype and a.shape == b.shape
+                and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+
+    return same
+
+
 def verify_output(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *, trust_pickle: bool = False) -> None:
     """Re-read what was written: every rewritten file must hold exactly the intended object (each
-    tensor bit for bit: unchanged ones identical to the input, moved ones equal to their source),
+    tensor bit for bit: unchanged ones identical to the input, moved ones equal to their source;
+    in a file edited by appending, a tensor still at its old record's offset is that record),
     and every file copied from a directory checkpoint must have its original size."""
     from .io.torchfile import load_torch_file
 
@@ -499,7 +525,8 @@ def verify_output(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *,
     for relpath, intended in changed_parts.items():
         path = out if single else os.path.join(out, relpath)
         got = load_torch_file(path, trust_pickle=trust_pickle, quiet=True).obj
-        if not same_bits(got, intended):
+        appended = single and os.path.isfile(ck.path) and os.path.samefile(path, ck.path)
+        if not same_bits(got, intended, _same_record_in(path) if appended else None):
             raise WriteError(f"{path}: verification failed: the written file differs from what was meant "
                              "(nothing was written; the input is untouched)")
     if not single:
@@ -528,6 +555,7 @@ def set_checkpoint(
     verify: bool = True,
     trust_pickle: bool = False,
     replace_backup: bool = False,
+    backup: bool = False,
 ) -> tuple[Any, str | None]:
     """``optckpt set``: change group hyperparameters so the resumed run really uses them."""
     from .hparams import SetResult, parse_set, rewrite, scheduler_changes, select_groups
@@ -538,7 +566,7 @@ def set_checkpoint(
         opt = ck.optimizer(optimizer_key)
     else:
         ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
-                                      replace_backup)
+                                      replace_backup, backup)
     sd_groups = opt.state_dict.get("param_groups", [])
     all_changes = list(changes) + [parse_set(s, sd_groups) for s in raw_sets]
     if not all_changes:
@@ -560,7 +588,7 @@ def set_checkpoint(
                                 replace_backup=replace_backup)
     assert out is not None
     written = _write_edits(ck, out, [(opt, new_opt), *zip(scheds, new_scheds)], in_place=in_place, verify=verify,
-                           trust_pickle=trust_pickle, replace_backup=replace_backup)
+                           trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
     return result, written
 
 

@@ -165,7 +165,7 @@ def test_symlinked_input_in_place_keeps_the_link(tmp_path):
     r = invoke("remap", str(link), "--model", str(SEED_MODEL), "--target", MODEL2, "--in-place")
     assert r.exit_code == 0, r.stderr
     assert link.is_symlink() and os.path.samefile(link, real)
-    assert _sha(tmp_path / "real.pth.bak") == _sha(SEED_OPT)
+    assert not (tmp_path / "real.pth.bak").exists()  # appended to the real file, the link kept
     assert torch.load(real, weights_only=True)["param_groups"][0]["param_names"][0] == "linear2.weight"
     r = invoke("remap", str(link), "--model", str(SEED_MODEL), "--target", MODEL2, "-o", str(real))
     _one_line_error(r)  # the output is the input, through the link

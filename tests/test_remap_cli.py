@@ -67,14 +67,29 @@ def test_refuses_to_overwrite_input(tmp_path):
     assert _digest(p) == _digest(SEED_OPT)
 
 
-def test_in_place_keeps_bak(tmp_path):
+def test_in_place_appends_a_version_and_restore_brings_the_old_one_back(tmp_path):
     p = tmp_path / "opt.pth"
     shutil.copy(SEED_OPT, p)
     r = invoke("remap", str(p), "--model", SEED_MODEL, "--target", MODEL2, "--in-place")
     assert r.exit_code == 0, r.stderr
-    assert _digest(tmp_path / "opt.pth.bak") == _digest(SEED_OPT)
     assert _digest(p) != _digest(SEED_OPT)
-    assert sorted(os.listdir(tmp_path)) == ["opt.pth", "opt.pth.bak"]  # no temp files left
+    assert open(p, "rb").read().startswith(open(SEED_OPT, "rb").read())  # appended: no old byte rewritten
+    assert sorted(os.listdir(tmp_path)) == ["opt.pth"]  # no temp files, no .bak: the old version is inside
+    r = invoke("restore", str(p))
+    assert r.exit_code == 0 and "0 earlier version(s) still kept" in r.stdout, r.stderr
+    assert _digest(p) == _digest(SEED_OPT)
+    r = invoke("restore", str(p))
+    assert r.exit_code == 2 and "no earlier version" in r.stderr
+
+
+def test_in_place_with_backup_keeps_a_full_copy(tmp_path):
+    p = tmp_path / "opt.pth"
+    shutil.copy(SEED_OPT, p)
+    r = invoke("remap", str(p), "--model", SEED_MODEL, "--target", MODEL2, "--in-place", "--backup")
+    assert r.exit_code == 0, r.stderr
+    assert _digest(tmp_path / "opt.pth.bak") == _digest(SEED_OPT) and _digest(p) != _digest(SEED_OPT)
+    assert os.stat(p).st_ino != os.stat(tmp_path / "opt.pth.bak").st_ino  # a copy: the file changes in place
+    assert sorted(os.listdir(tmp_path)) == ["opt.pth", "opt.pth.bak"]
 
 
 def test_missing_output_dir_and_no_output(tmp_path):

@@ -50,27 +50,43 @@ def test_in_place_never_follows_a_symlinked_backup(src, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     os.symlink(victim, str(src) + ".bak")
-    _one_line_error(_remap(src, "--in-place"), "previous backup")
+    _one_line_error(_remap(src, "--in-place", "--backup"), "previous backup")
     assert victim.read_text() == "precious" and _sha(src) == _sha(SEED_OPT)
-    _one_line_error(_remap(src, "--in-place", "--replace-backup"), "not a regular file")
+    _one_line_error(_remap(src, "--in-place", "--backup", "--replace-backup"), "not a regular file")
     assert victim.read_text() == "precious" and _sha(src) == _sha(SEED_OPT)
+    assert _remap(src, "--in-place").exit_code == 0  # appending keeps no .bak: the link is not touched
+    assert victim.read_text() == "precious" and os.path.islink(str(src) + ".bak")
 
 
 def test_existing_backup_is_refused_unless_asked(src):
     bak = Path(str(src) + ".bak")
     bak.write_bytes(b"an older backup")
-    _one_line_error(_remap(src, "--in-place"), "--replace-backup")
+    _one_line_error(_remap(src, "--in-place", "--backup"), "--replace-backup")
     assert bak.read_bytes() == b"an older backup" and _sha(src) == _sha(SEED_OPT)
-    r = _remap(src, "--in-place", "--replace-backup")
+    r = _remap(src, "--in-place", "--backup", "--replace-backup")
     assert r.exit_code == 0, r.stderr
     assert _sha(bak) == _sha(SEED_OPT)
 
 
-def test_backup_is_a_hard_link_not_a_copy(src):
+def _legacy(path: Path) -> None:
+    torch.save(torch.load(SEED_OPT, weights_only=True), path, _use_new_zipfile_serialization=False)
+
+
+def test_legacy_file_backup_is_a_hard_link_not_a_copy(tmp_path):
+    src = tmp_path / "opt.pth"
+    _legacy(src)
+    before = _sha(src)
     ino = os.stat(src).st_ino
     assert _remap(src, "--in-place").exit_code == 0
     assert os.stat(str(src) + ".bak").st_ino == ino  # the original inode: no bytes copied, none half-written
-    assert os.stat(src).st_ino != ino and os.stat(src).st_nlink == 1
+    assert os.stat(src).st_ino != ino and os.stat(src).st_nlink == 1 and _sha(str(src) + ".bak") == before
+
+
+def test_zip_file_in_place_keeps_its_inode_and_old_bytes(src):
+    ino, old = os.stat(src).st_ino, src.read_bytes()
+    assert _remap(src, "--in-place").exit_code == 0
+    assert os.stat(src).st_ino == ino and src.read_bytes()[:len(old)] == old
+    assert not os.path.lexists(str(src) + ".bak")
 
 
 def test_hard_linked_input_is_not_silently_split(src, tmp_path):
@@ -146,12 +162,14 @@ def test_concurrent_converts_end_with_one_verified_result(tmp_path):
 
 
 def test_failed_verification_leaves_nothing(src, tmp_path, monkeypatch):
-    monkeypatch.setattr("optckpt.ops.same_bits", lambda a, b: False)  # fault injection: the re-read "differs"
+    monkeypatch.setattr("optckpt.ops.same_bits", lambda *a: False)  # fault injection: the re-read "differs"
     out = tmp_path / "out.pth"
     _one_line_error(_remap(src, "-o", str(out)), "verification failed")
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["opt.pth"]
-    _one_line_error(_remap(src, "--in-place"), "verification failed")
+    _one_line_error(_remap(src, "--in-place"), "verification failed")  # appended, read back, rolled back
     assert _sha(src) == _sha(SEED_OPT) and sorted(os.listdir(tmp_path)) == ["opt.pth"]
+    _one_line_error(_remap(src, "--in-place", "--backup"), "verification failed")
+    assert _sha(src) == _sha(SEED_OPT) and sorted(os.listdir(tmp_path)) == ["opt.pth"]  # no .bak of a failed edit
     _one_line_error(invoke("convert", str(FIXTURES / "bundle.pt"), "--to", "dcp", "-o", str(tmp_path / "d")))
     assert sorted(os.listdir(tmp_path)) == ["opt.pth"]
 

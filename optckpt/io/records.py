@@ -84,7 +84,7 @@ def _source_records(path: str) -> tuple[str, dict[int, zipfile.ZipInfo], dict[st
             return None
         prefix = infos[0].filename.split("/", 1)[0]
         small = {i.filename[len(prefix) + 1:]: z.read(i) for i in infos if "/data/" not in i.filename
-                 and i.filename.rsplit("/", 1)[-1] in ("version", ".format_version", ".storage_alignment")}
+                 and i.filename.rsplit("/", 1)[-1] in ("version", ".format_version", ".storage_alignment", "byteorder")}
     by_offset: dict[int, zipfile.ZipInfo] = {}
     with open(path, "rb") as f:
         for i in infos:
@@ -152,14 +152,7 @@ def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]])
                 payload = data if isinstance(data, bytes) else _storage_bytes(data, data.nbytes())
                 size, crc = len(payload), zlib.crc32(payload)
             offset = fout.tell()
-            z64 = size >= _Z64_LIMIT or offset >= _Z64_LIMIT
-            z64_local = struct.pack("<HHQQ", 0x0001, 16, size, size) if z64 else b""
-            fixed = 30 + len(name) + len(z64_local)
-            pad = (-(offset + fixed + 4)) % _ALIGN
-            extra = z64_local + struct.pack("<HH", 0x4246, pad) + b"\0" * pad  # "FB" padding aligns the data
-            fout.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if z64 else 20, 0x0800, 0, 0, 0x21, crc,
-                                   _Z64 if z64 else size, _Z64 if z64 else size, len(name), len(extra)))
-            fout.write(name + extra)
+            fout.write(local_header(name, size, crc, offset))
             if payload is not None:
                 fout.write(payload)
             else:
@@ -168,11 +161,7 @@ def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]])
                 fout.seek(fout.tell() + size)
             if tick is not None:
                 tick(size)
-            z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if z64 else b""
-            central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if z64 else 20, 45 if z64 else 20, 0x0800,
-                                       0, 0, 0x21, crc, _Z64 if z64 else size, _Z64 if z64 else size, len(name),
-                                       len(z64_central), 0, 0, 0, 0, _Z64 if z64 else offset)
-                           + name + z64_central)
+            central.append(central_entry(name, size, crc, offset))
         cd_start = fout.tell()
         for c in central:
             fout.write(c)
@@ -185,6 +174,27 @@ def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]])
             fout.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _Z64, _Z64, 0))
         else:
             fout.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))
+
+
+def local_header(name: bytes, size: int, crc: int, offset: int) -> bytes:
+    """The local header of a stored record whose header starts at ``offset``, padded (an "FB" extra
+    field, as torch writes it) so that the data after it starts on a 64-byte boundary."""
+    z64 = size >= _Z64_LIMIT or offset >= _Z64_LIMIT
+    z64_local = struct.pack("<HHQQ", 0x0001, 16, size, size) if z64 else b""
+    fixed = 30 + len(name) + len(z64_local)
+    pad = (-(offset + fixed + 4)) % _ALIGN
+    extra = z64_local + struct.pack("<HH", 0x4246, pad) + b"\0" * pad
+    return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if z64 else 20, 0x0800, 0, 0, 0x21, crc,
+                       _Z64 if z64 else size, _Z64 if z64 else size, len(name), len(extra)) + name + extra
+
+
+def central_entry(name: bytes, size: int, crc: int, offset: int) -> bytes:
+    """The central-directory entry of a stored record whose local header is at ``offset``."""
+    z64 = size >= _Z64_LIMIT or offset >= _Z64_LIMIT
+    z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if z64 else b""
+    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if z64 else 20, 45 if z64 else 20, 0x0800,
+                       0, 0, 0x21, crc, _Z64 if z64 else size, _Z64 if z64 else size, len(name),
+                       len(z64_central), 0, 0, 0, 0, _Z64 if z64 else offset) + name + z64_central
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, size: int) -> None:

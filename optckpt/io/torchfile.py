@@ -163,7 +163,30 @@ def _check_zip(path: str) -> None:
     except LoadError:
         raise
     except Exception as e:  # BadZipFile (incl. CRC), OSError, ValueError, NotImplementedError (version field), ...
+        _check_interrupted(path)
         raise LoadError(f"{path}: truncated or corrupt zip container ({_first_line(e)})") from None
+
+
+def _check_interrupted(path: str) -> None:
+    """A file whose in-place edit was killed midway ends with optckpt's "pending" end records:
+    say so (torch still loads its previous version; ``optckpt restore`` clears it)."""
+    from .append import end_state
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        state = end_state(fd, size)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    if state is not None and state.kind == "pend" and state.previous_size is not None:
+        raise LoadError(f"{path}: an in-place edit of this file was interrupted ({size - state.previous_size} "
+                        f"unfinished bytes at its end; torch still loads the previous version); run "
+                        f"`optckpt restore {path}` to remove them")
 
 
 def _first_line(e: BaseException) -> str:

@@ -4,9 +4,13 @@ The promise: the final path holds either what was there before or a complete, *v
 Every output is written to a temp file (or directory) created exclusively beside it, fsynced,
 verified there, and only then renamed into place. Temp names carry the writer's pid, so the temp
 files a killed run leaves behind are recognised (and named) by the next run. Nothing is written
-through a symlink, into a FIFO or device, or over an existing backup unless asked. ``--in-place``
-keeps the original as ``PATH.bak`` (a hard link to the original inode: no copy, no partial
-backup on a full disk)."""
+through a symlink, into a FIFO or device, or over an existing backup unless asked.
+
+``--in-place`` on a torch zip file appends a new version to it (:mod:`.append`: O(pickle), the
+previous version stays inside the file and ``optckpt restore`` brings it back; ``--backup`` also
+keeps a full copy as ``PATH.bak``). Other layouts (legacy pickles, safetensors, directories) are
+rewritten beside the input and renamed into place, the original kept as ``PATH.bak`` (for a file
+a hard link to the original inode: no copy, no partial backup on a full disk)."""
 
 from __future__ import annotations
 
@@ -23,11 +27,13 @@ import torch
 
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
+from .append import append_version
 from .records import PROGRESS, rewrite_records
 from .safepickle import pickle_module_for
+from .torchfile import sniff
 
 __all__ = ["replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
-           "temp_file", "temp_dir", "commit_file", "commit_dir", "stale_temps"]
+           "temp_file", "temp_dir", "commit_file", "commit_dir", "stale_temps", "appends_in_place"]
 
 Verify = Callable[[str], None]
 """Checks a written temp file/directory (raises :class:`WriteError`); runs before the final rename."""
@@ -75,9 +81,20 @@ def backup_path(src: str) -> str:
     return os.path.realpath(src).rstrip(os.sep) + ".bak"
 
 
-def resolve_output(src: str, out: str | None, in_place: bool, *, replace_backup: bool = False) -> str:
+def appends_in_place(path: str) -> bool:
+    """Does ``--in-place`` append a version to ``path`` (a regular torch zip file) rather than
+    rewrite it beside and rename?"""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode) and sniff(path) == "zip"
+    except Exception:
+        return False
+
+
+def resolve_output(src: str, out: str | None, in_place: bool, *, replace_backup: bool = False,
+                   backup: bool = False) -> str:
     """Where to write, refusing to clobber the input unless ``in_place`` (then the input's real path,
-    after checking that a backup can be kept)."""
+    after checking that a backup can be kept where one will be: always, except for a torch zip
+    file edited by appending without ``backup``)."""
     if in_place:
         if out is not None and not _same_file(src, out):
             raise WriteError("--in-place writes over the input: do not also give -o/--output")
@@ -92,6 +109,8 @@ def resolve_output(src: str, out: str | None, in_place: bool, *, replace_backup:
             raise WriteError(f"{src}: has {st.st_nlink} hard links; rewriting it in place would leave the other "
                              "names with the old content. Write a new file with -o instead")
         bak = backup_path(src)
+        if not backup and appends_in_place(real):
+            return real
         if os.path.lexists(bak) and not replace_backup:
             raise WriteError(f"{bak}: a previous backup is in the way; move it away or pass --replace-backup")
         if os.path.lexists(bak) and not (os.path.isdir(bak) if os.path.isdir(real) else
@@ -264,19 +283,38 @@ def copy_mode(src: str, dst: str) -> None:
 def _keep_backup(src: str, replace: bool) -> None:
     """``src.bak`` := the current ``src`` without copying (a hard link to its inode), never following
     a link at the backup path; copied (into an exclusive temp, then linked) where hard links fail."""
+    _place_backup(_stage_backup(src, copy=False), src, replace)
+
+
+def _stage_backup(src: str, *, copy: bool) -> str:
+    """A temp file beside ``src.bak`` holding the current ``src``: a hard link to it, or a copy
+    (``copy``, or where links fail; ``copy``: the file is about to change in place, a link would
+    change with it)."""
     bak = backup_path(src)
     dest_dir = os.path.dirname(bak)
     tmp = os.path.join(dest_dir, _prefix(os.path.basename(bak)) + "link.tmp")
     _unlink(tmp)
     try:
+        if copy:
+            raise OSError(errno.EPERM, "a copy is asked for")
         os.link(src, tmp, follow_symlinks=False)
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP):
             raise
         tmp = temp_file(dest_dir, os.path.basename(bak))
-        shutil.copyfile(src, tmp)
-        copy_mode(src, tmp)
-        _fsync_path(tmp)
+        try:
+            shutil.copyfile(src, tmp)
+            copy_mode(src, tmp)
+            _fsync_path(tmp)
+        except BaseException:
+            _unlink(tmp)
+            raise
+    return tmp
+
+
+def _place_backup(tmp: str, src: str, replace: bool) -> None:
+    """Rename the staged backup ``tmp`` to ``src.bak`` (no-clobber unless ``replace``)."""
+    bak = backup_path(src)
     try:
         if replace:
             os.replace(tmp, bak)  # replaces whatever name sits there; never writes through it
@@ -346,12 +384,14 @@ def commit_dir(tmpdir: str, out: str, *, verify: Verify | None = None, in_place:
 
 
 def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *, in_place: bool = False,
-                     verify: Verify | None = None, replace_backup: bool = False) -> str:
+                     verify: Verify | None = None, replace_backup: bool = False, backup: bool = False) -> str:
     """Write ``ck`` to ``out`` with the objects in ``changed_parts`` (part relpath → new object).
 
-    File layouts: one temp file, verified, then renamed. Directory layouts: a temp directory beside
-    ``out`` holding every file (changed ones re-saved, the rest copied byte-for-byte, symlinks kept
-    as links, never followed), verified, then renamed into place. ``verify`` gets the temp path."""
+    A torch zip file ``in_place``: a version appended to it, verified (``backup``: a full copy
+    of the old one kept as ``PATH.bak``). Other files: one temp file, verified, then renamed.
+    Directory layouts: a temp directory beside ``out`` holding every file (changed ones re-saved,
+    the rest copied byte-for-byte, symlinks kept as links, never followed), verified, then renamed
+    into place. ``verify`` gets the path to check."""
     if ck.layout == "dcp":
         raise WriteError(f"{ck.path}: rewriting DCP checkpoints in place is not supported yet; "
                          "`optckpt convert --to torch` it, repair, and `convert --to dcp` back")
@@ -366,12 +406,33 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
         part = next(p for p in ck.parts if p.relpath == os.path.basename(ck.path))
         if part.relpath not in changed_parts:
             raise WriteError("internal: nothing to write")
+        if in_place and part.zip_format and appends_in_place(src):
+            return _append_in_place(src, changed_parts[part.relpath], verify, backup, replace_backup)
         tmp = temp_file(dest_dir, os.path.basename(out))
         _save_torch(changed_parts[part.relpath], tmp, legacy=not part.zip_format, source=ck.path)
         copy_mode(src, tmp)
         return commit_file(tmp, out, verify=verify, in_place=in_place, replace_backup=replace_backup)
     except PermissionError as e:
         raise WriteError(f"{out}: permission denied ({e.strerror or e})") from None
+
+
+def _append_in_place(src: str, obj: Any, verify: Verify | None, backup: bool, replace_backup: bool) -> str:
+    """A new version appended to the torch zip file ``src``; with ``backup`` a full copy of the old
+    one, staged first, becomes ``src.bak`` once the edit is verified (none on failure)."""
+    staged = None
+    try:
+        if backup:
+            staged = _stage_backup(src, copy=True)
+        append_version(src, obj, verify=verify)
+        if staged is not None:
+            _place_backup(staged, src, replace_backup)
+            staged = None
+    except OSError as e:
+        raise _as_write_error(e, backup_path(src), "cannot keep the backup") from None
+    finally:
+        if staged is not None:
+            _unlink(staged)
+    return src
 
 
 def _write_directory(ck: Checkpoint, src: str, out: str, changed_parts: Mapping[str, Any], in_place: bool,

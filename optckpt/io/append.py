@@ -1,0 +1,336 @@
+"""In-place edits of a torch zip checkpoint in O(pickle): append a new version, never rewrite.
+
+A remap / set / reset changes the pickle, not the tensor bytes. So ``--in-place`` does not copy
+the file: it appends to it a new ``data.pkl`` (plus any genuinely new tensors and the small
+records torch expects) and a new central directory that lists the new records beside the *old*
+data records at their old offsets. No byte below the old end of the file is ever written, so the
+previous version is still inside the file, complete: truncating the file to its old length gives
+it back byte for byte (``optckpt restore``).
+
+Crash safety rests on how zip readers find a zip: the end-of-central-directory record (EOCD) is
+searched backwards from the end of the file, and miniz (torch's reader) follows its offsets to
+the central directory wherever it lies. An edit is three writes::
+
+    1. at the future end P: a copy of the *current* end records (zip64 EOCD, locator, EOCD with
+       the comment ``optckpt-pend:<old length>``), pointing at the current central directory;
+       the file now ends in a hole, then that copy: it still loads as the previous version
+    2. into the hole: new records, the new central directory; fsync
+    3. at P again, the same length: the new end records (comment ``optckpt-prev:<old length>``),
+       pointing at the new central directory; fsync
+
+Steps 1 and 3 are single writes of 131 bytes placed inside one 4 KiB page, so a killed process
+leaves either the old or the new end records, never a mix (the kernel copies a page at a time and
+checks for fatal signals between pages); everything step 3 points at is on disk before it. A
+process killed between 1 and 3 leaves a file that torch loads as the previous version; optckpt
+names that state and ``optckpt restore`` (truncation to the recorded length) clears it.
+
+The new version is read back after step 3 (``verify``); a mismatch writes the copy of step 1
+back and truncates: the previous version again. Comments are fixed-length, so the end records of
+both kinds are the same size and step 3 overwrites step 1 exactly."""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import random
+import stat
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import WriteError
+from .records import _mappings, _offset_in, _source_records, central_entry, local_header
+from .safepickle import pickle_module_for
+
+__all__ = ["append_version", "restore_previous", "versions", "end_state", "EndState"]
+
+_PAGE = 4096
+_PREV, _PEND = b"optckpt-prev:", b"optckpt-pend:"
+_COMMENT_LEN = len(_PREV) + 20
+_END_LEN = 56 + 20 + 22 + _COMMENT_LEN  # zip64 EOCD record + zip64 locator + EOCD + comment
+_EOCD_SIG, _LOC_SIG, _Z64_SIG = 0x06054B50, 0x07064B50, 0x06064B50
+_SMALL = (".format_version", ".storage_alignment", "byteorder")  # written after data.pkl, as torch does
+
+
+@dataclass(frozen=True)
+class EndState:
+    """What the end of a zip file says: its central directory, and optckpt's note if it wrote it."""
+
+    entries: int
+    cd_size: int
+    cd_offset: int
+    kind: str | None  # "prev": a version appended by optckpt; "pend": an append that did not finish
+    previous_size: int | None  # the file's length before that append
+
+
+def end_state(fd: int, size: int) -> EndState | None:
+    """Parse the end records of the zip in ``fd`` that ends at ``size`` (None: no zip ends there)."""
+    start = max(0, size - (0xFFFF + 22 + 20 + 56))
+    tail = os.pread(fd, size - start, start)
+    at = tail.rfind(struct.pack("<I", _EOCD_SIG))
+    if at < 0 or at + 22 > len(tail):
+        return None
+    _, _, _, _, n, cd_size, cd_off, clen = struct.unpack("<IHHHHIIH", tail[at:at + 22])
+    if at + 22 + clen != len(tail):
+        return None
+    comment = tail[at + 22:]
+    loc = at - 20
+    if loc >= 0 and struct.unpack("<I", tail[loc:loc + 4])[0] == _LOC_SIG:
+        z64_at = struct.unpack("<Q", tail[loc + 8:loc + 16])[0]
+        rec = os.pread(fd, 56, z64_at)
+        if len(rec) != 56 or struct.unpack("<I", rec[:4])[0] != _Z64_SIG:
+            return None
+        n, cd_size, cd_off = struct.unpack("<QQQ", rec[32:56])
+    kind = prev = None
+    if len(comment) == _COMMENT_LEN and comment[:len(_PREV)] in (_PREV, _PEND) and comment[len(_PREV):].isdigit():
+        kind = "prev" if comment.startswith(_PREV) else "pend"
+        prev = int(comment[len(_PREV):])
+        if not 0 < prev < size:
+            kind = prev = None
+    return EndState(n, cd_size, cd_off, kind, prev)
+
+
+def _end_records(at: int, n: int, cd_size: int, cd_offset: int, comment: bytes) -> bytes:
+    """zip64 EOCD record (at ``at``), its locator, and the EOCD whose fields say "see zip64"."""
+    return (struct.pack("<IQHHIIQQQQ", _Z64_SIG, 44, 45, 45, 0, 0, n, n, cd_size, cd_offset)
+            + struct.pack("<IIQI", _LOC_SIG, 0, at, 1)
+            + struct.pack("<IHHHHIIH", _EOCD_SIG, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, len(comment))
+            + comment)
+
+
+def _interrupted(path: str, state: EndState, size: int) -> WriteError:
+    assert state.previous_size is not None
+    return WriteError(f"{path}: an in-place edit of this file was interrupted ({size - state.previous_size} "
+                      f"unfinished bytes at its end; torch still loads the previous version); run "
+                      f"`optckpt restore {path}` to remove them")
+
+
+def _pickle(obj: Any, key_for: Callable[[Any], str | None],
+            fresh_from: int) -> tuple[bytes, list[str], dict[str, Any]]:
+    """Pickle ``obj`` as torch's ``_save`` does, but a storage that is a record of the file keeps
+    that record's key (``key_for``); any other storage gets a new key from ``fresh_from`` on and is
+    returned to be written. A record key is given to one storage only: two storages never merge.
+    Returns the pickle, every key it refers to, and the new storages by key."""
+    from torch.serialization import location_tag, normalize_storage_type
+
+    ids: dict[int, str] = {}
+    used: set[str] = set()
+    new: dict[str, Any] = {}
+    counter = [fresh_from]
+
+    def persistent_id(o: Any) -> Any:
+        if not (isinstance(o, torch.storage.TypedStorage) or torch.is_storage(o)):
+            return None
+        if isinstance(o, torch.storage.TypedStorage):
+            storage = o._untyped_storage
+            storage_type = getattr(torch, o._pickle_storage_type())
+            numel = o._size()
+        else:
+            storage = o
+            storage_type = normalize_storage_type(type(o))
+            numel = storage.nbytes()
+        key = ids.get(storage._cdata)
+        if key is None:
+            key = key_for(storage)
+            if key is None or key in used:
+                key = str(counter[0])
+                counter[0] += 1
+                new[key] = storage
+            used.add(key)
+            ids[storage._cdata] = key
+        fake = getattr(o, "_fake_device", None)
+        return ("storage", storage_type, key, str(fake) if fake is not None else location_tag(storage), numel)
+
+    module = pickle_module_for(obj)
+
+    class _Pickler(module.Pickler):  # type: ignore[name-defined,misc]
+        def persistent_id(self, o: Any) -> Any:
+            return persistent_id(o)
+
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=torch.serialization.DEFAULT_PROTOCOL).dump(obj)
+    return buf.getvalue(), list(ids.values()), new
+
+
+def _storage_view(storage: Any, keep: list[Any]) -> memoryview:
+    """A CPU view of a storage's bytes (no copy for CPU storages; a copy, kept alive in ``keep``,
+    for others)."""
+    if storage.device.type != "cpu":
+        storage = storage.cpu()
+    keep.append(storage)
+    n = storage.nbytes()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(storage.data_ptr())).cast("B")
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:done + (1 << 30)], offset + done)
+        if n <= 0:
+            raise OSError(5, "Input/output error: short write")
+        done += n
+
+
+def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None = None) -> int:
+    """Make ``obj`` the content of the torch zip file ``path`` by appending a new version (see the
+    module docstring). Tensors of ``obj`` memory-mapped from ``path`` are referenced where they
+    are; others are appended. Returns the bytes appended. On any failure the file holds its
+    previous version again and :class:`WriteError` (or the caller's exception) is raised."""
+    found = _source_records(path)
+    if found is None:
+        raise WriteError(f"{path}: not a plain torch zip file (compressed records?); cannot append a version")
+    prefix, by_offset, small = found
+    ranges = _mappings(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        state = end_state(fd, size)
+        if state is None:
+            raise WriteError(f"{path}: no zip end record found; cannot append a version")
+        if state.kind == "pend":
+            raise _interrupted(path, state, size)
+        data_prefix = f"{prefix}/data/"
+        keys = {info.filename[len(data_prefix):]: (off, info) for off, info in by_offset.items()
+                if info.filename.startswith(data_prefix)}
+
+        def key_for(storage: Any) -> str | None:
+            if storage.device.type != "cpu" or storage.nbytes() == 0:
+                return None
+            off = _offset_in(ranges, storage.data_ptr())
+            info = by_offset.get(off) if off is not None else None
+            if info is None or info.file_size != storage.nbytes() or not info.filename.startswith(data_prefix):
+                return None
+            return str(info.filename[len(data_prefix):])
+
+        numeric = [int(k) for k in keys if k.isdigit()]
+        pickled, referenced, new = _pickle(obj, key_for, max(numeric, default=-1) + 1)
+        pos = size
+        writes: list[tuple[int, Any]] = []
+        central: dict[str, bytes] = {}
+
+        def add(rel: str, payload: Any) -> None:
+            nonlocal pos
+            name = f"{prefix}/{rel}".encode()
+            view = memoryview(payload).cast("B")
+            crc = zlib.crc32(view)
+            head = local_header(name, len(view), crc, pos)
+            writes.append((pos, head))
+            writes.append((pos + len(head), view))
+            central[rel] = central_entry(name, len(view), crc, pos)
+            pos += len(head) + len(view)
+
+        add("data.pkl", pickled)
+        for rel in _SMALL:
+            if rel in small:
+                add(rel, small[rel])
+        alive: list[Any] = []
+        for key, storage in new.items():
+            add(f"data/{key}", _storage_view(storage, alive))
+        add("version", small.get("version", b"3\n"))
+        add(".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode())
+        order = [r for r in ("data.pkl", *_SMALL) if r in central]
+        for key in sorted(set(referenced), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+            rel = f"data/{key}"
+            if rel in central:
+                order.append(rel)
+            elif key in keys:
+                off, info = keys[key]
+                order.append(rel)
+                central[rel] = central_entry(info.filename.encode(), info.file_size, info.CRC, info.header_offset)
+            else:
+                raise WriteError(f"{path}: internal: the new pickle names record data/{key}, which is nowhere")
+        order += ["version", ".data/serialization_id"]
+        cd = b"".join(central[r] for r in order)
+        gap = 0 if (pos + len(cd)) % _PAGE + _END_LEN <= _PAGE else -(pos + len(cd)) % _PAGE
+        cd_at = pos + gap  # the end records within one page: a gap before the directory, if need be
+        end_at = cd_at + len(cd)
+        pending = _end_records(end_at, state.entries, state.cd_size, state.cd_offset, _PEND + b"%020d" % size)
+        final = _end_records(end_at, len(order), len(cd), cd_at, _PREV + b"%020d" % size)
+        assert len(pending) == len(final) == _END_LEN
+        committed = False
+        try:
+            os.pwrite(fd, pending, end_at)  # 1: still the previous version
+            for off, data in writes:  # 2: the new records and directory into the hole
+                _pwrite_all(fd, data, off)
+            _pwrite_all(fd, cd, cd_at)
+            os.fsync(fd)
+            if os.pwrite(fd, final, end_at) != len(final):  # 3: the new version
+                raise OSError(5, "Input/output error: short write")
+            committed = True
+            os.fsync(fd)
+            if verify is not None:
+                verify(path)
+        except BaseException:
+            _roll_back(fd, size, end_at, pending if committed else None)
+            raise
+        return end_at + _END_LEN - size
+    except OSError as e:
+        raise WriteError(f"{path}: in-place write failed: {e.strerror or e} (the previous version is kept)") from None
+    finally:
+        os.close(fd)
+
+
+def _roll_back(fd: int, size: int, end_at: int, pending: bytes | None) -> None:
+    """Back to the version of ``size`` bytes: first its end records at the end (so the file never
+    ends in the failed version's half), then the appended bytes cut off."""
+    try:
+        if pending is not None:
+            os.pwrite(fd, pending, end_at)
+            os.fsync(fd)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError:
+        pass
+
+
+def restore_previous(path: str) -> tuple[int, int]:
+    """Undo the last in-place edit (or clear an interrupted one): truncate ``path`` to the length
+    its end records note. Returns (old size, new size). The bytes kept are exactly the previous
+    version's: nothing below that length was ever written by the edit."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        state = end_state(fd, size)
+        if state is None or state.kind is None or state.previous_size is None:
+            raise WriteError(f"{path}: holds no earlier version (it was not edited in place by optckpt)")
+        if end_state(fd, state.previous_size) is None:
+            raise WriteError(f"{path}: the earlier version noted at byte {state.previous_size} has no zip end "
+                             "record there; nothing changed")
+        os.ftruncate(fd, state.previous_size)
+        os.fsync(fd)
+        return size, state.previous_size
+    except OSError as e:
+        raise WriteError(f"{path}: cannot restore: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def versions(path: str) -> list[int]:
+    """The lengths of the versions ``path`` holds, newest first: its size, then each previous
+    version's size as the end records of the one after it note (one entry: no earlier version)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise WriteError(f"{path}: not a regular file")
+        sizes = [st.st_size]
+        while len(sizes) < 100_000:
+            state = end_state(fd, sizes[-1])
+            if state is None or state.previous_size is None or state.previous_size >= sizes[-1]:
+                break
+            sizes.append(state.previous_size)
+        return sizes
+    finally:
+        os.close(fd)
