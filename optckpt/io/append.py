@@ -18,11 +18,14 @@ the central directory wherever it lies. An edit is three writes::
     3. at P again, the same length: the new end records (comment ``optckpt-prev:<old length>``),
        pointing at the new central directory; fsync
 
-Steps 1 and 3 are single writes of 131 bytes placed inside one 4 KiB page, so a killed process
-leaves either the old or the new end records, never a mix (the kernel copies a page at a time and
-checks for fatal signals between pages); everything step 3 points at is on disk before it. A
-process killed between 1 and 3 leaves a file that torch loads as the previous version; optckpt
-names that state and ``optckpt restore`` (truncation to the recorded length) clears it.
+Steps 1 and 3 are single writes of 131 bytes placed inside one 512-byte sector (so inside one
+page), so a killed process leaves either the old or the new end records, never a mix (the kernel
+copies a page at a time and checks for fatal signals between pages; devices write a sector
+whole); everything step 3 points at is fsynced before it. Which central directory is used is
+decided by the 32 bytes of the zip64 record alone (the EOCD's own fields say "see zip64"), so
+even a torn step 3 would give one version or the other. A process killed between 1 and 3 leaves
+a file that torch loads as the previous version; optckpt names that state, and ``optckpt
+restore`` (truncation to the recorded length) clears it.
 
 The new version is read back after step 3 (``verify``); a mismatch writes the copy of step 1
 back and truncates: the previous version again. Comments are fixed-length, so the end records of
@@ -49,7 +52,7 @@ from .safepickle import pickle_module_for
 
 __all__ = ["append_version", "restore_previous", "versions", "end_state", "EndState"]
 
-_PAGE = 4096
+_SECTOR = 512  # the end records are written inside one sector (so inside one page)
 _PREV, _PEND = b"optckpt-prev:", b"optckpt-pend:"
 _COMMENT_LEN = len(_PREV) + 20
 _END_LEN = 56 + 20 + 22 + _COMMENT_LEN  # zip64 EOCD record + zip64 locator + EOCD + comment
@@ -250,8 +253,8 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
                 raise WriteError(f"{path}: internal: the new pickle names record data/{key}, which is nowhere")
         order += ["version", ".data/serialization_id"]
         cd = b"".join(central[r] for r in order)
-        gap = 0 if (pos + len(cd)) % _PAGE + _END_LEN <= _PAGE else -(pos + len(cd)) % _PAGE
-        cd_at = pos + gap  # the end records within one page: a gap before the directory, if need be
+        gap = 0 if (pos + len(cd)) % _SECTOR + _END_LEN <= _SECTOR else -(pos + len(cd)) % _SECTOR
+        cd_at = pos + gap  # the end records within one sector: a gap before the directory, if need be
         end_at = cd_at + len(cd)
         pending = _end_records(end_at, state.entries, state.cd_size, state.cd_offset, _PEND + b"%020d" % size)
         final = _end_records(end_at, len(order), len(cd), cd_at, _PREV + b"%020d" % size)
