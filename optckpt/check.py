@@ -304,6 +304,9 @@ def check_mapping(mapping: OptimizerMapping, target: Target, renames: Sequence[R
                      "so only missing / unexpected / reshaped parameters matter")
         source_groups = target_groups if len(source_groups) == len(target_groups) else source_groups
     report = CheckReport(mapping.optimizer, mapping.evidence, params, source_groups, target_groups, notes, mapping)
+    if mapping.evidence == "deepspeed" and not report.safe:
+        report.notes.append("DeepSpeed restores its ZeRO partitions by position, not by name: `optckpt convert "
+                            "--to torch` this step directory, then `optckpt remap` the result for the new code")
     if not report.groups_match:
         report.notes.append(
             f"param groups differ (checkpoint {source_groups} vs target {target_groups}): "

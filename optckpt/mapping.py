@@ -292,7 +292,10 @@ def _infer(ck: Checkpoint, opt: OptimizerState, source_names: Sequence[Sequence[
     if groups and all(g.param_names is not None and len(g.param_names) == len(g.params) for g in groups):
         return _exact(opt, "param_names", [list(g.param_names or ()) for g in groups])
     if groups and all(isinstance(i, str) for g in groups for i in g.params):
-        return _exact(opt, "fqn", [[str(i) for i in g.params] for g in groups])  # DCP / get_state_dict layout
+        # DCP / get_state_dict: keyed by name and loaded by name. DeepSpeed ZeRO: named exactly by
+        # its saved param_shapes, but DeepSpeed loads its flat partitions by position
+        evidence = "deepspeed" if ck.layout == "deepspeed" else "fqn"
+        return _exact(opt, evidence, [[str(i) for i in g.params] for g in groups])
 
     chosen = _choose_models(ck, models)
     trusted = [m for m in chosen if m.order_trusted]

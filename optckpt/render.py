@@ -119,7 +119,9 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
         out.append("")
         step = f", step {_fmt(o['step'][0])}..{_fmt(o['step'][1])}" if o["step"] else ""
         names = "param_names saved" if o["has_param_names"] else (
-            "keyed by parameter name (DCP)" if o["name_evidence"] == "fqn" else "no param_names (index-based)")
+            "keyed by parameter name (DCP)" if o["name_evidence"] == "fqn" else
+            "named by DeepSpeed's param_shapes (ZeRO partitions cut back per parameter)"
+            if o["name_evidence"] == "deepspeed" else "no param_names (index-based)")
         names += f"; names from: {o['name_evidence']}"
         if o["name_source_model"]:
             names += f" of {o['name_source_model']}"

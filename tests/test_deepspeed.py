@@ -63,6 +63,12 @@ _MODEL = textwrap.dedent('''
 
     def wider():
         return _with_optimizer(9)
+
+    def reordered():  # the same parameters handed to the optimizer in another order
+        m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+        groups = [{"params": [m[2].weight, m[0].weight]},
+                  {"params": [m[2].bias, m[0].bias], "weight_decay": 0.0}]
+        return m, torch.optim.AdamW(groups, lr=1e-2)
 ''')
 
 NAMES = ["0.weight", "2.weight", "0.bias", "2.bias"]  # optimizer order: the param groups above
@@ -124,19 +130,23 @@ def test_inspect_by_name_from_latest_and_step_dir(zero_ckpts, stage):
         assert code == 0
         assert rep["layout"] == "deepspeed"
         opt = rep["optimizers"][0]
-        assert opt["name_evidence"] == "fqn" and opt["ambiguous"] == 0
+        assert opt["name_evidence"] == "deepspeed" and opt["ambiguous"] == 0
         assert [e["inferred_name"] for e in opt["entries"]] == NAMES
         assert {t["name"]: t["shape"] for t in rep["models"][0]["tensors"]} == \
             {"0.weight": [7, 5], "0.bias": [7], "2.weight": [3, 7], "2.bias": [3]}
 
 
-def test_check_by_name(zero_ckpts):
+def test_check_by_name_and_position(zero_ckpts):
     models = str(zero_ckpts / "models.py")
     for stage in (1, 2, 3):
         code, rep = invoke_json("check", str(zero_ckpts / f"stage{stage}"), "--target", f"{models}:build")
         assert code == 0, rep
         code, rep = invoke_json("check", str(zero_ckpts / f"stage{stage}"), "--target", f"{models}:wider")
         assert code == 1 and rep["counts"]["shape_mismatch"] == 3, rep
+        # DeepSpeed restores its partitions by position: a new order is not safe, though every name is there
+        code, rep = invoke_json("check", str(zero_ckpts / f"stage{stage}"), "--target", f"{models}:reordered")
+        assert code == 1 and not rep["safe"] and rep["evidence"] == "deepspeed", rep
+        assert any("by position" in n for n in rep["notes"]), rep["notes"]
 
 
 def test_diff_across_stages_by_name(zero_ckpts):
