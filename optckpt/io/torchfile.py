@@ -114,32 +114,33 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
             mmap=zip_format,
         )
     except pickle.UnpicklingError as e:
-        names = unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))
-        if not names and "weights only" not in str(e).lower():
+        said = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        if not said and "weights only" not in str(e).lower():
             raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
-        refused = names
+        refused = said
     except (UnsafePickleError, KeyboardInterrupt):
         raise
     except Exception as e:  # torch reports corruption with many types (RuntimeError, AssertionError, ...)
         raise LoadError(f"{path}: cannot load (truncated or corrupt torch file?): {_first_line(e)}") from None
     if refused is not None:  # outside the handler: the refused attempt (and its file mapping) is released
         locations.clear()
-        obj = _load_placeholders(path, _map, zip_format, refused)
+        obj = _load_placeholders(path, _map, zip_format, refused)  # each refused global an inert placeholder
     check_bounds(obj, path)
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format,
                      placeholders=refused is not None)
 
 
-def _load_placeholders(path: str, map_location: Any, zip_format: bool, names: list[str]) -> Any:
-    """The weights-only refusal's fallback: every other global read as an inert placeholder."""
+def _load_placeholders(path: str, map_location: Any, zip_format: bool, said: list[str]) -> Any:
+    """The weights-only refusal's fallback: every other global read as an inert placeholder. Only
+    when even that fails are the refused globals listed (one more read of the pickle's opcodes)."""
     try:
         return safe_load_torch(path, map_location, zip_format=zip_format)
     except KeyboardInterrupt:
         raise
     except RecursionError:
-        raise UnsafePickleError(path, names, "nested too deeply to read safely") from None
+        raise UnsafePickleError(path, unsafe_globals(path) or said, "nested too deeply to read safely") from None
     except Exception as e:
-        raise UnsafePickleError(path, names, _first_line(e)) from None
+        raise UnsafePickleError(path, unsafe_globals(path) or said, _first_line(e)) from None
 
 
 def _check_zip(path: str) -> None:
