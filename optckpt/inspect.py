@@ -19,12 +19,30 @@ from .render import jsonable
 __all__ = ["inspect_checkpoint", "tensor_stats"]
 
 
+def _earlier_versions(ck: Checkpoint) -> int:
+    """How many earlier versions in-place edits left inside a single torch zip file (restorable)."""
+    import os
+
+    from .errors import WriteError
+    from .io.append import versions
+    from .io.torchfile import sniff
+
+    if not os.path.isfile(ck.path) or sniff(ck.path) != "zip":
+        return 0
+
+    try:
+        return len(versions(ck.path)) - 1
+    except (OSError, WriteError):
+        return 0
+
+
 def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]:
     """Everything ``inspect`` shows, as plain JSON-able data."""
     return {
         "path": ck.path,
         "layout": ck.layout,
         "saved_on": list(ck.saved_locations),
+        "earlier_versions": _earlier_versions(ck),
         "parts": [{"file": p.relpath, "kind": p.kind, "bytes": p.nbytes} for p in ck.parts],
         "models": [_model_report(m, stats) for m in ck.models],
         "optimizers": [_optimizer_report(o, stats, infer_mapping(ck, o)) for o in ck.optimizers],

@@ -92,6 +92,10 @@ def render_inspect(r: dict[str, Any], *, stats: bool = False) -> str:
     out: list[str] = []
     saved = f"  (saved on: {', '.join(r['saved_on'])})" if r["saved_on"] else ""
     out.append(f"{r['path']}: layout {r['layout']}{saved}")
+    if r.get("earlier_versions"):
+        n = r["earlier_versions"]
+        out.append(f"{plural(n, 'earlier version')} kept inside by in-place edits "
+                   f"(`optckpt restore {r['path']}` goes back one)")
     if len(r["parts"]) > 1:
         out.append("")
         out.append(table([[p["file"], p["kind"], human_bytes(p["bytes"])] for p in r["parts"]],

@@ -75,6 +75,9 @@ def test_in_place_appends_a_version_and_restore_brings_the_old_one_back(tmp_path
     assert _digest(p) != _digest(SEED_OPT)
     assert open(p, "rb").read().startswith(open(SEED_OPT, "rb").read())  # appended: no old byte rewritten
     assert sorted(os.listdir(tmp_path)) == ["opt.pth"]  # no temp files, no .bak: the old version is inside
+    r = invoke("inspect", str(p), "--model", SEED_MODEL, "--format", "json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["earlier_versions"] == 1, r.stderr
+    assert "1 earlier version kept" in invoke("inspect", str(p), "--model", SEED_MODEL).stdout
     r = invoke("restore", str(p))
     assert r.exit_code == 0 and "0 earlier version(s) still kept" in r.stdout, r.stderr
     assert _digest(p) == _digest(SEED_OPT)
