@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +131,39 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         if n % w == 0 and ra.data_ptr() % w == 0 and rb.data_ptr() % w == 0:
             return bool(torch.equal(ra.view(dt), rb.view(dt)))
     return bool(torch.equal(ra, rb))
+
+
+def all_bit_equal(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  done: Callable[[torch.Tensor], None] | None = None) -> bool:
+    """:func:`bit_equal` of every pair, spread over the cores in batches of similar byte counts
+    (``memcmp`` runs without the GIL; a task per tiny tensor would cost more than comparing it).
+    ``done`` is called, in this thread, with each pair's first tensor once compared."""
+    total = sum(x.numel() * x.element_size() for x, _ in pairs)
+    workers = min(os.cpu_count() or 1, 8)
+    if workers <= 1 or total < (16 << 20) or len(pairs) < 2:
+        for x, y in pairs:
+            if not bit_equal(x, y):
+                return False
+            if done is not None:
+                done(x)
+        return True
+    batches: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    size, per_batch = 0, max(total // (4 * workers), 1)
+    for pair in pairs:
+        if size >= per_batch:
+            batches.append([])
+            size = 0
+        batches[-1].append(pair)
+        size += pair[0].numel() * pair[0].element_size()
+    with ThreadPoolExecutor(workers) as pool:
+        for batch, equal in zip(batches, pool.map(lambda bt: all(bit_equal(x, y) for x, y in bt), batches)):
+            if not equal:
+                pool.shutdown(wait=False, cancel_futures=True)
+                return False
+            if done is not None:
+                for x, _ in batch:
+                    done(x)
+    return True
 
 
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0,

@@ -473,23 +473,35 @@ def reset_checkpoint(
 
 
 def same_bits(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> bool:
-    """Bit-for-bit equality of tensors (NaN == NaN), recursively through containers. The bytes of
+    """Bit-for-bit equality of tensors (NaN == NaN), recursively through containers: the structure
+    first, then the tensors' bytes on every core (:func:`optckpt.diff.all_bit_equal`). The bytes of
     each tensor compared go to the writers' progress hook, when one is set. ``same_record``: says
     of two tensors that they are provably the same bytes without reading them (else compared)."""
+    from .diff import all_bit_equal
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if not _same_structure(a, b, same_record, pairs):
+        return False
+    tick = PROGRESS.get()
+    return all_bit_equal(pairs, None if tick is None else lambda x: tick(x.numel() * x.element_size()))
+
+
+def _same_structure(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor], bool] | None,
+                    pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Equal containers and values, tensors aside: those go to ``pairs`` (unless ``same_record``
+    proves them), to be compared byte for byte."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
-        from .diff import bit_equal
-
-        equal = (same_record is not None and same_record(a, b)) or bit_equal(a, b)
-        tick = PROGRESS.get()
-        if tick is not None:
-            tick(a.numel() * a.element_size())
-        return equal
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if same_record is None or not same_record(a, b):
+            pairs.append((a, b))
+        return True
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return list(a.keys()) == list(b.keys()) and all(same_bits(a[k], b[k], same_record) for k in a)
+        return list(a.keys()) == list(b.keys()) and all(_same_structure(a[k], b[k], same_record, pairs) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same_bits(x, y, same_record) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same_structure(x, y, same_record, pairs) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
         return True
     return bool(a == b)

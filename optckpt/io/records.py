@@ -34,6 +34,7 @@ PROGRESS: ContextVar[Callable[[int], None] | None] = ContextVar("optckpt_write_p
 """Where the writers report bytes written / verified (the CLI's progress bar); None: nobody asks."""
 
 _ALIGN = 64
+_SMALL_RECORDS = ("version", ".format_version", ".storage_alignment", "byteorder")
 _Z64 = 0xFFFFFFFF  # the "see the zip64 extra field" placeholder
 _Z64_LIMIT = 0xFFFFFFFF  # sizes / offsets from here on need zip64 (a test lowers it)
 
@@ -78,15 +79,27 @@ def _offset_in(ranges: list[tuple[int, int]], ptr: int) -> int | None:
 
 def _source_records(path: str) -> tuple[str, dict[int, zipfile.ZipInfo], dict[str, bytes]] | None:
     """Prefix, data records by their data offset, and the small metadata records of the input."""
-    with zipfile.ZipFile(path) as z:
-        infos = z.infolist()
-        if not infos or any(i.compress_type != zipfile.ZIP_STORED for i in infos):
-            return None
-        prefix = infos[0].filename.split("/", 1)[0]
-        small = {i.filename[len(prefix) + 1:]: z.read(i) for i in infos if "/data/" not in i.filename
-                 and i.filename.rsplit("/", 1)[-1] in ("version", ".format_version", ".storage_alignment", "byteorder")}
+    from .torchfile import zip_infos
+
+    infos = zip_infos(path)
+    if not infos or any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        return None
+    prefix = infos[0].filename.split("/", 1)[0]
     by_offset: dict[int, zipfile.ZipInfo] = {}
+    small: dict[str, bytes] = {}
     with open(path, "rb") as f:
+        for i in infos:
+            if "/data/" not in i.filename and i.filename.rsplit("/", 1)[-1] in _SMALL_RECORDS:
+                f.seek(i.header_offset)
+                head = f.read(30)
+                if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                    return None
+                n, e = struct.unpack("<HH", head[26:30])
+                f.seek(i.header_offset + 30 + n + e)
+                data = f.read(i.file_size)
+                if len(data) != i.file_size or zlib.crc32(data) != i.CRC:
+                    return None
+                small[i.filename[len(prefix) + 1:]] = data
         for i in infos:
             if "/data/" not in i.filename or i.filename.endswith("serialization_id"):
                 continue

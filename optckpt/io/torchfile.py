@@ -16,7 +16,7 @@ from ..errors import LoadError, UnsafePickleError
 from .bounds import check_bounds
 from .safepickle import safe_load_torch
 
-__all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals"]
+__all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals", "zip_infos"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _CRC_CHECK_LIMIT = 1 << 30  # metadata records up to this size have their CRC checked on load
@@ -143,9 +143,36 @@ def _load_placeholders(path: str, map_location: Any, zip_format: bool, said: lis
         raise UnsafePickleError(path, unsafe_globals(path) or said, _first_line(e)) from None
 
 
+_INFOS: dict[tuple[int, int, int, int], list[zipfile.ZipInfo]] = {}
+
+
+def _file_key(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def zip_infos(path: str) -> list[zipfile.ZipInfo]:
+    """The zip directory of ``path``: the one this process's last check of the same file (device,
+    inode, size, mtime) parsed, or parsed now."""
+    key = _file_key(path)
+    infos = _INFOS.get(key)
+    if infos is None:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+        _remember(key, infos)
+    return infos
+
+
+def _remember(key: tuple[int, int, int, int], infos: list[zipfile.ZipInfo]) -> None:
+    if len(_INFOS) >= 8:
+        _INFOS.pop(next(iter(_INFOS)))
+    _INFOS[key] = infos
+
+
 def _check_zip(path: str) -> None:
     """Validate the zip container before torch touches it: torch reports truncation poorly."""
     try:
+        key = _file_key(path)
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
             pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
@@ -161,6 +188,7 @@ def _check_zip(path: str) -> None:
             for i in infos:
                 if "/data/" not in i.filename and i.file_size <= _CRC_CHECK_LIMIT:
                     z.read(i)
+        _remember(key, infos)
     except LoadError:
         raise
     except Exception as e:  # BadZipFile (incl. CRC), OSError, ValueError, NotImplementedError (version field), ...
