@@ -244,3 +244,22 @@ def test_sigkill_after_every_write(setup, name):
     assert "old" in outcomes and "new" in outcomes, outcomes
     first_new = outcomes.index("new")
     assert all(o == "old" for o in outcomes[:first_new]) and all(o == "new" for o in outcomes[first_new:]), outcomes
+
+
+def test_a_second_in_place_writer_is_refused_while_one_appends(tmp_path):
+    import fcntl
+
+    from optckpt.errors import WriteError
+    from optckpt.io.append import append_version
+
+    p = tmp_path / "ck.pt"
+    _checkpoint(p)
+    before = p.read_bytes()
+    fd = os.open(p, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as an edit in progress holds it
+        with pytest.raises(WriteError, match="another optckpt edit"):
+            append_version(str(p), torch.load(p, weights_only=True, mmap=True))
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == before

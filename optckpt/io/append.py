@@ -183,6 +183,21 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
         done += n
 
 
+def _lock(fd: int, path: str) -> None:
+    """One appender at a time: two edits appending at the same end would write over each other's
+    records (an exclusive ``flock``, released when ``fd`` closes)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks to take
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise WriteError(f"{path}: another optckpt edit is writing this file in place; nothing changed") from None
+    except OSError:  # a filesystem without flock: nothing to take
+        pass
+
+
 def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None = None) -> int:
     """Make ``obj`` the content of the torch zip file ``path`` by appending a new version (see the
     module docstring). Tensors of ``obj`` memory-mapped from ``path`` are referenced where they
@@ -195,6 +210,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
     ranges = _mappings(path)
     fd = os.open(path, os.O_RDWR)
     try:
+        _lock(fd, path)
         size = os.fstat(fd).st_size
         state = end_state(fd, size)
         if state is None:
@@ -301,6 +317,7 @@ def restore_previous(path: str) -> tuple[int, int]:
     version's: nothing below that length was ever written by the edit."""
     fd = os.open(path, os.O_RDWR)
     try:
+        _lock(fd, path)
         size = os.fstat(fd).st_size
         state = end_state(fd, size)
         if state is None or state.kind is None or state.previous_size is None:
