@@ -279,7 +279,7 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
                     allow_ambiguous=allow_ambiguous, hparams=hparams,  # type: ignore[arg-type]
                     group_evidence=not no_group_evidence)
-    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt):
+    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
         plan, written = remap_checkpoint(
             path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
             transforms=parse_transforms(fuses, splits), model_output=model_output, optimizer_key=optimizer_key,
@@ -312,7 +312,7 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
     from .ops import reset_checkpoint
     from .render import first_rows, plural, table, to_json
 
-    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt):
+    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
         result, written = reset_checkpoint(
             path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path,
             source=source, optimizer_key=optimizer_key, models=models.split(",") if models else None,
@@ -376,7 +376,7 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
         Change("weight_decay", weight_decay) if weight_decay is not None else None,
         Change("scale_weight_decay", scale_weight_decay) if scale_weight_decay is not None else None,
     ) if c is not None]
-    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt):
+    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
         result, written = set_checkpoint(
             path, output, changes, groups=groups, params=params, raw_sets=raw_sets,
             follow=sched_mode == "follow", model=model_path, optimizer_key=optimizer_key,
@@ -457,11 +457,14 @@ def _tree_bytes(path: str) -> int:
 
 
 @contextlib.contextmanager
-def _write_progress(path: str, *, dry_run: bool, verify: bool, fmt: str) -> Iterator[None]:
-    """Progress of an edit that writes (and re-reads) a checkpoint of ``path``'s size."""
+def _write_progress(path: str, *, dry_run: bool, verify: bool, fmt: str, in_place: bool = False) -> Iterator[None]:
+    """Progress of an edit that writes (and re-reads) a checkpoint of ``path``'s size; none for an
+    in-place append (it neither reads nor writes the tensor data)."""
     from .io.records import PROGRESS
+    from .io.write import appends_in_place
 
-    total = 0 if dry_run else _tree_bytes(path) * (2 if verify else 1)
+    quick = dry_run or (in_place and appends_in_place(path))
+    total = 0 if quick else _tree_bytes(path) * (2 if verify else 1)
     with _progress(total, "writing", fmt) as tick:
         token = PROGRESS.set(tick)
         try:

@@ -201,3 +201,15 @@ def test_reset_no_match_is_error(tmp_path):
     r = invoke("reset", str(FIXTURES / "bundle.pt"), "--params", "nothing.*", "-o", str(tmp_path / "x.pt"))
     assert r.exit_code == 2 and "no optimizer parameter matches" in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_lightning_ckpt_in_place_appends_and_restores(tmp_path):
+    p = tmp_path / "last.ckpt"
+    shutil.copy(FIXTURES / "lightning" / "last.ckpt", p)
+    before = p.read_bytes()
+    r = invoke("set", str(p), "--lr", "0.005", "--in-place")
+    assert r.exit_code == 0, r.stderr
+    ck = torch.load(p, weights_only=True)
+    assert ck["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.005)
+    assert p.read_bytes()[:len(before)] == before and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    assert invoke("restore", str(p)).exit_code == 0 and p.read_bytes() == before

@@ -127,3 +127,18 @@ def test_progress_on_a_terminal_for_big_writes_silent_for_json_pipes(tmp_path):
     src = torch.load(big, weights_only=True, mmap=True)
     assert torch.equal(out["model"]["weight"], src["model"]["weight"])
     assert out["optimizer"]["param_groups"][0]["params"] == [0, 1]
+
+
+def test_all_bit_equal_on_every_core_finds_one_flipped_bit():
+    from optckpt.diff import all_bit_equal
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, generator=g) for n in [1 << 20] * 6 + [7, 1, 300_000] * 20]  # > 16 MiB: batched
+    pairs = [(x, x.clone()) for x in xs]
+    seen: list[torch.Tensor] = []
+    assert all_bit_equal(pairs, seen.append) and len(seen) == len(pairs)
+    for i in (0, 17, len(pairs) - 1):
+        flipped = [(x, y.clone()) for x, y in pairs]
+        flipped[i][1].view(torch.int32)[-1] ^= 1
+        assert not all_bit_equal(flipped)
+    assert not all_bit_equal([(xs[0], xs[0].clone()), (xs[1], xs[1][:10].clone())])  # shapes differ
