@@ -210,6 +210,16 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
 
 
+def _write_opts(dry_run: bool, in_place: bool, no_verify: bool, replace_backup: bool, backup: bool) -> Any:
+    """The write options (``write_options`` below) as one value."""
+    from .io.write import WriteOptions
+
+    if (backup or replace_backup) and not in_place:
+        raise click.UsageError("--backup / --replace-backup go with --in-place")
+    return WriteOptions(dry_run=dry_run, in_place=in_place, verify=not no_verify, replace_backup=replace_backup,
+                        backup=backup)
+
+
 verbose_option = click.option("--verbose", "-v", "verbose", is_flag=True,
                               help="Every row of the plan in the table (default: counts and the first rows).")
 
@@ -283,9 +293,8 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
         plan, written = remap_checkpoint(
             path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
             transforms=parse_transforms(fuses, splits), model_output=model_output, optimizer_key=optimizer_key,
-            models=models.split(",") if models else None, dry_run=dry_run,
-            in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
-            replace_backup=replace_backup, backup=backup)
+            models=models.split(",") if models else None,
+            write=_write_opts(dry_run, in_place, no_verify, replace_backup, backup), trust_pickle=trust_pickle)
     report = plan.as_json() | {"written": written}
     _note_stale(written)
     click.echo(to_json(report) if fmt == "json" else _escape(render_plan(report, verbose=verbose), newlines=False))
@@ -316,8 +325,7 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: 
         result, written = reset_checkpoint(
             path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path,
             source=source, optimizer_key=optimizer_key, models=models.split(",") if models else None,
-            dry_run=dry_run, in_place=in_place, verify=not no_verify, trust_pickle=trust_pickle,
-            replace_backup=replace_backup, backup=backup)
+            write=_write_opts(dry_run, in_place, no_verify, replace_backup, backup), trust_pickle=trust_pickle)
     report = {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
               "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written}
     _note_stale(written)
@@ -380,8 +388,8 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
         result, written = set_checkpoint(
             path, output, changes, groups=groups, params=params, raw_sets=raw_sets,
             follow=sched_mode == "follow", model=model_path, optimizer_key=optimizer_key,
-            models=models.split(",") if models else None, dry_run=dry_run, in_place=in_place,
-            verify=not no_verify, trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
+            models=models.split(",") if models else None,
+            write=_write_opts(dry_run, in_place, no_verify, replace_backup, backup), trust_pickle=trust_pickle)
     report = {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
               "after": result.after, "schedulers": result.schedulers, "notes": result.notes, "written": written}
     _note_stale(written)

@@ -17,6 +17,7 @@ from .io import load
 from .io.dcp import is_dcp_dir
 from .io.records import PROGRESS
 from .io.write import (
+    WriteOptions,
     commit_dir,
     commit_file,
     copy_mode,
@@ -46,19 +47,17 @@ __all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_ch
            "ResetResult", "verify_output", "same_bits", "schedulers_of", "source_mapping"]
 
 
-def _open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: str | None, dry_run: bool,
-                   in_place: bool, trust_pickle: bool,
-                   replace_backup: bool = False, backup: bool = False) -> tuple[Checkpoint, OptimizerState, str | None]:
+def _open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: str | None, trust_pickle: bool,
+                   w: WriteOptions) -> tuple[Checkpoint, OptimizerState, str | None]:
     """Load a checkpoint to edit, check where the result may go, and pick the optimizer."""
     ck = load(path, model=model, trust_pickle=trust_pickle)  # DCP directories are edited by the _*_dcp helpers
-    if not dry_run:
-        out = resolve_output(path, out, in_place, replace_backup=replace_backup, backup=backup)
+    if not w.dry_run:
+        out = resolve_output(path, out, w.in_place, replace_backup=w.replace_backup, backup=w.backup)
     return ck, ck.optimizer(optimizer_key), out
 
 
 def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequence[str], policy: Policy,
-               dry_run: bool, in_place: bool, verify: bool, trust_pickle: bool,
-               replace_backup: bool = False) -> tuple[RemapPlan, str | None]:
+               w: WriteOptions, trust_pickle: bool) -> tuple[RemapPlan, str | None]:
     """DCP is keyed by name: a remap renames FQNs (``--rename`` or a detected wrapper prefix) and
     drops the state of parameters that are gone or reshaped, in the metadata only; the shard files
     are hard-linked as they are, so memory stays bounded by the metadata. ``in_place`` replaces
@@ -88,12 +87,12 @@ def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequenc
 
         return apply_renames(fqn, rules)
 
-    if dry_run:
+    if w.dry_run:
         return plan, None
-    _dcp_output(path, out, in_place)
+    _dcp_output(path, out, w.in_place)
 
     def check(tmp: str) -> None:
-        if not verify:
+        if not w.verify:
             return
         new = load(tmp)
         old_models = {m.name: m for m in ck.models}
@@ -106,7 +105,7 @@ def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequenc
                 if not same_bits(m.tensors[k], src_model.tensors[back[k]]):
                     raise WriteError(f"{out or path}: verification failed for {k} (nothing was written)")
 
-    return plan, _commit_dcp(path, out, in_place, replace_backup, check, rename=rename)
+    return plan, _commit_dcp(path, out, w.in_place, w.replace_backup, check, rename=rename)
 
 
 def _dcp_output(path: str, out: str | None, in_place: bool) -> None:
@@ -148,19 +147,18 @@ def _commit_dcp(path: str, out: str | None, in_place: bool, replace_backup: bool
 
 
 
-def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, in_place: bool,
-                 verify: bool, trust_pickle: bool = False, replace_backup: bool = False,
-                 backup: bool = False) -> str:
+def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, w: WriteOptions,
+                 trust_pickle: bool = False) -> str:
     """Put each new state dict where its old one sat (file + key path), write the changed files in
-    the input's layout, and (``verify``) read them back bit for bit."""
+    the input's layout, and (``w.verify``) read them back bit for bit."""
     part_objs = {p.relpath: p.obj for p in ck.parts}
     changed: dict[str, Any] = {}
     for where, new in edits:
         part_objs[where.part] = replace_at(part_objs[where.part], where.path, new)
         changed[where.part] = part_objs[where.part]
-    check = (lambda tmp: verify_output(ck, tmp, changed, trust_pickle=trust_pickle)) if verify else None
-    return write_checkpoint(ck, out, changed, in_place=in_place, verify=check, replace_backup=replace_backup,
-                            backup=backup)
+    check = (lambda tmp: verify_output(ck, tmp, changed, trust_pickle=trust_pickle)) if w.verify else None
+    return write_checkpoint(ck, out, changed, in_place=w.in_place, verify=check, replace_backup=w.replace_backup,
+                            backup=w.backup)
 
 
 def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
@@ -195,12 +193,8 @@ def remap_checkpoint(
     transforms: Sequence[TransformRule] = (),
     optimizer_key: str | None = None,
     models: Sequence[str] | None = None,
-    dry_run: bool = False,
-    in_place: bool = False,
-    verify: bool = True,
+    write: WriteOptions = WriteOptions(),
     trust_pickle: bool = False,
-    replace_backup: bool = False,
-    backup: bool = False,
     model_output: str | None = None,
 ) -> tuple[RemapPlan, str | None]:
     """``optckpt remap``: rewrite the optimizer state so that plain ``load_state_dict`` is right,
@@ -210,11 +204,9 @@ def remap_checkpoint(
         if transforms or policy.shape_mismatch == "slice":
             raise WriteError(f"{path}: --fuse / --split / --shape-mismatch slice are not supported for DCP "
                              "checkpoints yet: `optckpt convert --to torch` it first")
-        return _remap_dcp(path, target_spec, out, renames=renames, policy=policy, dry_run=dry_run,
-                          in_place=in_place, verify=verify, trust_pickle=trust_pickle,
-                          replace_backup=replace_backup)
-    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
-                                  replace_backup, backup)
+        return _remap_dcp(path, target_spec, out, renames=renames, policy=policy, w=write,
+                          trust_pickle=trust_pickle)
+    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
     saved_mapping = source_mapping(ck, opt, source, models, trust_pickle)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     rules = parse_rename(renames)
@@ -228,21 +220,19 @@ def remap_checkpoint(
     model_edits = _model_edits(ck, saved_mapping, plan, target, rules, policy)
     joined = [(m, new) for m, new in model_edits if model is not None and m.name.split(":")[0] == model]
     separate = joined[:1]
-    if separate and model_output is None and not in_place:
+    if separate and model_output is None and not write.in_place:
         plan.notes.append(f"model {model}: not rewritten (the new code's strict load needs the "
                           "changes above): pass --model-output PATH to write it")
-    if dry_run:
+    if write.dry_run:
         return plan, None
-    if separate and (model_output is not None or in_place):
+    if separate and (model_output is not None or write.in_place):
         assert model is not None
-        _write_model_file(model, separate[0][0], separate[0][1], model_output, in_place=in_place, verify=verify,
-                          trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
+        _write_model_file(model, separate[0][0], separate[0][1], model_output, w=write, trust_pickle=trust_pickle)
     n_groups = len(opt.state_dict.get("param_groups", []))
     edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
     edits += [(m, new) for m, new in model_edits if not any(m is j for j, _ in joined)]
     assert out is not None
-    written = _write_edits(ck, out, edits, in_place=in_place, verify=verify,
-                           trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
+    written = _write_edits(ck, out, edits, w=write, trust_pickle=trust_pickle)
     return plan, written
 
 
@@ -279,14 +269,12 @@ def _model_edits(ck: Checkpoint, mapping: OptimizerMapping, plan: RemapPlan, tar
 
 
 def _write_model_file(path: str, m: Any, new: dict[str, torch.Tensor], model_output: str | None, *,
-                      in_place: bool, verify: bool, trust_pickle: bool, replace_backup: bool,
-                      backup: bool) -> str:
+                      w: WriteOptions, trust_pickle: bool) -> str:
     """A separately saved model file (``--model``), rewritten in its own layout."""
     mck = load(path, trust_pickle=trust_pickle)
     mm = next(x for x in mck.models if x.path == m.path)
-    out = resolve_output(path, model_output, in_place, replace_backup=replace_backup, backup=backup)
-    return _write_edits(mck, out, [(mm, new)], in_place=in_place, verify=verify, trust_pickle=trust_pickle,
-                        replace_backup=replace_backup, backup=backup)
+    out = resolve_output(path, model_output, w.in_place, replace_backup=w.replace_backup, backup=w.backup)
+    return _write_edits(mck, out, [(mm, new)], w=w, trust_pickle=trust_pickle)
 
 
 @dataclass
@@ -345,8 +333,7 @@ def _select_params(mapping: OptimizerMapping, params: Sequence[str]) -> list[tup
 
 
 def _reset_dcp(path: str, params: Sequence[str], out: str | None, *, keys: Sequence[str], mode: str,
-               optimizer_key: str | None, dry_run: bool, in_place: bool, verify: bool,
-               replace_backup: bool) -> tuple[ResetResult, str | None]:
+               optimizer_key: str | None, w: WriteOptions) -> tuple[ResetResult, str | None]:
     """``reset`` on DCP: ``drop`` removes the parameters' state entries from the metadata (no byte
     of any shard is rewritten); ``zero`` writes the re-initialised tensors into one extra shard."""
     from .io.dcp import DCPTensorRef, metadata_paths, read_dcp_metadata
@@ -377,12 +364,12 @@ def _reset_dcp(path: str, params: Sequence[str], out: str | None, *, keys: Seque
                     fills[flat[kpath]] = fill
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):
                     values[kpath] = type(v)(fill)
-    if dry_run:
+    if w.dry_run:
         return result, None
-    _dcp_output(path, out, in_place)
+    _dcp_output(path, out, w.in_place)
 
     def check(tmp: str) -> None:
-        if not verify:
+        if not w.verify:
             return
         new = load(tmp)
         state = new.optimizer(optimizer_key).state
@@ -401,7 +388,7 @@ def _reset_dcp(path: str, params: Sequence[str], out: str | None, *, keys: Seque
                     if got.shape != v.shape or got.dtype != v.dtype:
                         raise WriteError(f"{out or path}: verification failed for {fqn}.{k} (nothing written)")
 
-    written = _commit_dcp(path, out, in_place, replace_backup, check, values=values, fills=fills, drop=drop)
+    written = _commit_dcp(path, out, w.in_place, w.replace_backup, check, values=values, fills=fills, drop=drop)
     if mode == "drop":
         result.notes.append("the dropped entries are gone from the metadata: load with "
                             "DefaultLoadPlanner(allow_partial_load=True), or use --mode zero for a checkpoint "
@@ -420,12 +407,8 @@ def reset_checkpoint(
     source: str | None = None,
     optimizer_key: str | None = None,
     models: Sequence[str] | None = None,
-    dry_run: bool = False,
-    in_place: bool = False,
-    verify: bool = True,
+    write: WriteOptions = WriteOptions(),
     trust_pickle: bool = False,
-    replace_backup: bool = False,
-    backup: bool = False,
 ) -> tuple[ResetResult, str | None]:
     """``optckpt reset``: drop or re-initialise the state of parameters matching ``params`` globs.
 
@@ -437,10 +420,8 @@ def reset_checkpoint(
     if keys and mode == "drop":
         mode = "zero"
     if is_dcp_dir(path):
-        return _reset_dcp(path, params, out, keys=keys, mode=mode, optimizer_key=optimizer_key, dry_run=dry_run,
-                          in_place=in_place, verify=verify, replace_backup=replace_backup)
-    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
-                                  replace_backup, backup)
+        return _reset_dcp(path, params, out, keys=keys, mode=mode, optimizer_key=optimizer_key, w=write)
+    ck, opt, out = _open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
     selected = _select_params(mapping, params)
     if is_lbfgs(opt):
@@ -464,11 +445,10 @@ def reset_checkpoint(
     for value, tensors in pending.items():
         fill_tensors(tensors, value)
     new_sd = {**opt.state_dict, "state": new_state}
-    if dry_run:
+    if write.dry_run:
         return result, None
     assert out is not None
-    written = _write_edits(ck, out, [(opt, new_sd)], in_place=in_place, verify=verify,
-                           trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
+    written = _write_edits(ck, out, [(opt, new_sd)], w=write, trust_pickle=trust_pickle)
     return result, written
 
 
@@ -562,12 +542,8 @@ def set_checkpoint(
     model: str | None = None,
     optimizer_key: str | None = None,
     models: Sequence[str] | None = None,
-    dry_run: bool = False,
-    in_place: bool = False,
-    verify: bool = True,
+    write: WriteOptions = WriteOptions(),
     trust_pickle: bool = False,
-    replace_backup: bool = False,
-    backup: bool = False,
 ) -> tuple[Any, str | None]:
     """``optckpt set``: change group hyperparameters so the resumed run really uses them."""
     from .hparams import SetResult, parse_set, rewrite, scheduler_changes, select_groups
@@ -577,8 +553,7 @@ def set_checkpoint(
         ck = load(path)
         opt = ck.optimizer(optimizer_key)
     else:
-        ck, opt, out = _open_for_edit(path, out, model, optimizer_key, dry_run, in_place, trust_pickle,
-                                      replace_backup, backup)
+        ck, opt, out = _open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
     sd_groups = opt.state_dict.get("param_groups", [])
     all_changes = list(changes) + [parse_set(s, sd_groups) for s in raw_sets]
     if not all_changes:
@@ -593,24 +568,22 @@ def set_checkpoint(
                        [{k: sd_groups[i].get(k) for k in keys} for i in selected],
                        [{k: new_opt["param_groups"][i].get(k) for k in keys} for i in selected], notes,
                        [c for s, new in zip(scheds, new_scheds) for c in scheduler_changes(s.name, s.state_dict, new)])
-    if dry_run:
+    if write.dry_run:
         return result, None
     if dcp:
-        return result, _set_dcp(path, out, opt, new_opt, scheds, new_scheds, in_place=in_place, verify=verify,
-                                replace_backup=replace_backup)
+        return result, _set_dcp(path, out, opt, new_opt, scheds, new_scheds, w=write)
     assert out is not None
-    written = _write_edits(ck, out, [(opt, new_opt), *zip(scheds, new_scheds)], in_place=in_place, verify=verify,
-                           trust_pickle=trust_pickle, replace_backup=replace_backup, backup=backup)
+    written = _write_edits(ck, out, [(opt, new_opt), *zip(scheds, new_scheds)], w=write, trust_pickle=trust_pickle)
     return result, written
 
 
 def _set_dcp(path: str, out: str | None, opt: OptimizerState, new_opt: Mapping[str, Any], scheds: Sequence[Any],
-             new_scheds: Sequence[Mapping[str, Any]], *, in_place: bool, verify: bool, replace_backup: bool) -> str:
+             new_scheds: Sequence[Mapping[str, Any]], *, w: WriteOptions) -> str:
     """``set`` on DCP: only the changed param-group and scheduler entries are written (into one extra
     shard, under a new ``.metadata``); every shard file is carried over as it is."""
     from .io.dcp import changed_small_values
 
-    _dcp_output(path, out, in_place)
+    _dcp_output(path, out, w.in_place)
     values: dict[tuple[Any, ...], Any] = {}
     old_groups = {"param_groups": opt.state_dict.get("param_groups", [])}
     values.update(changed_small_values(path, opt.path[0], old_groups, {"param_groups": new_opt["param_groups"]}))
@@ -618,7 +591,7 @@ def _set_dcp(path: str, out: str | None, opt: OptimizerState, new_opt: Mapping[s
         values.update(changed_small_values(path, s.path[0], s.state_dict, new))
 
     def check(tmp: str) -> None:
-        if not verify:
+        if not w.verify:
             return
         got = load(tmp)
         g_opt = next(o for o in got.optimizers if o.name == opt.name)
@@ -631,7 +604,7 @@ def _set_dcp(path: str, out: str | None, opt: OptimizerState, new_opt: Mapping[s
                 raise WriteError(f"{out or path}: verification failed: scheduler {s.name} differs "
                                  "(nothing was written)")
 
-    return _commit_dcp(path, out, in_place, replace_backup, check, values=values)
+    return _commit_dcp(path, out, w.in_place, w.replace_backup, check, values=values)
 
 
 def _materialize(v: Any) -> Any:

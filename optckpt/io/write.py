@@ -21,6 +21,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,8 +33,19 @@ from .records import PROGRESS, rewrite_records
 from .safepickle import pickle_module_for
 from .torchfile import sniff
 
-__all__ = ["replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
+__all__ = ["WriteOptions", "replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
            "temp_file", "temp_dir", "commit_file", "commit_dir", "stale_temps", "appends_in_place"]
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How an editing command writes its result (the CLI's write options, one value)."""
+
+    dry_run: bool = False  # plan only, write nothing
+    in_place: bool = False  # rewrite the input (a torch zip file: append a version)
+    verify: bool = True  # read the result back and compare it with what was meant
+    replace_backup: bool = False  # an existing PATH.bak may be replaced
+    backup: bool = False  # a torch zip file edited in place: also keep a full copy as PATH.bak
+
 
 Verify = Callable[[str], None]
 """Checks a written temp file/directory (raises :class:`WriteError`); runs before the final rename."""
