@@ -12,9 +12,11 @@ import fnmatch
 import hashlib
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -226,6 +228,51 @@ def _pair_models(a: Checkpoint, b: Checkpoint) -> list[tuple[ModelState, ModelSt
     return pairs if pairs and len(ma) > 1 else [(ma[0], mb[0])]
 
 
+def _mapped(a: Checkpoint, b: Checkpoint) -> bool:
+    """Tensors of both sides already addressable (memory-mapped files), so comparing several at a
+    time costs no memory: not DCP, whose tensors are read from the shards one entry at a time."""
+    return a.layout != "dcp" and b.layout != "dcp"
+
+
+class _Lanes:
+    """Runs the tensor comparisons of a section on every core (``memcmp`` and torch's kernels run
+    without the GIL), a bounded number in flight, their entries kept in the order they were added;
+    the progress hook is called from this thread."""
+
+    def __init__(self, report: DiffReport, progress: Callable[[int], None], *, parallel: bool) -> None:
+        self.report, self.progress = report, progress
+        workers = min(os.cpu_count() or 1, 8) if parallel else 1
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self.depth = 4 * workers
+        self.pending: deque[tuple[int, Future[Entry | None], int]] = deque()
+
+    def add(self, compare: Callable[[], Entry | None], nbytes: int) -> None:
+        if self.pool is None:
+            e = compare()
+            self.progress(nbytes)
+            if e is not None:
+                self.report.entries.append(e)
+            return
+        self.pending.append((len(self.report.entries), self.pool.submit(compare), nbytes))
+        self.report.entries.append(None)  # type: ignore[arg-type]  # its slot, filled in by _one
+        while len(self.pending) > self.depth:
+            self._one()
+
+    def _one(self) -> None:
+        slot, fut, nbytes = self.pending.popleft()
+        self.report.entries[slot] = fut.result()  # type: ignore[assignment]
+        self.progress(nbytes)
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self._one()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
+        self.report.entries[:] = [e for e in self.report.entries if e is not None]
+
+
 def _tensor_entry(section: str, name: str, key: str | None, ta: torch.Tensor, tb: torch.Tensor, atol: float,
                   rtol: float, stats: bool, device: str | None) -> Entry | None:
     if tuple(ta.shape) != tuple(tb.shape):
@@ -253,6 +300,7 @@ def _diff_models(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, params:
     """Model tensors; returns the renames found (old name → new name) for the optimizer section."""
     renames: dict[str, str] = {}
     count = 0
+    lanes = _Lanes(report, progress, parallel=_mapped(a, b))
     several = len(_data_models(a)) > 1 or len(_data_models(b)) > 1  # timm's state_dict + state_dict_ema
     for ma, mb in _pair_models(a, b):
         prefix = f"{ma.name}:" if several else ""
@@ -288,10 +336,9 @@ def _diff_models(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, params:
             if n not in set_b:
                 continue
             count += 1
-            e = _tensor_entry("model", prefix + n, None, ma.tensors[n], mb.tensors[n], atol, rtol, stats, device)
-            progress(ma.meta[n].nbytes + mb.meta[n].nbytes)
-            if e is not None:
-                report.entries.append(e)
+            lanes.add(partial(_tensor_entry, "model", prefix + n, None, ma.tensors[n], mb.tensors[n], atol, rtol,
+                              stats, device), ma.meta[n].nbytes + mb.meta[n].nbytes)
+    lanes.close()
     report.compared["model"] = count
     return renames
 
@@ -367,6 +414,7 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
                      device: str | None, renames: Mapping[str, str], report: DiffReport,
                      progress: Callable[[int], None]) -> None:
     count = 0
+    lanes = _Lanes(report, progress, parallel=_mapped(a, b))
     _unpaired("optimizer", a.optimizers, b.optimizers, _pair_optimizers(a, b), report)
     for oa, ob in _pair_optimizers(a, b):
         label = "" if len(a.optimizers) == 1 else f"{oa.name}:"
@@ -412,13 +460,12 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
                 elif key not in ea:
                     report.entries.append(Entry("optimizer", label + name, key, "added", None, _short(eb[key])))
                 elif isinstance(ea[key], torch.Tensor) and isinstance(eb[key], torch.Tensor):
-                    e = _tensor_entry("optimizer", label + name, key, ea[key], eb[key], atol, rtol, stats, device)
-                    progress(ea[key].numel() * ea[key].element_size() * 2)
-                    if e is not None:
-                        report.entries.append(e)
+                    lanes.add(partial(_tensor_entry, "optimizer", label + name, key, ea[key], eb[key], atol, rtol,
+                                      stats, device), ea[key].numel() * ea[key].element_size() * 2)
                 elif not _same_value(ea[key], eb[key], atol, rtol):
                     report.entries.append(Entry("optimizer", label + name, key, "changed", _short(ea[key]),
                                                 _short(eb[key])))
+    lanes.close()
     report.compared["optimizer"] = count
 
 
