@@ -3,6 +3,7 @@ the saved grouping, fused / split / sliced parameters continue training exactly.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -309,3 +310,48 @@ def test_dry_run_shows_transforms_and_writes_nothing(tmp_path):
             "dim": 0} in plan["transforms"]
     assert plan["written"] is None and os.listdir(tmp_path) == ["sep.pt"]
     assert plan["models"][0]["fused"] == ["qkv.weight", "qkv.bias"]
+
+
+_WRAPPED_HF = '''
+import torch
+from transformers import AutoConfig, GPT2LMHeadModel
+
+
+class Wrapped(torch.nn.Module):  # the new code keeps the HF model one attribute deeper
+    def __init__(self, ckpt):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lm = GPT2LMHeadModel(AutoConfig.from_pretrained(ckpt))
+
+
+def build():
+    return Wrapped(CKPT)
+'''
+
+
+def test_hf_trainer_model_safetensors_keys_follow_the_optimizer(tmp_path):
+    """A Trainer directory's model.safetensors is rewritten with the optimizer's new names (its
+    __metadata__ kept, the tied lm_head stored once as transformers stores it), verified."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    src = FIXTURES / "hf_trainer" / "checkpoint-3"
+    target = tmp_path / "wrapped.py"
+    target.write_text(f"CKPT = {str(src)!r}\n" + _WRAPPED_HF)
+    r = invoke("remap", str(src), "--target", f"{target}:build", "-o", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.stderr
+    assert "model model.safetensors: 28 keys renamed" in r.stdout, r.stdout
+    old, new = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert set(new) == {"lm." + k for k in old} and all(torch.equal(new["lm." + k], v) for k, v in old.items())
+    with open(tmp_path / "out" / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert header["__metadata__"] == {"format": "pt"}
+    spec = importlib.util.spec_from_file_location("wrapped", target)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build()
+    missing, unexpected = model.load_state_dict(new, strict=False)
+    assert unexpected == [] and missing == ["lm.lm_head.weight"]  # tied to wte, which it is after the load
+    assert model.lm.lm_head.weight.data_ptr() == model.lm.transformer.wte.weight.data_ptr()
+    opt = torch.load(tmp_path / "out" / "optimizer.pt", weights_only=True)
+    assert opt["param_groups"][0]["param_names"][0].startswith("lm.")

@@ -233,6 +233,38 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _save_part(kind: str, obj: Any, tmp: str, *, legacy: bool, source: str) -> None:
+    """Write a changed part in its own format: torch.save, or (a safetensors model file) safetensors."""
+    if kind == "safetensors":
+        _save_safetensors_like(obj, tmp, source)
+    else:
+        _save_torch(obj, tmp, legacy=legacy, source=source)
+
+
+def _save_safetensors_like(tensors: Mapping[str, Any], tmp: str, source: str) -> None:
+    """``tensors`` as safetensors, with the source file's ``__metadata__``; a key whose tensor is
+    another key's (tied weights) and that the source did not store is left out, as the library that
+    wrote it stores tied weights once."""
+    from .safetensors_io import read_header, save_safetensors
+
+    dest_dir, final = os.path.dirname(tmp), os.path.basename(tmp)
+    try:
+        meta, extra = read_header(source)
+        seen: dict[tuple[Any, ...], str] = {}
+        keep: dict[str, Any] = {}
+        for k, t in tensors.items():
+            sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if k not in meta and sig in seen and t.numel():
+                continue
+            seen.setdefault(sig, k)
+            keep[k] = t.contiguous()
+        save_safetensors(keep, tmp, metadata=extra or None)
+        _fsync_path(tmp)
+    except BaseException as e:
+        _unlink(tmp)
+        raise _as_write_error(e, os.path.join(dest_dir, final), "write failed") from None
+
+
 def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) -> None:
     """torch.save ``obj`` into the (existing, empty) temp file ``tmp`` and fsync it.
 
@@ -421,7 +453,7 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
         if in_place and part.zip_format and appends_in_place(src):
             return _append_in_place(src, changed_parts[part.relpath], verify, backup, replace_backup)
         tmp = temp_file(dest_dir, os.path.basename(out))
-        _save_torch(changed_parts[part.relpath], tmp, legacy=not part.zip_format, source=ck.path)
+        _save_part(part.kind, changed_parts[part.relpath], tmp, legacy=not part.zip_format, source=ck.path)
         copy_mode(src, tmp)
         return commit_file(tmp, out, verify=verify, in_place=in_place, replace_backup=replace_backup)
     except PermissionError as e:
@@ -461,7 +493,7 @@ def _write_directory(ck: Checkpoint, src: str, out: str, changed_parts: Mapping[
             st = os.lstat(full)
             if name in changed_parts and part is not None:
                 tmp = temp_file(tmpdir, name)
-                _save_torch(changed_parts[name], tmp, legacy=not part.zip_format, source=full)
+                _save_part(part.kind, changed_parts[name], tmp, legacy=not part.zip_format, source=full)
                 copy_mode(full, tmp)
                 os.replace(tmp, dst)
             elif stat.S_ISLNK(st.st_mode):
