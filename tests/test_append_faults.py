@@ -263,3 +263,22 @@ def test_a_second_in_place_writer_is_refused_while_one_appends(tmp_path):
     finally:
         os.close(fd)
     assert p.read_bytes() == before
+
+
+def test_an_edit_prepared_on_an_older_version_is_refused(tmp_path):
+    """Another in-place edit landed between this edit's read and its write: refused, not overridden."""
+    from conftest import invoke
+
+    import optckpt
+    from optckpt.errors import WriteError
+    from optckpt.io.write import write_checkpoint
+
+    p = tmp_path / "ck.pt"
+    _checkpoint(p)
+    ck = optckpt.load(p)
+    assert invoke("set", str(p), "--lr", "0.3", "--in-place").exit_code == 0
+    landed = p.read_bytes()
+    part = ck.parts[0]
+    with pytest.raises(WriteError, match="changed since optckpt read it"):
+        write_checkpoint(ck, str(p), {part.relpath: part.obj}, in_place=True)
+    assert p.read_bytes() == landed

@@ -198,11 +198,14 @@ def _lock(fd: int, path: str) -> None:
         pass
 
 
-def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None = None) -> int:
+def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None = None,
+                   expect_size: int | None = None) -> int:
     """Make ``obj`` the content of the torch zip file ``path`` by appending a new version (see the
     module docstring). Tensors of ``obj`` memory-mapped from ``path`` are referenced where they
-    are; others are appended. Returns the bytes appended. On any failure the file holds its
-    previous version again and :class:`WriteError` (or the caller's exception) is raised."""
+    are; others are appended. ``expect_size``: the file's size when ``obj`` was read from it (a file
+    that has grown since, another edit's version, is refused rather than silently overridden).
+    Returns the bytes appended. On any failure the file holds its previous version again and
+    :class:`WriteError` (or the caller's exception) is raised."""
     found = _source_records(path)
     if found is None:
         raise WriteError(f"{path}: not a plain torch zip file (compressed records?); cannot append a version")
@@ -212,6 +215,9 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
     try:
         _lock(fd, path)
         size = os.fstat(fd).st_size
+        if expect_size is not None and size != expect_size:
+            raise WriteError(f"{path}: changed since optckpt read it ({expect_size} -> {size} bytes: another "
+                             "edit?); nothing changed, run the command again")
         state = end_state(fd, size)
         if state is None:
             raise WriteError(f"{path}: no zip end record found; cannot append a version")

@@ -451,7 +451,7 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
         if part.relpath not in changed_parts:
             raise WriteError("internal: nothing to write")
         if in_place and part.zip_format and appends_in_place(src):
-            return _append_in_place(src, changed_parts[part.relpath], verify, backup, replace_backup)
+            return _append_in_place(src, changed_parts[part.relpath], verify, backup, replace_backup, part.nbytes)
         tmp = temp_file(dest_dir, os.path.basename(out))
         _save_part(part.kind, changed_parts[part.relpath], tmp, legacy=not part.zip_format, source=ck.path)
         copy_mode(src, tmp)
@@ -460,14 +460,15 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
         raise WriteError(f"{out}: permission denied ({e.strerror or e})") from None
 
 
-def _append_in_place(src: str, obj: Any, verify: Verify | None, backup: bool, replace_backup: bool) -> str:
+def _append_in_place(src: str, obj: Any, verify: Verify | None, backup: bool, replace_backup: bool,
+                     read_size: int) -> str:
     """A new version appended to the torch zip file ``src``; with ``backup`` a full copy of the old
     one, staged first, becomes ``src.bak`` once the edit is verified (none on failure)."""
     staged = None
     try:
         if backup:
             staged = _stage_backup(src, copy=True)
-        append_version(src, obj, verify=verify)
+        append_version(src, obj, verify=verify, expect_size=read_size)
         if staged is not None:
             _place_backup(staged, src, replace_backup)
             staged = None
