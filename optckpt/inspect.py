@@ -21,13 +21,11 @@ __all__ = ["inspect_checkpoint", "tensor_stats"]
 
 def _earlier_versions(ck: Checkpoint) -> int:
     """How many earlier versions in-place edits left inside a single torch zip file (restorable)."""
-    import os
-
     from .errors import WriteError
     from .io.append import versions
-    from .io.torchfile import sniff
+    from .io.write import appends_in_place
 
-    if not os.path.isfile(ck.path) or sniff(ck.path) != "zip":
+    if not appends_in_place(ck.path):
         return 0
 
     try:

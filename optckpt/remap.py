@@ -455,17 +455,6 @@ def prepare_source(mapping: OptimizerMapping, state_dict: Mapping[str, Any], tar
     return new_mapping, {**state_dict, "state": state}, steps
 
 
-def _tied_keys(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    """For each key, the other keys whose tensor is the same (same storage, offset, shape, strides):
-    tied weights, such as a language model head that is its input embedding."""
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for k, t in state.items():
-        if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel():
-            sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            groups.setdefault(sig, []).append(k)
-    return {k: [m for m in ks if m != k] for ks in groups.values() if len(ks) > 1 for k in ks}
-
-
 def rewrite_model(tensors: Mapping[str, torch.Tensor], plan: RemapPlan, target: Target,
                   renames: Sequence[RenameRule],
                   policy: Policy) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
@@ -540,10 +529,13 @@ def rewrite_model(tensors: Mapping[str, torch.Tensor], plan: RemapPlan, target: 
             raise MappingError(f"{n}: slicing the model's weights needs the new code's initial weights "
                                "(give --target as module:callable)")
         out[prefix + n] = v
-    tied_to = _tied_keys(expected or {})
+    from .io.discover import tied_keys
+
+    tied = tied_keys(expected or {})
     for n, init in (expected or {}).items():
         if n not in by_inner:
-            twin = next((m for m in tied_to.get(n, ()) if prefix + m in out), None)
+            twins = [tied[n]] if n in tied else [k for k, first in tied.items() if first == n]
+            twin = next((m for m in twins if prefix + m in out), None)
             if twin is not None:  # a tied weight (lm_head = wte) that the file stored once: the trained one
                 out[prefix + n] = out[prefix + twin]
                 info.setdefault("tied", []).append(prefix + n)

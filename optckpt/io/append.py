@@ -50,7 +50,7 @@ from ..errors import WriteError
 from .records import _mappings, _offset_in, _source_records, central_entry, local_header
 from .safepickle import pickle_module_for
 
-__all__ = ["append_version", "restore_previous", "versions", "end_state", "EndState"]
+__all__ = ["append_version", "restore_previous", "versions", "end_state", "interrupted_message", "EndState"]
 
 _SECTOR = 512  # the end records are written inside one sector (so inside one page)
 _PREV, _PEND = b"optckpt-prev:", b"optckpt-pend:"
@@ -106,11 +106,11 @@ def _end_records(at: int, n: int, cd_size: int, cd_offset: int, comment: bytes) 
             + comment)
 
 
-def _interrupted(path: str, state: EndState, size: int) -> WriteError:
-    assert state.previous_size is not None
-    return WriteError(f"{path}: an in-place edit of this file was interrupted ({size - state.previous_size} "
-                      f"unfinished bytes at its end; torch still loads the previous version); run "
-                      f"`optckpt restore {path}` to remove them")
+def interrupted_message(path: str, state: EndState, size: int) -> str:
+    """What to tell of a file whose in-place edit was killed midway (its end records "pending")."""
+    return (f"{path}: an in-place edit of this file was interrupted ({size - (state.previous_size or 0)} "
+            f"unfinished bytes at its end; torch still loads the previous version); run "
+            f"`optckpt restore {path}` to remove them")
 
 
 def _pickle(obj: Any, key_for: Callable[[Any], str | None],
@@ -222,7 +222,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
         if state is None:
             raise WriteError(f"{path}: no zip end record found; cannot append a version")
         if state.kind == "pend":
-            raise _interrupted(path, state, size)
+            raise WriteError(interrupted_message(path, state, size))
         data_prefix = f"{prefix}/data/"
         keys = {info.filename[len(data_prefix):]: (off, info) for off, info in by_offset.items()
                 if info.filename.startswith(data_prefix)}

@@ -54,10 +54,9 @@ def is_model_sd(obj: Any) -> bool:
     return n_tensors > 0
 
 
-def model_state_from_dict(sd: Mapping[str, Any], name: str, part: str, path: KeyPath) -> ModelState:
-    """A pickled state dict: its order is the registration order; tied tensors share storage."""
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    meta = {k: TensorMeta.of(v) for k, v in tensors.items()}
+def tied_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Tied tensors (the same storage, offset, shape, strides and dtype): each later name mapped to
+    the first name holding that tensor (a language model head that is its input embedding)."""
     tied: dict[str, str] = {}
     first: dict[tuple[Any, ...], str] = {}
     for k, t in tensors.items():
@@ -71,7 +70,15 @@ def model_state_from_dict(sd: Mapping[str, Any], name: str, part: str, path: Key
             tied[k] = first[ident]
         else:
             first[ident] = k
-    return ModelState(name=name, part=part, path=path, tensors=tensors, meta=meta, order_trusted=True, tied=tied)
+    return tied
+
+
+def model_state_from_dict(sd: Mapping[str, Any], name: str, part: str, path: KeyPath) -> ModelState:
+    """A pickled state dict: its order is the registration order; tied tensors share storage."""
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    meta = {k: TensorMeta.of(v) for k, v in tensors.items()}
+    return ModelState(name=name, part=part, path=path, tensors=tensors, meta=meta, order_trusted=True,
+                      tied=tied_keys(tensors))
 
 
 @dataclass

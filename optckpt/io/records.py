@@ -77,6 +77,16 @@ def _offset_in(ranges: list[tuple[int, int]], ptr: int) -> int | None:
     return None
 
 
+def _data_offset(f: Any, info: zipfile.ZipInfo) -> int | None:
+    """Where a stored record's data starts (after its local header), or None if no header is there."""
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        return None
+    n, e = struct.unpack("<HH", head[26:30])
+    return int(info.header_offset + 30 + n + e)
+
+
 def _source_records(path: str) -> tuple[str, dict[int, zipfile.ZipInfo], dict[str, bytes]] | None:
     """Prefix, data records by their data offset, and the small metadata records of the input."""
     from .torchfile import zip_infos
@@ -89,26 +99,20 @@ def _source_records(path: str) -> tuple[str, dict[int, zipfile.ZipInfo], dict[st
     small: dict[str, bytes] = {}
     with open(path, "rb") as f:
         for i in infos:
-            if "/data/" not in i.filename and i.filename.rsplit("/", 1)[-1] in _SMALL_RECORDS:
-                f.seek(i.header_offset)
-                head = f.read(30)
-                if len(head) != 30 or head[:4] != b"PK\x03\x04":
-                    return None
-                n, e = struct.unpack("<HH", head[26:30])
-                f.seek(i.header_offset + 30 + n + e)
-                data = f.read(i.file_size)
-                if len(data) != i.file_size or zlib.crc32(data) != i.CRC:
-                    return None
-                small[i.filename[len(prefix) + 1:]] = data
-        for i in infos:
-            if "/data/" not in i.filename or i.filename.endswith("serialization_id"):
+            data_rec = "/data/" in i.filename and not i.filename.endswith("serialization_id")
+            if not data_rec and i.filename.rsplit("/", 1)[-1] not in _SMALL_RECORDS:
                 continue
-            f.seek(i.header_offset)
-            head = f.read(30)
-            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            at = _data_offset(f, i)
+            if at is None:
                 return None
-            n, e = struct.unpack("<HH", head[26:30])
-            by_offset[i.header_offset + 30 + n + e] = i
+            if data_rec:
+                by_offset[at] = i
+                continue
+            f.seek(at)
+            data = f.read(i.file_size)
+            if len(data) != i.file_size or zlib.crc32(data) != i.CRC:
+                return None
+            small[i.filename[len(prefix) + 1:]] = data
     return prefix, by_offset, small
 
 

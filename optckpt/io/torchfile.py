@@ -199,7 +199,7 @@ def _check_zip(path: str) -> None:
 def _check_interrupted(path: str) -> None:
     """A file whose in-place edit was killed midway ends with optckpt's "pending" end records:
     say so (torch still loads its previous version; ``optckpt restore`` clears it)."""
-    from .append import end_state
+    from .append import end_state, interrupted_message
 
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -213,9 +213,7 @@ def _check_interrupted(path: str) -> None:
     finally:
         os.close(fd)
     if state is not None and state.kind == "pend" and state.previous_size is not None:
-        raise LoadError(f"{path}: an in-place edit of this file was interrupted ({size - state.previous_size} "
-                        f"unfinished bytes at its end; torch still loads the previous version); run "
-                        f"`optckpt restore {path}` to remove them")
+        raise LoadError(interrupted_message(path, state, size))
 
 
 def _first_line(e: BaseException) -> str:

@@ -245,19 +245,14 @@ def _save_safetensors_like(tensors: Mapping[str, Any], tmp: str, source: str) ->
     """``tensors`` as safetensors, with the source file's ``__metadata__``; a key whose tensor is
     another key's (tied weights) and that the source did not store is left out, as the library that
     wrote it stores tied weights once."""
+    from .discover import tied_keys
     from .safetensors_io import read_header, save_safetensors
 
     dest_dir, final = os.path.dirname(tmp), os.path.basename(tmp)
     try:
         meta, extra = read_header(source)
-        seen: dict[tuple[Any, ...], str] = {}
-        keep: dict[str, Any] = {}
-        for k, t in tensors.items():
-            sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            if k not in meta and sig in seen and t.numel():
-                continue
-            seen.setdefault(sig, k)
-            keep[k] = t.contiguous()
+        tied = tied_keys(tensors)
+        keep = {k: t.contiguous() for k, t in tensors.items() if k in meta or k not in tied}
         save_safetensors(keep, tmp, metadata=extra or None)
         _fsync_path(tmp)
     except BaseException as e:
