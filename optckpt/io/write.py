@@ -331,23 +331,23 @@ def _stage_backup(src: str, *, copy: bool) -> str:
     change with it)."""
     bak = backup_path(src)
     dest_dir = os.path.dirname(bak)
-    tmp = os.path.join(dest_dir, _prefix(os.path.basename(bak)) + "link.tmp")
-    _unlink(tmp)
-    try:
-        if copy:
-            raise OSError(errno.EPERM, "a copy is asked for")
-        os.link(src, tmp, follow_symlinks=False)
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP):
-            raise
-        tmp = temp_file(dest_dir, os.path.basename(bak))
+    if not copy:
+        tmp = os.path.join(dest_dir, _prefix(os.path.basename(bak)) + "link.tmp")
+        _unlink(tmp)
         try:
-            shutil.copyfile(src, tmp)
-            copy_mode(src, tmp)
-            _fsync_path(tmp)
-        except BaseException:
-            _unlink(tmp)
-            raise
+            os.link(src, tmp, follow_symlinks=False)
+            return tmp
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP):
+                raise
+    tmp = temp_file(dest_dir, os.path.basename(bak))
+    try:
+        shutil.copyfile(src, tmp)
+        copy_mode(src, tmp)
+        _fsync_path(tmp)
+    except BaseException:
+        _unlink(tmp)
+        raise
     return tmp
 
 
