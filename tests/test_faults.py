@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,17 +86,19 @@ def test_read_only_output_real_mount(tmpfs, tmp_path):
     assert "read-only" in r.stderr.lower() or "cannot" in r.stderr.lower()
 
 
-def test_permission_denied_as_another_user(tmp_path):
+def test_permission_denied_as_another_user(tmp_path, request):
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run as another user")
-    d = tmp_path / "ro"
+    # a directory of its own under /tmp: pytest makes its basetemp private again whenever another pytest
+    # process starts, which would turn this into a read error
+    top = Path(tempfile.mkdtemp(prefix="optckpt-otheruser-", dir="/tmp"))
+    request.addfinalizer(lambda: (os.chmod(top / "ro", 0o755), shutil.rmtree(top, ignore_errors=True)))
+    os.chmod(top, 0o755)
+    d = top / "ro"
     d.mkdir()
     shutil.copy(SEED_OPT, d / "opt.pth")
+    os.chmod(d / "opt.pth", 0o644)
     os.chmod(d, 0o555)
-    os.chmod(tmp_path, 0o755)
-    for p in Path(tmp_path).parents:
-        if str(p).startswith("/tmp"):
-            os.chmod(p, os.stat(p).st_mode | 0o005)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HOME=str(tmp_path))
     cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "optckpt",
            "remap", str(d / "opt.pth"), "--model", str(SEED_MODEL), "--target", MODEL2, "--in-place"]
