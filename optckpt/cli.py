@@ -195,13 +195,12 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     from .check import check_mapping
     from .mapping import infer_mapping, name_by_target_shapes
     from .render import render_check, to_json
-    from .target import parse_rename, resolve_target
+    from .target import parse_rename, resolve_source, resolve_target
 
     ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
     opt = ck.optimizer(optimizer_key)
-    source_names = resolve_target(source, trust_pickle=trust_pickle).groups if source else None
-    mapping = infer_mapping(ck, opt, source_names=source_names,
-                            models=models.split(",") if models else None)
+    claim = resolve_source(source, trust_pickle=trust_pickle) if source else None
+    mapping = infer_mapping(ck, opt, source=claim, models=models.split(",") if models else None)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
         mapping = name_by_target_shapes(mapping, target.names, target.shapes)

@@ -33,8 +33,8 @@ from .align import Item, Slot, align_groups
 from .checkpoint import _FLOATING, Checkpoint, ModelState, OptimizerState
 from .validate import validate_optimizer
 
-__all__ = ["IndexName", "OptimizerMapping", "param_shape", "infer_mapping", "is_lbfgs", "pair_groups",
-           "settle_by_grouping", "name_by_target_shapes"]
+__all__ = ["IndexName", "OptimizerMapping", "SourceNames", "Rejection", "param_shape", "infer_mapping", "is_lbfgs",
+           "pair_groups", "settle_by_grouping", "name_by_target_shapes"]
 
 # state keys whose tensor has exactly the parameter's shape, across torch.optim
 _PARAM_SHAPED = (
@@ -74,6 +74,31 @@ class IndexName(NamedTuple):
     evidence: str = ""  # the rung that named it (or, when uncertain, the last one that narrowed it)
 
 
+@dataclass(frozen=True)
+class SourceNames:
+    """Names offered by the caller for the saved indices (``--source``, ``source_names=``): a claim,
+    checked against the checkpoint before any of it is used (:func:`infer_mapping`).
+
+    ``ordered``: the names are in the old optimizer's order (a names file, an optimizer, a checkpoint):
+    per saved param group, or one flat list over all groups in order. Otherwise they are a model's
+    parameter order (the old module without its optimizer), which says nothing about how the
+    optimizer grouped them: each saved group is then aligned to it as an ordered subsequence, by the
+    shapes its state shows, like the checkpoint's own model order."""
+
+    spec: str
+    groups: list[list[str]]
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    ordered: bool = True
+
+
+class Rejection(NamedTuple):
+    """Evidence that contradicts the checkpoint, and why: it named no index."""
+
+    evidence: str  # "source" | "param_names"
+    index: Any  # the first index it contradicts (None: the whole claim, e.g. group sizes)
+    reason: str
+
+
 @dataclass
 class OptimizerMapping:
     """The mapping of one optimizer: its indices in group order, with the evidence used."""
@@ -87,6 +112,7 @@ class OptimizerMapping:
     group_hparams: list[dict[str, Any]] = field(default_factory=list)  # their keys but params / param_names
     # what a model-order alignment ran on (model slots, items per group), for the group-structure rung
     basis: tuple[list[Slot], list[list[Item]]] | None = field(default=None, repr=False)
+    rejected: list[Rejection] = field(default_factory=list)  # evidence the consistency gate refused
 
     @property
     def ambiguous(self) -> list[IndexName]:
@@ -247,19 +273,26 @@ def infer_mapping(
     ck: Checkpoint,
     opt: OptimizerState | None = None,
     *,
+    source: SourceNames | None = None,
     source_names: Sequence[Sequence[str]] | None = None,
     models: Sequence[str] | None = None,
 ) -> OptimizerMapping:
     """Map every index of ``opt`` (default: the checkpoint's only optimizer) to a parameter name.
 
-    ``source_names`` (names per group, in optimizer order) comes from the old code; ``models``
-    picks (and concatenates, in order) model state dicts by name when the guess should not be made."""
+    ``source`` (or ``source_names``: names per group, in optimizer order) comes from the old code and
+    passes the consistency gate first (:func:`_gate`); ``models`` picks (and concatenates, in order)
+    model state dicts by name when the guess should not be made."""
     opt = opt or ck.optimizer()
+    if source is None and source_names is not None:
+        source = SourceNames("source_names", [list(g) for g in source_names])
     warnings = validate_optimizer(opt)
     gc_was_on = gc.isenabled()
     gc.disable()  # ~100k small objects per 100k parameters: collections would dominate the time
     try:
-        mapping = _infer(ck, opt, source_names, models)
+        mapping = _infer(ck, opt, models)
+        mapping = _gate_saved_names(ck, opt, mapping, models)
+        if source is not None:
+            mapping = _gate(ck, opt, mapping, source)
     finally:
         if gc_was_on:
             gc.enable()
@@ -269,27 +302,151 @@ def infer_mapping(
     return mapping
 
 
-def _infer(ck: Checkpoint, opt: OptimizerState, source_names: Sequence[Sequence[str]] | None,
-           models: Sequence[str] | None) -> OptimizerMapping:
+# evidence that names every index outright (the gate compares a source with it name by name)
+_EXACT = frozenset({"param_names", "fqn", "deepspeed", "group-name"})
+
+
+def _shape_str(shape: tuple[int, ...] | None) -> str:
+    return "?" if shape is None else str(list(shape))
+
+
+def _saved_shapes(ck: Checkpoint) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for m in ck.models:
+        for name, meta in m.meta.items():
+            out.setdefault(name, tuple(meta.shape))
+    return out
+
+
+def _contradiction(idx: Any, name: str, state_shape: tuple[int, ...] | None,
+                   shape: tuple[int, ...] | None, what: str) -> str | None:
+    if state_shape is not None and shape is not None and tuple(shape) != tuple(state_shape):
+        return f"index {idx} has state of shape {_shape_str(state_shape)}; {what} names it {name} {_shape_str(shape)}"
+    return None
+
+
+def _gate_saved_names(ck: Checkpoint, opt: OptimizerState, mapping: OptimizerMapping,
+                      models: Sequence[str] | None) -> OptimizerMapping:
+    """Saved ``param_names`` are evidence like any other: a name whose parameter (in the model saved
+    beside it) has another shape than the index's state is refused, and with it the whole list."""
+    if mapping.evidence != "param_names":
+        return mapping
+    known = _saved_shapes(ck)
+    for e in mapping.entries:
+        why = _contradiction(e.index, e.name or "", e.shape, known.get(e.name or ""), "param_names")
+        if why is not None:
+            fallback = _infer(ck, opt, models, use_param_names=False)
+            fallback.rejected.append(Rejection("param_names", e.index, why))
+            fallback.notes.append(f"saved param_names rejected: {why}")
+            return fallback
+    return mapping
+
+
+def _source_rows(opt: OptimizerState, source: SourceNames, known: Mapping[str, tuple[int, ...]]
+                 ) -> tuple[Names | None, str | None]:
+    """Per saved group, per index: the name the source claims (or its candidates, for a module order).
+    ``(None, why)`` when the claim cannot even be laid over the saved groups."""
+    sizes = [len(g.params) for g in opt.groups]
+    got = [len(g) for g in source.groups]
+    if source.ordered:
+        if got == sizes:
+            exact: Names = [[(n, (n,)) for n in g] for g in source.groups]
+            return exact, None
+        if len(source.groups) == 1 and sum(got) == sum(sizes):  # one flat list in optimizer order
+            flat, start = source.groups[0], 0
+            rows: Names = []
+            for n in sizes:
+                rows.append([(x, (x,)) for x in flat[start:start + n]])
+                start += n
+            return rows, None
+        return None, f"its param groups have sizes {got}, the checkpoint's {sizes}"
+    order = [n for g in source.groups for n in g]
+    missing = [n for n in order if n not in known]
+    if missing:
+        return None, f"no shape known for {missing[0]}"
+    slots = [Slot(n, tuple(known[n])) for n in order]
+    result = align_groups(slots, _items(opt))
+    if any(not a.candidates for g in result for a in g):
+        return None, ("the saved param groups are not ordered subsequences of its parameters "
+                      "with the shapes their state shows")
+    return [[(a.name, a.candidates) for a in g] for g in result], None
+
+
+def _gate(ck: Checkpoint, opt: OptimizerState, base: OptimizerMapping, source: SourceNames) -> OptimizerMapping:
+    """The consistency gate for names offered by the caller. They are used only if nothing in the
+    checkpoint contradicts them: every saved group keeps its size (or, for a model order, each saved
+    group is an ordered subsequence of it), the state's shapes agree with each named parameter's
+    shape (the source's own, else the model saved in the checkpoint), no name is given twice, and each
+    name is one the checkpoint's own evidence allows for that index (its exact name, or among its
+    candidates). One contradiction shows the claim wrong as a whole, so it is then not used at all
+    (what the checkpoint alone says stays), and the mapping records why (``rejected``)."""
+    saved = _saved_shapes(ck)
+    known = {**saved, **source.shapes}
+
+    def rejected(index: Any, why: str) -> OptimizerMapping:
+        out = replace(base, notes=list(base.notes), rejected=[*base.rejected, Rejection("source", index, why)])
+        out.notes.append(f"--source {source.spec} rejected (it contradicts the checkpoint): {why}")
+        return out
+
+    for n, shape in source.shapes.items():  # the old code must have the old model's shapes
+        if n in saved and tuple(saved[n]) != tuple(shape):
+            return rejected(None, f"{n} is {_shape_str(tuple(shape))} in the source but "
+                                  f"{_shape_str(tuple(saved[n]))} in the checkpoint's model")
+    rows, why = _source_rows(opt, source, known)
+    if rows is None and source.ordered:  # names for another optimizer altogether: bad input, not evidence
+        from .errors import MappingError
+
+        raise MappingError(f"{opt.name}: --source {source.spec}: {why}")
+    if rows is None:
+        return rejected(None, why or "")
+    universe = {c for e in base.entries for c in e.candidates}
+    offered = {c for g in rows for _, cands in g for c in cands}
+    comparable = bool(universe) and len(offered & universe) * 2 > len(offered)  # same namespace (no prefix)
+    seen: dict[str, Any] = {}
+    names: Names = []
+    shapes = _shapes(opt)
+    by_index = {e.index: e for e in base.entries}
+    for g, row in zip(opt.groups, rows):
+        out_row = []
+        for idx, (name, cands) in zip(g.params, row):
+            ours = by_index[idx]
+            state_shape = shapes[idx]
+            keep = tuple(c for c in cands if c not in known or state_shape is None
+                         or tuple(known[c]) == tuple(state_shape))
+            if comparable and ours.candidates:
+                keep = tuple(c for c in keep if c in ours.candidates)
+            if not keep:
+                first = name or (cands[0] if cands else "?")
+                why = _contradiction(idx, first, shapes[idx], known.get(first), "source") or (
+                    f"index {idx} can only be {' | '.join(ours.candidates[:3])} by the checkpoint's "
+                    f"{ours.evidence} evidence; source names it {first}")
+                return rejected(idx, why)
+            certain = keep[0] if len(keep) == 1 else None
+            if certain is not None:
+                if certain in seen:
+                    return rejected(idx, f"source names both index {seen[certain]} and index {idx} {certain}")
+                seen[certain] = idx
+            out_row.append((certain, keep))
+        names.append(out_row)
+    entries = _entries(opt, names, "source")
+    # a name the source left open but the checkpoint pins keeps the checkpoint's evidence
+    entries = [e if e.name is not None or by_index[e.index].name is None else
+               by_index[e.index] for e in entries]
+    how = "names in optimizer order" if source.ordered else "its parameter order, aligned per saved group"
+    notes = [n for n in base.notes if not n.startswith(("no model state dict", "no model state was saved"))]
+    if base.evidence == "shapes-only":
+        notes = [n for n in notes if "does not keep the registration order" not in n]
+    notes.append(f"--source {source.spec}: {how}, checked against the saved state's shapes")
+    return OptimizerMapping(opt.name, "source", entries, model=base.model, notes=notes, basis=base.basis,
+                            rejected=list(base.rejected))
+
+
+def _infer(ck: Checkpoint, opt: OptimizerState, models: Sequence[str] | None, *,
+           use_param_names: bool = True) -> OptimizerMapping:
     groups = opt.groups
     sizes = [len(g.params) for g in groups]
-    if source_names is not None:
-        got = [len(g) for g in source_names]
-        if got != sizes:
-            if sum(got) == sum(sizes) and len(source_names) == 1:  # a flat list: split by the groups
-                flat = list(source_names[0])
-                source_names, start = [], 0
-                for n in sizes:
-                    source_names.append(flat[start:start + n])
-                    start += n
-            else:
-                from .errors import MappingError
-
-                raise MappingError(
-                    f"{opt.name}: the source names have group sizes {got}, but the optimizer's groups are {sizes}"
-                )
-        return _exact(opt, "source", source_names)
-    if groups and all(g.param_names is not None and len(g.param_names) == len(g.params) for g in groups):
+    if use_param_names and groups and all(g.param_names is not None and len(g.param_names) == len(g.params)
+                                          for g in groups):
         return _exact(opt, "param_names", [list(g.param_names or ()) for g in groups])
     if groups and all(isinstance(i, str) for g in groups for i in g.params):
         # DCP / get_state_dict: keyed by name and loaded by name. DeepSpeed ZeRO: named exactly by

@@ -40,7 +40,7 @@ from .remap import (
     remap_scheduler,
     rewrite_model,
 )
-from .target import parse_rename, resolve_target
+from .target import parse_rename, resolve_source, resolve_target
 from .transforms import TransformRule
 
 __all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_checkpoint", "fqn_optimizer_state",
@@ -163,8 +163,8 @@ def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, 
 
 def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
                    trust_pickle: bool) -> OptimizerMapping:
-    names = resolve_target(source, trust_pickle=trust_pickle).groups if source else None
-    return infer_mapping(ck, opt, source_names=names, models=models)
+    claim = resolve_source(source, trust_pickle=trust_pickle) if source else None
+    return infer_mapping(ck, opt, source=claim, models=models)
 
 
 def schedulers_of(ck: Checkpoint, opt: OptimizerState) -> list[Any]:

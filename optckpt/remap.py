@@ -148,9 +148,11 @@ def build_plan(
     if amb and not policy.allow_ambiguous:
         shown = "; ".join(f"index {p.source_index}: {' | '.join(p.candidates[:4]) or 'no candidate'}" for p in amb[:3])
         more = f" and {len(amb) - 3} more" if len(amb) > 3 else ""
+        rejected = "".join(f"; {r.evidence} rejected: {r.reason}" for r in mapping.rejected[:1])
         raise MappingError(
-            f"{len(amb)} optimizer indices with state have uncertain names ({shown}{more}); pass the old names "
-            "(--source / source_names=), or allow resetting their state (--allow-ambiguous / allow_ambiguous=True)"
+            f"{len(amb)} optimizer indices with state have uncertain names ({shown}{more}){rejected}; pass the old "
+            "names (--source / source_names=), or allow resetting their state (--allow-ambiguous / "
+            "allow_ambiguous=True)"
         )
     if by_status.get("missing") and policy.missing == "error":
         raise MappingError(f"new parameters without saved state: {_names(by_status['missing'])} (--missing error)")

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from .errors import OptckptError, TargetError
+from .mapping import SourceNames
 
-__all__ = ["Target", "resolve_target", "from_live", "RenameRule", "parse_rename"]
+__all__ = ["Target", "resolve_target", "resolve_source", "from_live", "RenameRule", "parse_rename"]
 
 
 @dataclass
@@ -117,6 +118,16 @@ def resolve_target(spec: str, *, trust_pickle: bool = False) -> Target:
     raise TargetError(
         f"{spec!r}: not a names file (.json/.txt), a checkpoint, or module:callable / file.py:callable"
     )
+
+
+def resolve_source(spec: str, *, trust_pickle: bool = False) -> SourceNames:
+    """Turn ``--source`` (the OLD code) into the claim :func:`optckpt.mapping.infer_mapping` checks.
+
+    A module without its optimizer gives its parameter order only (``ordered=False``): how the old
+    optimizer grouped those parameters is then learned from the checkpoint, never assumed."""
+    t = resolve_target(spec, trust_pickle=trust_pickle)
+    model_only = t.optimizer is None and t.group_hparams is None and t.module is not None
+    return SourceNames(spec, [list(g) for g in t.groups], dict(t.shapes), ordered=not model_only)
 
 
 def _names_file(path: str) -> Target:
