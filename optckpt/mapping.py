@@ -545,21 +545,40 @@ def _group_names_usable(opt: OptimizerState) -> bool:
     )
 
 
-# keys a scheduler rewrites (so a fresh target optimizer differs from the saved one) and the keys that
-# are not hyperparameters: left out when telling groups apart by their hyperparameters
+# keys a scheduler rewrites (so a fresh target optimizer differs from the saved one), per-group counters
+# an optimizer advances (Prodigy's ``k``, a group ``step``) and the keys that are not hyperparameters:
+# left out when telling groups apart by their hyperparameters
 _SCHEDULED = frozenset({"params", "param_names", "lr", "initial_lr", "momentum", "betas", "max_lr", "min_lr",
-                        "base_momentum", "max_momentum"})
+                        "base_momentum", "max_momentum", "step", "k"})
+_NOT_HPARAMS = frozenset({"params", "param_names", "step", "k"})
 
 
-def _signature(hp: Mapping[str, Any]) -> str:
-    return repr(sorted((k, repr(v)) for k, v in hp.items() if k not in _SCHEDULED))
+def _signature(hp: Mapping[str, Any], leave_out: frozenset[str] = _SCHEDULED) -> str:
+    return repr(sorted((k, repr(v)) for k, v in hp.items() if k not in leave_out))
+
+
+def _by_unique_key(saved: Sequence[str], target: Sequence[str], todo_s: Sequence[int],
+                   todo_t: Sequence[int]) -> dict[int, int]:
+    """Pairs of the remaining groups whose key occurs once on each side."""
+    ks, kt = Counter(saved[g] for g in todo_s), Counter(target[t] for t in todo_t)
+    where = {target[t]: t for t in todo_t if kt[target[t]] == 1}
+    return {g: where[saved[g]] for g in todo_s if ks[saved[g]] == 1 and saved[g] in where}
 
 
 def pair_groups(saved: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str, Any]], *,
-                by_position: bool = True) -> tuple[list[int], str] | None:
-    """The target group each saved group corresponds to, one-to-one, and by what: equal ``name``
-    keys, else equal hyperparameters but the scheduled ones (lr, momentum...) and custom keys
-    (``lr_mult``, ``decay_mult``), else position when the counts match. None when none applies."""
+                members: Sequence[set[int]] | None = None, harmless_position: bool = False,
+                sizes: tuple[Sequence[int], Sequence[int]] | None = None) -> tuple[list[int], str] | None:
+    """The target group each saved group corresponds to, one-to-one, and by what; never by position
+    alone where position could be wrong.
+
+    In order: equal ``name`` keys; membership (``members[g]``: the target groups that saved group
+    ``g``'s certainly named parameters are in; a saved group split over several target groups means
+    the grouping changed: no pairing); equal hyperparameters, all of them (a per-group counter left
+    out) or all but the scheduled ones (lr, momentum...), each unique on both sides; the last group
+    left on each side. ``harmless_position`` pairs what remains by position only where that cannot
+    matter: the remaining saved groups have identical hyperparameters, or are empty on both sides
+    (``sizes``: the saved and the target groups' sizes).
+    None when the groups cannot be paired with certainty."""
     if len(saved) != len(target) or not saved:
         return None
     names_s = [g.get("name") for g in saved]
@@ -568,14 +587,38 @@ def pair_groups(saved: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str
             and set(names_s) == set(names_t):
         where = {n: i for i, n in enumerate(names_t)}
         return [where[n] for n in names_s], "name"
-    sig_s = [_signature(g) for g in saved]
-    sig_t = [_signature(g) for g in target]
-    if len(set(sig_s)) == len(saved) and set(sig_s) == set(sig_t):
-        where = {s: i for i, s in enumerate(sig_t)}
-        return [where[s] for s in sig_s], "hyperparameters"
-    if by_position:
-        return list(range(len(saved))), "position"
-    return None
+    pairs: dict[int, int] = {}
+    how: list[str] = []
+    if members is not None:
+        if any(len(m) > 1 for m in members):
+            return None
+        for g, m in enumerate(members):
+            if m:
+                pairs[g] = next(iter(m))
+        if len(set(pairs.values())) != len(pairs):
+            return None
+        how += ["membership"] if pairs else []
+    for leave_out, label in ((_NOT_HPARAMS, "hyperparameters"), (_SCHEDULED, "unscheduled hyperparameters")):
+        todo_s = [g for g in range(len(saved)) if g not in pairs]
+        todo_t = [t for t in range(len(target)) if t not in pairs.values()]
+        found = _by_unique_key([_signature(h, leave_out) for h in saved], [_signature(h, leave_out) for h in target],
+                               todo_s, todo_t)
+        pairs.update(found)
+        how += [label] if found else []
+    todo_s = [g for g in range(len(saved)) if g not in pairs]
+    todo_t = [t for t in range(len(target)) if t not in pairs.values()]
+    if len(todo_s) == 1:
+        pairs[todo_s[0]] = todo_t[0]
+        how.append("elimination")
+    elif todo_s and harmless_position:
+        alike = len({_signature(saved[g], _NOT_HPARAMS) for g in todo_s}) == 1
+        empty = sizes is not None and all(not sizes[0][g] and not sizes[1][t] for g, t in zip(todo_s, todo_t))
+        if alike or empty:
+            pairs.update(zip(todo_s, todo_t))
+            how.append("position (the remaining groups " + ("are alike)" if alike else "are empty)"))
+    if len(pairs) != len(saved):
+        return None
+    return [pairs[g] for g in range(len(saved))], " + ".join(how)
 
 
 def _same_shapes(items: Sequence[Item], names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -614,7 +657,11 @@ def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequen
     single = sum(1 for n in sizes if n) >= 2 and all(n <= 1 for n in sizes)
     group_of = {n: t for t, names in enumerate(target_groups) for n in names}
     evidence = "group-structure"
-    paired = None if single else pair_groups(mapping.group_hparams, target_hparams)
+    members: list[set[int]] = [set() for _ in sizes]
+    for e in mapping.entries:
+        if e.name is not None and to_target(e.name) in group_of:
+            members[e.group].add(group_of[to_target(e.name)])
+    paired = None if single else pair_groups(mapping.group_hparams, target_hparams, members=members)
     if paired is not None:
         pairs, how = paired
         for g, t in enumerate(pairs):

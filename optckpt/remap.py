@@ -197,7 +197,7 @@ def build_plan(
     new = {p.name for p in by_status.get("missing", [])}
     sources_or_new = [s if s is not None or not any(n in new for n in target.groups[gi]) else -1
                       for gi, s in enumerate(sources)]
-    by_pairing = _unvoted_groups(sources_or_new, source_groups, target)
+    by_pairing = _unvoted_groups(sources_or_new, source_groups, target, slots, group_of_index, policy)
     groups = []
     for gi, names in enumerate(target.groups):
         src = sources[gi] if sources[gi] is not None else by_pairing.get(gi)
@@ -270,27 +270,46 @@ def _sibling_group(name: str, saved: Mapping[str, int],
 
 
 def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mapping[str, Any]],
-                    target: Target) -> dict[int, int]:
+                    target: Target, slots: Sequence[Slot], group_of_index: Mapping[Any, int],
+                    policy: Policy) -> dict[int, int]:
     """Saved groups for the new groups no named parameter ties to one (empty groups, as the
-    transformers Trainer's no-decay group under LoRA; groups of stateless uncertain indices): matched
-    by ``name``, other hyperparameters or position (:func:`optckpt.mapping.pair_groups`), an empty
-    new group only to an empty saved group, and never to a saved group another new group took."""
+    transformers Trainer's no-decay group under LoRA; groups of stateless uncertain indices), paired
+    by what they are (:func:`optckpt.mapping.pair_groups`: ``name``, membership, hyperparameters;
+    position only where it cannot matter), an empty new group only to an empty saved group, and never
+    to a saved group another new group took. A group of saved parameters that cannot be paired while
+    the saved groups' hyperparameters differ is refused: guessing would give its parameters another
+    group's lr (``--hparams target`` keeps the new code's own)."""
     if all(s is not None for s in sources) or target.group_hparams is None:
         return {}
     saved = [{k: v for k, v in g.items() if k != "params"} for g in source_groups]
-    paired = pair_groups(saved, target.group_hparams)
-    if paired is None:
-        return {}
-    back = {t: g for g, t in enumerate(paired[0])}
+    members: list[set[int]] = [set() for _ in source_groups]
+    for slot in slots:
+        if slot.source_index is not None and slot.source_index in group_of_index:
+            members[group_of_index[slot.source_index]].add(slot.group)
+    sizes = ([len(g.get("params", ())) for g in source_groups], [len(g) for g in target.groups])
+    paired = pair_groups(saved, target.group_hparams, members=members, harmless_position=True, sizes=sizes)
+    back = {t: g for g, t in enumerate(paired[0])} if paired is not None else {}
     taken = {s for s in sources if s is not None}
-    out = {}
-    for gi, s in enumerate(sources):  # -1: a group of new parameters, left alone
+    out: dict[int, int] = {}
+    for gi, src in enumerate(sources):  # -1: a group of new parameters, left alone
         g = back.get(gi)
-        if s is not None or g is None or g in taken:
+        if src is not None:
+            continue
+        if g is None or g in taken:
+            differ = len({_hp_key(h) for h in saved}) > 1
+            if target.groups[gi] and differ and policy.hparams == "checkpoint":
+                raise MappingError(
+                    f"new param group {gi} ({len(target.groups[gi])} parameters, names uncertain) cannot be paired "
+                    "with a saved group, and the saved groups' hyperparameters differ: its parameters could get "
+                    "another group's lr. Pass --source (the old code), or --hparams target to keep the new code's")
             continue
         if (len(target.groups[gi]) == 0) == (len(source_groups[g].get("params", ())) == 0):
             out[gi] = g
     return out
+
+
+def _hp_key(hp: Mapping[str, Any]) -> str:
+    return repr(sorted((k, repr(v)) for k, v in hp.items() if k not in ("params", "param_names")))
 
 
 def _names(ps: Sequence[Any]) -> str:

@@ -40,6 +40,7 @@ from torch import nn
 
 import optckpt
 from optckpt.check import check_mapping
+from optckpt.errors import MappingError
 from optckpt.mapping import infer_mapping, slots_of
 from optckpt.target import from_live
 
@@ -456,7 +457,7 @@ def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
-REORDER = {"cases": 0, "moved_params": 0, "ambiguous_cases": 0, "alias_changed": 0}
+REORDER = {"cases": 0, "moved_params": 0, "ambiguous_cases": 0, "alias_changed": 0, "refused_groups": 0}
 
 
 @settings(max_examples=100, derandomize=True, deadline=None,
@@ -507,8 +508,15 @@ def test_reordered_model_check_and_load_by_name(tmp_path, case: Case) -> None:
 
     # load by name through the API
     # uncertain indices with state would make the API refuse (the CLI's contract): reset them here
-    result = optckpt.load_optimizer_state_dict(new_opt, new_model, path, allow_ambiguous=True,
-                                               group_evidence=group_evidence)
+    try:
+        result = optckpt.load_optimizer_state_dict(new_opt, new_model, path, allow_ambiguous=True,
+                                                   group_evidence=group_evidence)
+    except MappingError as e:
+        # groups whose members' names are uncertain, whose hyperparameters differ (the new code's lr is
+        # not the saved one): nothing tells which saved group is which, so the API refuses to guess
+        assert "cannot be paired" in str(e) and mapping.ambiguous, e
+        REORDER["refused_groups"] += 1
+        return
     assert result.evidence == "model-order"
     for g_new, group in enumerate(new_opt.param_groups):
         for p in group["params"]:
