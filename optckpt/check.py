@@ -3,16 +3,19 @@ the new code? Per-parameter statuses plus a group-level verdict."""
 
 from __future__ import annotations
 
+import copy
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .errors import MappingError
 from .mapping import IndexName, OptimizerMapping, settle_by_grouping
 from .target import RenameRule, Target
 
 __all__ = ["STATUSES", "RISKS", "VERDICTS", "ParamStatus", "CheckReport", "check_mapping", "apply_renames",
-           "guess_prefix_rename", "rename_hints"]
+           "guess_prefix_rename", "rename_hints", "keep_saved_grouping", "model_only"]
 
 STATUSES = ("ok", "moved", "missing", "unexpected", "shape_mismatch", "ambiguous")
 
@@ -65,6 +68,7 @@ class CheckReport:
     notes: list[str] = field(default_factory=list)
     mapping: OptimizerMapping | None = field(default=None, repr=False)  # as settled (group-structure applied)
     hints: list[str] = field(default_factory=list)  # --rename options that would explain missing + unexpected
+    target: Target | None = field(default=None, repr=False)  # as compared (a model-only target: saved grouping)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -196,9 +200,134 @@ def rename_hints(missing: Sequence[tuple[str, tuple[int, ...] | None]],
     return [f"--rename {o}={r}" for o, r in kept]
 
 
+def model_only(target: Target) -> bool:
+    """A target that says nothing about grouping: a model without its optimizer (a names file
+    states its groups: a flat list is one group)."""
+    return target.optimizer is None and target.group_hparams is None and target.module is not None
+
+
 def check_mapping(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule] = (), *,
-                  group_evidence: bool = True) -> CheckReport:
+                  group_evidence: bool = True, place_new: bool = False) -> CheckReport:
     """Compare the checkpoint's named optimizer state with the target's parameter order.
+
+    A model-only target (no optimizer) is compared with the saved grouping
+    (:func:`keep_saved_grouping`): whoever builds the optimizer for it is assumed to group as the old
+    code did, which is what ``remap`` writes. ``place_new`` (remap) refuses a new parameter that no
+    rule learned from the saved grouping places; ``check`` only says so.
+"""
+    if model_only(target) and len(mapping.group_sizes) > 1:
+        first = _compare(mapping, target, renames, group_evidence=False)
+        regrouped, notes = keep_saved_grouping(first, target, strict=place_new)
+        report = _compare(mapping, regrouped, renames, group_evidence=False)
+        report.notes[:0] = notes
+        report.target = regrouped
+        return report
+    report = _compare(mapping, target, renames, group_evidence=group_evidence)
+    report.target = target
+    return report
+
+
+def keep_saved_grouping(report: CheckReport, target: Target, *, strict: bool) -> tuple[Target, list[str]]:
+    """The target regrouped as the checkpoint was: every parameter found in the checkpoint stays in
+    the group it was saved in (a decay / no-decay split keeps its weight decay). A new parameter
+    joins a group by a rule learned from the saved grouping (:func:`_placement`); one that no rule
+    places is refused when ``strict`` (else put in the first group, and said)."""
+    mapping = report.mapping
+    assert mapping is not None
+    n_groups = len(mapping.group_sizes)
+    group_of_index = {e.index: e.group for e in mapping.entries}
+    saved = {p.name: group_of_index[p.source_index] for p in report.params
+             if p.target_index is not None and p.source_index is not None and p.source_index in group_of_index}
+    assign = dict(saved)
+    notes = [f"the target has no optimizer: assuming the saved grouping ({n_groups} groups, with their "
+             "hyperparameters); give a target that returns (model, optimizer) to check the new code's own"]
+    # parameters whose saved index is uncertain: the groups of the indices they could be
+    could_be: dict[str, set[int]] = {}
+    for p in report.params:
+        if p.status == "ambiguous" and p.source_index in group_of_index:
+            for c in p.candidates:
+                could_be.setdefault(c, set()).add(group_of_index[p.source_index])
+    room = list(mapping.group_sizes)
+    for g in assign.values():
+        room[g] -= 1
+    hp = [_hp_key(h) for h in mapping.group_hparams]
+    for name in target.names:
+        if name in assign or name not in could_be:
+            continue
+        options = sorted(could_be[name])
+        if len(options) > 1 and len({hp[g] for g in options}) > 1 and strict:
+            raise MappingError(f"{name}: its saved index is uncertain and could be in saved groups {options}, whose "
+                               "hyperparameters differ; pass --source (the old code), or give --target as "
+                               "(model, optimizer)")
+        pick = next((g for g in options if room[g] > 0), options[0])
+        room[pick] -= 1
+        assign[name] = pick
+    for name in target.names:
+        if name in assign:
+            continue
+        placed, why = _placement(name, saved, target, n_groups)
+        if placed is None:
+            if strict:
+                raise MappingError(f"new parameter {name}: {why}; give --target as a callable returning "
+                                   "(model, optimizer) so that its param group is known")
+            notes.append(f"new parameter {name}: {why} (counted in group 0 here)")
+            placed = 0
+        else:
+            notes.append(f"new parameter {name} joins saved group {placed} ({why})")
+        assign[name] = placed
+    groups = [[n for n in target.names if assign[n] == g] for g in range(n_groups)]
+    hparams = [{k: copy.deepcopy(v) for k, v in h.items() if k not in ("params", "param_names")}
+               for h in mapping.group_hparams]
+    return replace(target, groups=groups, group_hparams=hparams), notes
+
+
+def _features(name: str, target: Target) -> list[tuple[str, Any]]:
+    """What a grouping rule can look at, in the order rules are tried."""
+    shape = target.shapes.get(name)
+    out: list[tuple[str, Any]] = []
+    if shape is not None:
+        out.append(("ndim >= 2", len(shape) >= 2))
+    out.append(("name ends in 'bias'", name.endswith("bias")))
+    if target.module is not None and "." in name:
+        try:
+            out.append(("module type", type(target.module.get_submodule(name.rpartition(".")[0])).__name__))
+        except AttributeError:
+            pass
+    if shape is not None:
+        out.append(("number of dimensions", len(shape)))
+    return out
+
+
+def _placement(name: str, saved: Mapping[str, int], target: Target, n_groups: int) -> tuple[int | None, str]:
+    """The saved group a new parameter belongs to, and the rule that says so: a sibling of the same
+    name pattern and shape (``blocks.3.attn.weight`` like ``blocks.0.attn.weight``); else the first
+    feature whose values separate the saved groups perfectly (every value seen in one group only):
+    ``ndim >= 2`` (the decay / no-decay split), a ``bias`` suffix, the module type (``LayerNorm``,
+    ``Embedding``...), the number of dimensions. ``(None, why)`` when no rule places it."""
+    used = sorted(set(saved.values()))
+    if len(used) <= 1:
+        g = used[0] if used else 0
+        return g, "the only saved group holding parameters" if used else "no saved group holds parameters"
+    masked = re.sub(r"\d+", "#", name)
+    shape = target.shapes.get(name)
+    pool = [n for n in saved if re.sub(r"\d+", "#", n) == masked and target.shapes.get(n) == shape]
+    if pool and len({saved[n] for n in pool}) == 1:
+        return saved[pool[0]], f"like {pool[0]}"
+    mine = dict(_features(name, target))
+    for label, value in mine.items():
+        seen: dict[Any, set[int]] = {}
+        for n, g in saved.items():
+            v = dict(_features(n, target)).get(label)
+            seen.setdefault(v, set()).add(g)
+        if all(len(gs) == 1 for gs in seen.values()) and value in seen:
+            return next(iter(seen[value])), f"rule: {label} = {value} separates the saved groups"
+    return None, (f"no rule learned from the saved grouping places it (its siblings are split over groups, and "
+                  f"neither ndim, a bias suffix nor its module type separates the {len(used)} saved groups)")
+
+
+def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule] = (), *,
+             group_evidence: bool = True) -> CheckReport:
+    """:func:`check_mapping` for a target whose grouping is known.
 
     Without explicit ``renames``, a single wrapper-prefix difference is detected and applied (and
     said in the notes). With ``group_evidence`` (and a target optimizer), the new code's param groups

@@ -10,7 +10,7 @@ import copy
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -32,7 +32,7 @@ from .transforms import (
 )
 
 __all__ = ["Policy", "Slot", "GroupPlan", "RemapPlan", "build_plan", "apply_plan", "remap_scheduler",
-           "attach_lbfgs_layout", "keep_saved_grouping", "prepare_source", "rewrite_model"]
+           "attach_lbfgs_layout", "prepare_source", "rewrite_model"]
 
 Missing = Literal["reset", "error"]
 Unexpected = Literal["drop", "error"]
@@ -132,14 +132,10 @@ def build_plan(
 
     ``source_groups`` are the old ``param_groups`` (hyperparameters are read from them). A target
     model without its optimizer keeps the saved grouping
-    (:func:`keep_saved_grouping`)."""
-    regroup_notes: list[str] = []
-    if _model_only(target) and len(source_groups) > 1:
-        first = check_mapping(mapping, target, renames, group_evidence=False)
-        target, regroup_notes = keep_saved_grouping(first, target, source_groups)
-        policy = replace(policy, group_evidence=False)  # the grouping came from the checkpoint: no evidence
-    report = check_mapping(mapping, target, renames, group_evidence=policy.group_evidence)
+    (:func:`optckpt.check.keep_saved_grouping`)."""
+    report = check_mapping(mapping, target, renames, group_evidence=policy.group_evidence, place_new=True)
     mapping = report.mapping or mapping
+    target = report.target or target  # a model-only target takes the saved grouping
     by_status: dict[str, list[Any]] = {}
     for p in report.params:
         by_status.setdefault(p.status, []).append(p)
@@ -206,7 +202,6 @@ def build_plan(
     plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped, list(report.notes),
                      evidence_counts=dict(Counter(e.evidence if e.name is not None else "uncertain" for e in entries)),
                      sliced=sliced)
-    plan.notes[:0] = regroup_notes
     for s in slots:
         if s.action == "slice":
             a, b = sliced[s.target_index]
@@ -222,51 +217,6 @@ def build_plan(
     if amb:
         plan.notes.append(f"{len(amb)} ambiguous indices with state: their state is reset (--allow-ambiguous)")
     return plan, report
-
-
-def _model_only(target: Target) -> bool:
-    """A target that says nothing about grouping: a model without its optimizer (a names file
-    states its groups: a flat list is one group)."""
-    return target.optimizer is None and target.group_hparams is None and target.module is not None
-
-
-def keep_saved_grouping(report: CheckReport, target: Target,
-                        source_groups: Sequence[Mapping[str, Any]]) -> tuple[Target, list[str]]:
-    """The target regrouped as the checkpoint was: every parameter found in the checkpoint stays in
-    the group it was saved in (a decay / no-decay split keeps its weight decay); a new parameter joins
-    the group of the same parameter in its sibling modules (``blocks.3.attn.weight`` like
-    ``blocks.0.attn.weight``), else of its own module's other parameters, else the first group."""
-    mapping = report.mapping
-    assert mapping is not None
-    group_of_index = {e.index: e.group for e in mapping.entries}
-    saved = {p.name: group_of_index[p.source_index] for p in report.params
-             if p.target_index is not None and p.source_index is not None and p.source_index in group_of_index}
-    assign = dict(saved)
-    notes = [f"the target has no optimizer: every parameter stays in its saved group ({len(source_groups)} groups, "
-             "with their hyperparameters)"]
-    for name in target.names:
-        if name in assign:
-            continue
-        g, like = _sibling_group(name, saved, target.shapes)
-        assign[name] = g
-        why = f"like {like}" if like else "no saved sibling: the first group"
-        notes.append(f"new parameter {name} joins saved group {g} ({why})")
-    groups = [[n for n in target.names if assign[n] == g] for g in range(len(source_groups))]
-    hparams = [{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "param_names")}
-               for g in source_groups]
-    return replace(target, groups=groups, group_hparams=hparams), notes
-
-
-def _sibling_group(name: str, saved: Mapping[str, int],
-                   shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, str | None]:
-    masked = re.sub(r"\d+", "#", name)
-    pools = ([n for n in saved if re.sub(r"\d+", "#", n) == masked and shapes.get(n) == shapes.get(name)],
-             [n for n in saved if n.rpartition(".")[0] == name.rpartition(".")[0]])
-    for pool in pools:
-        if pool:
-            g = Counter(saved[n] for n in pool).most_common(1)[0][0]
-            return g, next(n for n in pool if saved[n] == g)
-    return 0, None
 
 
 def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mapping[str, Any]],

@@ -284,9 +284,17 @@ def test_group_structure_change_is_reported(tmp_path):
     opt = torch.optim.SGD([{"params": m.a.parameters()}, {"params": m.b.parameters(), "lr": 0.01}], lr=0.1,
                           momentum=0.9)
     _train(m, opt)
-    rep = _report(_save(tmp_path, m, opt), TwoSame()).as_json()
+    path = _save(tmp_path, m, opt)
+    new = TwoSame()  # the new code puts every parameter in one group
+    rep = _report(path, new, torch.optim.SGD(new.parameters(), lr=0.1, momentum=0.9)).as_json()
     assert rep["groups"]["load_would_fail"] and not rep["safe"]
     assert rep["groups"]["source"] == [2, 2] and rep["groups"]["target"] == [4]
+    # a model without its optimizer says nothing about grouping: the saved grouping is assumed, and said
+    # (a and b have the same shapes: which saved group is which stays uncertain, nothing is proven wrong)
+    rep = _report(path, TwoSame()).as_json()
+    assert rep["verdict"] == "cannot_prove_safe" and rep["groups"]["target"] == [2, 2]
+    assert all(p["risk"] != "misapplied" for p in rep["params"])
+    assert any("the target has no optimizer: assuming the saved grouping" in n for n in rep["notes"])
 
 
 def test_lightning_prefix_is_detected():
