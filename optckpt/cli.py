@@ -199,9 +199,9 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
 
     ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
     opt = ck.optimizer(optimizer_key)
-    claim = resolve_source(source, trust_pickle=trust_pickle) if source else None
-    mapping = infer_mapping(ck, opt, source=claim, models=models.split(",") if models else None)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
+    claim = resolve_source(source, trust_pickle=trust_pickle, fallback=target) if source else None
+    mapping = infer_mapping(ck, opt, source=claim, models=models.split(",") if models else None)
     if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
         mapping = name_by_target_shapes(mapping, target.names, target.shapes)
     report = check_mapping(mapping, target, parse_rename(renames), group_evidence=not no_group_evidence).as_json()

@@ -89,6 +89,10 @@ class SourceNames:
     groups: list[list[str]]
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     ordered: bool = True
+    # the new code's shapes: checked against names neither the source nor the checkpoint gives a shape
+    # (a names file beside an optimizer saved alone). A name whose new shape differs is then refused
+    # rather than trusted: save the model with it (--model) to tell a reshape from a wrong name
+    fallback_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 class Rejection(NamedTuple):
@@ -372,6 +376,15 @@ def _source_rows(opt: OptimizerState, source: SourceNames, known: Mapping[str, t
     return [[(a.name, a.candidates) for a in g] for g in result], None
 
 
+def _prefixed(a: set[str], b: set[str]) -> bool:
+    """The two name sets meet once a wrapper prefix (``module.``, Lightning's ``model.``) is removed
+    from one side."""
+    def strip(names: set[str]) -> set[str]:
+        return {n.split(".", 1)[1] for n in names if "." in n}
+
+    return any(len(x & y) * 2 > min(len(x), len(y)) for x, y in ((strip(a), b), (a, strip(b))) if x and y)
+
+
 def _gate(ck: Checkpoint, opt: OptimizerState, base: OptimizerMapping, source: SourceNames) -> OptimizerMapping:
     """The consistency gate for names offered by the caller. They are used only if nothing in the
     checkpoint contradicts them: every saved group keeps its size (or, for a model order, each saved
@@ -381,7 +394,7 @@ def _gate(ck: Checkpoint, opt: OptimizerState, base: OptimizerMapping, source: S
     candidates). One contradiction shows the claim wrong as a whole, so it is then not used at all
     (what the checkpoint alone says stays), and the mapping records why (``rejected``)."""
     saved = _saved_shapes(ck)
-    known = {**saved, **source.shapes}
+    known = {**source.fallback_shapes, **saved, **source.shapes}
 
     def rejected(index: Any, why: str) -> OptimizerMapping:
         out = replace(base, notes=list(base.notes), rejected=[*base.rejected, Rejection("source", index, why)])
@@ -401,7 +414,9 @@ def _gate(ck: Checkpoint, opt: OptimizerState, base: OptimizerMapping, source: S
         return rejected(None, why or "")
     universe = {c for e in base.entries for c in e.candidates}
     offered = {c for g in rows for _, cands in g for c in cands}
-    comparable = bool(universe) and len(offered & universe) * 2 > len(offered)  # same namespace (no prefix)
+    comparable = bool(universe) and len(offered & universe) * 2 > len(offered)
+    if universe and not comparable and not _prefixed(offered, universe):
+        return rejected(None, f"it names none of the checkpoint's parameters (e.g. {sorted(offered)[0]})")
     seen: dict[str, Any] = {}
     names: Names = []
     shapes = _shapes(opt)
@@ -598,11 +613,15 @@ def pair_groups(saved: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str
         if len(set(pairs.values())) != len(pairs):
             return None
         how += ["membership"] if pairs else []
+    # with as many parameters on both sides, a pair of groups of different sizes is no pair
+    same_total = sizes is not None and sum(sizes[0]) == sum(sizes[1])
     for leave_out, label in ((_NOT_HPARAMS, "hyperparameters"), (_SCHEDULED, "unscheduled hyperparameters")):
         todo_s = [g for g in range(len(saved)) if g not in pairs]
         todo_t = [t for t in range(len(target)) if t not in pairs.values()]
         found = _by_unique_key([_signature(h, leave_out) for h in saved], [_signature(h, leave_out) for h in target],
                                todo_s, todo_t)
+        if same_total and sizes is not None and any(sizes[0][g] != sizes[1][t] for g, t in found.items()):
+            return None
         pairs.update(found)
         how += [label] if found else []
     todo_s = [g for g in range(len(saved)) if g not in pairs]
@@ -661,7 +680,8 @@ def settle_by_grouping(mapping: OptimizerMapping, target_groups: Sequence[Sequen
     for e in mapping.entries:
         if e.name is not None and to_target(e.name) in group_of:
             members[e.group].add(group_of[to_target(e.name)])
-    paired = None if single else pair_groups(mapping.group_hparams, target_hparams, members=members)
+    paired = None if single else pair_groups(mapping.group_hparams, target_hparams, members=members,
+                                             sizes=(sizes, [len(g) for g in target_groups]))
     if paired is not None:
         pairs, how = paired
         for g, t in enumerate(pairs):

@@ -40,7 +40,7 @@ from .remap import (
     remap_scheduler,
     rewrite_model,
 )
-from .target import parse_rename, resolve_source, resolve_target
+from .target import Target, parse_rename, resolve_source, resolve_target
 from .transforms import TransformRule
 
 __all__ = ["remap_checkpoint", "reset_checkpoint", "set_checkpoint", "convert_checkpoint", "fqn_optimizer_state",
@@ -162,8 +162,10 @@ def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, 
 
 
 def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
-                   trust_pickle: bool) -> OptimizerMapping:
-    claim = resolve_source(source, trust_pickle=trust_pickle) if source else None
+                   trust_pickle: bool, target: Target | None = None) -> OptimizerMapping:
+    """The saved indices named, with ``--source`` checked by the consistency gate (the target's shapes
+    check names that nothing else gives a shape)."""
+    claim = resolve_source(source, trust_pickle=trust_pickle, fallback=target) if source else None
     return infer_mapping(ck, opt, source=claim, models=models)
 
 
@@ -207,8 +209,8 @@ def remap_checkpoint(
         return _remap_dcp(path, target_spec, out, renames=renames, policy=policy, w=write,
                           trust_pickle=trust_pickle)
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
-    saved_mapping = source_mapping(ck, opt, source, models, trust_pickle)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
+    saved_mapping = source_mapping(ck, opt, source, models, trust_pickle, target)
     rules = parse_rename(renames)
     mapping, sd, steps = prepare_source(saved_mapping, opt.state_dict, target, rules, transforms)
     plan, _ = build_plan(mapping, sd.get("param_groups", []), target, policy, rules)

@@ -190,7 +190,9 @@ def build_plan(
         sources.append(votes.most_common(1)[0][0] if votes else None)
     # only groups that are empty, or whose parameters are merely uncertain (not proven new), follow the
     # saved group they correspond to; a group of new parameters takes the new code's hyperparameters
-    new = {p.name for p in by_status.get("missing", [])}
+    # (when some saved index could be any parameter, nothing unnamed is proven new)
+    unknowable = any(e.name is None and not e.candidates for e in entries)
+    new = set() if unknowable else {p.name for p in by_status.get("missing", [])}
     sources_or_new = [s if s is not None or not any(n in new for n in target.groups[gi]) else -1
                       for gi, s in enumerate(sources)]
     by_pairing = _unvoted_groups(sources_or_new, source_groups, target, slots, group_of_index, policy)

@@ -14,7 +14,7 @@ from .errors import FormatError, MappingError
 from .io import load
 from .io.discover import is_optimizer_sd, model_state_from_dict
 from .kernels import place_tensors
-from .mapping import infer_mapping, is_lbfgs
+from .mapping import SourceNames, infer_mapping, is_lbfgs
 from .remap import Policy, apply_plan, attach_lbfgs_layout, build_plan, prepare_source
 from .target import from_live
 from .transforms import parse_transforms
@@ -103,12 +103,13 @@ def load_optimizer_state_dict(
     bare index-based state dict pass ``model_state_dict=`` (the model saved with it, registration
     order) or ``source_names=`` (names in the old optimizer order)."""
     ck, opt = _as_checkpoint(source, model_state_dict, optimizer_key, trust_pickle)
-    names: list[list[str]] | None = None
+    target = from_live(model, optimizer)
+    claim: SourceNames | None = None
     if source_names is not None:
         names = [[str(n) for n in source_names]] if source_names and isinstance(source_names[0], str) else \
             [[str(n) for n in g] for g in source_names]
-    mapping = infer_mapping(ck, opt, source_names=names)
-    target = from_live(model, optimizer)
+        claim = SourceNames("source_names=", names, fallback_shapes=dict(target.shapes))
+    mapping = infer_mapping(ck, opt, source=claim)
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
                     allow_ambiguous=allow_ambiguous, hparams=hparams, group_evidence=group_evidence)
     mapping, sd, steps = prepare_source(mapping, opt.state_dict, target, (), parse_transforms(fuse, split))

@@ -120,14 +120,16 @@ def resolve_target(spec: str, *, trust_pickle: bool = False) -> Target:
     )
 
 
-def resolve_source(spec: str, *, trust_pickle: bool = False) -> SourceNames:
+def resolve_source(spec: str, *, trust_pickle: bool = False, fallback: Target | None = None) -> SourceNames:
     """Turn ``--source`` (the OLD code) into the claim :func:`optckpt.mapping.infer_mapping` checks.
 
     A module without its optimizer gives its parameter order only (``ordered=False``): how the old
-    optimizer grouped those parameters is then learned from the checkpoint, never assumed."""
+    optimizer grouped those parameters is then learned from the checkpoint, never assumed.
+    ``fallback`` (the target) supplies shapes for names the source gives none (a names file)."""
     t = resolve_target(spec, trust_pickle=trust_pickle)
     model_only = t.optimizer is None and t.group_hparams is None and t.module is not None
-    return SourceNames(spec, [list(g) for g in t.groups], dict(t.shapes), ordered=not model_only)
+    return SourceNames(spec, [list(g) for g in t.groups], dict(t.shapes), ordered=not model_only,
+                       fallback_shapes=dict(fallback.shapes) if fallback is not None else {})
 
 
 def _names_file(path: str) -> Target:
