@@ -16,7 +16,7 @@ from .io.discover import is_optimizer_sd, model_state_from_dict
 from .kernels import place_tensors
 from .mapping import SourceNames, infer_mapping, is_lbfgs
 from .remap import Policy, apply_plan, attach_lbfgs_layout, build_plan, prepare_source
-from .target import from_live
+from .target import from_live, renames_of
 from .transforms import parse_transforms
 
 __all__ = ["LoadReport", "load_optimizer_state_dict", "enable_load_by_name"]
@@ -65,6 +65,7 @@ def load_optimizer_state_dict(
     missing: Literal["reset", "error"] = "reset",
     unexpected: Literal["drop", "error"] = "drop",
     shape_mismatch: Literal["reset", "error", "slice"] = "reset",
+    rename: Sequence[str] | Mapping[str, str] = (),
     fuse: Sequence[str] = (),
     split: Sequence[str] = (),
     strict: bool = False,
@@ -90,7 +91,9 @@ def load_optimizer_state_dict(
     reshaped parameter. ``shape_mismatch="slice"`` keeps the shared region of a reshaped parameter's
     state (the rest fresh, as torch starts it); ``fuse=["qkv.weight=q.weight+k.weight+v.weight@0"]``
     and ``split=[...]`` concatenate / cut state exactly as ``optckpt remap --fuse / --split`` do
-    (the report's ``transformed`` lists them).
+    (the report's ``transformed`` lists them). ``rename=["head.=classifier."]`` (``--rename``
+    syntax, or a mapping ``{"head.": "classifier."}``) gives ``classifier.*`` the state saved under
+    ``head.*``; rename hints are only applied when given.
 
     Uncertain names follow the CLI's contract (``optckpt remap``): when indices that hold state
     cannot be named with certainty, :class:`MappingError` names them and their candidates and
@@ -112,8 +115,9 @@ def load_optimizer_state_dict(
     mapping = infer_mapping(ck, opt, source=claim)
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
                     allow_ambiguous=allow_ambiguous, hparams=hparams, group_evidence=group_evidence)
-    mapping, sd, steps = prepare_source(mapping, opt.state_dict, target, (), parse_transforms(fuse, split))
-    plan, report = build_plan(mapping, sd.get("param_groups", []), target, policy)
+    rules = renames_of(rename)
+    mapping, sd, steps = prepare_source(mapping, opt.state_dict, target, rules, parse_transforms(fuse, split))
+    plan, report = build_plan(mapping, sd.get("param_groups", []), target, policy, rules)
     plan.transforms = steps
     if is_lbfgs(opt):
         attach_lbfgs_layout(plan, mapping, {**{n: m.shape for mod in ck.models for n, m in mod.meta.items()},
@@ -164,15 +168,18 @@ def _place_state(sd: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
         entry[key] = t
 
 
-def enable_load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+def enable_load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
+                        rename: Sequence[str] | Mapping[str, str] = ()) -> None:
     """Make ``optimizer`` save its parameter names and load by name from then on.
 
     For scripts that keep calling ``optimizer.load_state_dict(sd)``: every ``state_dict()`` records
     ``param_names`` (so later loads are exact), and every ``load_state_dict`` first remaps ``sd``
     by name — exact when ``sd`` carries ``param_names``; an index-based ``sd`` without them is
     refused with a :class:`MappingError` (pass it through :func:`load_optimizer_state_dict` with
-    ``model_state_dict=`` instead), because guessing would be silent corruption."""
+    ``model_state_dict=`` instead), because guessing would be silent corruption. ``rename`` as in
+    :func:`load_optimizer_state_dict` (for state saved under the old names)."""
     names = {id(p): n for n, p in model.named_parameters()}
+    rules = renames_of(rename)
 
     def add_names(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
         for group, saved in zip(opt.param_groups, sd["param_groups"]):
@@ -188,7 +195,7 @@ def enable_load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module
         ck.optimizers.append(OptimizerState("optimizer", "<state dict>", (), sd))
         mapping = infer_mapping(ck)
         target = from_live(model, opt)
-        plan, _ = build_plan(mapping, sd["param_groups"], target, Policy())
+        plan, _ = build_plan(mapping, sd["param_groups"], target, Policy(), rules)
         if is_lbfgs(ck.optimizer()):
             attach_lbfgs_layout(plan, mapping, target.shapes)
         new_sd = apply_plan(plan, sd, with_names="param_names" in opt.param_groups[0])

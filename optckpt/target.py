@@ -20,7 +20,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 from .errors import OptckptError, TargetError
 from .mapping import SourceNames
 
-__all__ = ["Target", "resolve_target", "resolve_source", "from_live", "RenameRule", "parse_rename"]
+__all__ = ["Target", "resolve_target", "resolve_source", "from_live", "RenameRule", "parse_rename", "renames_of"]
 
 
 @dataclass
@@ -273,6 +273,18 @@ class RenameRule:
         if self.regex:
             return re.sub(self.pattern, self.repl, name)
         return self.repl + name[len(self.pattern):] if name.startswith(self.pattern) else name
+
+
+def renames_of(rename: Sequence[str] | Mapping[str, str] | None) -> list[RenameRule]:
+    """The API's ``rename=``: ``--rename`` strings (``"head.=classifier."``, ``"re:PATTERN=REPL"``), or a
+    mapping of old prefixes to new ones."""
+    if not rename:
+        return []
+    if isinstance(rename, Mapping):
+        return [RenameRule(str(old), str(new), False) for old, new in rename.items()]
+    if isinstance(rename, str):
+        raise TargetError(f"rename={rename!r}: give a list of 'OLD=NEW' strings or a mapping, not one string")
+    return parse_rename(list(rename))
 
 
 def parse_rename(rules: Sequence[str]) -> list[RenameRule]:

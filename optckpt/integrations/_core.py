@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from ..check import apply_renames
 from ..checkpoint import Checkpoint, ModelState, OptimizerState
 from ..errors import MappingError, TargetError
 from ..resume import LoadReport, enable_load_by_name, load_optimizer_state_dict
-from ..target import from_live
+from ..target import from_live, renames_of
 
-__all__ = ["Evidence", "ByName", "attach", "load_by_name", "owner_of", "log_report"]
+__all__ = ["Evidence", "ByName", "attach", "load_by_name", "load_options", "owner_of", "log_report",
+           "rename_model_keys"]
 
 
 @dataclass
@@ -66,12 +68,13 @@ class ByName:
     load then restores exactly that (the hook hands it the result in the live optimizer's order)."""
 
     def __init__(self, model: torch.nn.Module, evidence: Callable[[], Evidence], label: str,
-                 logger: Logger, allow_ambiguous: bool):
+                 logger: Logger, allow_ambiguous: bool, options: Mapping[str, Any] | None = None):
         self.model = model
         self.evidence = evidence
         self.label = label
         self.logger = logger
         self.allow_ambiguous = allow_ambiguous
+        self.options = dict(options or {})  # rename / fuse / split / shape_mismatch, as the API takes them
         self.report: LoadReport | None = None  # of the last load
         self._inner = False
 
@@ -84,7 +87,8 @@ class ByName:
                                   for g, names in zip(sd["param_groups"], live)]
             return sd
         named = all("param_names" in g for g in sd.get("param_groups", []))
-        if named and [list(g["param_names"]) for g in sd["param_groups"]] == from_live(self.model, optimizer).groups:
+        if named and not self.options and \
+                [list(g["param_names"]) for g in sd["param_groups"]] == from_live(self.model, optimizer).groups:
             # saved in exactly this order (a library reloading the optimizer's own state, as
             # accelerate's prepare does): torch's positional load is the by-name load
             self.report = LoadReport(evidence="param_names")
@@ -98,7 +102,7 @@ class ByName:
         self._inner = True
         try:
             report = load_by_name(optimizer, self.model, source, allow_ambiguous=self.allow_ambiguous, hint=ev.hint,
-                                  model_state_dict=None if named else ev.model_state_dict)
+                                  model_state_dict=None if named else ev.model_state_dict, **self.options)
         finally:
             self._inner = False
         self.report = report
@@ -110,17 +114,64 @@ _ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, ByName] = weakref.We
 
 
 def attach(optimizer: torch.optim.Optimizer, model: torch.nn.Module, evidence: Callable[[], Evidence], *,
-           label: str, logger: Logger, allow_ambiguous: bool) -> ByName:
+           label: str, logger: Logger, allow_ambiguous: bool, options: Mapping[str, Any] | None = None) -> ByName:
     """Make ``optimizer`` save ``param_names`` and load by name; once per optimizer (a second call
-    updates the settings)."""
+    updates the settings). ``options``: ``rename`` / ``fuse`` / ``split`` / ``shape_mismatch``, as
+    :func:`optckpt.load_optimizer_state_dict` takes them."""
     hook = _ATTACHED.get(optimizer)
     if hook is None:
         enable_load_by_name(optimizer, model)
-        hook = ByName(model, evidence, label, logger, allow_ambiguous)
+        hook = ByName(model, evidence, label, logger, allow_ambiguous, options)
         optimizer.register_load_state_dict_pre_hook(hook, prepend=True)  # before enable_load_by_name's
         _ATTACHED[optimizer] = hook
     hook.evidence, hook.label, hook.logger, hook.allow_ambiguous = evidence, label, logger, allow_ambiguous
+    hook.options = dict(options or {})
     return hook
+
+
+def load_options(rename: Sequence[str] | Mapping[str, str] = (), fuse: Sequence[str] = (), split: Sequence[str] = (),
+                 shape_mismatch: str = "reset") -> dict[str, Any]:
+    """The options every integration takes, checked now (a bad ``--rename`` string fails at setup,
+    not at the resume), as keywords of :func:`optckpt.load_optimizer_state_dict`."""
+    from ..transforms import parse_transforms
+
+    renames_of(rename)
+    parse_transforms(fuse, split)
+    if shape_mismatch not in ("reset", "error", "slice"):
+        raise TargetError(f"shape_mismatch={shape_mismatch!r}: expected 'reset', 'error' or 'slice'")
+    out: dict[str, Any] = {}
+    if rename:
+        out["rename"] = rename
+    if fuse:
+        out["fuse"] = list(fuse)
+    if split:
+        out["split"] = list(split)
+    if shape_mismatch != "reset":
+        out["shape_mismatch"] = shape_mismatch
+    return out
+
+
+def rename_model_keys(model: torch.nn.Module, rename: Sequence[str] | Mapping[str, str]) -> None:
+    """Rename the keys of any state dict loaded into ``model`` (the library's own model load) with the
+    same rules as the optimizer state: a renamed submodule's weights reach it. Once per model."""
+    rules = renames_of(rename)
+    if not rules and not hasattr(model, "_optckpt_renames"):
+        return
+    first = not hasattr(model, "_optckpt_renames")
+    model._optckpt_renames = rules  # type: ignore[assignment]  # the latest rules (a second call updates them)
+    if not first:
+        return
+
+    def hook(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if prefix:
+            return
+        current = getattr(module, "_optckpt_renames", [])
+        for key in list(state_dict):
+            new = apply_renames(key, current)
+            if new != key and new not in state_dict:
+                state_dict[new] = state_dict.pop(key)
+
+    model.register_load_state_dict_pre_hook(hook)
 
 
 def owner_of(optimizer: torch.optim.Optimizer, models: list[torch.nn.Module], label: str) -> torch.nn.Module:
