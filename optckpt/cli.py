@@ -305,14 +305,15 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
               help="Glob of parameter names whose state to reset (repeatable), e.g. 'classifier.*'.")
 @click.option("--keys", default="", help="Comma-separated state keys to re-initialise (e.g. exp_avg,step); "
                                           "default: the whole entry.")
-@click.option("--mode", type=click.Choice(["drop", "zero"]), default="drop", show_default=True,
-              help="drop: delete the entry (fresh state at the next step); zero: re-initialise in place.")
+@click.option("--mode", type=click.Choice(["drop", "zero"]), default=None,
+              help="drop: delete the entry (fresh state at the next step); zero: re-initialise in place. "
+                   "Default: drop for files; zero for DCP directories (a strict dcp.load needs every key).")
 @load_options
 @mapping_options
 @write_options
 @verbose_option
 @format_option
-def reset(path: str, params: tuple[str, ...], keys: str, mode: str, model_path: str | None, trust_pickle: bool,
+def reset(path: str, params: tuple[str, ...], keys: str, mode: str | None, model_path: str | None, trust_pickle: bool,
           source: str | None, renames: tuple[str, ...], optimizer_key: str | None, models: str | None,
           output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, backup: bool, no_verify: bool,
           verbose: bool, fmt: str) -> None:

@@ -404,7 +404,7 @@ def reset_checkpoint(
     out: str | None,
     *,
     keys: Sequence[str] = (),
-    mode: str = "drop",
+    mode: str | None = None,
     model: str | None = None,
     source: str | None = None,
     optimizer_key: str | None = None,
@@ -416,12 +416,20 @@ def reset_checkpoint(
 
     ``drop`` deletes the whole state entry (torch recreates it, ``step`` included, at the next step:
     exactly a fresh parameter). ``zero`` (implied by ``keys``) re-initialises the chosen keys to the
-    value torch starts them at (``sum`` → ``initial_accumulator_value``, ``step`` → 0, ...)."""
+    value torch starts them at (``sum`` → ``initial_accumulator_value``, ``step`` → 0, ...).
+
+    The default (``mode=None``) is ``drop`` for files and ``zero`` for DCP directories: the standard DCP
+    resume (``get_state_dict`` of the new objects, ``dcp.load`` with the default, strict planner,
+    ``set_state_dict``) needs every key the fresh optimizer has, and zeros with ``step`` 0 are where
+    torch's optimizers start (SGD's momentum buffer: as fresh with the default ``dampening=0``)."""
+    dcp_dir = is_dcp_dir(path)
+    if mode is None:
+        mode = "zero" if keys or dcp_dir else "drop"
     if mode not in ("drop", "zero"):
         raise FormatError(f"--mode {mode!r}: expected drop or zero")
     if keys and mode == "drop":
         mode = "zero"
-    if is_dcp_dir(path):
+    if dcp_dir:
         return _reset_dcp(path, params, out, keys=keys, mode=mode, optimizer_key=optimizer_key, w=write)
     ck, opt, out = _open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
     mapping = source_mapping(ck, opt, source, models, trust_pickle)

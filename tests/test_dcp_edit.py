@@ -148,13 +148,15 @@ def _reference_reset(m, opt, sched, names, seed=20):
     return {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
+@pytest.mark.parametrize("mode", [["--mode", "zero"], []], ids=["zero", "default"])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_reset_zero_fresh_for_the_glob_exact_for_the_rest(trained, tmp_path, in_place):
+def test_reset_zero_fresh_for_the_glob_exact_for_the_rest(trained, tmp_path, in_place, mode):
+    """Both --mode zero and the default mode on DCP resume the standard way (strict dcp.load)."""
     path, m, opt, sched = trained()
     before = _snapshot(path)
     out = path if in_place else tmp_path / "reset"
     args = ["--in-place"] if in_place else ["-o", str(out)]
-    r = invoke("reset", str(path), "--params", "h.0.*", "--mode", "zero", *args, "--format", "json")
+    r = invoke("reset", str(path), "--params", "h.0.*", *mode, *args, "--format", "json")
     assert r.exit_code == 0, r.stderr
     selected = [s["name"] for s in json.loads(r.stdout)["selected"]]
     assert selected == [n for n, _ in m.named_parameters() if n.startswith("h.0.")]
@@ -181,7 +183,8 @@ def test_reset_zero_fresh_for_the_glob_exact_for_the_rest(trained, tmp_path, in_
 def test_reset_drop_is_a_metadata_edit(trained, tmp_path):
     path, m, opt, sched = trained()
     out = tmp_path / "dropped"
-    r = invoke("reset", str(path), "--params", "ln_f.*", "--params", "wpe.*", "-o", str(out), "--format", "json")
+    r = invoke("reset", str(path), "--params", "ln_f.*", "--params", "wpe.*", "--mode", "drop", "-o", str(out),
+               "--format", "json")
     assert r.exit_code == 0, r.stderr
     assert sorted(os.listdir(out)) == sorted(os.listdir(path))  # no extra shard: nothing was written but metadata
     ck = optckpt.load(out)
