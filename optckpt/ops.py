@@ -5,17 +5,19 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, OptimizerState
+from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .errors import FormatError, MappingError, WriteError
 from .io import load
 from .io.dcp import is_dcp_dir
 from .io.records import PROGRESS
+from .io.safepickle import PickledGlobal, PickledObject
 from .io.write import (
     WriteOptions,
     commit_dir,
@@ -705,8 +707,13 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
         scheds = schedulers_of(ck, opt)
         if len(scheds) == 1:
             state["lr_scheduler"] = _materialize(dict(scheds[0].state_dict))
-    if ck.extras:
-        state["extra"] = {k: v for k, v in ck.extras.items() if isinstance(v, (int, float, str, bool))}
+    extra, lost = carried_entries(ck, placeholders=to == "torch")
+    if lost:
+        raise FormatError(f"{path}: convert would not carry {', '.join(lost[:4])}"
+                          f"{f' and {len(lost) - 4} more' if len(lost) > 4 else ''}: nothing was written "
+                          "(convert the model and optimizer of a directory's main file, or keep the originals)")
+    if extra:
+        state["extra"] = extra
     if to == "dcp":
         from .io.dcp import save_dcp
 
@@ -726,6 +733,87 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
 
         return atomic_torch_save(state, out, verify=lambda t: _verify_converted(t, state), mode_from=mode_from)
     raise FormatError(f"--to {to!r}: expected dcp, torch or safetensors")
+
+
+_GONE = object()  # a subtree another section of the output carries
+
+
+def _without(obj: Any, paths: Sequence[tuple[Any, ...]]) -> Any:
+    """``obj`` with the subtrees at ``paths`` (key paths) removed; ``_GONE`` when nothing is left."""
+    if any(not p for p in paths):
+        return _GONE
+    if isinstance(obj, Mapping):
+        out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for k, v in obj.items():
+            sub = [p[1:] for p in paths if p[0] == k]
+            rest = _without(v, sub) if sub else v
+            if rest is not _GONE:
+                out[k] = rest
+        return out if out else _GONE
+    if isinstance(obj, (list, tuple)):
+        items = [_without(v, [p[1:] for p in paths if p[0] == i]) if any(p[0] == i for p in paths) else v
+                 for i, v in enumerate(obj)]
+        kept = [v for v in items if v is not _GONE]
+        return type(obj)(kept) if kept else _GONE
+    return obj
+
+
+def _plain(v: Any, placeholders: bool) -> bool:
+    """What the output can hold as it was read: tensors, scalars, strings, containers of them; with
+    ``placeholders`` (a torch file: written back as the exact opcodes read) also pickled objects."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device,
+                                   torch.Size)):
+        return True
+    if placeholders and isinstance(v, (PickledObject, PickledGlobal)):
+        return True
+    if isinstance(v, Mapping):
+        return all(_plain(k, placeholders) and _plain(x, placeholders) for k, x in v.items())
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return all(_plain(x, placeholders) for x in v)
+    return False
+
+
+def carried_entries(ck: Checkpoint, *, placeholders: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Everything a checkpoint holds beside its model, optimizer and scheduler sections, for a
+    conversion to carry under ``extra`` (top-level keys it does not know, nested extras, tensors such
+    as an RNG state, JSON files of a directory), and what it cannot carry (files that are neither,
+    objects the output format cannot hold: ``placeholders`` says whether pickled objects can be
+    written back as read): nothing is dropped silently."""
+    consumed: dict[str, list[tuple[Any, ...]]] = {}
+    sections: list[ModelState | OptimizerState | SchedulerState] = [*ck.models, *ck.optimizers, *ck.schedulers]
+    for x in sections:
+        consumed.setdefault(x.part, []).append(tuple(x.path))
+    torch_parts = [p for p in ck.parts if p.kind == "torch" and p.obj is not None]
+    extra: dict[str, Any] = {}
+    lost: list[str] = [f"{o.part} (objects: {', '.join(o.unsafe_globals[:2]) or o.reason})" for o in ck.opaque]
+    opaque = {o.part for o in ck.opaque}
+    for part in ck.parts:
+        if part.relpath in opaque or part.kind in ("safetensors", "dcp") or (part.kind == "json" and part.relpath in (
+                "config.json", "generation_config.json")):
+            continue  # a model's weights / config, DCP's own files (its extras are on the checkpoint)
+        if part.kind == "json" and part.obj is not None:
+            extra[part.relpath] = part.obj
+            continue
+        if part not in torch_parts:
+            lost.append(f"{part.relpath} ({part.kind})")
+            continue
+        rest = _without(part.obj, consumed.get(part.relpath, []))
+        if rest is _GONE:
+            continue
+        entries = dict(rest) if isinstance(rest, Mapping) else {part.relpath: rest}
+        if isinstance(entries.get("extra"), Mapping):  # torchtitan's / convert's own container: its entries
+            inner = dict(entries.pop("extra"))
+            entries = {**inner, **{k: v for k, v in entries.items() if k not in inner}}
+        for k, v in entries.items():
+            key = str(k) if str(k) not in extra and len(torch_parts) == 1 else f"{part.relpath}:{k}"
+            if _plain(v, placeholders):
+                extra[key] = v
+            else:
+                lost.append(f"{part.relpath}:{k} ({type(v).__name__})")
+    if not torch_parts:  # DCP and other layouts keep their extras on the checkpoint
+        extra.update({k: v for k, v in ck.extras.items() if _plain(v, placeholders)})
+        lost += [k for k, v in ck.extras.items() if not _plain(v, placeholders)]
+    return extra, lost
 
 
 def _convert_sharded_safetensors(main: Any, out: str, max_bytes: int, mode_from: str | None) -> str:
@@ -770,6 +858,9 @@ def _verify_converted(tmp: str, state: Mapping[str, Any]) -> None:
     for k, t in want.items():
         if not same_bits(model.tensors[k], t):
             raise WriteError(f"{tmp}: verification failed for {k} (nothing was written)")
+    torch_parts = [p for p in got.parts if p.kind == "torch" and isinstance(p.obj, Mapping)]
+    if "extra" in state and torch_parts and not same_bits(torch_parts[0].obj.get("extra"), state["extra"]):
+        raise WriteError(f"{tmp}: verification failed: the extra entries read back differ (nothing was written)")
 
 
 def _remove(path: str) -> None:

@@ -239,3 +239,36 @@ def test_a_new_parameter_no_rule_places_is_refused(tmp_path):
     assert r.exit_code == 2 and "no rule learned from the saved grouping" in r.stderr, r.output
     r = invoke("remap", str(ck), "--target", f"{G}:mlp_grown_adamw", "-o", str(tmp_path / "out.pt"))
     assert r.exit_code == 0, r.output  # with the new code's optimizer the grouping is known
+
+
+# --- convert keeps what it read -------------------------------------------------------------------
+
+def test_convert_keeps_every_entry(tmp_path):
+    model, opt = gm.mlp_adamw()
+    _train(model, opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    rng = torch.get_rng_state()
+    bundle = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "epoch": 3, "notes": {"run": "a", "tags": ["x", "y"], "n": 2}, "ema_decay": 0.999, "rng_state": rng}
+    torch.save(bundle, tmp_path / "b.pt")
+    r = invoke("convert", str(tmp_path / "b.pt"), "--to", "torch", "-o", str(tmp_path / "c.pt"))
+    assert r.exit_code == 0, r.output
+    got = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert got["extra"]["epoch"] == 3 and got["extra"]["ema_decay"] == 0.999
+    assert got["extra"]["notes"] == {"run": "a", "tags": ["x", "y"], "n": 2}
+    assert torch.equal(got["extra"]["rng_state"], rng)
+    assert got["lr_scheduler"] == sched.state_dict()
+    # and through DCP and back, every entry survives
+    assert invoke("convert", str(tmp_path / "b.pt"), "--to", "dcp", "-o", str(tmp_path / "d")).exit_code == 0
+    r = invoke("convert", str(tmp_path / "d"), "--to", "torch", "-o", str(tmp_path / "e.pt"))
+    assert r.exit_code == 0, r.output
+    back = torch.load(tmp_path / "e.pt", weights_only=True)["extra"]
+    assert torch.equal(back["rng_state"], rng) and back["epoch"] == 3
+
+
+def test_convert_refuses_what_it_cannot_carry(tmp_path):
+    """An HF Trainer directory holds files no weights-only load reads (rng_state.pth with numpy arrays,
+    training_args.bin): convert names them and writes nothing, rather than dropping them."""
+    src = ROOT / "fixtures" / "hf_trainer" / "checkpoint-3"
+    r = invoke("convert", str(src), "--to", "torch", "-o", str(tmp_path / "x.pt"))
+    assert r.exit_code == 2 and "rng_state.pth" in r.stderr and not (tmp_path / "x.pt").exists(), r.output

@@ -309,11 +309,22 @@ def load_dcp(path: str) -> Checkpoint:
             dts = {k[len(top) + 1:]: d for k, d in dtypes.items() if k.startswith(top + ".")}
             ck.models.append(ModelState(top, "dcp", (top,), LazyDCPTensors(path, top + ".", keys, dts), keys,
                                         order_trusted=True))
-        else:  # torchtitan's "extra" (and any other small dict): its scalars are extras
+        else:  # torchtitan's "extra" (and any other small dict): its entries are extras, nested ones included
             for k, v in sub.items():
-                if not isinstance(v, dict):
-                    ck.extras[str(k) if top == "extra" else f"{top}.{k}"] = v
+                ck.extras[str(k) if top == "extra" else f"{top}.{k}"] = _materialize(path, _listify(v), tensor_meta,
+                                                                                     dtypes)
     return ck
+
+
+def _materialize(path: str, node: Any, meta: Mapping[str, TensorMeta], dtypes: Mapping[str, torch.dtype]) -> Any:
+    """An extra entry with its tensors read (the ``("tensor", flat_key)`` references of the tree)."""
+    if isinstance(node, tuple) and len(node) == 2 and node[0] == "tensor" and node[1] in meta:
+        return LazyDCPTensors(path, "", {node[1]: meta[node[1]]}, {node[1]: dtypes[node[1]]})[node[1]]
+    if isinstance(node, dict):
+        return {k: _materialize(path, v, meta, dtypes) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_materialize(path, v, meta, dtypes) for v in node]
+    return node
 
 
 def _listify(node: Any) -> Any:
