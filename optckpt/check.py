@@ -18,6 +18,8 @@ __all__ = ["STATUSES", "RISKS", "VERDICTS", "ParamStatus", "CheckReport", "check
            "guess_prefix_rename", "rename_hints", "keep_saved_grouping", "model_only"]
 
 STATUSES = ("ok", "moved", "missing", "unexpected", "shape_mismatch", "ambiguous")
+#: 2: ``rename_hints`` are ``{"old", "new"}`` objects (were ``"--rename OLD=NEW"`` strings)
+CHECK_SCHEMA_VERSION = 2
 
 
 #: per-parameter risk of plain loading: nothing wrong / proven wrong / cannot tell
@@ -67,8 +69,10 @@ class CheckReport:
     target_groups: list[int]
     notes: list[str] = field(default_factory=list)
     mapping: OptimizerMapping | None = field(default=None, repr=False)  # as settled (group-structure applied)
-    hints: list[str] = field(default_factory=list)  # --rename options that would explain missing + unexpected
+    hints: list[tuple[str, str]] = field(default_factory=list)  # (old, new) renames that would explain missing +
+    # unexpected (never applied unless given)
     target: Target | None = field(default=None, repr=False)  # as compared (a model-only target: saved grouping)
+    predictions: list[str] = field(default_factory=list)  # the notes about the plain load (not about a repair)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -96,6 +100,7 @@ class CheckReport:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "schema_version": CHECK_SCHEMA_VERSION,
             "safe": self.safe,
             "verdict": self.verdict,
             "counts": self.counts,
@@ -109,7 +114,7 @@ class CheckReport:
                 "target": self.target_groups,
                 "load_would_fail": not self.groups_match,
             },
-            "rename_hints": list(self.hints),
+            "rename_hints": [{"old": o, "new": n} for o, n in self.hints],
             "notes": list(self.notes),
         }
 
@@ -171,7 +176,7 @@ def _hp_key(hp: Mapping[str, Any]) -> str:
 
 
 def rename_hints(missing: Sequence[tuple[str, tuple[int, ...] | None]],
-                 unexpected: Sequence[tuple[str, tuple[int, ...] | None]]) -> list[str]:
+                 unexpected: Sequence[tuple[str, tuple[int, ...] | None]]) -> list[tuple[str, str]]:
     """``--rename OLD=NEW`` options that explain missing + unexpected parameters: every unexpected
     name under one prefix and every missing name under another have the same rest, shapes and order
     (``enc.*`` saved, ``encoder.*`` expected). The most general (shortest) prefixes are given."""
@@ -197,7 +202,7 @@ def rename_hints(missing: Sequence[tuple[str, tuple[int, ...] | None]],
     for old, repl in found:  # inside "enc.=encoder.", "enc.1.=encoder.1." adds nothing (and others mislead)
         if not any(old.startswith(o) or repl.startswith(r) for o, r in kept):
             kept.append((old, repl))
-    return [f"--rename {o}={r}" for o, r in kept]
+    return kept
 
 
 def model_only(target: Target) -> bool:
@@ -433,6 +438,7 @@ def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[Rename
                      "so only missing / unexpected / reshaped parameters matter")
         source_groups = target_groups if len(source_groups) == len(target_groups) else source_groups
     report = CheckReport(mapping.optimizer, mapping.evidence, params, source_groups, target_groups, notes, mapping)
+    before = len(report.notes)  # the notes below predict the plain load: stale once a repair is written
     if mapping.evidence == "deepspeed" and not report.safe:
         report.notes.append("DeepSpeed restores its ZeRO partitions by position, not by name: `optckpt convert "
                             "--to torch` this step directory, then `optckpt remap` the result for the new code")
@@ -454,9 +460,11 @@ def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[Rename
             f"{len(uncertain)} indices have uncertain names: pass --source module:callable (the old code) or a "
             "names file" + ("" if target.group_hparams is not None else
                             ", or give --target as (model, optimizer) so the new grouping can settle them"))
+    report.predictions = report.notes[before:]
     if not renames:
         report.hints = rename_hints([(p.name, p.shape) for p in params if p.status == "missing"],
                                     [(p.name, p.shape) for p in params if p.status == "unexpected"])
-        for h in report.hints:
-            report.notes.append(f"missing and unexpected parameters differ only by a prefix: {h} would match them")
+        for o, n in report.hints:
+            report.notes.append(f"missing and unexpected parameters differ only by a prefix: --rename {o}={n} would "
+                                "match them")
     return report

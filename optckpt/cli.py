@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 import traceback
 import warnings
@@ -38,6 +39,10 @@ class _Group(click.Group):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         """click's own main, except that usage errors are one ``optckpt: error:`` line (exit 2)."""
+        argv = list(sys.argv[1:] if args is None else args)
+        global _JSON_ERRORS
+        _JSON_ERRORS = any(a == "--format=json" or (a == "--format" and b == "json")
+                           for a, b in zip(argv, [*argv[1:], ""]))
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
@@ -68,15 +73,34 @@ class _Group(click.Group):
         except OptckptError as e:
             _fail(ctx, str(e), e)
         except KeyboardInterrupt:
-            click.echo("optckpt: error: interrupted", err=True)
+            _error_out("interrupted", "interrupted")
             ctx.exit(130)
         except Exception as e:  # a bug or an unforeseen input: still one line, never a bare traceback
             _fail(ctx, f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                        "(re-run with --debug for the traceback)", e)
 
 
-def _usage_line(message: str, code: int, standalone_mode: bool) -> None:
+_JSON_ERRORS = False  # the command line asked for --format json: errors are a JSON object on stdout too
+
+
+def _error_out(message: str, code: str) -> None:
+    """The one error line on stderr; with ``--format json`` also ``{"schema_version": 1, "error": ...}``
+    on stdout (documented in docs/json-schema.md)."""
     click.echo(f"optckpt: error: {_escape(message)}", err=True)
+    if _JSON_ERRORS:
+        import json
+
+        click.echo(json.dumps({"schema_version": 1, "error": {"code": code, "message": message}}))
+
+
+def _code_of(exc: BaseException) -> str:
+    if not isinstance(exc, OptckptError):
+        return "unexpected"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def _usage_line(message: str, code: int, standalone_mode: bool) -> None:
+    _error_out(message, "usage" if code == EXIT_ERROR else "error")
     if standalone_mode:
         sys.exit(code)
     raise click.exceptions.Exit(code)
@@ -92,7 +116,7 @@ def _finite_nonneg(ctx: click.Context, param: click.Parameter, value: float | No
 def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
     if ctx.find_root().params.get("debug"):
         traceback.print_exception(exc, file=sys.stderr)
-    click.echo(f"optckpt: error: {_escape(message)}", err=True)
+    _error_out(message, _code_of(exc))
     ctx.exit(EXIT_ERROR)
 
 

@@ -201,7 +201,8 @@ def build_plan(
         src = sources[gi] if sources[gi] is not None else by_pairing.get(gi)
         hp = _group_hparams(gi, src, source_groups, target, policy)
         groups.append(GroupPlan(gi, len(names), src, hp, tuple(names)))
-    plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped, list(report.notes),
+    plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped,
+                     [n for n in report.notes if n not in report.predictions],
                      evidence_counts=dict(Counter(e.evidence if e.name is not None else "uncertain" for e in entries)),
                      sliced=sliced)
     for s in slots:

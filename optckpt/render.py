@@ -39,7 +39,8 @@ def jsonable(v: Any) -> Any:
 
 def to_json(report: Mapping[str, Any]) -> str:
     """A command's report as JSON, ``schema_version`` first."""
-    return json.dumps({"schema_version": SCHEMA_VERSION, **jsonable(report)}, indent=2)
+    data = jsonable(report)
+    return json.dumps({"schema_version": data.pop("schema_version", SCHEMA_VERSION), **data}, indent=2)
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -213,11 +214,12 @@ def _state_stats_table(entries: list[dict[str, Any]]) -> str:
 _QUIET_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable", "maximize"})
 
 
+# what each status means for a plain optimizer.load_state_dict (the prediction `check` makes)
 _STATUS_TEXT = {
     "ok": "ok",
     "moved": "moved",
-    "missing": "missing (new: fresh state)",
-    "unexpected": "unexpected (gone: state dropped)",
+    "missing": "missing (new: no saved state)",
+    "unexpected": "unexpected (gone: its saved state has no parameter)",
     "shape_mismatch": "shape mismatch",
     "ambiguous": "ambiguous",
 }
@@ -250,14 +252,17 @@ def render_check(r: dict[str, Any]) -> str:
         out.append(f"  param groups: checkpoint {g['source']} vs target {g['target']}: "
                    "load_state_dict raises ValueError")
     rows = []
+    raises = r["verdict"] == "load_fails" and r["evidence"] != "fqn"  # nothing lands: no row can crash or misapply
     for p in r["params"]:
         if p["status"] == "ok":
             continue
         what = _STATUS_TEXT[p["status"]]
-        if p["crash"]:
-            what += ": CRASH (paired with state of another shape)"
-        elif p["status"] == "moved" and p["silent"]:
-            what += ": SILENT (shapes coincide, torch would not notice)"
+        if raises:
+            pass
+        elif p["crash"]:
+            what += ": CRASH (plain load pairs it with state of another shape)"
+        elif p["status"] in ("moved", "missing") and p["silent"]:
+            what += ": SILENT (plain load gives it another parameter's state; shapes coincide)"
         elif p["status"] in ("moved", "ambiguous") and not p.get("has_state", True):
             what += ": no state" + (", harmless" if p.get("risk") == "none" else (
                 ", lands in a group with other hyperparameters" if p.get("risk") == "misapplied" else
@@ -274,6 +279,8 @@ def render_check(r: dict[str, Any]) -> str:
     ok = r["counts"].get("ok", 0)
     if ok:
         out.append(f"({plural(ok, 'parameter')} ok)")
+    if raises and rows:
+        out.append("(plain load_state_dict raises before any state lands; the rows say what changed by name)")
     for n in r["notes"]:
         out.append(f"note: {n}")
     return "\n".join(out)

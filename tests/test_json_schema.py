@@ -62,8 +62,32 @@ def test_real_output_matches_its_schema(args, monkeypatch):
     r = invoke(*args, "--format", "json")
     assert r.exit_code in (0, 1), r.stderr
     out = json.loads(r.stdout)
-    assert next(iter(out)) == "schema_version" and out["schema_version"] == 1
     schema = SCHEMAS[args[0]]
+    assert next(iter(out)) == "schema_version" and out["schema_version"] == schema["properties"]["schema_version"][
+        "const"] == (2 if args[0] == "check" else 1)
     jsonschema.validate(out, schema, cls=jsonschema.Draft202012Validator)
     undocumented = set(out) - set(schema["properties"])
     assert not undocumented, f"document these fields of optckpt {args[0]} in docs/json-schema.md: {undocumented}"
+
+
+def _error_schema() -> dict:
+    m = re.search(r"^## Errors, with `--format json`\n.*?```json\n(.*?)^```", DOC, re.S | re.M)
+    assert m is not None
+    return json.loads(m.group(1))
+
+
+@pytest.mark.parametrize("args", [
+    ["check", "no/such/file.pt", "--target", "fixtures/models.py:build_cnn"],  # a load error
+    ["check", "fixtures/bundle.pt"],  # a usage error (missing --target)
+    ["remap", "fixtures/bundle.pt", "--target", "fixtures/models.py:nothing_here", "--dry-run"],  # a target error
+], ids=["load", "usage", "target"])
+def test_errors_with_format_json_are_one_json_object(args, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert invoke(*args, "--format=json").exit_code == 2 and json.loads(invoke(*args, "--format=json").stdout)
+    r = invoke(*args, "--format", "json")
+    assert r.exit_code == 2
+    out = json.loads(r.stdout)
+    jsonschema.validate(out, _error_schema())
+    assert out["error"]["message"] in r.stderr and r.stderr.startswith("optckpt: error: ")
+    # without --format json stdout stays empty
+    assert invoke(*args).stdout == ""

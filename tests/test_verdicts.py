@@ -316,5 +316,6 @@ def test_rename_hint_for_prefix_change(tmp_path):
     new = nn.ModuleDict({"encoder": nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)), "head": nn.Linear(3, 2),
                          "aux": nn.Linear(2, 2)})
     report = check_mapping(infer_mapping(optckpt.load(path)), from_live(new, torch.optim.Adam(new.parameters())))
-    assert report.hints == ["--rename enc.=encoder."]
+    assert report.hints == [("enc.", "encoder.")]
+    assert report.as_json()["rename_hints"] == [{"old": "enc.", "new": "encoder."}]
     assert report.counts["missing"] == report.counts["unexpected"] == 4

@@ -130,10 +130,12 @@ def resolve_output(src: str, out: str | None, in_place: bool, *, replace_backup:
             raise WriteError(f"{bak}: exists and is not a {'directory' if os.path.isdir(real) else 'regular file'}; "
                              "refused")
         return real
+    kept = ("the previous version stays inside the file: `optckpt restore` undoes it" if appends_in_place(src)
+            else "a .bak is kept")
     if out is None:
-        raise WriteError("no output given: pass -o OUT (or --in-place to rewrite the input, keeping a .bak)")
+        raise WriteError(f"no output given: pass -o OUT (or --in-place to rewrite the input; {kept})")
     if os.path.lexists(out) and os.path.exists(out) and _same_file(src, out):
-        raise WriteError(f"{out}: is the input; pass --in-place to rewrite it (a .bak is kept)")
+        raise WriteError(f"{out}: is the input; pass --in-place to rewrite it ({kept})")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise WriteError(f"{out}: the directory {parent} does not exist")
