@@ -267,10 +267,11 @@ def keep_saved_grouping(report: CheckReport, target: Target, *, strict: bool) ->
         pick = next((g for g in options if room[g] > 0), options[0])
         room[pick] -= 1
         assign[name] = pick
+    rules = _Rules(saved, target)
     for name in target.names:
         if name in assign:
             continue
-        placed, why = _placement(name, saved, target, n_groups)
+        placed, why = rules.place(name)
         if placed is None:
             if strict:
                 raise MappingError(f"new parameter {name}: {why}; give --target as a callable returning "
@@ -280,7 +281,9 @@ def keep_saved_grouping(report: CheckReport, target: Target, *, strict: bool) ->
         else:
             notes.append(f"new parameter {name} joins saved group {placed} ({why})")
         assign[name] = placed
-    groups = [[n for n in target.names if assign[n] == g] for g in range(n_groups)]
+    groups: list[list[str]] = [[] for _ in range(n_groups)]
+    for n in target.names:  # one pass: 300k one-parameter groups stay linear
+        groups[assign[n]].append(n)
     hparams = [{k: copy.deepcopy(v) for k, v in h.items() if k not in ("params", "param_names")}
                for h in mapping.group_hparams]
     return replace(target, groups=groups, group_hparams=hparams), notes
@@ -303,31 +306,43 @@ def _features(name: str, target: Target) -> list[tuple[str, Any]]:
     return out
 
 
-def _placement(name: str, saved: Mapping[str, int], target: Target, n_groups: int) -> tuple[int | None, str]:
-    """The saved group a new parameter belongs to, and the rule that says so: a sibling of the same
-    name pattern and shape (``blocks.3.attn.weight`` like ``blocks.0.attn.weight``); else the first
-    feature whose values separate the saved groups perfectly (every value seen in one group only):
-    ``ndim >= 2`` (the decay / no-decay split), a ``bias`` suffix, the module type (``LayerNorm``,
-    ``Embedding``...), the number of dimensions. ``(None, why)`` when no rule places it."""
-    used = sorted(set(saved.values()))
-    if len(used) <= 1:
-        g = used[0] if used else 0
-        return g, "the only saved group holding parameters" if used else "no saved group holds parameters"
-    masked = re.sub(r"\d+", "#", name)
-    shape = target.shapes.get(name)
-    pool = [n for n in saved if re.sub(r"\d+", "#", n) == masked and target.shapes.get(n) == shape]
-    if pool and len({saved[n] for n in pool}) == 1:
-        return saved[pool[0]], f"like {pool[0]}"
-    mine = dict(_features(name, target))
-    for label, value in mine.items():
-        seen: dict[Any, set[int]] = {}
+class _Rules:
+    """Where a new parameter goes, learned from the saved grouping (``saved``: name -> saved group): a
+    sibling of the same name pattern and shape (``blocks.3.attn.weight`` like ``blocks.0.attn.weight``);
+    else the first feature whose values separate the saved groups perfectly (every value seen in one
+    group only): ``ndim >= 2`` (the decay / no-decay split), a ``bias`` suffix, the module type
+    (``LayerNorm``, ``Embedding``...), the number of dimensions. Tables built once: linear in the
+    saved parameters, whatever the number of new ones."""
+
+    def __init__(self, saved: Mapping[str, int], target: Target):
+        self.target = target
+        self.used = sorted(set(saved.values()))
+        self.siblings: dict[tuple[str, tuple[int, ...] | None], set[int]] = {}
+        self.example: dict[tuple[str, tuple[int, ...] | None], str] = {}
+        seen: dict[str, dict[Any, set[int]]] = {}
         for n, g in saved.items():
-            v = dict(_features(n, target)).get(label)
-            seen.setdefault(v, set()).add(g)
-        if all(len(gs) == 1 for gs in seen.values()) and value in seen:
-            return next(iter(seen[value])), f"rule: {label} = {value} separates the saved groups"
-    return None, (f"no rule learned from the saved grouping places it (its siblings are split over groups, and "
-                  f"neither ndim, a bias suffix nor its module type separates the {len(used)} saved groups)")
+            key = (re.sub(r"\d+", "#", n), target.shapes.get(n))
+            self.siblings.setdefault(key, set()).add(g)
+            self.example.setdefault(key, n)
+            for label, value in _features(n, target):
+                seen.setdefault(label, {}).setdefault(value, set()).add(g)
+        # the features that separate the saved groups: value -> its one group
+        self.separating = {label: {v: next(iter(gs)) for v, gs in by_value.items()}
+                           for label, by_value in seen.items() if all(len(gs) == 1 for gs in by_value.values())}
+
+    def place(self, name: str) -> tuple[int | None, str]:
+        if len(self.used) <= 1:
+            return (self.used[0] if self.used else 0), ("the only saved group holding parameters" if self.used else
+                                                        "no saved group holds parameters")
+        key = (re.sub(r"\d+", "#", name), self.target.shapes.get(name))
+        if len(self.siblings.get(key, ())) == 1:
+            return next(iter(self.siblings[key])), f"like {self.example[key]}"
+        for label, value in _features(name, self.target):
+            table = self.separating.get(label)
+            if table is not None and value in table:
+                return table[value], f"rule: {label} = {value} separates the saved groups"
+        return None, (f"no rule learned from the saved grouping places it (its siblings are split over groups, and "
+                      f"neither ndim, a bias suffix nor its module type separates the {len(self.used)} saved groups)")
 
 
 def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule] = (), *,

@@ -569,6 +569,30 @@ def restore(path: str, dry_run: bool) -> None:
     before, after = restore_previous(path)
     click.echo(f"restored {path}: {before} -> {after} bytes (the version before the last in-place edit); "
                f"{len(chain) - 2} earlier version(s) still kept")
+    _stale_backup(path)
+
+
+def _stale_backup(path: str) -> None:
+    """After a restore, ``PATH.bak`` (kept by ``--in-place --backup``) is removed when it is a plain
+    file with exactly the restored bytes (it would only block the next ``--backup``); any other is
+    named, never touched."""
+    import filecmp
+    import os
+    import stat
+
+    from .io.write import backup_path
+
+    bak = backup_path(path)
+    try:
+        st = os.lstat(bak)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode) and filecmp.cmp(bak, os.path.realpath(path), shallow=False):
+        os.unlink(bak)
+        click.echo(f"removed {bak}: the same bytes as the restored file")
+    else:
+        click.echo(f"note: {bak} is kept (it differs from the restored file); the next --in-place --backup "
+                   "needs --replace-backup", err=True)
 
 
 def main() -> None:

@@ -344,21 +344,32 @@ def _diff_models(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, params:
 
 
 def _hp_entries(section: str, name: str, ha: Mapping[str, Any], hb: Mapping[str, Any], skip: Iterable[str] = (),
-                atol: float = 0.0, rtol: float = 0.0) -> list[Entry]:
+                atol: float = 0.0, rtol: float = 0.0, prefix: str = "") -> list[Entry]:
+    """One entry per changed key; nested state (a ``SequentialLR``'s ``_schedulers``, a nested extra)
+    one entry per changed path (``_schedulers.1.last_epoch``), not one cell holding the whole dict."""
     out = []
     skip = set(skip)
     for k in [*ha, *[k for k in hb if k not in ha]]:
         if k in skip:
             continue
+        key = f"{prefix}{k}"
         if k not in hb:
-            out.append(Entry(section, name, k, "removed", ha[k], None))
+            out.append(Entry(section, name, key, "removed", ha[k], None))
         elif k not in ha:
-            out.append(Entry(section, name, k, "added", None, hb[k]))
-        elif not _same_value(ha[k], hb[k], atol, rtol):
+            out.append(Entry(section, name, key, "added", None, hb[k]))
+        elif _same_value(ha[k], hb[k], atol, rtol):
+            continue
+        elif isinstance(ha[k], Mapping) and isinstance(hb[k], Mapping):
+            out.extend(_hp_entries(section, name, ha[k], hb[k], (), atol, rtol, f"{key}."))
+        elif isinstance(ha[k], (list, tuple)) and isinstance(hb[k], (list, tuple)) and len(ha[k]) == len(hb[k]) \
+                and any(isinstance(v, Mapping) for v in ha[k]):
+            out.extend(_hp_entries(section, name, {str(i): v for i, v in enumerate(ha[k])},
+                                   {str(i): v for i, v in enumerate(hb[k])}, (), atol, rtol, f"{key}."))
+        else:
             diff = None
             if isinstance(ha[k], (int, float)) and isinstance(hb[k], (int, float)) and not isinstance(ha[k], bool):
                 diff = float(abs(hb[k] - ha[k]))
-            out.append(Entry(section, name, k, "changed", ha[k], hb[k], max_abs_diff=diff))
+            out.append(Entry(section, name, key, "changed", ha[k], hb[k], max_abs_diff=diff))
     return out
 
 

@@ -616,16 +616,18 @@ def pair_groups(saved: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str
     # with as many parameters on both sides, a pair of groups of different sizes is no pair
     same_total = sizes is not None and sum(sizes[0]) == sum(sizes[1])
     for leave_out, label in ((_NOT_HPARAMS, "hyperparameters"), (_SCHEDULED, "unscheduled hyperparameters")):
+        taken = set(pairs.values())
         todo_s = [g for g in range(len(saved)) if g not in pairs]
-        todo_t = [t for t in range(len(target)) if t not in pairs.values()]
+        todo_t = [t for t in range(len(target)) if t not in taken]
         found = _by_unique_key([_signature(h, leave_out) for h in saved], [_signature(h, leave_out) for h in target],
                                todo_s, todo_t)
         if same_total and sizes is not None and any(sizes[0][g] != sizes[1][t] for g, t in found.items()):
             return None
         pairs.update(found)
         how += [label] if found else []
+    taken = set(pairs.values())
     todo_s = [g for g in range(len(saved)) if g not in pairs]
-    todo_t = [t for t in range(len(target)) if t not in pairs.values()]
+    todo_t = [t for t in range(len(target)) if t not in taken]
     if len(todo_s) == 1:
         pairs[todo_s[0]] = todo_t[0]
         how.append("elimination")

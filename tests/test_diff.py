@@ -139,3 +139,24 @@ def test_seed_systems_diff_by_name(tmp_path):
     code, rep = _diff(FIXTURES / "gaussians" / "chkpnt3.pth", tmp_path / "b.pth")
     assert code == 1
     assert [(e["name"], e["key"]) for e in rep["entries"]] == [("group 1", "lr")]
+
+
+def test_nested_scheduler_state_is_one_row_per_changed_path(tmp_path):
+    """A SequentialLR keeps its children's state in ``_schedulers``: a changed child field is its own
+    entry (``_schedulers.1.last_epoch``), not one cell holding the whole list."""
+    def save(steps, path):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([p], lr=0.1)
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            opt, [torch.optim.lr_scheduler.LinearLR(opt, 0.5, total_iters=2),
+                  torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)], milestones=[2])
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+        torch.save({"model": {"p": p.detach()}, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}, path)
+
+    save(3, tmp_path / "a.pt")
+    save(4, tmp_path / "b.pt")
+    r = invoke("diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--only", "scheduler", "--format", "json")
+    keys = {e["key"] for e in json.loads(r.stdout)["entries"]}
+    assert r.exit_code == 1 and "_schedulers.1.last_epoch" in keys and "_schedulers" not in keys, keys

@@ -93,6 +93,16 @@ def test_in_place_with_backup_keeps_a_full_copy(tmp_path):
     assert _digest(tmp_path / "opt.pth.bak") == _digest(SEED_OPT) and _digest(p) != _digest(SEED_OPT)
     assert os.stat(p).st_ino != os.stat(tmp_path / "opt.pth.bak").st_ino  # a copy: the file changes in place
     assert sorted(os.listdir(tmp_path)) == ["opt.pth", "opt.pth.bak"]
+    # restore gives back those very bytes: the .bak is then stale and removed, so the next --backup works
+    r = invoke("restore", str(p))
+    assert r.exit_code == 0 and "removed" in r.stdout and not (tmp_path / "opt.pth.bak").exists(), r.output
+    assert _digest(p) == _digest(SEED_OPT)
+    r = invoke("remap", str(p), "--model", SEED_MODEL, "--target", MODEL2, "--in-place", "--backup")
+    assert r.exit_code == 0, r.stderr
+    # a .bak that differs from the restored file is named and kept
+    (tmp_path / "opt.pth.bak").write_bytes(b"someone else's")
+    r = invoke("restore", str(p))
+    assert r.exit_code == 0 and "is kept" in r.stderr and (tmp_path / "opt.pth.bak").read_bytes() == b"someone else's"
 
 
 def test_missing_output_dir_and_no_output(tmp_path):
