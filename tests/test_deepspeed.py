@@ -221,7 +221,7 @@ def test_missing_rank_is_refused(zero_ckpts, tmp_path):
     os.rename(d / "zero_pp_rank_0_mp_rank_00_optim_states.pt", d / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     r = run_cli("inspect", str(d), "--format", "json")
     assert r.returncode == 2 and "expected 0..0" in r.stderr, r.stderr
-    assert r.stdout == "" or json.loads(r.stdout) is None
+    assert json.loads(r.stdout)["error"]["code"] == "load_error"  # --format json: the error as JSON too
 
 
 def test_freshly_written_by_deepspeed_reads_the_same(tmp_path):

@@ -180,7 +180,11 @@ def run_under_contract(label: str, *args: str, ok_codes: tuple[int, ...] = (0,))
     err = r.stderr
     assert err.startswith("optckpt: error: ") and err.endswith("\n") and err.count("\n") == 1, repr(err[:1000])
     assert "Traceback" not in err
-    assert r.stdout == "", r.stdout[:500]
+    if "json" in args:  # an error with --format json is one JSON object on stdout, the same message
+        out = json.loads(r.stdout)
+        assert set(out) == {"schema_version", "error"} and out["error"]["message"] in err, r.stdout[:500]
+    else:
+        assert r.stdout == "", r.stdout[:500]
     assert not err.startswith("optckpt: error: unexpected "), f"a loader let a foreign exception through: {err}"
 
 
