@@ -43,13 +43,33 @@ _PARAM_SHAPED = (
 )
 
 
+def _tensors(entry: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes of an entry's tensors of at least one dimension (DCP tensors on disk too)."""
+    return {k: tuple(v.shape) for k, v in entry.items()
+            if (isinstance(v, torch.Tensor) or (hasattr(v, "shape") and not isinstance(v, (int, float))))
+            and len(v.shape) >= 1}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
     """The shape of the parameter an optimizer state entry belongs to, or None when its state
-    does not reveal it (no state, scalars only, LBFGS's global state)."""
+    does not reveal it (no state, scalars only, LBFGS's global state). A known moment kept flattened
+    beside one tensor shape of the same size with more (non-trivial) dimensions (SPAM's ``exp_avg``
+    [12] beside its ``mask`` [3, 4]) gives that shape: flattening is how optimizers store it."""
     for k in _PARAM_SHAPED:
         v = entry.get(k)
         if v is not None and (isinstance(v, torch.Tensor) or hasattr(v, "shape")):  # DCP tensors on disk too
-            return tuple(v.shape)
+            shape = tuple(v.shape)
+            if len(shape) != 1 or shape[0] < 2:
+                return shape
+            richer = [s for s in _tensors(entry).values() if _numel(s) == shape[0] and len(s) >= 2 and min(s) > 1]
+            return max(richer, key=len) if len(set(richer)) == 1 else shape
     row, col = entry.get("row_var"), entry.get("col_var")
     if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.ndim == col.ndim >= 2:
         # Adafactor factors a (..., R, C) second moment into row_var (..., R, 1) and col_var (..., 1, C)
@@ -134,13 +154,42 @@ def _items(opt: OptimizerState) -> list[list[Item]]:
 def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
     """Every index's parameter shape as its state shows it (computed once per optimizer)."""
     cached = opt.__dict__.get("_shapes")  # kept beside the state dict it was computed from
-    if cached is not None and cached[0] is opt.state_dict:
+    model_shapes = opt.__dict__.get("_model_shapes")  # set by infer_mapping: the checkpoint's parameter shapes
+    if cached is not None and cached[0] is opt.state_dict and cached[2] is model_shapes:
         return cached[1]
     state = opt.state
     lbfgs = is_lbfgs(opt)
     shapes = {i: None if lbfgs else param_shape(state.get(i, {})) for g in opt.groups for i in g.params}
-    opt.__dict__["_shapes"] = (opt.state_dict, shapes)
+    if not lbfgs and model_shapes:
+        _shapes_from_unknown_keys(state, shapes, model_shapes)
+    opt.__dict__["_shapes"] = (opt.state_dict, shapes, model_shapes)
     return shapes
+
+
+def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[int, ...] | None],
+                              model_shapes: frozenset[tuple[int, ...]]) -> None:
+    """Optimizers whose state keys are not torch's (community libraries: A2Grad's ``avg_grad``,
+    bitsandbytes' ``state1``): an entry's largest tensor is taken as parameter-shaped only when it is
+    the same key in every such entry of the optimizer (a per-parameter buffer) and every shape it
+    gives is the shape of some parameter of the model saved with it (corroborated: no model, no
+    inference). Factored or blockwise state (row / column factors, ``absmax`` blocks) makes the
+    largest key vary or have another size, so it gives no shape: no evidence rather than a wrong one."""
+    todo = [i for i, s in shapes.items() if s is None and isinstance(state.get(i), Mapping) and state[i]]
+    picks: dict[Any, tuple[str, tuple[int, ...]]] = {}
+    for i in todo:
+        found = _tensors(state[i])
+        if found:
+            key = max(found, key=lambda k: (_numel(found[k]), len(found[k]), k))
+            picks[i] = (key, found[key])
+    if not picks or len({k for k, _ in picks.values()}) != 1 or len(picks) != len(todo):
+        return
+    for i, (_, shape) in picks.items():
+        if any(_numel(t) == _numel(shape) and t != shape for t in _tensors(state[i]).values()):
+            return  # a same-sized tensor of another shape beside it: which is the parameter's is not shown
+        if shape not in model_shapes:
+            return
+    for i, (_, shape) in picks.items():
+        shapes[i] = shape
 
 
 def _entries(opt: OptimizerState, names: Sequence[Sequence[tuple[str | None, tuple[str, ...]]]],
@@ -289,6 +338,8 @@ def infer_mapping(
     opt = opt or ck.optimizer()
     if source is None and source_names is not None:
         source = SourceNames("source_names", [list(g) for g in source_names])
+    opt.__dict__["_model_shapes"] = frozenset(
+        tuple(meta.shape) for m in ck.models for meta in m.meta.values() if meta.is_floating) or None
     warnings = validate_optimizer(opt)
     gc_was_on = gc.isenabled()
     gc.disable()  # ~100k small objects per 100k parameters: collections would dominate the time

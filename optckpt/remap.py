@@ -30,6 +30,7 @@ from .transforms import (
     split_tensor,
     transform_source,
 )
+from .validate import global_entries
 
 __all__ = ["Policy", "Slot", "GroupPlan", "RemapPlan", "build_plan", "apply_plan", "remap_scheduler",
            "attach_lbfgs_layout", "prepare_source", "rewrite_model"]
@@ -288,7 +289,7 @@ def apply_plan(plan: RemapPlan, state_dict: Mapping[str, Any], *, with_names: bo
     old_state = state_dict.get("state", {})
     lbfgs = "param_groups" in state_dict and state_dict["param_groups"] and \
         "history_size" in state_dict["param_groups"][0]
-    new_state: dict[int, Any] = {}
+    new_state: dict[Any, Any] = {}
     if lbfgs and (plan.sliced or plan.transforms):
         raise MappingError(f"{refusal('LBFGS')}: its state cannot be sliced, fused or split "
                            "(use --shape-mismatch reset)")
@@ -304,6 +305,8 @@ def apply_plan(plan: RemapPlan, state_dict: Mapping[str, Any], *, with_names: bo
                                                         plan.groups[s.group].hparams, s.name)
             else:
                 new_state[s.target_index] = dict(old_state[s.source_index])
+    if old_state and not any(isinstance(s.source_index, str) for s in plan.slots):
+        new_state.update(global_entries(old_state))  # index-based state: its non-index entries travel as they are
     groups = []
     for g in plan.groups:
         entry = dict(g.hparams)

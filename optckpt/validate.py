@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import torch
 
 from .checkpoint import OptimizerState
 from .errors import FormatError
 
-__all__ = ["validate_optimizer"]
+__all__ = ["validate_optimizer", "global_entries"]
+
+
+def global_entries(state: dict[Any, Any]) -> dict[Any, Any]:
+    """The entries of an index-based optimizer state that belong to no parameter (string keys:
+    MADGRAD's step counter ``k``, SPAM's ``total_step``): carried as they are by every edit."""
+    return {k: v for k, v in state.items() if not isinstance(k, int)}
 
 
 def validate_optimizer(opt: OptimizerState) -> list[str]:
@@ -27,7 +34,9 @@ def validate_optimizer(opt: OptimizerState) -> list[str]:
                           "(torch never writes that: the file is inconsistent)")
     warnings = []
     known = set(indices)
-    orphans = [k for k in opt.state if k not in known]
+    # non-index keys of an index-based state are global entries (MADGRAD's ``k``, SPAM's ``total_step``):
+    # carried as they are, never per-parameter
+    orphans = [k for k in opt.state if k not in known and (fqn or isinstance(k, int))]
     if orphans:
         warnings.append(f"{opt.name}: state for indices in no param group: {orphans[:8]} (ignored)")
     state = opt.state
@@ -35,6 +44,8 @@ def validate_optimizer(opt: OptimizerState) -> list[str]:
             {type(v).__name__ for e in state.values() for v in e.values()} <= _PLAIN_NAMES:
         return warnings  # the common case, checked in one pass
     for k, entry in state.items():
+        if not fqn and not isinstance(k, int):
+            continue  # a global entry: any value
         if not isinstance(entry, dict):
             raise FormatError(f"{opt.name}: state[{k!r}] is a {type(entry).__name__}, not a dict of state values")
         junk = [key for key, v in entry.items() if not isinstance(v, _ALLOWED) and not hasattr(v, "shape")]
