@@ -12,7 +12,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["guess_optimizer", "guess_scheduler", "SCHEDULER_KEYS"]
+__all__ = ["guess_optimizer", "guess_scheduler", "SCHEDULER_KEYS", "fresh_state_value"]
+
+# the value torch gives a state key when it creates state (zero unless listed here)
+_FRESH = {"mu": 1.0, "mu_product": 1.0}
+
+
+def fresh_state_value(key: str, group: Mapping[str, Any]) -> float:
+    """The value a torch optimizer starts the state key ``key`` at, for a parameter of ``group``:
+    defined once, used by ``reset --mode zero``, DCP resets and sliced state."""
+    if key == "sum":  # Adagrad starts its accumulator at initial_accumulator_value
+        return float(group.get("initial_accumulator_value", 0.0))
+    if key in ("eta", "step_size"):  # ASGD's eta and Rprop's step sizes start at lr
+        return float(group.get("lr", 0.0))
+    return _FRESH.get(key, 0.0)
 
 
 @functools.lru_cache(maxsize=1)

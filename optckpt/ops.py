@@ -31,6 +31,7 @@ from .io.write import (
     write_checkpoint,
 )
 from .kernels import fill_tensors
+from .kinds import fresh_state_value
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
 from .remap import (
     Policy,
@@ -290,21 +291,9 @@ class ResetResult:
     notes: list[str] = field(default_factory=list)
 
 
-# the value torch gives a state key when it creates state (zero unless listed here)
-_FRESH = {"mu": 1.0, "mu_product": 1.0}
-
-
-def _fresh_value(key: str, group: Mapping[str, Any]) -> float:
-    if key == "sum":  # Adagrad starts its accumulator at initial_accumulator_value
-        return float(group.get("initial_accumulator_value", 0.0))
-    if key in ("eta", "step_size"):  # ASGD's eta and Rprop's step sizes start at lr
-        return float(group.get("lr", 0.0))
-    return _FRESH.get(key, 0.0)
-
-
 def _fresh_like(key: str, v: Any, group: Mapping[str, Any], pending: dict[float, list[torch.Tensor]]) -> Any:
     """A re-initialised copy of ``v``; tensors are allocated here and filled later in batches."""
-    fill = _fresh_value(key, group)
+    fill = fresh_state_value(key, group)
     if isinstance(v, torch.Tensor):
         t = torch.empty_like(v)
         pending.setdefault(fill, []).append(t)
@@ -363,7 +352,7 @@ def _reset_dcp(path: str, params: Sequence[str], out: str | None, *, keys: Seque
             if mode == "drop":
                 drop.append(flat[kpath])
             elif not keys or k in keys:
-                fill = _fresh_value(k, group_of.get(str(fqn), {}))
+                fill = fresh_state_value(k, group_of.get(str(fqn), {}))
                 if isinstance(v, DCPTensorRef):
                     fills[flat[kpath]] = fill
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):

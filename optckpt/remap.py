@@ -363,14 +363,15 @@ def remap_scheduler(sd: Mapping[str, Any], plan: RemapPlan, n_source_groups: int
         v = sd.get(key)
         if isinstance(v, list) and len(v) == n_source_groups:
             out[key] = [copy.deepcopy(v[g.source_group]) if g.source_group is not None else
-                        _fresh_value(key, g, v) for g in plan.groups]
+                        _new_group_value(key, g, v) for g in plan.groups]
     if isinstance(sd.get("_schedulers"), list):
         out["_schedulers"] = [remap_scheduler(c, plan, n_source_groups) if isinstance(c, Mapping) else c
                               for c in sd["_schedulers"]]
     return out
 
 
-def _fresh_value(key: str, g: GroupPlan, old: list[Any]) -> Any:
+def _new_group_value(key: str, g: GroupPlan, old: list[Any]) -> Any:
+    """A scheduler's per-group value for a new group that has no saved counterpart."""
     hp = g.hparams
     if key in ("base_lrs", "_last_lr", "min_lrs"):
         if key == "min_lrs":

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import MappingError, TargetError
+from .kinds import fresh_state_value
 from .mapping import IndexName, OptimizerMapping
 
 __all__ = ["TransformRule", "Step", "parse_transforms", "expand_rules", "transform_source", "fuse_tensors",
@@ -179,7 +180,6 @@ def slice_state(entry: Mapping[str, Any], old: tuple[int, ...], new: tuple[int, 
     """A state entry for the parameter grown / shrunk from ``old`` to ``new``: each parameter-shaped
     tensor keeps the shared region, the rest starts where torch starts it (zero moments, Adagrad's
     ``sum`` at ``initial_accumulator_value``); scalar state such as ``step`` is kept."""
-    from .ops import _fresh_value
 
     if len(old) != len(new):
         raise MappingError(f"{name}: shape {list(old)} -> {list(new)} changes the number of dimensions: "
@@ -189,7 +189,7 @@ def slice_state(entry: Mapping[str, Any], old: tuple[int, ...], new: tuple[int, 
         if _is_scalar(v):
             out[k] = _copy(v)
         elif tuple(v.shape) == old:
-            out[k] = slice_tensor(v, torch.full(new, _fresh_value(k, hparams), dtype=v.dtype, device=v.device))
+            out[k] = slice_tensor(v, torch.full(new, fresh_state_value(k, hparams), dtype=v.dtype, device=v.device))
         else:
             raise MappingError(f"{name}: state {k!r} of shape {list(v.shape)} is not shaped like the parameter "
                                f"{list(old)}: it cannot be sliced (use --shape-mismatch reset)")
