@@ -175,13 +175,11 @@ def cli(debug: bool) -> None:
                                             "state (reads tensor data).")
 def inspect(path: str, model_path: str | None, trust_pickle: bool, fmt: str, stats: bool) -> None:
     """Show what a checkpoint holds: layout, model tensors, optimizers, schedulers, extras."""
-    from . import io
-    from .inspect import inspect_checkpoint
-    from .render import render_inspect, to_json
+    from . import verbs
+    from .render import render_inspect
 
-    ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
-    report = inspect_checkpoint(ck, stats=stats)
-    click.echo(to_json(report) if fmt == "json" else _escape(render_inspect(report, stats=stats), newlines=False))
+    r = verbs.inspect(path, model=model_path, stats=stats, trust_pickle=trust_pickle)
+    click.echo(r.to_json() if fmt == "json" else _escape(render_inspect(r.data, stats=stats), newlines=False))
 
 
 def mapping_options(f: F) -> F:
@@ -215,22 +213,13 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     """Predict what plain optimizer.load_state_dict would do under the new code.
 
     Exit 0 when it would be exactly right, 1 when not, 2 on error."""
-    from . import io
-    from .check import check_mapping
-    from .mapping import infer_mapping, name_by_target_shapes
-    from .render import render_check, to_json
-    from .target import parse_rename, resolve_source, resolve_target
+    from . import verbs
+    from .render import render_check
 
-    ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
-    opt = ck.optimizer(optimizer_key)
-    target = resolve_target(target_spec, trust_pickle=trust_pickle)
-    claim = resolve_source(source, trust_pickle=trust_pickle, fallback=target) if source else None
-    mapping = infer_mapping(ck, opt, source=claim, models=models.split(",") if models else None)
-    if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
-        mapping = name_by_target_shapes(mapping, target.names, target.shapes)
-    report = check_mapping(mapping, target, parse_rename(renames), group_evidence=not no_group_evidence).as_json()
-    click.echo(to_json(report) if fmt == "json" else _escape(render_check(report), newlines=False))
-    sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
+    r = verbs.check(path, target_spec, model=model_path, source=source, rename=renames, optimizer=optimizer_key,
+                    models=models, group_evidence=not no_group_evidence, trust_pickle=trust_pickle)
+    click.echo(r.to_json() if fmt == "json" else _escape(render_check(r.data), newlines=False))
+    sys.exit(r.exit_code)
 
 
 def _write_opts(dry_run: bool, in_place: bool, no_verify: bool, replace_backup: bool, backup: bool) -> Any:
@@ -304,23 +293,20 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     removed ones are dropped, param groups and scheduler lists follow the target's grouping (a
     target without an optimizer keeps the saved grouping). The model state dicts are rewritten to
     match: renamed, fused / split / sliced, removed keys dropped, new ones from the target."""
-    from .ops import remap_checkpoint
-    from .remap import Policy
-    from .render import render_plan, to_json
-    from .transforms import parse_transforms
+    from . import verbs
+    from .render import render_plan
 
-    policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
-                    allow_ambiguous=allow_ambiguous, hparams=hparams,  # type: ignore[arg-type]
-                    group_evidence=not no_group_evidence)
+    _write_opts(dry_run, in_place, no_verify, replace_backup, backup)  # usage errors first
     with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
-        plan, written = remap_checkpoint(
-            path, target_spec, output, model=model_path, source=source, renames=renames, policy=policy,
-            transforms=parse_transforms(fuses, splits), model_output=model_output, optimizer_key=optimizer_key,
-            models=models.split(",") if models else None,
-            write=_write_opts(dry_run, in_place, no_verify, replace_backup, backup), trust_pickle=trust_pickle)
-    report = plan.as_json() | {"written": written}
-    _note_stale(written)
-    click.echo(to_json(report) if fmt == "json" else _escape(render_plan(report, verbose=verbose), newlines=False))
+        r = verbs.remap(path, target_spec, output, in_place=in_place, dry_run=dry_run, verify=not no_verify,
+                        backup=backup, replace_backup=replace_backup, model=model_path, model_output=model_output,
+                        source=source, rename=renames, fuse=fuses, split=splits,
+                        missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
+                        allow_ambiguous=allow_ambiguous, hparams=hparams,  # type: ignore[arg-type]
+                        group_evidence=not no_group_evidence, optimizer=optimizer_key, models=models,
+                        trust_pickle=trust_pickle)
+    _note_stale(r["written"])
+    click.echo(r.to_json() if fmt == "json" else _escape(render_plan(r.data, verbose=verbose), newlines=False))
 
 
 @cli.command()
@@ -342,24 +328,24 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str | None, model
           output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, backup: bool, no_verify: bool,
           verbose: bool, fmt: str) -> None:
     """Drop or re-initialise the optimizer state of selected parameters (e.g. a re-initialised head)."""
-    from .ops import reset_checkpoint
-    from .render import first_rows, plural, table, to_json
+    from . import verbs
+    from .render import first_rows, plural, table
 
+    _write_opts(dry_run, in_place, no_verify, replace_backup, backup)  # usage errors first
     with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
-        result, written = reset_checkpoint(
-            path, params, output, keys=[k for k in keys.split(",") if k], mode=mode, model=model_path,
-            source=source, optimizer_key=optimizer_key, models=models.split(",") if models else None,
-            write=_write_opts(dry_run, in_place, no_verify, replace_backup, backup), trust_pickle=trust_pickle)
-    report = {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
-              "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written}
+        r = verbs.reset(path, params, output, keys=[k for k in keys.split(",") if k], mode=mode,  # type: ignore[arg-type]
+                        in_place=in_place, dry_run=dry_run, verify=not no_verify, backup=backup,
+                        replace_backup=replace_backup, model=model_path, source=source, optimizer=optimizer_key,
+                        models=models, trust_pickle=trust_pickle)
+    written = r["written"]
     _note_stale(written)
     if fmt == "json":
-        click.echo(to_json(report))
+        click.echo(r.to_json())
     else:
-        what = f"keys {', '.join(result.keys)}" if result.keys else "whole state entries"
-        n = plural(len(result.selected), "parameter")
-        click.echo(f"optimizer {result.optimizer}: {result.mode} {what} of {n}:")
-        shown, more = first_rows([[i, n] for i, n in result.selected], verbose)
+        what = f"keys {', '.join(r['keys'])}" if r["keys"] else "whole state entries"
+        n = plural(len(r["selected"]), "parameter")
+        click.echo(f"optimizer {r['optimizer']}: {r['mode']} {what} of {n}:")
+        shown, more = first_rows([[x["index"], x["name"]] for x in r["selected"]], verbose)
         click.echo(table(shown, ["index", "parameter"]))
         if more:
             click.echo(more)
@@ -538,11 +524,11 @@ def convert(path: str, to: str, output: str, max_shard_size: int | None, model_p
             trust_pickle: bool, source: str | None, renames: tuple[str, ...], optimizer_key: str | None,
             models: str | None) -> None:
     """Convert between layouts (index-based torch checkpoint <-> DCP, DCP -> single file, -> safetensors)."""
-    from .ops import convert_checkpoint
+    from . import verbs
 
-    written = convert_checkpoint(path, to, output, model=model_path, source=source, optimizer_key=optimizer_key,
-                                 models=models.split(",") if models else None, trust_pickle=trust_pickle,
-                                 max_shard_size=max_shard_size)
+    written = verbs.convert(path, to, output, model=model_path, source=source,  # type: ignore[arg-type]
+                            optimizer=optimizer_key, models=models, trust_pickle=trust_pickle,
+                            max_shard_size=max_shard_size)["written"]
     _note_stale(written)
     click.echo(f"written: {written}")
 

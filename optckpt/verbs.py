@@ -1,0 +1,185 @@
+"""The public verbs: what each ``optckpt`` command does, as a function returning its report.
+
+``optckpt.check(path, target=...)`` returns what ``optckpt check --format json`` prints (``to_json()``
+gives the very same text; ``data`` the same object; ``exit_code`` the CLI's 0 / 1): a CI gate in
+Python needs no subprocess and no JSON parsing. The CLI is these functions plus argument parsing and
+rendering. Errors are raised as :class:`optckpt.OptckptError` subclasses (the CLI's exit 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["Report", "inspect", "check", "remap", "reset", "set_hparams", "diff", "convert"]
+
+
+@dataclass(frozen=True)
+class Report:
+    """A command's report: ``data`` is what ``--format json`` prints (``docs/json-schema.md``)."""
+
+    command: str
+    data: dict[str, Any]
+    exit_code: int = 0  # what the CLI exits with: 0 fine / identical / safe, 1 differences found
+    extras: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # rendering hints
+
+    def to_json(self) -> str:
+        from .render import to_json
+
+        return to_json(self.data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    @property
+    def ok(self) -> bool:
+        """``check``: safe; ``diff``: identical; the editing verbs: done."""
+        return self.exit_code == 0
+
+
+def _write(dry_run: bool, in_place: bool, verify: bool, replace_backup: bool, backup: bool) -> Any:
+    from .errors import WriteError
+    from .io.write import WriteOptions
+
+    if (backup or replace_backup) and not in_place:
+        raise WriteError("backup / replace_backup go with in_place (--backup / --replace-backup with --in-place)")
+    return WriteOptions(dry_run=dry_run, in_place=in_place, verify=verify, replace_backup=replace_backup,
+                        backup=backup)
+
+
+def _list(models: Sequence[str] | str | None) -> list[str] | None:
+    if models is None:
+        return None
+    return models.split(",") if isinstance(models, str) else list(models)
+
+
+def _renames(rename: Sequence[str] | Mapping[str, str]) -> list[str]:
+    """``rename`` as ``--rename`` strings (a mapping of prefixes is accepted too)."""
+    if isinstance(rename, Mapping):
+        return [f"{old}={new}" for old, new in rename.items()]
+    return list(rename)
+
+
+def inspect(path: str, *, model: str | None = None, stats: bool = False, trust_pickle: bool = False) -> Report:
+    """``optckpt inspect``: what a checkpoint holds."""
+    from . import io
+    from .inspect import inspect_checkpoint
+
+    ck = io.load(path, model=model, trust_pickle=trust_pickle)
+    return Report("inspect", inspect_checkpoint(ck, stats=stats))
+
+
+def check(path: str, target: str, *, model: str | None = None, source: str | None = None,
+          rename: Sequence[str] | Mapping[str, str] = (), optimizer: str | None = None,
+          models: Sequence[str] | str | None = None, group_evidence: bool = True,
+          trust_pickle: bool = False) -> Report:
+    """``optckpt check``: what plain ``optimizer.load_state_dict`` would do under the new code
+    (``target``: ``module:callable``, a names file or a checkpoint). ``exit_code`` 0 only when safe."""
+    from . import io
+    from .check import check_mapping
+    from .mapping import infer_mapping, name_by_target_shapes
+    from .target import parse_rename, resolve_source, resolve_target
+
+    ck = io.load(path, model=model, trust_pickle=trust_pickle)
+    opt = ck.optimizer(optimizer)
+    tgt = resolve_target(target, trust_pickle=trust_pickle)
+    claim = resolve_source(source, trust_pickle=trust_pickle, fallback=tgt) if source else None
+    mapping = infer_mapping(ck, opt, source=claim, models=_list(models))
+    if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
+        mapping = name_by_target_shapes(mapping, tgt.names, tgt.shapes)
+    data = check_mapping(mapping, tgt, parse_rename(_renames(rename)), group_evidence=group_evidence).as_json()
+    return Report("check", data, 0 if data["safe"] else 1)
+
+
+def remap(path: str, target: str, output: str | None = None, *, in_place: bool = False, dry_run: bool = False,
+          verify: bool = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
+          model_output: str | None = None, source: str | None = None,
+          rename: Sequence[str] | Mapping[str, str] = (), fuse: Sequence[str] = (), split: Sequence[str] = (),
+          missing: Literal["reset", "error"] = "reset", unexpected: Literal["drop", "error"] = "drop",
+          shape_mismatch: Literal["reset", "error", "slice"] = "reset", allow_ambiguous: bool = False,
+          hparams: Literal["checkpoint", "target"] = "checkpoint", group_evidence: bool = True,
+          optimizer: str | None = None, models: Sequence[str] | str | None = None,
+          trust_pickle: bool = False) -> Report:
+    """``optckpt remap``: rewrite the checkpoint so that the new code's plain ``load_state_dict`` is right."""
+    from .ops import remap_checkpoint
+    from .remap import Policy
+    from .transforms import parse_transforms
+
+    policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
+                    allow_ambiguous=allow_ambiguous, hparams=hparams, group_evidence=group_evidence)
+    plan, written = remap_checkpoint(
+        path, target, output, model=model, source=source, renames=_renames(rename), policy=policy,
+        transforms=parse_transforms(fuse, split), model_output=model_output, optimizer_key=optimizer,
+        models=_list(models), write=_write(dry_run, in_place, verify, replace_backup, backup),
+        trust_pickle=trust_pickle)
+    return Report("remap", plan.as_json() | {"written": written})
+
+
+def reset(path: str, params: Sequence[str], output: str | None = None, *, keys: Sequence[str] = (),
+          mode: Literal["drop", "zero"] | None = None, in_place: bool = False, dry_run: bool = False,
+          verify: bool = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
+          source: str | None = None, optimizer: str | None = None, models: Sequence[str] | str | None = None,
+          trust_pickle: bool = False) -> Report:
+    """``optckpt reset``: drop or re-initialise the state of parameters matching the ``params`` globs."""
+    from .ops import reset_checkpoint
+
+    result, written = reset_checkpoint(
+        path, list(params), output, keys=list(keys), mode=mode, model=model, source=source, optimizer_key=optimizer,
+        models=_list(models), write=_write(dry_run, in_place, verify, replace_backup, backup),
+        trust_pickle=trust_pickle)
+    return Report("reset", {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
+                            "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written})
+
+
+def set_hparams(path: str, output: str | None = None, *, lr: float | None = None, scale_lr: float | None = None,
+                weight_decay: float | None = None, scale_weight_decay: float | None = None,
+                set: Sequence[str] = (), groups: Sequence[str] = (), params: Sequence[str] = (),  # noqa: A002
+                scheduler: Literal["follow", "keep"] = "follow", in_place: bool = False, dry_run: bool = False,
+                verify: bool = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
+                optimizer: str | None = None, models: Sequence[str] | str | None = None,
+                trust_pickle: bool = False) -> Report:
+    """``optckpt set``: change param-group hyperparameters consistently with the schedulers
+    (``set=["lr_mult=3"]`` is ``--set``; ``groups`` / ``params`` select groups as ``--group`` / ``--params``)."""
+    from .errors import FormatError
+    from .hparams import Change
+    from .ops import set_checkpoint
+
+    if lr is not None and scale_lr is not None:
+        raise FormatError("--lr and --scale-lr are exclusive")
+    if weight_decay is not None and scale_weight_decay is not None:
+        raise FormatError("--weight-decay and --scale-weight-decay are exclusive")
+    changes = [Change(k, v) for k, v in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay),
+                                         ("scale_weight_decay", scale_weight_decay)) if v is not None]
+    result, written = set_checkpoint(
+        path, output, changes, groups=tuple(groups), params=tuple(params), raw_sets=tuple(set),
+        follow=scheduler == "follow", model=model, optimizer_key=optimizer, models=_list(models),
+        write=_write(dry_run, in_place, verify, replace_backup, backup), trust_pickle=trust_pickle)
+    return Report("set", {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
+                          "after": result.after, "schedulers": result.schedulers, "notes": result.notes,
+                          "written": written})
+
+
+def diff(a: str, b: str, *, model_a: str | None = None, model_b: str | None = None, atol: float = 0.0,
+         rtol: float = 0.0, only: Sequence[str] = (), params: Sequence[str] = (), stats: bool = False,
+         device: str | None = None, trust_pickle: bool = False,
+         progress: Callable[[int], None] | None = None) -> Report:
+    """``optckpt diff``: what changed between checkpoints ``a`` and ``b``. ``exit_code`` 0 when identical."""
+    from . import io
+    from .diff import diff_checkpoints
+
+    ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
+    cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+    data = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=tuple(only), params=tuple(params), stats=stats,
+                            device=device, progress=progress).as_json()
+    return Report("diff", data, 0 if data["identical"] else 1)
+
+
+def convert(path: str, to: Literal["dcp", "torch", "safetensors"], output: str, *, model: str | None = None,
+            source: str | None = None, optimizer: str | None = None, models: Sequence[str] | str | None = None,
+            max_shard_size: int | None = None, trust_pickle: bool = False) -> Report:
+    """``optckpt convert``: the checkpoint in another layout; ``data["written"]`` is the output."""
+    from .ops import convert_checkpoint
+
+    written = convert_checkpoint(path, to, output, model=model, source=source, optimizer_key=optimizer,
+                                 models=_list(models), trust_pickle=trust_pickle, max_shard_size=max_shard_size)
+    return Report("convert", {"written": written})
