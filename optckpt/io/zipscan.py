@@ -17,7 +17,8 @@ disagree, or whose bytes are not all accounted for:
   for a prefix), its entries fill it exactly, names unique (torch looks names up by a
   case-insensitive binary search);
 - every entry stored (method 0), not encrypted; its local header agrees with it (name, method,
-  flags, CRC and sizes, or zeros with a data descriptor after the data that agrees);
+  flags but the data-descriptor bit, CRC and sizes, or zeros with a data descriptor after the
+  data that agrees);
 - records, the central directory and the end records do not overlap, and every byte of the file
   belongs to one of them, except the older versions optckpt's in-place edits leave (see
   :mod:`optckpt.io.append`: an EOCD comment ``optckpt-prev:<length>`` names the previous
@@ -244,7 +245,9 @@ def _local(fd: int, raw: bytes, name: str, flags: int, method: int, crc: int, si
     lname, lextra = rest[:nlen], rest[nlen:]
     if lname != raw:
         raise ZipStructureError(f"record {name!r}: its local header names {lname.decode('utf-8', 'replace')!r}")
-    if lflags != flags or lmethod != method:
+    # bit 3 (sizes in a data descriptor) is the local header's business: optckpt's appended directories
+    # list torch's records (local 0x808) as 0x800; the descriptor is then checked against the entry
+    if lflags & ~0x08 != flags & ~0x08 or lmethod != method:
         raise ZipStructureError(f"record {name!r}: local header flags/method {lflags:#x}/{lmethod} differ from "
                                 f"the central directory's {flags:#x}/{method}")
     data = hoff + 30 + nlen + elen
@@ -253,7 +256,7 @@ def _local(fd: int, raw: bytes, name: str, flags: int, method: int, crc: int, si
     wants = [k for k in ("usize", "csize") if local_sizes[k] == _U32]
     if wants:
         _z64_extra(lextra, wants, local_sizes, f"record {name!r} (local header)")
-    descriptor = bool(flags & 0x08)
+    descriptor = bool(lflags & 0x08)
     if descriptor and lcrc == 0 and local_sizes["usize"] == 0 and local_sizes["csize"] == 0:
         pass  # sizes in the data descriptor after the data
     elif (lcrc, local_sizes["usize"], local_sizes["csize"]) != (crc, size, size):
