@@ -474,3 +474,44 @@ def test_structure_fuzz(bases, tmp_path, base):
         counts[_contract(p)] += 1
     print(base, counts)
     assert counts["refused"] > 0
+
+
+# --- a storage must be exactly its record ---------------------------------------------------------
+
+@pytest.mark.parametrize("cut", [8, 24])
+def test_pickle_reading_past_or_short_of_its_record_is_refused(tmp_path, cut):
+    """With mmap=True torch takes the pickle's nbytes from where a record's data starts, whatever
+    the record's size (past it: the next header's bytes as values); plain torch.load refuses. A
+    well-formed zip otherwise (written by Python's zipfile: no zip64, sizes in the local headers)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"a": torch.arange(4.0), "b": torch.arange(8.0)}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    p = tmp_path / "short.pt"
+    with zipfile.ZipFile(p, "w") as out:
+        for i in src.infolist():
+            d = src.read(i)
+            if i.filename.endswith("data/0"):
+                d = (d + b"\0" * 16)[:cut]
+            out.writestr(i.filename, d)
+    with pytest.raises(RuntimeError):
+        torch.load(p, weights_only=True)
+    torch.load(p, weights_only=True, mmap=True)  # reads it, one way or the other
+    _cli_refuses(p, "ambiguous zip structure: the pickle reads 16 bytes from record")
+
+
+def test_a_plain_zipfile_written_checkpoint_is_read(tmp_path):
+    """No zip64 end records, sizes in the local headers, no data descriptors: still torch's records."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"a": torch.arange(4.0), "b": torch.tensor([float("nan"), 1.0])}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    p = tmp_path / "plain.pt"
+    with zipfile.ZipFile(p, "w") as out:
+        for i in src.infolist():
+            out.writestr(i.filename, src.read(i))
+    assert _contract(p) == "same"
