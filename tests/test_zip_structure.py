@@ -515,3 +515,18 @@ def test_a_plain_zipfile_written_checkpoint_is_read(tmp_path):
         for i in src.infolist():
             out.writestr(i.filename, src.read(i))
     assert _contract(p) == "same"
+
+
+def test_an_interrupted_in_place_edit_is_named(tmp_path):
+    """Step 1 of an in-place edit done (a hole, then "pending" end records pointing at the old
+    directory): refused with the way out, not as an ambiguous structure."""
+    b = SEED_OPT.read_bytes()
+    _, _, _, cd_off, cd_size = _tail(b)
+    n = len(_cd_entries(b, cd_off, cd_size))
+    at = len(b) + 1000
+    p = tmp_path / "pend.pth"
+    p.write_bytes(b + b"\0" * 1000 + _end_records(at, n, cd_size, cd_off, b"optckpt-pend:%020d" % len(b)))
+    err = _cli_refuses(p, "optckpt restore")
+    assert "ambiguous" not in err
+    assert invoke("restore", str(p)).exit_code == 0
+    assert p.read_bytes() == b

@@ -139,6 +139,8 @@ def _parse_one(fd: int, size: int) -> _Version:
         if not 0 < prev < size:
             raise ZipStructureError(f"the end record names an earlier version of {prev} bytes in a "
                                     f"{size}-byte file")
+    if kind == "pend":  # an interrupted in-place edit: named by the caller, nothing else parsed
+        return _Version(ZipLayout((), 0, 0, size, kind, prev, ()), at)
     end_start = at
     if at >= 20 and _read(fd, 4, at - 20) == _LOC_SIG:
         loc = _read(fd, 20, at - 20)
