@@ -239,11 +239,15 @@ def _local(fd: int, raw: bytes, name: str, flags: int, method: int, crc: int, si
     """The local header of a central entry, checked against it; the record's extent."""
     if hoff + 30 > limit:
         raise ZipStructureError(f"record {name!r}: local header at {hoff}, inside or past the central directory")
-    head = _read(fd, 30, hoff)
-    (sig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, nlen, elen) = struct.unpack("<4sHHHHHIIIHH", head)
+    head = os.pread(fd, min(30 + len(raw) + 128, limit - hoff), hoff)  # one read: header, name, usual extra
+    if len(head) < 30:
+        raise ZipCorruptError(f"record {name!r}: local header at {hoff} past the end of the file")
+    (sig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, nlen, elen) = struct.unpack("<4sHHHHHIIIHH", head[:30])
     if sig != _LOC_HDR_SIG:
         raise ZipStructureError(f"record {name!r}: no local header at byte {hoff}")
-    rest = _read(fd, nlen + elen, hoff + 30)
+    rest = head[30:30 + nlen + elen]
+    if len(rest) < nlen + elen:
+        rest = _read(fd, nlen + elen, hoff + 30)
     lname, lextra = rest[:nlen], rest[nlen:]
     if lname != raw:
         raise ZipStructureError(f"record {name!r}: its local header names {lname.decode('utf-8', 'replace')!r}")
