@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["ZipEntry", "ZipLayout", "ZipStructureError", "ZipCorruptError", "parse_zip", "parse_fd"]
+__all__ = ["ZipEntry", "ZipLayout", "ZipStructureError", "ZipCorruptError", "parse_zip", "parse_fd", "parse_bytes"]
 
 _EOCD_SIG, _LOC_SIG, _Z64_SIG = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
 _CEN_SIG, _LOC_HDR_SIG, _DD_SIG = b"PK\x01\x02", b"PK\x03\x04", b"PK\x07\x08"
@@ -78,6 +79,9 @@ class ZipLayout:
     versions: tuple[int, ...]  # the lengths of the older versions inside the file, newest first
 
 
+_Reader = Callable[[int, int], bytes]  # (n, offset) -> up to n bytes read there
+
+
 def parse_zip(path: str) -> ZipLayout:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -86,16 +90,26 @@ def parse_zip(path: str) -> ZipLayout:
         os.close(fd)
 
 
-def _read(fd: int, n: int, at: int) -> bytes:
+def parse_fd(fd: int, size: int) -> ZipLayout:
+    return parse_reader(lambda n, at: os.pread(fd, n, at), size)
+
+
+def parse_bytes(data: bytes) -> ZipLayout:
+    """The same parse of a zip held in memory (a ``torch.save`` blob inside another checkpoint)."""
+    view = memoryview(data)
+    return parse_reader(lambda n, at: bytes(view[at:at + n]), len(data))
+
+
+def _read(rd: _Reader, n: int, at: int) -> bytes:
     if at < 0 or n < 0:
         raise ZipCorruptError(f"offset {at} out of range")
-    data = os.pread(fd, n, at)
+    data = rd(n, at)
     if len(data) != n:
         raise ZipCorruptError(f"{n} bytes at offset {at} run past the end of the file")
     return data
 
 
-def find_eocd(fd: int, size: int) -> int | None:
+def find_eocd(rd: _Reader, size: int) -> int | None:
     """Where miniz finds the EOCD: scanning 4 KiB windows backwards (3 bytes of overlap), the last
     signature with at least 22 bytes after it; giving up once ~64 KiB + 22 back."""
     buf_len = 4096
@@ -104,7 +118,7 @@ def find_eocd(fd: int, size: int) -> int | None:
     cur = max(size - buf_len, 0)
     while True:
         n = min(buf_len, size - cur)
-        buf = _read(fd, n, cur)
+        buf = _read(rd, n, cur)
         end = min(n, size - 22 - cur + 4)
         i = buf.rfind(_EOCD_SIG, 0, end) if end >= 4 else -1
         if i >= 0:
@@ -120,16 +134,16 @@ class _Version:
     end_start: int  # where this version's end records start (zip64 record, or the EOCD)
 
 
-def _parse_one(fd: int, size: int) -> _Version:
-    at = find_eocd(fd, size)
+def _parse_one(rd: _Reader, size: int) -> _Version:
+    at = find_eocd(rd, size)
     if at is None:
         raise ZipCorruptError("no end of central directory record")
-    eocd = _read(fd, 22, at)
+    eocd = _read(rd, 22, at)
     _, disk, cd_disk, n_disk, n, cd_size, cd_off, clen = struct.unpack("<4sHHHHIIH", eocd)
     if at + 22 + clen != size:
         raise ZipStructureError(f"{size - at - 22 - clen:+d} bytes past the end record's declared comment "
                                 f"(end record at {at})")
-    comment = _read(fd, clen, at + 22) if clen else b""
+    comment = _read(rd, clen, at + 22) if clen else b""
     if _EOCD_SIG in comment:
         raise ZipStructureError("a second end record inside the end record's comment")
     kind = prev = None
@@ -142,15 +156,15 @@ def _parse_one(fd: int, size: int) -> _Version:
     if kind == "pend":  # an interrupted in-place edit: named by the caller, nothing else parsed
         return _Version(ZipLayout((), 0, 0, size, kind, prev, ()), at)
     end_start = at
-    if at >= 20 and _read(fd, 4, at - 20) == _LOC_SIG:
-        loc = _read(fd, 20, at - 20)
+    if at >= 20 and _read(rd, 4, at - 20) == _LOC_SIG:
+        loc = _read(rd, 20, at - 20)
         _, z64_disk, z64_at, disks = struct.unpack("<4sIQI", loc)
         if z64_at != at - 20 - 56:
             raise ZipStructureError(f"the zip64 locator points at byte {z64_at}, not at the zip64 end record "
                                     f"before it (byte {at - 76}): two readers would take different directories")
         if disks != 1 or z64_disk != 0:
             raise ZipStructureError(f"the zip64 locator says {disks} disks")
-        rec = _read(fd, 56, z64_at)
+        rec = _read(rd, 56, z64_at)
         sig, rec_size, _, _, d1, d2, n1, n2, z_cd_size, z_cd_off = struct.unpack("<4sQHHIIQQQQ", rec)
         if sig != _Z64_SIG:
             raise ZipStructureError(f"no zip64 end record where the locator points (byte {z64_at})")
@@ -170,8 +184,8 @@ def _parse_one(fd: int, size: int) -> _Version:
                                 "end records (a prefix some readers shift every offset by)")
     if n > cd_size // 46:
         raise ZipCorruptError(f"{n} entries cannot fit a {cd_size}-byte central directory")
-    cd = _read(fd, cd_size, cd_off)
-    entries = _entries(fd, cd, n, cd_off)
+    cd = _read(rd, cd_size, cd_off)
+    entries = _entries(rd, cd, n, cd_off)
     layout = ZipLayout(tuple(entries), cd_off, cd_size, size, kind, prev, ())
     return _Version(layout, end_start)
 
@@ -193,7 +207,7 @@ def _z64_extra(extra: bytes, wants: list[str], values: dict[str, int], where: st
         raise ZipCorruptError(f"{where}: sizes say zip64, but no zip64 extra field")
 
 
-def _entries(fd: int, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
+def _entries(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
     out: list[ZipEntry] = []
     seen: dict[str, str] = {}
     pos = 0
@@ -228,18 +242,18 @@ def _entries(fd: int, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
         if folded in seen:
             raise ZipStructureError(f"two records named {seen[folded]!r} and {name!r} (torch's lookup ignores case)")
         seen[folded] = name
-        out.append(_local(fd, raw, name, flags, method, crc, usize, hoff, cd_off))
+        out.append(_local(rd, raw, name, flags, method, crc, usize, hoff, cd_off))
     if pos != len(cd):
         raise ZipStructureError(f"{len(cd) - pos} bytes in the central directory after its {n} entries")
     return out
 
 
-def _local(fd: int, raw: bytes, name: str, flags: int, method: int, crc: int, size: int, hoff: int,
+def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int, size: int, hoff: int,
            limit: int) -> ZipEntry:
     """The local header of a central entry, checked against it; the record's extent."""
     if hoff + 30 > limit:
         raise ZipStructureError(f"record {name!r}: local header at {hoff}, inside or past the central directory")
-    head = os.pread(fd, min(30 + len(raw) + 128, limit - hoff), hoff)  # one read: header, name, usual extra
+    head = rd(min(30 + len(raw) + 128, limit - hoff), hoff)  # one read: header, name, usual extra
     if len(head) < 30:
         raise ZipCorruptError(f"record {name!r}: local header at {hoff} past the end of the file")
     (sig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, nlen, elen) = struct.unpack("<4sHHHHHIIIHH", head[:30])
@@ -247,7 +261,7 @@ def _local(fd: int, raw: bytes, name: str, flags: int, method: int, crc: int, si
         raise ZipStructureError(f"record {name!r}: no local header at byte {hoff}")
     rest = head[30:30 + nlen + elen]
     if len(rest) < nlen + elen:
-        rest = _read(fd, nlen + elen, hoff + 30)
+        rest = _read(rd, nlen + elen, hoff + 30)
     lname, lextra = rest[:nlen], rest[nlen:]
     if lname != raw:
         raise ZipStructureError(f"record {name!r}: its local header names {lname.decode('utf-8', 'replace')!r}")
@@ -270,7 +284,7 @@ def _local(fd: int, raw: bytes, name: str, flags: int, method: int, crc: int, si
                                 f"the central directory {size} (CRC {crc:#x})")
     if descriptor:
         z64 = hoff >= _U32 or size >= _U32
-        dd = _read(fd, 24 if z64 else 16, end) if end + 16 <= limit else b""
+        dd = _read(rd, 24 if z64 else 16, end) if end + 16 <= limit else b""
         if dd[:4] != _DD_SIG:
             raise ZipStructureError(f"record {name!r}: no data descriptor after its {size} bytes")
         if z64:
@@ -286,9 +300,9 @@ def _local(fd: int, raw: bytes, name: str, flags: int, method: int, crc: int, si
     return ZipEntry(name, hoff, data, size, size, method, flags, crc, end)
 
 
-def parse_fd(fd: int, size: int) -> ZipLayout:
+def parse_reader(rd: _Reader, size: int) -> ZipLayout:
     """The current version's records, every structure rule above checked over the whole file."""
-    current = _parse_one(fd, size)
+    current = _parse_one(rd, size)
     if current.layout.kind == "pend":
         return current.layout  # an interrupted in-place edit: the caller names it (append.interrupted_message)
     chain = [current]
@@ -296,19 +310,19 @@ def parse_fd(fd: int, size: int) -> ZipLayout:
         prev = chain[-1].layout.previous_size
         assert prev is not None
         try:
-            v = _parse_one(fd, prev)
+            v = _parse_one(rd, prev)
         except (ZipStructureError, ZipCorruptError) as e:
             raise ZipStructureError(f"the earlier version noted at byte {prev}: {e}") from None
         if v.layout.kind == "pend":
             raise ZipStructureError(f"the earlier version noted at byte {prev} is an unfinished edit")
         chain.append(v)
-    _check_coverage(fd, size, chain)
+    _check_coverage(rd, size, chain)
     layout = current.layout
     return ZipLayout(layout.entries, layout.cd_offset, layout.cd_size, size, layout.kind, layout.previous_size,
                      tuple(v.layout.size for v in chain[1:]))
 
 
-def _check_coverage(fd: int, size: int, chain: list[_Version]) -> None:
+def _check_coverage(rd: _Reader, size: int, chain: list[_Version]) -> None:
     """No two structures overlap (a record shared by versions is one), and every byte belongs to
     one, except zeros (under a sector) that align a version's central directory."""
     spans: set[tuple[int, int, str]] = set()
@@ -328,7 +342,7 @@ def _check_coverage(fd: int, size: int, chain: list[_Version]) -> None:
             raise ZipStructureError(f"{what} at byte {lo} overlaps {last}")
         if lo > pos:
             gap = lo - pos
-            if not (lo in cd_starts and gap < _SECTOR and _read(fd, gap, pos) == b"\0" * gap):
+            if not (lo in cd_starts and gap < _SECTOR and _read(rd, gap, pos) == b"\0" * gap):
                 raise ZipStructureError(f"{gap} bytes at offset {pos} belong to no record or directory "
                                         "(a hidden record or second directory?)")
         pos, last = hi, f"{what} at byte {lo}"
