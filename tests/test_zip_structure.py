@@ -530,3 +530,24 @@ def test_an_interrupted_in_place_edit_is_named(tmp_path):
     assert "ambiguous" not in err
     assert invoke("restore", str(p)).exit_code == 0
     assert p.read_bytes() == b
+
+
+def test_in_memory_torch_blobs_get_the_same_rules(bases):
+    """DCP byte entries are torch.save blobs that torch.load reads from memory: checked first."""
+    import io
+    import zipfile
+
+    from optckpt.io.torchfile import check_zip_bytes
+
+    buf = io.BytesIO()
+    torch.save({"lr": 0.1, "t": torch.ones(3)}, buf)
+    check_zip_bytes(buf.getvalue(), "entry")  # torch's own blob: fine
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as out:
+        for i in src.infolist():
+            out.writestr(i.filename, src.read(i), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(LoadError, match="entry: ambiguous zip structure: .*compressed"):
+        check_zip_bytes(packed.getvalue(), "entry")
+    with pytest.raises(LoadError, match="entry: ambiguous zip structure: the zip64 locator"):
+        check_zip_bytes(_nan_attack(bases["bundle"]), "entry")

@@ -16,9 +16,9 @@ import torch
 from ..errors import LoadError, UnsafePickleError
 from .bounds import check_bounds
 from .safepickle import safe_load_torch
-from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_zip
+from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_bytes, parse_zip
 
-__all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals", "zip_infos", "zip_layout"]
+__all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals", "zip_infos", "zip_layout", "check_zip_bytes"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _CRC_CHECK_LIMIT = 1 << 30  # metadata records up to this size have their CRC checked on load
@@ -222,6 +222,19 @@ def _parse_checked(path: str) -> ZipLayout:
         state = EndState(len(layout.entries), layout.cd_size, layout.cd_offset, "pend", layout.previous_size)
         raise LoadError(interrupted_message(path, state, layout.size))
     return layout
+
+
+def check_zip_bytes(data: bytes, where: str) -> None:
+    """The same structure rules for a ``torch.save`` zip held in memory (a DCP byte entry) before
+    ``torch.load`` reads it: torch's reader would inflate a compressed record whatever it declares."""
+    if data[:4] != _ZIP_MAGIC:
+        return
+    try:
+        parse_bytes(data)
+    except ZipStructureError as e:
+        raise LoadError(f"{where}: ambiguous zip structure: {e}") from None
+    except (ZipCorruptError, ValueError, struct.error) as e:
+        raise LoadError(f"{where}: truncated or corrupt zip container ({_first_line(e)})") from None
 
 
 def _check_zip(path: str) -> ZipLayout:
