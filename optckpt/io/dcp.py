@@ -29,6 +29,7 @@ from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, Scheduler
 from ..errors import LoadError, UnsafePickleError, WriteError
 from .bounds import check_bounds
 from .paths import member_path, require_regular
+from .torchfile import check_zip_bytes
 
 __all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp", "rewrite_dcp", "commit_in_place",
            "changed_small_values", "metadata_paths"]
@@ -193,6 +194,7 @@ def _planner(results: dict[str, Any], refused: list[LoadError], path: str) -> An
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
             fqn = read_item.dest_index.fqn
             try:
+                check_zip_bytes(value.getvalue(), f"{path} (DCP entry {fqn})")
                 results[fqn] = torch.load(value, weights_only=True)
                 check_bounds(results[fqn], f"{path} (DCP entry {fqn})")
             except LoadError as e:

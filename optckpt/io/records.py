@@ -18,7 +18,6 @@ import os
 import random
 import struct
 import sys
-import zipfile
 import zlib
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from .safepickle import pickle_module_for
+from .zipscan import ZipEntry
 
 __all__ = ["rewrite_records", "PROGRESS"]
 
@@ -77,7 +77,7 @@ def _offset_in(ranges: list[tuple[int, int]], ptr: int) -> int | None:
     return None
 
 
-def _data_offset(f: Any, info: zipfile.ZipInfo) -> int | None:
+def _data_offset(f: Any, info: ZipEntry) -> int | None:
     """Where a stored record's data starts (after its local header), or None if no header is there."""
     f.seek(info.header_offset)
     head = f.read(30)
@@ -87,15 +87,15 @@ def _data_offset(f: Any, info: zipfile.ZipInfo) -> int | None:
     return int(info.header_offset + 30 + n + e)
 
 
-def _source_records(path: str) -> tuple[str, dict[int, zipfile.ZipInfo], dict[str, bytes]] | None:
+def _source_records(path: str) -> tuple[str, dict[int, ZipEntry], dict[str, bytes]] | None:
     """Prefix, data records by their data offset, and the small metadata records of the input."""
     from .torchfile import zip_infos
 
     infos = zip_infos(path)
-    if not infos or any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+    if not infos or any(i.compress_type != 0 for i in infos):
         return None
     prefix = infos[0].filename.split("/", 1)[0]
-    by_offset: dict[int, zipfile.ZipInfo] = {}
+    by_offset: dict[int, ZipEntry] = {}
     small: dict[str, bytes] = {}
     with open(path, "rb") as f:
         for i in infos:
@@ -120,9 +120,12 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
     """Write ``obj`` (whose tensors are mostly memory-mapped from ``src``) to ``dest`` record by record.
 
     Returns False (nothing written) when the shortcut does not apply."""
-    if not zipfile.is_zipfile(src):
+    from ..errors import LoadError
+
+    try:
+        found = _source_records(src)
+    except LoadError:
         return False
-    found = _source_records(src)
     if found is None:
         return False
     prefix, by_offset, small = found

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import sys
-import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,9 @@ import torch
 from ..errors import LoadError, UnsafePickleError
 from .bounds import check_bounds
 from .safepickle import safe_load_torch
+from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_bytes, parse_zip
 
-__all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals", "zip_infos"]
+__all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals", "zip_infos", "zip_layout", "check_zip_bytes"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _CRC_CHECK_LIMIT = 1 << 30  # metadata records up to this size have their CRC checked on load
@@ -91,12 +93,13 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     if kind not in ("zip", "legacy"):
         raise LoadError(f"{path}: not a torch.save file (content looks like {kind})")
     zip_format = kind == "zip"
-    if zip_format:
-        _check_zip(path)
+    check = _storage_check(path, _check_zip(path)) if zip_format else None
     locations: dict[str, None] = {}
 
     def _map(storage: Any, location: str) -> Any:
         locations[str(location)] = None
+        if check is not None:
+            check(storage)
         return storage
 
     refused: list[str] | None = None
@@ -118,7 +121,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
         if not said and "weights only" not in str(e).lower():
             raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
         refused = said
-    except (UnsafePickleError, KeyboardInterrupt):
+    except (LoadError, KeyboardInterrupt):  # LoadError: also _storage_check's refusal
         raise
     except Exception as e:  # torch reports corruption with many types (RuntimeError, AssertionError, ...)
         raise LoadError(f"{path}: cannot load (truncated or corrupt torch file?): {_first_line(e)}") from None
@@ -130,12 +133,44 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
                      placeholders=refused is not None)
 
 
+def _storage_check(path: str, layout: ZipLayout) -> Any:
+    """A check for each storage torch maps from ``path``: it must be exactly one record's bytes.
+    With ``mmap=True`` torch takes ``nbytes`` (from the pickle) from where the record's data
+    starts, whatever the record's size; a plain ``torch.load`` reads the record itself. A storage
+    longer or shorter than its record would differ between the two: refused."""
+    from .records import _mappings, _offset_in
+
+    by_offset = {e.data_offset: e for e in layout.entries if "/data/" in e.filename}
+    ranges: list[tuple[int, int]] = []
+
+    def check(storage: Any) -> None:
+        if getattr(storage, "device", None) is None or storage.device.type != "cpu":
+            return
+        nbytes = storage.nbytes()
+        if nbytes == 0:
+            return
+        if not ranges:
+            ranges.extend(_mappings(path) or [(0, 0)])
+        off = _offset_in(ranges, storage.data_ptr())
+        if off is None:
+            return  # not memory-mapped from the file: torch read the record itself
+        rec = by_offset.get(off)
+        if rec is None:
+            raise LoadError(f"{path}: ambiguous zip structure: a tensor's {nbytes} bytes at byte {off} are no "
+                            "record's data")
+        if rec.file_size != nbytes:
+            raise LoadError(f"{path}: ambiguous zip structure: the pickle reads {nbytes} bytes from record "
+                            f"{rec.filename!r}, which holds {rec.file_size}")
+
+    return check
+
+
 def _load_placeholders(path: str, map_location: Any, zip_format: bool, said: list[str]) -> Any:
     """The weights-only refusal's fallback: every other global read as an inert placeholder. Only
     when even that fails are the refused globals listed (one more read of the pickle's opcodes)."""
     try:
         return safe_load_torch(path, map_location, zip_format=zip_format)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, LoadError):
         raise
     except RecursionError:
         raise UnsafePickleError(path, unsafe_globals(path) or said, "nested too deeply to read safely") from None
@@ -143,7 +178,7 @@ def _load_placeholders(path: str, map_location: Any, zip_format: bool, said: lis
         raise UnsafePickleError(path, unsafe_globals(path) or said, _first_line(e)) from None
 
 
-_INFOS: dict[tuple[int, int, int, int], list[zipfile.ZipInfo]] = {}
+_INFOS: dict[tuple[int, int, int, int], ZipLayout] = {}
 
 
 def _file_key(path: str) -> tuple[int, int, int, int]:
@@ -151,69 +186,86 @@ def _file_key(path: str) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def zip_infos(path: str) -> list[zipfile.ZipInfo]:
-    """The zip directory of ``path``: the one this process's last check of the same file (device,
-    inode, size, mtime) parsed, or parsed now."""
+def zip_layout(path: str) -> ZipLayout:
+    """The zip structure of ``path`` as torch reads it (:mod:`optckpt.io.zipscan`, every structure
+    rule checked): the one this process's last check of the same file (device, inode, size, mtime)
+    parsed, or parsed now. Raises :class:`LoadError` for a file it refuses."""
     key = _file_key(path)
-    infos = _INFOS.get(key)
-    if infos is None:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-        _remember(key, infos)
-    return infos
+    layout = _INFOS.get(key)
+    if layout is None:
+        layout = _parse_checked(path)
+        _remember(key, layout)
+    return layout
 
 
-def _remember(key: tuple[int, int, int, int], infos: list[zipfile.ZipInfo]) -> None:
+def zip_infos(path: str) -> list[ZipEntry]:
+    """The records of ``path`` that torch reads (see :func:`zip_layout`)."""
+    return list(zip_layout(path).entries)
+
+
+def _remember(key: tuple[int, int, int, int], layout: ZipLayout) -> None:
     if len(_INFOS) >= 8:
         _INFOS.pop(next(iter(_INFOS)))
-    _INFOS[key] = infos
+    _INFOS[key] = layout
 
 
-def _check_zip(path: str) -> None:
-    """Validate the zip container before torch touches it: torch reports truncation poorly."""
+def _parse_checked(path: str) -> ZipLayout:
     try:
-        key = _file_key(path)
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-            if not pickles:
-                raise LoadError(f"{path}: a zip file, but not one written by torch.save (no data.pkl)")
-            # torch never checks the CRCs it writes: the pickle (and the small records beside it) are
-            # checked here, so a flipped bit in data.pkl is a corrupt file, not a silently wrong value.
-            # Tensor records are not read at load time (memory-mapped); their CRCs are not checked.
-            packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
-            if packed is not None:  # torch.save stores every record uncompressed; inflating one is unbounded work
-                raise LoadError(f"{path}: record {packed.filename!r} is compressed, which torch.save never writes; "
-                                "refused (a zip bomb or a re-packed file)")
+        layout = parse_zip(path)
+    except ZipStructureError as e:
+        raise LoadError(f"{path}: ambiguous zip structure: {e}") from None
+    except (ZipCorruptError, OSError, ValueError, struct.error) as e:
+        raise LoadError(f"{path}: truncated or corrupt zip container ({_first_line(e)})") from None
+    if layout.kind == "pend" and layout.previous_size is not None:
+        from .append import EndState, interrupted_message
+
+        state = EndState(len(layout.entries), layout.cd_size, layout.cd_offset, "pend", layout.previous_size)
+        raise LoadError(interrupted_message(path, state, layout.size))
+    return layout
+
+
+def check_zip_bytes(data: bytes, where: str) -> None:
+    """The same structure rules for a ``torch.save`` zip held in memory (a DCP byte entry) before
+    ``torch.load`` reads it: torch's reader would inflate a compressed record whatever it declares."""
+    if data[:4] != _ZIP_MAGIC:
+        return
+    try:
+        parse_bytes(data)
+    except ZipStructureError as e:
+        raise LoadError(f"{where}: ambiguous zip structure: {e}") from None
+    except (ZipCorruptError, ValueError, struct.error) as e:
+        raise LoadError(f"{where}: truncated or corrupt zip container ({_first_line(e)})") from None
+
+
+def _check_zip(path: str) -> ZipLayout:
+    """Validate the zip container before torch touches it: one parse, as torch's reader (miniz)
+    resolves the file (:mod:`optckpt.io.zipscan`), every check on exactly the records torch loads."""
+    key = _file_key(path)
+    layout = _parse_checked(path)
+    infos = layout.entries
+    pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+    if not pickles:
+        raise LoadError(f"{path}: a zip file, but not one written by torch.save (no data.pkl)")
+    # torch never checks the CRCs it writes: the pickle (and the small records beside it) are
+    # checked here, so a flipped bit in data.pkl is a corrupt file, not a silently wrong value.
+    # Tensor records are not read at load time (memory-mapped); their CRCs are not checked.
+    # (Compressed and encrypted records were refused by the parse: torch.save stores every record.)
+    try:
+        with open(path, "rb") as f:
             for i in infos:
                 if "/data/" not in i.filename and i.file_size <= _CRC_CHECK_LIMIT:
-                    z.read(i)
-        _remember(key, infos)
-    except LoadError:
-        raise
-    except Exception as e:  # BadZipFile (incl. CRC), OSError, ValueError, NotImplementedError (version field), ...
-        _check_interrupted(path)
-        raise LoadError(f"{path}: truncated or corrupt zip container ({_first_line(e)})") from None
-
-
-def _check_interrupted(path: str) -> None:
-    """A file whose in-place edit was killed midway ends with optckpt's "pending" end records:
-    say so (torch still loads its previous version; ``optckpt restore`` clears it)."""
-    from .append import end_state, interrupted_message
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        size = os.fstat(fd).st_size
-        state = end_state(fd, size)
-    except OSError:
-        return
-    finally:
-        os.close(fd)
-    if state is not None and state.kind == "pend" and state.previous_size is not None:
-        raise LoadError(interrupted_message(path, state, size))
+                    f.seek(i.data_offset)
+                    data = f.read(i.file_size)
+                    if len(data) != i.file_size:
+                        raise LoadError(f"{path}: truncated or corrupt zip container (record {i.filename!r} "
+                                        "is cut short)")
+                    if zlib.crc32(data) != i.CRC:
+                        raise LoadError(f"{path}: truncated or corrupt zip container (Bad CRC-32 for file "
+                                        f"{i.filename!r})")
+    except OSError as e:
+        raise LoadError(f"{path}: cannot read: {e.strerror or e}") from None
+    _remember(key, layout)
+    return layout
 
 
 def _first_line(e: BaseException) -> str:

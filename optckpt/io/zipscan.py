@@ -1,0 +1,350 @@
+"""The zip structure of a torch file, parsed once, the way torch's reader (miniz) resolves it.
+
+optckpt checks a torch zip file before ``torch.load`` reads it (the pickle's CRC, stored-only
+records). Those checks are worth something only if they run on the records torch then loads. Zip
+readers disagree on ambiguous files: Python's ``zipfile`` takes the zip64 end record just before
+the zip64 locator and shifts every offset by any bytes it finds before the central directory;
+miniz follows the locator's offset and takes offsets as written. So this module parses the file as
+miniz does, and refuses (:class:`ZipStructureError`) every file on which the readers could
+disagree, or whose bytes are not all accounted for:
+
+- the end of central directory record (EOCD): the last signature with 22 bytes after it, searched
+  backwards from the end in 4 KiB steps up to ~64 KiB (``mz_zip_reader_locate_header_sig``); its
+  comment must end exactly at the end of the file and hold no other EOCD signature;
+- a zip64 locator just before it must point at a zip64 end record just before the locator (where
+  ``zipfile`` looks), of the standard size, one disk;
+- the central directory ends exactly where the end records begin (no bytes a reader could take
+  for a prefix), its entries fill it exactly, names unique (torch looks names up by a
+  case-insensitive binary search);
+- every entry stored (method 0), not encrypted; its local header agrees with it (name, method,
+  flags but the data-descriptor bit, CRC and sizes, or zeros with a data descriptor after the
+  data that agrees);
+- records, the central directory and the end records do not overlap, and every byte of the file
+  belongs to one of them, except the older versions optckpt's in-place edits leave (see
+  :mod:`optckpt.io.append`: an EOCD comment ``optckpt-prev:<length>`` names the previous
+  version, which must itself pass these rules, and the zero bytes that align a version's
+  directory to a sector).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["ZipEntry", "ZipLayout", "ZipStructureError", "ZipCorruptError", "parse_zip", "parse_fd", "parse_bytes"]
+
+_EOCD_SIG, _LOC_SIG, _Z64_SIG = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
+_CEN_SIG, _LOC_HDR_SIG, _DD_SIG = b"PK\x01\x02", b"PK\x03\x04", b"PK\x07\x08"
+_PREV, _PEND = b"optckpt-prev:", b"optckpt-pend:"
+_COMMENT_LEN = len(_PREV) + 20
+_SECTOR = 512
+_U32 = 0xFFFFFFFF
+_ENCRYPTED = 0x0001 | 0x0040 | 0x2000  # traditional / strong encryption, masked local header
+_MAX_VERSIONS = 100_000
+
+
+class ZipStructureError(Exception):
+    """A zip whose records readers could disagree on (or that hides records): refused."""
+
+
+class ZipCorruptError(Exception):
+    """A zip that is not complete (truncated, end records or directory missing or cut)."""
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One record, as the central directory torch reads describes it (``ZipInfo``-like names)."""
+
+    filename: str
+    header_offset: int
+    data_offset: int  # where the record's bytes start (after the local header)
+    file_size: int
+    compress_size: int
+    compress_type: int
+    flag_bits: int
+    CRC: int
+    end: int  # end of the record's extent: data, then its data descriptor if it has one
+
+
+@dataclass(frozen=True)
+class ZipLayout:
+    entries: tuple[ZipEntry, ...]
+    cd_offset: int
+    cd_size: int
+    size: int
+    kind: str | None  # "prev" / "pend": optckpt's end-record comment, as in append.end_state
+    previous_size: int | None
+    versions: tuple[int, ...]  # the lengths of the older versions inside the file, newest first
+
+
+_Reader = Callable[[int, int], bytes]  # (n, offset) -> up to n bytes read there
+
+
+def parse_zip(path: str) -> ZipLayout:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return parse_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def parse_fd(fd: int, size: int) -> ZipLayout:
+    return parse_reader(lambda n, at: os.pread(fd, n, at), size)
+
+
+def parse_bytes(data: bytes) -> ZipLayout:
+    """The same parse of a zip held in memory (a ``torch.save`` blob inside another checkpoint)."""
+    view = memoryview(data)
+    return parse_reader(lambda n, at: bytes(view[at:at + n]), len(data))
+
+
+def _read(rd: _Reader, n: int, at: int) -> bytes:
+    if at < 0 or n < 0:
+        raise ZipCorruptError(f"offset {at} out of range")
+    data = rd(n, at)
+    if len(data) != n:
+        raise ZipCorruptError(f"{n} bytes at offset {at} run past the end of the file")
+    return data
+
+
+def find_eocd(rd: _Reader, size: int) -> int | None:
+    """Where miniz finds the EOCD: scanning 4 KiB windows backwards (3 bytes of overlap), the last
+    signature with at least 22 bytes after it; giving up once ~64 KiB + 22 back."""
+    buf_len = 4096
+    if size < 22:
+        return None
+    cur = max(size - buf_len, 0)
+    while True:
+        n = min(buf_len, size - cur)
+        buf = _read(rd, n, cur)
+        end = min(n, size - 22 - cur + 4)
+        i = buf.rfind(_EOCD_SIG, 0, end) if end >= 4 else -1
+        if i >= 0:
+            return cur + i
+        if cur == 0 or size - cur >= 0xFFFF + 22:
+            return None
+        cur = max(cur - (buf_len - 3), 0)
+
+
+@dataclass(frozen=True)
+class _Version:
+    layout: ZipLayout
+    end_start: int  # where this version's end records start (zip64 record, or the EOCD)
+
+
+def _parse_one(rd: _Reader, size: int) -> _Version:
+    at = find_eocd(rd, size)
+    if at is None:
+        raise ZipCorruptError("no end of central directory record")
+    eocd = _read(rd, 22, at)
+    _, disk, cd_disk, n_disk, n, cd_size, cd_off, clen = struct.unpack("<4sHHHHIIH", eocd)
+    if at + 22 + clen != size:
+        raise ZipStructureError(f"{size - at - 22 - clen:+d} bytes past the end record's declared comment "
+                                f"(end record at {at})")
+    comment = _read(rd, clen, at + 22) if clen else b""
+    if _EOCD_SIG in comment:
+        raise ZipStructureError("a second end record inside the end record's comment")
+    kind = prev = None
+    if len(comment) == _COMMENT_LEN and comment[:len(_PREV)] in (_PREV, _PEND) and comment[len(_PREV):].isdigit():
+        kind = "prev" if comment.startswith(_PREV) else "pend"
+        prev = int(comment[len(_PREV):])
+        if not 0 < prev < size:
+            raise ZipStructureError(f"the end record names an earlier version of {prev} bytes in a "
+                                    f"{size}-byte file")
+    if kind == "pend":  # an interrupted in-place edit: named by the caller, nothing else parsed
+        return _Version(ZipLayout((), 0, 0, size, kind, prev, ()), at)
+    end_start = at
+    if at >= 20 and _read(rd, 4, at - 20) == _LOC_SIG:
+        loc = _read(rd, 20, at - 20)
+        _, z64_disk, z64_at, disks = struct.unpack("<4sIQI", loc)
+        if z64_at != at - 20 - 56:
+            raise ZipStructureError(f"the zip64 locator points at byte {z64_at}, not at the zip64 end record "
+                                    f"before it (byte {at - 76}): two readers would take different directories")
+        if disks != 1 or z64_disk != 0:
+            raise ZipStructureError(f"the zip64 locator says {disks} disks")
+        rec = _read(rd, 56, z64_at)
+        sig, rec_size, _, _, d1, d2, n1, n2, z_cd_size, z_cd_off = struct.unpack("<4sQHHIIQQQQ", rec)
+        if sig != _Z64_SIG:
+            raise ZipStructureError(f"no zip64 end record where the locator points (byte {z64_at})")
+        if rec_size != 44 or d1 or d2 or n1 != n2:
+            raise ZipStructureError("a non-standard zip64 end record (extensible data, disks or counts)")
+        n, cd_size, cd_off = n2, z_cd_size, z_cd_off
+        end_start = z64_at
+    else:
+        if disk or cd_disk or n_disk != n:
+            raise ZipStructureError("a multi-disk end record")
+        if _U32 in (cd_size, cd_off):
+            raise ZipCorruptError("the end record says zip64, but no zip64 locator is there")
+    if cd_off + cd_size > end_start:
+        raise ZipCorruptError(f"the central directory ({cd_size} bytes at {cd_off}) runs past its end records")
+    if cd_off + cd_size != end_start:
+        raise ZipStructureError(f"{end_start - cd_off - cd_size} bytes between the central directory and its "
+                                "end records (a prefix some readers shift every offset by)")
+    if n > cd_size // 46:
+        raise ZipCorruptError(f"{n} entries cannot fit a {cd_size}-byte central directory")
+    cd = _read(rd, cd_size, cd_off)
+    entries = _entries(rd, cd, n, cd_off)
+    layout = ZipLayout(tuple(entries), cd_off, cd_size, size, kind, prev, ())
+    return _Version(layout, end_start)
+
+
+def _z64_extra(extra: bytes, wants: list[str], values: dict[str, int], where: str) -> None:
+    """Fill the fields whose 32-bit value is 0xFFFFFFFF from the zip64 extra field (in order)."""
+    i = 0
+    while i + 4 <= len(extra):
+        tag, ln = struct.unpack("<HH", extra[i:i + 4])
+        if tag == 0x0001:
+            body = extra[i + 4:i + 4 + ln]
+            if len(body) < 8 * len(wants):
+                raise ZipCorruptError(f"{where}: a short zip64 extra field")
+            for k, name in enumerate(wants):
+                values[name] = struct.unpack("<Q", body[8 * k:8 * k + 8])[0]
+            return
+        i += 4 + ln
+    if wants:
+        raise ZipCorruptError(f"{where}: sizes say zip64, but no zip64 extra field")
+
+
+def _entries(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
+    out: list[ZipEntry] = []
+    seen: dict[str, str] = {}
+    pos = 0
+    for _ in range(n):
+        head = cd[pos:pos + 46]
+        if len(head) != 46 or head[:4] != _CEN_SIG:
+            raise ZipCorruptError(f"a bad central directory entry at byte {cd_off + pos}")
+        (_, _, need, flags, method, _, _, crc, csize, usize, nlen, elen, clen, disk, _, _,
+         hoff) = struct.unpack("<4sHHHHHHIIIHHHHHII", head)
+        raw = cd[pos + 46:pos + 46 + nlen]
+        extra = cd[pos + 46 + nlen:pos + 46 + nlen + elen]
+        if pos + 46 + nlen + elen + clen > len(cd):
+            raise ZipCorruptError(f"a central directory entry past the directory's end (byte {cd_off + pos})")
+        pos += 46 + nlen + elen + clen
+        name = raw.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
+        if need > 63:
+            raise ZipCorruptError(f"record {name!r} needs zip version {need / 10:.1f}")
+        values = {"usize": usize, "csize": csize, "hoff": hoff}
+        _z64_extra(extra, [k for k in ("usize", "csize", "hoff") if values[k] == _U32], values,
+                   f"record {name!r}")
+        usize, csize, hoff = values["usize"], values["csize"], values["hoff"]
+        if disk not in (0, 0xFFFF):
+            raise ZipStructureError(f"record {name!r} on disk {disk}")
+        if flags & _ENCRYPTED:
+            raise ZipStructureError(f"record {name!r} is encrypted, which torch.save never writes")
+        if method != 0:
+            raise ZipStructureError(f"record {name!r} is compressed (method {method}), which torch.save never "
+                                    "writes; refused (a zip bomb or a re-packed file)")
+        if csize != usize:
+            raise ZipStructureError(f"stored record {name!r} declares {csize} bytes stored and {usize} read")
+        folded = name.lower()
+        if folded in seen:
+            raise ZipStructureError(f"two records named {seen[folded]!r} and {name!r} (torch's lookup ignores case)")
+        seen[folded] = name
+        out.append(_local(rd, raw, name, flags, method, crc, usize, hoff, cd_off))
+    if pos != len(cd):
+        raise ZipStructureError(f"{len(cd) - pos} bytes in the central directory after its {n} entries")
+    return out
+
+
+def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int, size: int, hoff: int,
+           limit: int) -> ZipEntry:
+    """The local header of a central entry, checked against it; the record's extent."""
+    if hoff + 30 > limit:
+        raise ZipStructureError(f"record {name!r}: local header at {hoff}, inside or past the central directory")
+    head = rd(min(30 + len(raw) + 128, limit - hoff), hoff)  # one read: header, name, usual extra
+    if len(head) < 30:
+        raise ZipCorruptError(f"record {name!r}: local header at {hoff} past the end of the file")
+    (sig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, nlen, elen) = struct.unpack("<4sHHHHHIIIHH", head[:30])
+    if sig != _LOC_HDR_SIG:
+        raise ZipStructureError(f"record {name!r}: no local header at byte {hoff}")
+    rest = head[30:30 + nlen + elen]
+    if len(rest) < nlen + elen:
+        rest = _read(rd, nlen + elen, hoff + 30)
+    lname, lextra = rest[:nlen], rest[nlen:]
+    if lname != raw:
+        raise ZipStructureError(f"record {name!r}: its local header names {lname.decode('utf-8', 'replace')!r}")
+    # bit 3 (sizes in a data descriptor) is the local header's business: optckpt's appended directories
+    # list torch's records (local 0x808) as 0x800; the descriptor is then checked against the entry
+    if lflags & ~0x08 != flags & ~0x08 or lmethod != method:
+        raise ZipStructureError(f"record {name!r}: local header flags/method {lflags:#x}/{lmethod} differ from "
+                                f"the central directory's {flags:#x}/{method}")
+    data = hoff + 30 + nlen + elen
+    end = data + size
+    local_sizes = {"usize": lusize, "csize": lcsize}
+    wants = [k for k in ("usize", "csize") if local_sizes[k] == _U32]
+    if wants:
+        _z64_extra(lextra, wants, local_sizes, f"record {name!r} (local header)")
+    descriptor = bool(lflags & 0x08)
+    if descriptor and lcrc == 0 and local_sizes["usize"] == 0 and local_sizes["csize"] == 0:
+        pass  # sizes in the data descriptor after the data
+    elif (lcrc, local_sizes["usize"], local_sizes["csize"]) != (crc, size, size):
+        raise ZipStructureError(f"record {name!r}: local header says {local_sizes['usize']} bytes (CRC {lcrc:#x}), "
+                                f"the central directory {size} (CRC {crc:#x})")
+    if descriptor:
+        z64 = hoff >= _U32 or size >= _U32
+        dd = _read(rd, 24 if z64 else 16, end) if end + 16 <= limit else b""
+        if dd[:4] != _DD_SIG:
+            raise ZipStructureError(f"record {name!r}: no data descriptor after its {size} bytes")
+        if z64:
+            dcrc, dcs, dus = struct.unpack("<IQQ", dd[4:24])
+        else:
+            dcrc, dcs, dus = struct.unpack("<III", dd[4:16])
+        if (dcrc, dcs, dus) != (crc, size, size):
+            raise ZipStructureError(f"record {name!r}: its data descriptor says {dus} bytes (CRC {dcrc:#x}), the "
+                                    f"central directory {size} (CRC {crc:#x})")
+        end += len(dd)
+    if end > limit:
+        raise ZipStructureError(f"record {name!r}: {size} bytes at {data} run into the central directory")
+    return ZipEntry(name, hoff, data, size, size, method, flags, crc, end)
+
+
+def parse_reader(rd: _Reader, size: int) -> ZipLayout:
+    """The current version's records, every structure rule above checked over the whole file."""
+    current = _parse_one(rd, size)
+    if current.layout.kind == "pend":
+        return current.layout  # an interrupted in-place edit: the caller names it (append.interrupted_message)
+    chain = [current]
+    while chain[-1].layout.kind == "prev" and len(chain) < _MAX_VERSIONS:
+        prev = chain[-1].layout.previous_size
+        assert prev is not None
+        try:
+            v = _parse_one(rd, prev)
+        except (ZipStructureError, ZipCorruptError) as e:
+            raise ZipStructureError(f"the earlier version noted at byte {prev}: {e}") from None
+        if v.layout.kind == "pend":
+            raise ZipStructureError(f"the earlier version noted at byte {prev} is an unfinished edit")
+        chain.append(v)
+    _check_coverage(rd, size, chain)
+    layout = current.layout
+    return ZipLayout(layout.entries, layout.cd_offset, layout.cd_size, size, layout.kind, layout.previous_size,
+                     tuple(v.layout.size for v in chain[1:]))
+
+
+def _check_coverage(rd: _Reader, size: int, chain: list[_Version]) -> None:
+    """No two structures overlap (a record shared by versions is one), and every byte belongs to
+    one, except zeros (under a sector) that align a version's central directory."""
+    spans: set[tuple[int, int, str]] = set()
+    cd_starts: set[int] = set()
+    for v in chain:
+        lay = v.layout
+        for e in lay.entries:
+            spans.add((e.header_offset, e.end, f"record {e.filename!r}"))
+        spans.add((lay.cd_offset, lay.cd_offset + lay.cd_size, "central directory"))
+        spans.add((v.end_start, lay.size, "end records"))
+        cd_starts.add(lay.cd_offset)
+    by_start = sorted(spans)
+    pos = 0
+    last = "start of file"
+    for lo, hi, what in by_start:
+        if lo < pos:
+            raise ZipStructureError(f"{what} at byte {lo} overlaps {last}")
+        if lo > pos:
+            gap = lo - pos
+            if not (lo in cd_starts and gap < _SECTOR and _read(rd, gap, pos) == b"\0" * gap):
+                raise ZipStructureError(f"{gap} bytes at offset {pos} belong to no record or directory "
+                                        "(a hidden record or second directory?)")
+        pos, last = hi, f"{what} at byte {lo}"
+    if pos != size:
+        raise ZipStructureError(f"{size - pos} bytes at offset {pos} belong to no record or directory")
