@@ -10,6 +10,8 @@ flattened moments beside a parameter-shaped mask (SPAM), global entries in ``sta
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import invoke
@@ -91,8 +93,9 @@ def _resume(name: str, sd: dict) -> tuple[nn.Module, torch.optim.Optimizer]:
 def test_remap_resumes_exactly_or_refuses(trained, monkeypatch):
     name, path, ref, tmp = trained
     spec = tmp / "new_code.py"
+    here = str(Path(__file__).parent)
     spec.write_text(
-        "import sys\nsys.path.insert(0, %r)\n" % str(__import__("pathlib").Path(__file__).parent)
+        f"import sys\nsys.path.insert(0, {here!r})\n"
         + "from test_community_optimizers import Net, _make\n"
         + f"def build():\n    m = Net(reordered=True)\n    return m, _make({name!r}, m, swap=True)\n")
     out = tmp / "fixed.pt"

@@ -153,7 +153,8 @@ def test_nested_scheduler_state_is_one_row_per_changed_path(tmp_path):
         for _ in range(steps):
             opt.step()
             sched.step()
-        torch.save({"model": {"p": p.detach()}, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}, path)
+        torch.save({"model": {"p": p.detach()}, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
+                   path)
 
     save(3, tmp_path / "a.pt")
     save(4, tmp_path / "b.pt")
