@@ -177,10 +177,12 @@ def inspect(path: str, model_path: str | None, trust_pickle: bool, fmt: str, sta
     """Show what a checkpoint holds: layout, model tensors, optimizers, schedulers, extras."""
     from . import io
     from .inspect import inspect_checkpoint
+    from .io.readguard import stable_reads
     from .render import render_inspect, to_json
 
-    ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
-    report = inspect_checkpoint(ck, stats=stats)
+    with stable_reads(path, model_path):  # a file changed meanwhile: one error line, never a SIGBUS
+        ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
+        report = inspect_checkpoint(ck, stats=stats)
     click.echo(to_json(report) if fmt == "json" else _escape(render_inspect(report, stats=stats), newlines=False))
 
 
@@ -217,18 +219,21 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     Exit 0 when it would be exactly right, 1 when not, 2 on error."""
     from . import io
     from .check import check_mapping
+    from .io.readguard import stable_reads
     from .mapping import infer_mapping, name_by_target_shapes
     from .render import render_check, to_json
     from .target import parse_rename, resolve_source, resolve_target
 
-    ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
-    opt = ck.optimizer(optimizer_key)
-    target = resolve_target(target_spec, trust_pickle=trust_pickle)
-    claim = resolve_source(source, trust_pickle=trust_pickle, fallback=target) if source else None
-    mapping = infer_mapping(ck, opt, source=claim, models=models.split(",") if models else None)
-    if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
-        mapping = name_by_target_shapes(mapping, target.names, target.shapes)
-    report = check_mapping(mapping, target, parse_rename(renames), group_evidence=not no_group_evidence).as_json()
+    with stable_reads(path, model_path):  # a file changed meanwhile: one error line, never a SIGBUS
+        ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
+        opt = ck.optimizer(optimizer_key)
+        target = resolve_target(target_spec, trust_pickle=trust_pickle)
+        claim = resolve_source(source, trust_pickle=trust_pickle, fallback=target) if source else None
+        mapping = infer_mapping(ck, opt, source=claim, models=models.split(",") if models else None)
+        if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
+            mapping = name_by_target_shapes(mapping, target.names, target.shapes)
+        report = check_mapping(mapping, target, parse_rename(renames),
+                               group_evidence=not no_group_evidence).as_json()
     click.echo(to_json(report) if fmt == "json" else _escape(render_check(report), newlines=False))
     sys.exit(EXIT_OK if report["safe"] else EXIT_DIFFERENT)
 
@@ -453,11 +458,14 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
             torch.empty(0, device=device)
         except Exception as e:
             raise click.UsageError(f"--device {device}: not available here ({str(e).splitlines()[0]})") from None
-    ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
-    cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
-    with _progress(total_bytes(ca, cb), "comparing", fmt) as tick:
-        report = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=only, params=params, stats=stats,
-                                  device=device, progress=tick).as_json()
+    from .io.readguard import stable_reads
+
+    with stable_reads(a, b, model_a, model_b):  # a file changed meanwhile: one error line, never a SIGBUS
+        ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
+        cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+        with _progress(total_bytes(ca, cb), "comparing", fmt) as tick:
+            report = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=only, params=params, stats=stats,
+                                      device=device, progress=tick).as_json()
     click.echo(to_json(report) if fmt == "json" else _escape(render_diff(report, fmt=fmt, limit=limit), newlines=False))
     sys.exit(EXIT_OK if report["identical"] else EXIT_DIFFERENT)
 

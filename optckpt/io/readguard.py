@@ -1,0 +1,156 @@
+"""Reads that a file changing underneath cannot kill: ``optckpt: error: ...: changed while being read``.
+
+Tensors are memory-mapped (``torch.load(mmap=True)``, safetensors). When another process shortens a
+mapped file (a training job's ``torch.save`` reopening it with ``O_TRUNC``, ``optckpt restore``, a
+``truncate``), the next touch of a page past the new end is a SIGBUS: the process dies with no word
+on stderr. Python cannot recover from that fault, so it must not happen.
+
+:func:`stable_reads` takes a read *lease* (``fcntl F_SETLEASE F_RDLCK``) on every file of the input
+before anything maps it. While the lease is held the kernel lets no one open the file for writing or
+truncate it: such an ``open``/``truncate`` waits, and this process gets SIGIO. The SIGIO handler
+raises, the read stops at the next Python instruction (nothing of it is printed), the files are
+closed, and the writer goes on; the command says "changed while being read" and exits 2. The
+kernel breaks a lease that is not given back within ``/proc/sys/fs/lease-break-time`` (45 s by
+default): far longer than any one tensor operation here takes.
+
+A lease is refused where a file is open for writing right now (``EAGAIN``: a save in progress;
+refused here, in one line, before anything is read), and where the filesystem or the permissions
+offer none (``EACCES`` when the file belongs to another user and the process lacks ``CAP_LEASE``,
+``EINVAL`` on NFS and some FUSE filesystems). Those files are read unguarded, as before, with the
+check that follows for every file: device, inode, size and modification time before and after the
+read must agree, or the result is withheld. Only in that unguarded case can a SIGBUS still happen."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..errors import LoadError
+
+__all__ = ["stable_reads", "ChangedWhileReading"]
+
+_MAX_FILES = 512  # leases held at once (one open file each); files beyond these are read unguarded
+
+
+class ChangedWhileReading(BaseException):
+    """Raised by the lease-break signal wherever the read happens to be; a BaseException so that no
+    ``except Exception`` on the way turns it into another error."""
+
+
+@dataclass
+class _Guard:
+    fds: dict[str, int] = field(default_factory=dict)  # leased files
+    seen: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # every file: its identity
+    armed: bool = False
+    broken: bool = False
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _files(paths: list[str]) -> list[str]:
+    out: list[str] = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # the load says what is wrong with it
+        if stat.S_ISREG(st.st_mode):
+            out.append(os.path.realpath(p))
+        elif stat.S_ISDIR(st.st_mode):
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                for n in sorted(names):
+                    full = os.path.join(root, n)
+                    if os.path.isfile(full):
+                        out.append(os.path.realpath(full))
+                if len(out) > 4 * _MAX_FILES:
+                    break
+    return list(dict.fromkeys(out))
+
+
+@contextlib.contextmanager
+def stable_reads(*paths: str | None) -> Iterator[None]:
+    """Hold read leases on the files of ``paths`` (files or checkpoint directories) while the body
+    reads them; :class:`LoadError` ``...: changed while being read`` when one of them is opened for
+    writing, truncated or replaced meanwhile (the body's result must then be thrown away: raise
+    before it is shown, which this does by leaving the body with the error)."""
+    files = _files([p for p in paths if p])
+    if threading.current_thread() is not threading.main_thread() or not files:
+        yield  # signals reach the main thread only: no guard elsewhere
+        return
+    import fcntl
+
+    g = _Guard()
+    changed: list[str] = []
+
+    def on_break(signum: int, frame: object) -> None:
+        g.broken = True
+        if g.armed:
+            g.armed = False
+            raise ChangedWhileReading()
+
+    previous = signal.signal(signal.SIGIO, on_break)
+    try:
+        try:
+            for f in files:
+                if len(g.fds) >= _MAX_FILES:
+                    g.seen[f] = _identity(os.stat(f))
+                    continue
+                fd = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno == errno.EAGAIN:
+                        raise LoadError(f"{f}: open for writing by another process (a save in progress?); "
+                                        "nothing read: run the command again when it is done") from None
+                    g.seen[f] = _identity(os.stat(f))  # no lease here: checked before and after only
+                    continue
+                g.fds[f] = fd
+                g.seen[f] = _identity(os.fstat(fd))
+        except OSError as e:
+            raise LoadError(f"{e.filename or files[0]}: cannot read: {e.strerror or e}") from None
+        g.armed = True
+        if g.broken:
+            raise ChangedWhileReading()
+        try:
+            yield
+        finally:
+            g.armed = False
+        for f, before in g.seen.items():
+            try:
+                now = _identity(os.stat(f))
+            except OSError:
+                now = None
+            if now != before:
+                changed.append(f)
+        if g.broken and not changed:
+            changed.append(next(iter(g.fds), files[0]))
+    except ChangedWhileReading:
+        changed.append(next((f for f, fd in g.fds.items() if _lease_broken(fd)), next(iter(g.fds), files[0])))
+    finally:
+        for fd in g.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)  # gives the lease back: a waiting writer goes on
+        signal.signal(signal.SIGIO, previous)
+    if changed:
+        raise LoadError(f"{changed[0]}: changed while being read (another process opened it for writing, "
+                        "truncated or replaced it); nothing reported, run the command again")
+
+
+def _lease_broken(fd: int) -> bool:
+    """Is the lease on ``fd`` being broken (a writer waits for it)?"""
+    import fcntl
+
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK)
+    except OSError:
+        return False
