@@ -92,3 +92,23 @@ def test_inspect_stats_survives_truncation_at_random_moments(tmp_path):
         print(f"delay {delay:.2f}s cut to {length}: {key}; the truncate waited {float(waited):.3f}s")
     print("outcomes:", seen, "undisturbed run:", round(duration, 2), "s")
     assert trials >= 4
+
+
+def test_stats_read_mapped_bytes_with_pread(tmp_path):
+    """Without a lease (another user's file, NFS): the stats of a memory-mapped tensor come from
+    private pread buffers, equal to those of the same tensor in memory; once the file is shortened,
+    they are an error, not a SIGBUS."""
+    from optckpt.errors import LoadError
+    from optckpt.inspect import tensor_stats
+
+    p = tmp_path / "ck.pt"
+    g = torch.Generator().manual_seed(1)
+    saved = {"a": torch.randn(3000, 1000, generator=g), "b": torch.randn(77, generator=g).to(torch.bfloat16),
+             "c": torch.arange(1000) % 3 == 0, "d": torch.tensor([1.0, float("nan"), float("inf")])}
+    torch.save(saved, p)
+    mapped = torch.load(p, weights_only=True, mmap=True)
+    for k, v in saved.items():
+        assert tensor_stats(mapped[k]) == tensor_stats(v.clone()), k
+    os.truncate(p, 4096)
+    with pytest.raises(LoadError, match="changed while being read"):
+        tensor_stats(mapped["a"])

@@ -18,7 +18,10 @@ refused here, in one line, before anything is read), and where the filesystem or
 offer none (``EACCES`` when the file belongs to another user and the process lacks ``CAP_LEASE``,
 ``EINVAL`` on NFS and some FUSE filesystems). Those files are read unguarded, as before, with the
 check that follows for every file: device, inode, size and modification time before and after the
-read must agree, or the result is withheld. Only in that unguarded case can a SIGBUS still happen."""
+read must agree, or the result is withheld. ``--stats`` reads tensor bytes through :func:`chunks`
+(``pread`` into private buffers, a short read being "changed while being read"), so even there the
+bulk of the reading cannot fault; what remains exposed without a lease is the few small values read
+from the mapping (an optimizer's ``step``, scalar extras) and ``diff``'s comparisons."""
 
 from __future__ import annotations
 
@@ -27,13 +30,15 @@ import errno
 import os
 import signal
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import LoadError
 
-__all__ = ["stable_reads", "ChangedWhileReading"]
+__all__ = ["stable_reads", "ChangedWhileReading", "chunks"]
 
 _MAX_FILES = 512  # leases held at once (one open file each); files beyond these are read unguarded
 
@@ -154,3 +159,78 @@ def _lease_broken(fd: int) -> bool:
         return bool(fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK)
     except OSError:
         return False
+
+
+_MAPS: list[tuple[int, int, int, int, str]] = []  # (lo, hi, file offset, inode, path) of file mappings
+
+
+def _refresh_maps() -> None:
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/") and int(fields[4]):
+                    lo, hi = fields[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16), int(fields[2], 16), int(fields[4]), fields[5].rstrip("\n")))
+    except (OSError, ValueError):
+        out = []
+    _MAPS[:] = out
+
+
+def _mapping_of(ptr: int, nbytes: int) -> tuple[int, int, int, int, str] | None:
+    for attempt in (0, 1):
+        for m in _MAPS:
+            if m[0] <= ptr and ptr + nbytes <= m[1]:
+                return m
+        if attempt == 0:
+            _refresh_maps()
+    return None
+
+
+def _changed(path: str) -> LoadError:
+    return LoadError(f"{path}: changed while being read (another process truncated or replaced it); "
+                     "nothing reported, run the command again")
+
+
+def chunks(t: Any, size: int) -> Iterator[Any]:
+    """``t`` flattened, ``size`` elements at a time. Where ``t``'s bytes are a memory-mapped file,
+    each piece is a private copy read with ``pread`` (the mapping itself is never touched, so a file
+    shortened meanwhile gives :class:`LoadError` "changed while being read", not a SIGBUS); other
+    tensors are simply sliced."""
+    import torch
+
+    n = t.numel()
+    flat = t.reshape(-1)
+    m = None
+    if n and t.device.type == "cpu" and t.is_contiguous() and sys.platform.startswith("linux"):
+        m = _mapping_of(t.data_ptr(), n * t.element_size())
+    if m is None:
+        for start in range(0, n, size):
+            yield flat[start:start + size]
+        return
+    lo, _, map_offset, inode, path = m
+    if path.endswith(" (deleted)"):
+        raise _changed(path[:-len(" (deleted)")])
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise _changed(path) from None
+    try:
+        if os.fstat(fd).st_ino != inode:
+            raise _changed(path)
+        es = t.element_size()
+        at = map_offset + t.data_ptr() - lo
+        for start in range(0, n, size):
+            count = min(size, n - start)
+            buf = bytearray(count * es)
+            view = memoryview(buf)
+            done = 0
+            while done < len(buf):
+                got = os.preadv(fd, [view[done:]], at + start * es + done)
+                if got <= 0:
+                    raise _changed(path)
+                done += got
+            yield torch.frombuffer(buf, dtype=t.dtype)
+    finally:
+        os.close(fd)
