@@ -224,7 +224,7 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     from .render import render_check, to_json
     from .target import parse_rename, resolve_source, resolve_target
 
-    with stable_reads(path, model_path):  # a file changed meanwhile: one error line, never a SIGBUS
+    with stable_reads(path, model_path, target_spec, source):  # (a target / source that is a checkpoint too)
         ck = io.load(path, model=model_path, trust_pickle=trust_pickle)
         opt = ck.optimizer(optimizer_key)
         target = resolve_target(target_spec, trust_pickle=trust_pickle)

@@ -18,7 +18,7 @@ the central directory wherever it lies. An edit is three writes::
     3. at P again, the same length: the new end records (comment ``optckpt-prev:<old length>``),
        pointing at the new central directory; fsync
 
-Steps 1 and 3 are single writes of 131 bytes placed inside one 512-byte sector (so inside one
+Steps 1 and 3 are single writes of 146 bytes placed inside one 512-byte sector (so inside one
 page), so a killed process leaves either the old or the new end records, never a mix (the kernel
 copies a page at a time and checks for fatal signals between pages; devices write a sector
 whole); everything step 3 points at is fsynced before it. Which central directory is used is
