@@ -253,6 +253,9 @@ def test_files_appended_before_the_crc_was_recorded(tmp_path):
     p.write_bytes(bytes(data))
     _refused(p, bytes(data))
     p.write_bytes(edited)
-    r = invoke("restore", str(p))
-    assert r.exit_code == 0, r.output
-    assert p.read_bytes() == original
+    assert invoke("set", str(p), "--lr", "0.25", "--in-place").exit_code == 0  # a new-format link on top
+    assert _earlier(p) == 2
+    for before in (edited, original):
+        r = invoke("restore", str(p))
+        assert r.exit_code == 0, r.output
+        assert p.read_bytes() == before
