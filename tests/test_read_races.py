@@ -143,6 +143,17 @@ def test_a_truncation_waits_for_the_reader_which_stops_at_once(tmp_path):
         with pytest.raises(LoadError, match="open for writing by another process"):
             with stable_reads(str(p)):
                 pass
+    # replaced by a rename (no lease is broken: the old inode stays readable): the result is withheld
+    with pytest.raises(LoadError, match="changed while being read"):
+        with stable_reads(str(p)):
+            torch.save({"b": torch.ones(3)}, tmp_path / "new.pt")
+            os.replace(tmp_path / "new.pt", p)
+    # ... also when the body failed on the changed file
+    with pytest.raises(LoadError, match="changed while being read"):
+        with stable_reads(str(p)):
+            torch.save({"c": torch.ones(3)}, tmp_path / "new.pt")
+            os.replace(tmp_path / "new.pt", p)
+            raise LoadError(f"{p}: truncated or corrupt zip container")
     # nothing changes: the body's result stands
     with stable_reads(str(p), str(tmp_path)):
         pass

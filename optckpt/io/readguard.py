@@ -88,10 +88,14 @@ def stable_reads(*paths: str | None) -> Iterator[None]:
     writing, truncated or replaced meanwhile (the body's result must then be thrown away: raise
     before it is shown, which this does by leaving the body with the error)."""
     files = _files([p for p in paths if p])
-    if threading.current_thread() is not threading.main_thread() or not files:
-        yield  # signals reach the main thread only: no guard elsewhere
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None  # type: ignore[assignment]
+    if (threading.current_thread() is not threading.main_thread() or not files or fcntl is None
+            or not hasattr(fcntl, "F_SETLEASE") or not hasattr(signal, "SIGIO")):
+        yield  # no leases (not Linux), or not the main thread (signals reach only that one): unguarded
         return
-    import fcntl
 
     g = _Guard()
     changed: list[str] = []
@@ -128,15 +132,15 @@ def stable_reads(*paths: str | None) -> Iterator[None]:
             raise ChangedWhileReading()
         try:
             yield
+        except Exception:  # an error the change itself may have caused (a load of a half-written file)
+            g.armed = False
+            changed.extend(_moved(g))
+            if not changed and not g.broken:
+                raise
         finally:
             g.armed = False
-        for f, before in g.seen.items():
-            try:
-                now = _identity(os.stat(f))
-            except OSError:
-                now = None
-            if now != before:
-                changed.append(f)
+        if not changed:
+            changed.extend(_moved(g))
         if g.broken and not changed:
             changed.append(next(iter(g.fds), files[0]))
     except ChangedWhileReading:
@@ -149,6 +153,19 @@ def stable_reads(*paths: str | None) -> Iterator[None]:
     if changed:
         raise LoadError(f"{changed[0]}: changed while being read (another process opened it for writing, "
                         "truncated or replaced it); nothing reported, run the command again")
+
+
+def _moved(g: _Guard) -> list[str]:
+    """The files whose device, inode, size or mtime differ from before the read."""
+    out = []
+    for f, before in g.seen.items():
+        try:
+            now: tuple[int, int, int, int] | None = _identity(os.stat(f))
+        except OSError:
+            now = None
+        if now != before:
+            out.append(f)
+    return out
 
 
 def _lease_broken(fd: int) -> bool:
