@@ -439,11 +439,14 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
             torch.empty(0, device=device)
         except Exception as e:
             raise click.UsageError(f"--device {device}: not available here ({str(e).splitlines()[0]})") from None
-    ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
-    cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
-    with _progress(total_bytes(ca, cb), "comparing", fmt) as tick:
-        report = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=only, params=params, stats=stats,
-                                  device=device, progress=tick).as_json()
+    from .io.readguard import stable_reads
+
+    with stable_reads(a, b, model_a, model_b):  # a file changed meanwhile: one error line, never a SIGBUS
+        ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
+        cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+        with _progress(total_bytes(ca, cb), "comparing", fmt) as tick:
+            report = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=only, params=params, stats=stats,
+                                      device=device, progress=tick).as_json()
     click.echo(to_json(report) if fmt == "json" else _escape(render_diff(report, fmt=fmt, limit=limit), newlines=False))
     sys.exit(EXIT_OK if report["identical"] else EXIT_DIFFERENT)
 
@@ -542,19 +545,18 @@ def restore(path: str, dry_run: bool) -> None:
     An in-place edit appends the new version to the file and leaves every byte of the previous
     one where it was; this cuts the file back to the previous version (byte-identical to the
     file before that edit). Run it again to go back further."""
-    from .errors import WriteError
-    from .io.append import restore_previous, versions
+    import os
 
-    chain = versions(path)
-    if len(chain) < 2:
-        raise WriteError(f"{path}: holds no earlier version (it was not edited in place by optckpt)")
+    from .io.append import check_previous, restore_previous, versions
+
     if dry_run:
-        click.echo(f"{path}: {len(chain) - 1} earlier version(s) kept; restore would cut it from {chain[0]} to "
-                   f"{chain[1]} bytes. Dry run: nothing changed")
+        after = check_previous(path)  # the same verification as restore's; refuses in one line
+        click.echo(f"{path}: {len(versions(path)) - 1} earlier version(s) kept; restore would cut it from "
+                   f"{os.path.getsize(path)} to {after} bytes. Dry run: nothing changed")
         return
-    before, after = restore_previous(path)
+    before, after = restore_previous(path)  # verifies what it cuts first; refuses in one line
     click.echo(f"restored {path}: {before} -> {after} bytes (the version before the last in-place edit); "
-               f"{len(chain) - 2} earlier version(s) still kept")
+               f"{len(versions(path)) - 1} earlier version(s) still kept")
     _stale_backup(path)
 
 

@@ -200,15 +200,17 @@ _CHUNK = 1 << 22
 
 
 def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
-    """min / max / mean / L2 norm and NaN / Inf counts, in chunks (bounded extra memory)."""
+    """min / max / mean / L2 norm and NaN / Inf counts, in chunks (bounded extra memory; tensors
+    memory-mapped from a file are read into private buffers, never through the mapping)."""
     n = t.numel()
     if n == 0 or not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
                                                           torch.uint8, torch.bool)):
         return {"min": None, "max": None, "mean": None, "norm": None, "nan": 0, "inf": 0}
-    flat = t.reshape(-1)
+    from .io.readguard import chunks
+
     lo, hi, total, sq, nan, inf = math.inf, -math.inf, 0.0, 0.0, 0, 0
-    for start in range(0, n, _CHUNK):
-        c = flat[start:start + _CHUNK].to(torch.float64)
+    for piece in chunks(t, _CHUNK):  # mapped bytes read with pread: a shortened file is an error, not a SIGBUS
+        c = piece.to(torch.float64)
         bad_nan = torch.isnan(c)
         bad_inf = torch.isinf(c)
         nan += int(bad_nan.sum())

@@ -64,9 +64,11 @@ def inspect(path: str, *, model: str | None = None, stats: bool = False, trust_p
     """``optckpt inspect``: what a checkpoint holds."""
     from . import io
     from .inspect import inspect_checkpoint
+    from .io.readguard import stable_reads
 
-    ck = io.load(path, model=model, trust_pickle=trust_pickle)
-    return Report("inspect", inspect_checkpoint(ck, stats=stats))
+    with stable_reads(path, model):  # a file changed meanwhile: one error, never a SIGBUS
+        ck = io.load(path, model=model, trust_pickle=trust_pickle)
+        return Report("inspect", inspect_checkpoint(ck, stats=stats))
 
 
 def check(path: str, target: str, *, model: str | None = None, source: str | None = None,
@@ -77,17 +79,19 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
     (``target``: ``module:callable``, a names file or a checkpoint). ``exit_code`` 0 only when safe."""
     from . import io
     from .check import check_mapping
+    from .io.readguard import stable_reads
     from .mapping import infer_mapping, name_by_target_shapes
     from .target import parse_rename, resolve_source, resolve_target
 
-    ck = io.load(path, model=model, trust_pickle=trust_pickle)
-    opt = ck.optimizer(optimizer)
-    tgt = resolve_target(target, trust_pickle=trust_pickle)
-    claim = resolve_source(source, trust_pickle=trust_pickle, fallback=tgt) if source else None
-    mapping = infer_mapping(ck, opt, source=claim, models=_list(models))
-    if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
-        mapping = name_by_target_shapes(mapping, tgt.names, tgt.shapes)
-    data = check_mapping(mapping, tgt, parse_rename(_renames(rename)), group_evidence=group_evidence).as_json()
+    with stable_reads(path, model, target, source):  # (a target / source that is a checkpoint too)
+        ck = io.load(path, model=model, trust_pickle=trust_pickle)
+        opt = ck.optimizer(optimizer)
+        tgt = resolve_target(target, trust_pickle=trust_pickle)
+        claim = resolve_source(source, trust_pickle=trust_pickle, fallback=tgt) if source else None
+        mapping = infer_mapping(ck, opt, source=claim, models=_list(models))
+        if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
+            mapping = name_by_target_shapes(mapping, tgt.names, tgt.shapes)
+        data = check_mapping(mapping, tgt, parse_rename(_renames(rename)), group_evidence=group_evidence).as_json()
     return Report("check", data, 0 if data["safe"] else 1)
 
 
@@ -166,11 +170,13 @@ def diff(a: str, b: str, *, model_a: str | None = None, model_b: str | None = No
     """``optckpt diff``: what changed between checkpoints ``a`` and ``b``. ``exit_code`` 0 when identical."""
     from . import io
     from .diff import diff_checkpoints
+    from .io.readguard import stable_reads
 
-    ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
-    cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
-    data = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=tuple(only), params=tuple(params), stats=stats,
-                            device=device, progress=progress).as_json()
+    with stable_reads(a, b, model_a, model_b):
+        ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
+        cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+        data = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=tuple(only), params=tuple(params), stats=stats,
+                                device=device, progress=progress).as_json()
     return Report("diff", data, 0 if data["identical"] else 1)
 
 

@@ -18,7 +18,7 @@ the central directory wherever it lies. An edit is three writes::
     3. at P again, the same length: the new end records (comment ``optckpt-prev:<old length>``),
        pointing at the new central directory; fsync
 
-Steps 1 and 3 are single writes of 131 bytes placed inside one 512-byte sector (so inside one
+Steps 1 and 3 are single writes of 146 bytes placed inside one 512-byte sector (so inside one
 page), so a killed process leaves either the old or the new end records, never a mix (the kernel
 copies a page at a time and checks for fatal signals between pages; devices write a sector
 whole); everything step 3 points at is fsynced before it. Which central directory is used is
@@ -29,7 +29,17 @@ restore`` (truncation to the recorded length) clears it.
 
 The new version is read back after step 3 (``verify``); a mismatch writes the copy of step 1
 back and truncates: the previous version again. Comments are fixed-length, so the end records of
-both kinds are the same size and step 3 overwrites step 1 exactly."""
+both kinds are the same size and step 3 overwrites step 1 exactly.
+
+The comment is ``optckpt-prev:<old length, 20 digits>:crc32=<8 hex digits>`` (``pend`` alike), the
+CRC-32 of every byte the append wrote before its end records (records, padding, central directory),
+computed before step 1. ``restore`` cuts the file only after :func:`verify_previous` has found that
+everything after the old length is exactly one such append (end records, directory, local headers
+and padding rebuilt and compared byte for byte, each new record's CRC, the recorded CRC) and that
+the old length holds a complete torch zip whose ``data.pkl`` CRC matches; a file whose comment lies,
+or whose tail another tool changed or extended, is refused. Files appended before the CRC was
+recorded (comment ``optckpt-prev:<20 digits>``) are still restorable when the structural checks and
+the record CRCs pass."""
 
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ import ctypes
 import io
 import os
 import random
+import re
 import stat
 import struct
 import zlib
@@ -50,12 +61,16 @@ from ..errors import WriteError
 from .records import _mappings, _offset_in, _source_records, central_entry, local_header
 from .safepickle import pickle_module_for
 
-__all__ = ["append_version", "restore_previous", "versions", "end_state", "interrupted_message", "EndState"]
+__all__ = ["append_version", "restore_previous", "check_previous", "versions", "verify_previous", "end_state",
+           "interrupted_message", "EndState"]
 
 _SECTOR = 512  # the end records are written inside one sector (so inside one page)
 _PREV, _PEND = b"optckpt-prev:", b"optckpt-pend:"
-_COMMENT_LEN = len(_PREV) + 20
+_COMMENT_LEN = len(_PREV) + 20 + len(":crc32=") + 8
+_LEGACY_COMMENT_LEN = len(_PREV) + 20  # written before the appended bytes' CRC was recorded
 _END_LEN = 56 + 20 + 22 + _COMMENT_LEN  # zip64 EOCD record + zip64 locator + EOCD + comment
+_COMMENT_RE = re.compile(rb"optckpt-(prev|pend):(\d{20})(?::crc32=([0-9a-f]{8}))?")
+_READ = 1 << 24  # verification reads in chunks of this size
 _EOCD_SIG, _LOC_SIG, _Z64_SIG = 0x06054B50, 0x07064B50, 0x06064B50
 _SMALL = (".format_version", ".storage_alignment", "byteorder")  # written after data.pkl, as torch does
 
@@ -69,6 +84,8 @@ class EndState:
     cd_offset: int
     kind: str | None  # "prev": a version appended by optckpt; "pend": an append that did not finish
     previous_size: int | None  # the file's length before that append
+    crc: int | None = None  # the CRC-32 of the appended bytes before the end records (None: not recorded)
+    comment_len: int = 0
 
 
 def end_state(fd: int, size: int) -> EndState | None:
@@ -89,13 +106,14 @@ def end_state(fd: int, size: int) -> EndState | None:
         if len(rec) != 56 or struct.unpack("<I", rec[:4])[0] != _Z64_SIG:
             return None
         n, cd_size, cd_off = struct.unpack("<QQQ", rec[32:56])
-    kind = prev = None
-    if len(comment) == _COMMENT_LEN and comment[:len(_PREV)] in (_PREV, _PEND) and comment[len(_PREV):].isdigit():
-        kind = "prev" if comment.startswith(_PREV) else "pend"
-        prev = int(comment[len(_PREV):])
+    kind = prev = crc = None
+    m = _COMMENT_RE.fullmatch(comment)
+    if m is not None:
+        kind, prev = m[1].decode(), int(m[2])
+        crc = int(m[3], 16) if m[3] is not None else None
         if not 0 < prev < size:
-            kind = prev = None
-    return EndState(n, cd_size, cd_off, kind, prev)
+            kind = prev = crc = None
+    return EndState(n, cd_size, cd_off, kind, prev, crc, len(comment))
 
 
 def _end_records(at: int, n: int, cd_size: int, cd_offset: int, comment: bytes) -> bytes:
@@ -241,13 +259,15 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
         pos = size
         writes: list[tuple[int, Any]] = []
         central: dict[str, bytes] = {}
+        region = 0  # the CRC-32 of the appended bytes, in file order (recorded in the comment)
 
         def add(rel: str, payload: Any) -> None:
-            nonlocal pos
+            nonlocal pos, region
             name = f"{prefix}/{rel}".encode()
             view = memoryview(payload).cast("B")
             crc = zlib.crc32(view)
             head = local_header(name, len(view), crc, pos)
+            region = zlib.crc32(view, zlib.crc32(head, region))
             writes.append((pos, head))
             writes.append((pos + len(head), view))
             central[rel] = central_entry(name, len(view), crc, pos)
@@ -278,8 +298,10 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
         gap = 0 if (pos + len(cd)) % _SECTOR + _END_LEN <= _SECTOR else -(pos + len(cd)) % _SECTOR
         cd_at = pos + gap  # the end records within one sector: a gap before the directory, if need be
         end_at = cd_at + len(cd)
-        pending = _end_records(end_at, state.entries, state.cd_size, state.cd_offset, _PEND + b"%020d" % size)
-        final = _end_records(end_at, len(order), len(cd), cd_at, _PREV + b"%020d" % size)
+        region = zlib.crc32(cd, zlib.crc32(bytes(gap), region))  # the gap is a hole: zeros
+        note = b"%020d:crc32=%08x" % (size, region)
+        pending = _end_records(end_at, state.entries, state.cd_size, state.cd_offset, _PEND + note)
+        final = _end_records(end_at, len(order), len(cd), cd_at, _PREV + note)
         assert len(pending) == len(final) == _END_LEN
         committed = False
         try:
@@ -317,23 +339,215 @@ def _roll_back(fd: int, size: int, end_at: int, pending: bytes | None) -> None:
         pass
 
 
+class _Prefix(io.RawIOBase):
+    """The first ``size`` bytes of ``fd`` as a seekable read-only file (for :mod:`zipfile`), by pread."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._size, self._pos = fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, self._size)[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self._size - self._pos))
+        data = os.pread(self._fd, n, self._pos) if n else b""
+        b[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class _Unverified(Exception):
+    """Why the bytes after a noted earlier version are not (only) an append optckpt wrote."""
+
+
+def _directory(fd: int, size: int) -> list[Any]:
+    """The records of the zip ending at ``size`` (stored records only)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(_Prefix(fd, size)) as z:
+            infos = z.infolist()
+    except Exception as e:  # BadZipFile, ValueError, OSError, ... from a damaged or forged directory
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise _Unverified(f"no readable zip directory at byte {size} ({why})") from None
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        raise _Unverified(f"the zip at byte {size} has compressed records (torch.save never writes them)")
+    return infos
+
+
+def _torch_version_at(fd: int, size: int) -> tuple[EndState, list[Any]]:
+    """The complete torch zip that ends at ``size``: its end records and records, each local header
+    in place, its data in the file before the directory, its ``data.pkl`` CRC right."""
+    state = end_state(fd, size)
+    if state is None:
+        raise _Unverified(f"no zip end record at byte {size}")
+    infos = _directory(fd, size)
+    pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+    if len(pickles) != 1:
+        raise _Unverified(f"the zip at byte {size} is not a torch.save file (no single data.pkl)")
+    for i in infos:
+        head = os.pread(fd, 30, i.header_offset)
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            raise _Unverified(f"the zip at byte {size}: record {i.filename!r} has no local header")
+        n, e = struct.unpack("<HH", head[26:30])
+        if i.header_offset + 30 + n + e + i.file_size > state.cd_offset:
+            raise _Unverified(f"the zip at byte {size}: record {i.filename!r} runs past its directory")
+    pkl = pickles[0]
+    n, e = struct.unpack("<HH", os.pread(fd, 30, pkl.header_offset)[26:30])
+    if _crc_of(fd, pkl.header_offset + 30 + n + e, pkl.file_size) != pkl.CRC:
+        raise _Unverified(f"the zip at byte {size}: data.pkl does not match its CRC")
+    return state, infos
+
+
+def _crc_of(fd: int, offset: int, length: int, crc: int = 0) -> int:
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(_READ, length - done), offset + done)
+        if not chunk:
+            raise _Unverified("the file is shorter than its directory says (changed while being read?)")
+        crc = zlib.crc32(chunk, crc)
+        done += len(chunk)
+    return crc
+
+
+def verify_previous(fd: int, size: int) -> int:
+    """The length of the version before the last in-place edit of the file ``fd`` (of ``size``
+    bytes), verified: raises :class:`_Unverified` unless everything after that length is exactly one
+    append written by :func:`append_version` (or its unfinished start: "pending" end records that
+    still point at the previous version's directory) and the previous version is a complete torch
+    zip. What a restore would cut is then nothing but optckpt's own version."""
+    state = end_state(fd, size)
+    if state is None or state.kind is None or state.previous_size is None:
+        raise _Unverified("holds no earlier version (it was not edited in place by optckpt)")
+    prev = state.previous_size
+    end_len = 56 + 20 + 22 + state.comment_len
+    end_at = size - end_len
+    if end_at < prev:
+        raise _Unverified(f"its end records overlap the earlier version noted at byte {prev}")
+    comment = os.pread(fd, state.comment_len, size - state.comment_len)
+    if os.pread(fd, end_len, end_at) != _end_records(end_at, state.entries, state.cd_size, state.cd_offset, comment):
+        raise _Unverified("its end records are not the ones optckpt writes")
+    old, old_infos = _torch_version_at(fd, prev)
+    if state.kind == "pend":  # an unfinished append: the end records still name the previous directory
+        if (state.entries, state.cd_size, state.cd_offset) != (old.entries, old.cd_size, old.cd_offset):
+            raise _Unverified("its unfinished-edit end records do not point at the earlier version's directory")
+        return prev
+    if state.cd_offset + state.cd_size != end_at or state.cd_offset < prev:
+        raise _Unverified("its central directory is not where an optckpt append puts it")
+    infos = _directory(fd, size)
+    if len(infos) != state.entries:
+        raise _Unverified("its central directory does not hold the records its end records count")
+    cd = os.pread(fd, state.cd_size, state.cd_offset)
+    if cd != b"".join(central_entry(i.filename.encode(), i.file_size, i.CRC, i.header_offset) for i in infos):
+        raise _Unverified("its central directory is not one optckpt writes")
+    kept = {(i.filename, i.header_offset, i.file_size, i.CRC) for i in old_infos}
+    new = sorted((i for i in infos if i.header_offset >= prev), key=lambda i: i.header_offset)
+    for i in infos:
+        if i.header_offset < prev and (i.filename, i.header_offset, i.file_size, i.CRC) not in kept:
+            raise _Unverified(f"record {i.filename!r} points into the earlier version at a record it does not have")
+    if not any(i.filename.endswith("/data.pkl") for i in new):
+        raise _Unverified("the appended bytes hold no new data.pkl")
+    pos, region = prev, 0
+    for i in new:
+        if i.header_offset != pos:
+            raise _Unverified(f"unexplained bytes at {pos} (the appended records do not follow one another)")
+        head = local_header(i.filename.encode(), i.file_size, i.CRC, pos)
+        if os.pread(fd, len(head), pos) != head:
+            raise _Unverified(f"record {i.filename!r}: its local header is not the one optckpt writes")
+        region = zlib.crc32(head, region)
+        data_at = pos + len(head)
+        if data_at + i.file_size > state.cd_offset:
+            raise _Unverified(f"record {i.filename!r} runs into the central directory")
+        crc = 0
+        done = 0
+        while done < i.file_size:
+            chunk = os.pread(fd, min(_READ, i.file_size - done), data_at + done)
+            if not chunk:
+                raise _Unverified("the file is shorter than its directory says (changed while being read?)")
+            crc = zlib.crc32(chunk, crc)
+            region = zlib.crc32(chunk, region)
+            done += len(chunk)
+        if crc != i.CRC:
+            raise _Unverified(f"record {i.filename!r} does not match its CRC (changed after optckpt appended it)")
+        pos = data_at + i.file_size
+    cd_end = pos + state.cd_size
+    gap = 0 if cd_end % _SECTOR + end_len <= _SECTOR else -cd_end % _SECTOR
+    if state.cd_offset != pos + gap:
+        raise _Unverified(f"unexplained bytes between {pos} and the central directory at {state.cd_offset}")
+    if gap:
+        pad = os.pread(fd, gap, pos)
+        if pad != bytes(gap):
+            raise _Unverified(f"the padding at {pos} is not zeros")
+        region = zlib.crc32(pad, region)
+    region = zlib.crc32(cd, region)
+    if state.crc is not None and region != state.crc:
+        raise _Unverified(f"the appended bytes do not match the CRC recorded when optckpt appended them "
+                          f"({region:08x}, recorded {state.crc:08x})")
+    return prev
+
+
+def check_previous(path: str) -> int:
+    """What :func:`restore_previous` would cut ``path`` to (verified, nothing changed), or
+    :class:`WriteError` saying why it would refuse."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        _restorable(path, st)
+        try:
+            return verify_previous(fd, st.st_size)
+        except _Unverified as e:
+            raise WriteError(f"{path}: not restored: {e}; nothing changed") from None
+    except OSError as e:
+        raise WriteError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _restorable(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise WriteError(f"{path}: not a regular file; nothing changed")
+    if st.st_nlink > 1:
+        raise WriteError(f"{path}: has {st.st_nlink} hard links; cutting it would cut the other names too "
+                         "(as --in-place refuses to edit them); nothing changed")
+
+
 def restore_previous(path: str) -> tuple[int, int]:
     """Undo the last in-place edit (or clear an interrupted one): truncate ``path`` to the length
-    its end records note. Returns (old size, new size). The bytes kept are exactly the previous
-    version's: nothing below that length was ever written by the edit."""
+    its end records note, once :func:`verify_previous` has shown that what is cut is exactly one
+    append optckpt wrote. Returns (old size, new size). The bytes kept are exactly the previous
+    version's: nothing below that length was ever written by the edit. Refused (nothing changed)
+    for a file with other hard links (they would be cut too), and for one that changes meanwhile."""
     fd = os.open(path, os.O_RDWR)
     try:
         _lock(fd, path)
-        size = os.fstat(fd).st_size
-        state = end_state(fd, size)
-        if state is None or state.kind is None or state.previous_size is None:
-            raise WriteError(f"{path}: holds no earlier version (it was not edited in place by optckpt)")
-        if end_state(fd, state.previous_size) is None:
-            raise WriteError(f"{path}: the earlier version noted at byte {state.previous_size} has no zip end "
-                             "record there; nothing changed")
-        os.ftruncate(fd, state.previous_size)
+        st = os.fstat(fd)
+        _restorable(path, st)
+        size = st.st_size
+        try:
+            prev = verify_previous(fd, size)
+        except _Unverified as e:
+            raise WriteError(f"{path}: not restored: {e}; nothing changed") from None
+        now = os.fstat(fd)
+        if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise WriteError(f"{path}: changed while being verified; nothing changed")
+        os.ftruncate(fd, prev)
         os.fsync(fd)
-        return size, state.previous_size
+        return size, prev
     except OSError as e:
         raise WriteError(f"{path}: cannot restore: {e.strerror or e}") from None
     finally:
@@ -342,7 +556,8 @@ def restore_previous(path: str) -> tuple[int, int]:
 
 def versions(path: str) -> list[int]:
     """The lengths of the versions ``path`` holds, newest first: its size, then each previous
-    version's size as the end records of the one after it note (one entry: no earlier version)."""
+    version's size, as far back as each link verifies (:func:`verify_previous`; one entry: no
+    earlier version)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -352,11 +567,14 @@ def versions(path: str) -> list[int]:
         if not stat.S_ISREG(st.st_mode):
             raise WriteError(f"{path}: not a regular file")
         sizes = [st.st_size]
-        while len(sizes) < 100_000:
-            state = end_state(fd, sizes[-1])
-            if state is None or state.previous_size is None or state.previous_size >= sizes[-1]:
+        while True:
+            try:
+                prev = verify_previous(fd, sizes[-1])
+            except (_Unverified, OSError):
                 break
-            sizes.append(state.previous_size)
+            if prev >= sizes[-1]:
+                break
+            sizes.append(prev)
         return sizes
     finally:
         os.close(fd)

@@ -29,6 +29,7 @@ disagree, or whose bytes are not all accounted for:
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ __all__ = ["ZipEntry", "ZipLayout", "ZipStructureError", "ZipCorruptError", "par
 _EOCD_SIG, _LOC_SIG, _Z64_SIG = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
 _CEN_SIG, _LOC_HDR_SIG, _DD_SIG = b"PK\x01\x02", b"PK\x03\x04", b"PK\x07\x08"
 _PREV, _PEND = b"optckpt-prev:", b"optckpt-pend:"
-_COMMENT_LEN = len(_PREV) + 20
+# optckpt's end-record comment (append.py): the previous version's length, and since the appended
+# bytes are checksummed their CRC (older files have the length alone)
+_COMMENT_RE = re.compile(rb"optckpt-(prev|pend):(\d{20})(?::crc32=([0-9a-f]{8}))?")
 _SECTOR = 512
 _U32 = 0xFFFFFFFF
 _ENCRYPTED = 0x0001 | 0x0040 | 0x2000  # traditional / strong encryption, masked local header
@@ -147,9 +150,10 @@ def _parse_one(rd: _Reader, size: int) -> _Version:
     if _EOCD_SIG in comment:
         raise ZipStructureError("a second end record inside the end record's comment")
     kind = prev = None
-    if len(comment) == _COMMENT_LEN and comment[:len(_PREV)] in (_PREV, _PEND) and comment[len(_PREV):].isdigit():
-        kind = "prev" if comment.startswith(_PREV) else "pend"
-        prev = int(comment[len(_PREV):])
+    m = _COMMENT_RE.fullmatch(comment)
+    if m is not None:  # optckpt's own end records (append.py): the previous version's length, and a CRC
+        kind = m.group(1).decode()
+        prev = int(m.group(2))
         if not 0 < prev < size:
             raise ZipStructureError(f"the end record names an earlier version of {prev} bytes in a "
                                     f"{size}-byte file")
