@@ -26,6 +26,7 @@ _AMPLIFICATION = 4  # a tree walk may visit each distinct entry this many times 
 _SLACK = 1_000_000
 _LEAF_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 _MAX_EXPANDED_VIEW = 64 << 20
+_FLAT_TYPES = (list, tuple, torch.Size)
 
 
 def _children(o: Any) -> tuple[int, list[Any]] | None:
@@ -82,7 +83,7 @@ def check_bounds(obj: Any, where: str) -> None:
             if isinstance(child, torch.Tensor):
                 _check_extent(child, where)
                 continue
-            if type(child) in (list, tuple) and set(map(type, child)) <= _LEAF_TYPES:  # e.g. params, betas
+            if type(child) in _FLAT_TYPES and set(map(type, child)) <= _LEAF_TYPES:  # params, betas, shapes
                 acc[0] += len(child)
                 distinct += len(child)
                 acc[1] = max(acc[1], 1)
