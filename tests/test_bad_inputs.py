@@ -141,3 +141,23 @@ def test_ordered_dict_with_replaced_methods_is_refused_by_every_command(tmp_path
     od._metadata = {"": {"version": 1}}
     torch.save({**sd, "model": od}, tmp_path / "meta.pt")
     assert invoke("inspect", str(tmp_path / "meta.pt")).exit_code == 0
+
+
+def test_truncated_model_safetensors_in_a_trainer_directory_is_an_error(tmp_path):
+    """A truncated / corrupt model.safetensors was listed as "other" and the model silently dropped
+    (exit 0): every command that would read the directory now refuses in one line naming the file."""
+    for damage in ("truncate", "garble", "empty"):
+        d = tmp_path / damage
+        shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+        f = d / "model.safetensors"
+        data = f.read_bytes()
+        f.write_bytes({"truncate": data[: len(data) // 2], "garble": b"\x00" * 64 + data[64:], "empty": b""}[damage])
+        for args in (["inspect", str(d)], ["check", str(d), "--target", str(FIXTURES / "hf_trainer" / "checkpoint-3")],
+                     ["convert", str(d), "--to", "torch", "-o", str(tmp_path / f"{damage}.pt")],
+                     ["set", str(d), "--lr", "0.1", "-o", str(tmp_path / f"{damage}-set")]):
+            _err(invoke(*args), "model.safetensors")
+        assert not (tmp_path / f"{damage}.pt").exists()
+    d = tmp_path / "opt"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+    (d / "optimizer.pt").write_bytes(b"not a torch file")
+    _err(invoke("inspect", str(d)), "optimizer.pt")
