@@ -33,12 +33,12 @@ def _check_methods(o: dict[Any, Any], where: str) -> None:
     """A dict subclass (OrderedDict) whose pickled state (BUILD, which torch's weights-only loader
     allows for OrderedDict) set instance attributes named like its methods (``items = None``):
     every later ``o.items()`` would call what the file chose. Refused; its own attributes that
-    shadow nothing (``_metadata`` on a state dict) are fine."""
+    replace no method (``_metadata`` on a state dict, a class-level default) are fine."""
     own = getattr(o, "__dict__", None)
     if type(own) is not dict or not own:
         return
     cls = type(o)
-    bad = sorted(k for k in own if type(k) is str and hasattr(cls, k))
+    bad = sorted(k for k in own if type(k) is str and callable(getattr(cls, k, None)))
     if bad:
         raise LoadError(f"{where}: an {cls.__name__} whose pickled state replaces its method(s) "
                         f"{', '.join(map(repr, bad[:4]))}{' ...' if len(bad) > 4 else ''}: not a checkpoint; refused")
