@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +65,28 @@ def parse_set(text: str, groups: Sequence[Mapping[str, Any]]) -> Change:
     if existing is None and not any(key in g for g in groups):
         known = ", ".join(k for k in groups[0] if k not in ("params", "param_names")) if groups else ""
         raise FormatError(f"--set {key}: no param group has this key (they have: {known})")
-    return Change("set", _typed(key, raw, existing), key)
+    value = _typed(key, raw, existing)
+    _check_range(key, raw, value)
+    return Change("set", value, key)
+
+
+# keys torch's optimizers refuse (or misbehave on) below zero; betas must lie in [0, 1)
+_NON_NEGATIVE = frozenset({"lr", "initial_lr", "max_lr", "min_lr", "base_lr", "eps", "weight_decay", "momentum",
+                           "dampening", "alpha", "lr_decay", "initial_accumulator_value", "rho", "base_momentum",
+                           "max_momentum", "lambd", "t0"})
+
+
+def _check_range(key: str, raw: str, value: Any) -> None:
+    """The same checks ``--lr`` / ``--weight-decay`` make, for a value ``--set`` gives: every number
+    finite, the keys above >= 0, each beta in [0, 1)."""
+    nums = [v for v in (value if isinstance(value, (tuple, list)) else (value,))
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if any(not math.isfinite(v) for v in nums):
+        raise FormatError(f"--set {key}={raw}: must be a finite number")
+    if key == "betas" and not all(0 <= v < 1 for v in nums):
+        raise FormatError(f"--set {key}={raw}: each beta must be in [0, 1)")
+    if key in _NON_NEGATIVE and any(v < 0 for v in nums):
+        raise FormatError(f"--set {key}={raw}: must be a finite number >= 0")
 
 
 def _typed(key: str, raw: str, existing: Any) -> Any:

@@ -106,3 +106,58 @@ def test_nan_inf_moments_are_reported(tmp_path):
     torch.save(b, tmp_path / "x.pt")
     r = invoke("inspect", str(tmp_path / "x.pt"), "--stats")
     assert r.exit_code == 0 and "2 NaN/Inf values in optimizer state" in r.stdout
+
+
+class _MethodsReplaced:
+    """Pickles as an OrderedDict whose BUILD state sets instance attributes named like its methods;
+    torch's weights-only loader accepts it (BUILD on OrderedDict updates ``__dict__``)."""
+
+    def __init__(self, items):
+        self._items = items
+
+    def __reduce_ex__(self, protocol):
+        from collections import OrderedDict
+
+        return (OrderedDict, (), {"items": None, "keys": None, "values": None, "get": None}, None,
+                iter(self._items))
+
+
+def test_ordered_dict_with_replaced_methods_is_refused_by_every_command(tmp_path):
+    from collections import OrderedDict
+
+    sd = _bundle()
+    path = tmp_path / "hostile.pt"
+    torch.save({**sd, "model": _MethodsReplaced(list(sd["model"].items()))}, path)
+    got = torch.load(path, weights_only=True)["model"]  # what torch really accepts
+    assert type(got) is OrderedDict and got.items is None and len(dict.items(got)) == len(sd["model"])
+    for args in (["inspect", str(path)], ["check", str(path), "--target", TARGET], ["diff", str(path), str(path)],
+                 ["set", str(path), "--lr", "0.1", "-o", str(tmp_path / "o.pt")],
+                 ["convert", str(path), "--to", "torch", "-o", str(tmp_path / "c.pt")]):
+        r = invoke(*args)
+        _err(r, "OrderedDict", "'items'", "refused")
+        assert "unexpected" not in r.stderr, args
+    # a state dict's own attributes that replace nothing (torch's _metadata) stay fine
+    od = OrderedDict(sd["model"])
+    od._metadata = {"": {"version": 1}}
+    torch.save({**sd, "model": od}, tmp_path / "meta.pt")
+    assert invoke("inspect", str(tmp_path / "meta.pt")).exit_code == 0
+
+
+def test_truncated_model_safetensors_in_a_trainer_directory_is_an_error(tmp_path):
+    """A truncated / corrupt model.safetensors was listed as "other" and the model silently dropped
+    (exit 0): every command that would read the directory now refuses in one line naming the file."""
+    for damage in ("truncate", "garble", "empty"):
+        d = tmp_path / damage
+        shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+        f = d / "model.safetensors"
+        data = f.read_bytes()
+        f.write_bytes({"truncate": data[: len(data) // 2], "garble": b"\x00" * 64 + data[64:], "empty": b""}[damage])
+        for args in (["inspect", str(d)], ["check", str(d), "--target", str(FIXTURES / "hf_trainer" / "checkpoint-3")],
+                     ["convert", str(d), "--to", "torch", "-o", str(tmp_path / f"{damage}.pt")],
+                     ["set", str(d), "--lr", "0.1", "-o", str(tmp_path / f"{damage}-set")]):
+            _err(invoke(*args), "model.safetensors")
+        assert not (tmp_path / f"{damage}.pt").exists()
+    d = tmp_path / "opt"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+    (d / "optimizer.pt").write_bytes(b"not a torch file")
+    _err(invoke("inspect", str(d)), "optimizer.pt")

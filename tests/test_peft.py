@@ -5,6 +5,7 @@ remap keeps every saved group's hyperparameters, and what the adapter config can
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -106,3 +107,59 @@ def test_without_the_base_models_config_names_stay_uncertain(lora_run, tmp_path)
     r = invoke("check", str(moved), "--target", f"{root / 'target.py'}:build")
     assert r.exit_code != 0
     assert "PEFT adapter names and order unknown" in r.stdout and "not available locally" in r.stdout
+
+
+def _with_config(ckpt, dst, **changes):
+    shutil.copytree(ckpt, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_a_hub_id_not_in_the_cache_makes_no_network_lookup(lora_run, tmp_path, monkeypatch):
+    """base_model_name_or_path "gpt2" (a hub id, not cached here): huggingface_hub reached the network
+    even with local_files_only=True. Every name resolution is recorded and refused: none happens, the
+    note says the id is not in the local cache, and the offline switches are restored afterwards."""
+    import socket
+
+    import huggingface_hub.constants as hub_constants
+
+    root, ckpt = lora_run
+    moved = _with_config(ckpt, tmp_path / "ckpt", base_model_name_or_path="gpt2")
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    lookups = []
+
+    def record(host, *args, **kwargs):
+        lookups.append(host)
+        raise OSError(f"test: no network lookups allowed ({host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", record)
+    r = invoke("check", str(moved), "--target", f"{root / 'target.py'}:build")
+    assert lookups == []
+    assert "PEFT adapter names and order unknown" in r.stdout and "not in the local Hugging Face cache" in r.stdout
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
+    assert hub_constants.HF_HUB_OFFLINE is False
+
+
+@pytest.mark.parametrize("name", ["pipeline", "Trainer", "AutoModel", "set_seed", "os.system", "PreTrainedModel"])
+def test_a_hostile_base_model_class_is_never_called(lora_run, tmp_path, monkeypatch, name):
+    root, ckpt = lora_run
+    moved = _with_config(ckpt, tmp_path / "ckpt",
+                         auto_mapping={"base_model_class": name, "parent_library": "transformers.models"})
+    called = []
+    if hasattr(transformers, name):
+        monkeypatch.setattr(transformers, name, lambda *a, **k: called.append(a))
+    r = invoke("check", str(moved), "--target", f"{root / 'target.py'}:build")
+    assert called == []
+    assert "PEFT adapter names and order unknown" in r.stdout, r.stdout
+    assert "refused" in r.stdout or "not a model class name" in r.stdout, r.stdout
+
+
+def test_a_registered_base_model_class_still_rebuilds(lora_run, tmp_path):
+    root, ckpt = lora_run
+    moved = _with_config(ckpt, tmp_path / "ckpt", auto_mapping={"base_model_class": "GPT2LMHeadModel"})
+    code, rep = invoke_json("check", str(moved), "--target", f"{root / 'target.py'}:build")
+    assert code == 0, rep

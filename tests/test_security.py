@@ -133,3 +133,22 @@ def test_real_library_opaque_parts_list_their_globals(name):
     rep = json.loads(invoke("inspect", str(FIXTURES / "hf_trainer" / "checkpoint-3"), "--format", "json").stdout)
     part = next(o for o in rep["opaque"] if o["file"] == name)
     assert part["unsafe_globals"]
+
+
+def test_config_architecture_outside_transformers_model_classes_is_never_called(tmp_path, monkeypatch):
+    """config.json's ``architectures`` names what optckpt instantiates to rebuild the order: only one
+    of transformers' registered model classes, by exact name; ``pipeline`` (or any other callable) is
+    refused, never called."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path / "ck"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["pipeline"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    called = []
+    monkeypatch.setattr(transformers, "pipeline", lambda *a, **k: called.append(a))
+    r = invoke("inspect", str(d))
+    assert r.exit_code == 0 and called == []
+    assert "registration order unknown" in r.stdout and "refused" in r.stdout, r.stdout

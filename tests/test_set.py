@@ -175,6 +175,27 @@ def test_betas_tuple(tmp_path):
     assert torch.load(tmp_path / "b.pt", weights_only=True)["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
 
 
+@pytest.mark.parametrize("value", ["lr=nan", "lr=inf", "lr=-inf", "lr=-1", "weight_decay=-1", "eps=nan",
+                                   "betas=2,3", "betas=0.9,1", "betas=-0.1,0.9", "betas=nan,0.9"])
+def test_set_refuses_what_lr_refuses(tmp_path, value):
+    """--set gets the checks --lr has: finite, >= 0 where torch requires it, betas in [0, 1); nothing written."""
+    out = tmp_path / "x.pt"
+    r = invoke("set", str(FIXTURES / "bundle.pt"), "--set", value, "-o", str(out))
+    assert r.exit_code == 2, (value, r.stdout, r.stderr)
+    assert r.stderr.startswith("optckpt: error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert value.split("=")[0] in r.stderr
+    assert not out.exists()
+
+
+def test_set_accepts_edge_values_torch_accepts(tmp_path):
+    out = tmp_path / "x.pt"
+    r = invoke("set", str(FIXTURES / "bundle.pt"), "--set", "lr=0", "--set", "betas=0,0.999", "--set",
+               "weight_decay=0", "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    g = torch.load(out, weights_only=True)["optimizer"]["param_groups"][0]
+    assert g["lr"] == 0 and g["betas"] == (0.0, 0.999) and g["weight_decay"] == 0
+
+
 def test_several_optimizers_are_addressable(tmp_path):
     g, d = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
     opt_g, opt_d = torch.optim.Adam(g.parameters(), lr=2e-4), torch.optim.Adam(d.parameters(), lr=1e-4)

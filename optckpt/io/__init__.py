@@ -143,6 +143,11 @@ def _classify_torch(obj: Any, found: Any) -> str:
     return "torch-bundle"
 
 
+# files whose names say they hold model / optimizer / scheduler state (transformers, accelerate)
+_STATE_FILES = frozenset({"pytorch_model.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin",
+                          "adapter_model.bin"})
+
+
 def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
     step = deepspeed_dir(path)  # ZeRO stage 1-3: flat partitions cut back by parameter
     if step is not None:
@@ -178,6 +183,12 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
             ck.parts.append(Part(n, "other", size))
             continue
         kind = sniff(full)
+        if kind not in ("safetensors", "zip", "legacy") and (n.endswith(".safetensors") or n in _STATE_FILES):
+            # a weights / optimizer file by its name that does not read as one: an error, never a part
+            # silently listed as "other" while the checkpoint it belongs to is used without it
+            what = "empty (0 bytes)" if kind == "empty" else "truncated or corrupt (its header does not read as " + \
+                ("safetensors)" if n.endswith(".safetensors") else "a torch.save file)")
+            raise LoadError(f"{full}: {what}; refused (move it aside to use the rest of {path})")
         if kind == "safetensors":
             tensors, meta, _extra = open_safetensors(full)
             ck.parts.append(Part(n, "safetensors", size))

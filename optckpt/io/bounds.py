@@ -26,16 +26,37 @@ _AMPLIFICATION = 4  # a tree walk may visit each distinct entry this many times 
 _SLACK = 1_000_000
 _LEAF_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 _MAX_EXPANDED_VIEW = 64 << 20
+_FLAT_TYPES = (list, tuple, torch.Size)
 
 
-def _children(o: Any) -> tuple[int, list[Any]] | None:
+def _check_methods(o: dict[Any, Any], where: str) -> None:
+    """A dict subclass (OrderedDict) whose pickled state (BUILD, which torch's weights-only loader
+    allows for OrderedDict) set instance attributes named like its methods (``items = None``):
+    every later ``o.items()`` would call what the file chose. Refused; its own attributes that
+    replace no method (``_metadata`` on a state dict, a class-level default) are fine."""
+    own = getattr(o, "__dict__", None)
+    if type(own) is not dict or not own:
+        return
+    cls = type(o)
+    bad = sorted(k for k in own if type(k) is str and callable(getattr(cls, k, None)))
+    if bad:
+        raise LoadError(f"{where}: an {cls.__name__} whose pickled state replaces its method(s) "
+                        f"{', '.join(map(repr, bad[:4]))}{' ...' if len(bad) > 4 else ''}: not a checkpoint; refused")
+
+
+def _children(o: Any, where: str) -> tuple[int, list[Any]] | None:
     """How many entries ``o`` holds, and those of them that are not plain scalars (None: not a
     container). Scalars are filtered by type in C (``map(type, ...)``): a list of 5 M indices costs
     one pass, not 5 M Python steps."""
     from .safepickle import PickledObject
 
-    if type(o) is dict or isinstance(o, Mapping):
+    if type(o) is dict:
         items: Any = [*o.keys(), *o.values()]
+    elif isinstance(o, dict):  # the dict's own methods, never what an instance attribute names
+        _check_methods(o, where)
+        items = [*dict.keys(o), *dict.values(o)]
+    elif isinstance(o, Mapping):
+        items = [*o.keys(), *o.values()]
     elif isinstance(o, (list, tuple, set, frozenset)):
         items = o
     elif isinstance(o, PickledObject):
@@ -68,7 +89,7 @@ def check_bounds(obj: Any, where: str) -> None:
     done: dict[int, tuple[int, int]] = {}  # id -> (entries under it as a tree, nesting below it)
     on_path: set[int] = set()
     keep: list[Any] = []  # objects whose ids are in ``done`` stay alive (ids are not reused)
-    root = _children(obj)
+    root = _children(obj, where)
     if root is None:
         if isinstance(obj, torch.Tensor):
             _check_extent(obj, where)
@@ -82,7 +103,7 @@ def check_bounds(obj: Any, where: str) -> None:
             if isinstance(child, torch.Tensor):
                 _check_extent(child, where)
                 continue
-            if type(child) in (list, tuple) and set(map(type, child)) <= _LEAF_TYPES:  # e.g. params, betas
+            if type(child) in _FLAT_TYPES and set(map(type, child)) <= _LEAF_TYPES:  # params, betas, shapes
                 acc[0] += len(child)
                 distinct += len(child)
                 acc[1] = max(acc[1], 1)
@@ -98,7 +119,7 @@ def check_bounds(obj: Any, where: str) -> None:
                 continue
             if cid in on_path:
                 raise LoadError(f"{where}: a container holds itself (a reference cycle): not a checkpoint; refused")
-            grand = _children(child)
+            grand = _children(child, where)
             if grand is None:
                 continue
             if len(stack) >= MAX_NESTING:

@@ -40,6 +40,7 @@ __all__ = ["deepspeed_dir", "load_deepspeed"]
 _MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MAX_PARAMS = 1_000_000
+_MAX_DIM = 1 << 62  # torch's sizes are int64; no real dimension comes near
 
 
 def _zero_files(path: str) -> tuple[list[str], list[str]]:
@@ -68,6 +69,10 @@ def deepspeed_dir(path: str) -> str | None:
     if not tag:
         return None
     step = member_path(path, tag, latest)
+    real_root, real = os.path.realpath(path), os.path.realpath(step)
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise LoadError(f"{latest}: names the step directory {tag!r}, which leads outside the checkpoint "
+                        "directory (a symlink?); refused")
     models, optims = _zero_files(step)
     return step if models and optims else None
 
@@ -104,7 +109,11 @@ def load_deepspeed(path: str, step: str, trust_pickle: bool = False) -> Checkpoi
         raise LoadError(f"{where}: neither single_partition_of_fp32_groups nor fp32_flat_groups: "
                         "not a ZeRO stage 1-3 optimizer file")
     opt_sd = {"state": state, "param_groups": groups}
-    hit = first_placeholder(opt_sd)
+    # every value in the state is a tensor cut here or a scalar shared by the group (checked through its
+    # first parameter); the names are param_shapes' strings: a walk of them all would be per-entry work
+    firsts = {group[0][0] for group in shapes if group}
+    hit = first_placeholder({"state": {k: v for k, v in state.items() if k in firsts},
+                             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]})
     if hit is not None:
         raise LoadError(f"{where}: optimizer field {hit[0]} is a pickled object where plain data belongs")
     module = model_sd.get("module")
@@ -155,19 +164,39 @@ def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[list[tuple[str
     if not isinstance(raw, list) or not raw:
         raise LoadError(f"{what}: no param_shapes: cannot cut the flat ZeRO partitions by parameter")
     out: list[list[tuple[str, tuple[int, ...]]]] = []
+    total = 0
     for g in raw:
         if not isinstance(g, Mapping):
             raise LoadError(f"{what}: param_shapes entry is {type(g).__name__}, not a name -> shape mapping")
+        total += len(g)
+        if total > _MAX_PARAMS:
+            raise LoadError(f"{what}: param_shapes lists more than {_MAX_PARAMS:,} parameters; refused")
         group = []
-        for name, shape in g.items():
-            dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
-            if not isinstance(name, str) or dims is None or not all(type(d) is int and d >= 0 for d in dims):
-                raise LoadError(f"{what}: param_shapes entry {name!r}: {shape!r} is not a shape")
+        for name, shape in dict.items(g) if isinstance(g, dict) else g.items():
+            dims = tuple(shape) if type(shape) in (tuple, list, torch.Size) else None
+            if type(name) is not str or dims is None or len(dims) > 64 \
+                    or not all(type(d) is int and 0 <= d < _MAX_DIM for d in dims):
+                raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(shape)} is not a shape "
+                                "(a list of non-negative integers below 2**62)")
+            if dims and min(dims) and math.prod(dims) >= _MAX_DIM:
+                raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(list(dims))} has more "
+                                "elements than any tensor can hold")
             group.append((name, dims))
         out.append(group)
-    if sum(map(len, out)) > _MAX_PARAMS:
-        raise LoadError(f"{what}: param_shapes lists more than {_MAX_PARAMS:,} parameters; refused")
+    names = [nm for group in out for nm, _ in group]
+    if len(set(names)) != len(names):
+        raise LoadError(f"{what}: param_shapes names a parameter twice")
     return out
+
+
+def _short(v: Any) -> str:
+    """``repr(v)`` cut to one short line (for an error naming a hostile value)."""
+    try:
+        text = repr(v) if type(v) in (str, int, float, bool, tuple, list, torch.Size) else f"<{type(v).__name__}>"
+    except Exception:
+        text = f"<{type(v).__name__}>"
+    text = text.replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _tensor(v: Any, what: str) -> torch.Tensor:
@@ -197,9 +226,16 @@ def _cut(flat: torch.Tensor, shapes: Sequence[tuple[str, tuple[int, ...]]], padd
          what: str) -> dict[str, torch.Tensor]:
     """Parameter tensors out of a group's flat buffer (views); every element accounted for."""
     out: dict[str, torch.Tensor] = {}
+    empty: dict[tuple[int, ...], torch.Tensor] = {}
     offset = 0
     for (name, shape), pad in zip(shapes, paddings):
         n = math.prod(shape)
+        if n == 0:  # one (empty, immutable) view per shape: declared zero-size entries cost no tensors each
+            if shape not in empty:
+                empty[shape] = flat[:0].view(shape)
+            out[name] = empty[shape]
+            offset += pad
+            continue
         if offset + n > flat.numel():
             raise LoadError(f"{what}: flat partition of {flat.numel()} elements ends inside {name} {list(shape)}")
         out[name] = flat.narrow(0, offset, n).view(shape)
@@ -215,8 +251,9 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str,
     params: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, Any]] = {}
     groups: list[dict[str, Any]] = []
-    ranks = [(z["single_partition_of_fp32_groups"], _ints(z.get("group_paddings"), n, f"{what}: group_paddings"),
-              z.get("base_optimizer_state")) for z in zero]
+    ranks = [(z.get("single_partition_of_fp32_groups", ()),
+              _ints(z.get("group_paddings"), n, f"{what}: group_paddings"), z.get("base_optimizer_state"))
+             for z in zero]
     for r, (fp32, _, _) in enumerate(ranks):
         if not isinstance(fp32, list) or len(fp32) != n:
             raise LoadError(f"{what}: rank {r} has {len(fp32) if isinstance(fp32, list) else 'no'} fp32 partitions "
@@ -225,6 +262,9 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str,
     if isinstance(counts, list) and any(c != len(zero) for c in counts):
         raise LoadError(f"{what}: partition_count {counts}, but {len(zero)} optimizer file(s) found")
     align = zero[0].get("param_alignment_paddings")
+    if align is not None and (not isinstance(align, list) or len(align) != n):
+        raise LoadError(f"{what}: param_alignment_paddings has {len(align) if isinstance(align, list) else 'no'} "
+                        f"list(s) for {n} param group(s)")
     hp = _hparams(ranks[0][2], n, what) if isinstance(ranks[0][2], dict) else None
     for g, group in enumerate(shapes):
         pads = _ints(align[g], len(group), f"{what}: param_alignment_paddings[{g}]") if isinstance(align, list) \
@@ -244,12 +284,27 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str,
                 elif r == 0:
                     scalars[k] = v
         cut = {k: _cut(_join(v), group, pads, f"{where}, state {k!r}") for k, v in per_key.items()}
-        for name, _ in group:
-            state[name] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
-            state[name].update({k: c[name] for k, c in cut.items()})
+        _fill_state(state, group, scalars, cut)
         hparams = hp[g] if hp is not None else {}
         groups.append({**{k: v for k, v in hparams.items() if k != "params"}, "params": [nm for nm, _ in group]})
     return params, state, groups
+
+
+def _fill_state(state: dict[str, dict[str, Any]], names: Sequence[tuple[str, tuple[int, ...]]],
+                scalars: Mapping[str, Any], cut: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Each parameter's state: its own copy of the scalar entries (``step``) and its cut pieces. The
+    zero-size parameters (nothing to update) share one copy of the scalars, so that a file declaring
+    many of them costs a dict each, not tensors."""
+    shared: dict[str, Any] | None = None
+    for name, shape in names:
+        if 0 in shape:
+            if shared is None:
+                shared = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
+            own = dict(shared)
+        else:
+            own = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
+        own.update({k: c[name] for k, c in cut.items()})
+        state[name] = own
 
 
 def _stage12_entry(base: Any, g: int, what: str) -> dict[str, Any]:
@@ -259,7 +314,10 @@ def _stage12_entry(base: Any, g: int, what: str) -> dict[str, Any]:
     elif isinstance(base, dict) and isinstance(base.get("state"), dict):
         group = _hparams(base, len(base.get("param_groups") or ()), what)[g]
         idx = group.get("params")
-        entry = base["state"].get(idx[0]) if isinstance(idx, list) and len(idx) == 1 else None
+        if not isinstance(idx, list) or len(idx) != 1 or type(idx[0]) not in (int, str):
+            raise LoadError(f"{what}: base_optimizer_state param_groups[{g}]['params'] is {_short(idx)}, not the "
+                            "one index of a flat group")
+        entry = base["state"].get(idx[0])
     else:
         raise LoadError(f"{what}: base_optimizer_state is {type(base).__name__}, not an optimizer state")
     if entry is None:
@@ -285,7 +343,11 @@ def _cut_stage3(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, 
         flats.append(_join([_tensor(t, where) for t in subs]))
         base = _dict(z.get("optimizer_state_dict"), f"{where}: optimizer_state_dict")
         st = base.get("state")
-        order = [i for g in _hparams(base, len(shapes), where) for i in (g.get("params") or [])]
+        groups3 = _hparams(base, len(shapes), where)
+        if not all(isinstance(g.get("params"), list) and all(type(i) in (int, str) for i in g["params"])
+                   for g in groups3):
+            raise LoadError(f"{where}: optimizer_state_dict param_groups' params are not lists of indices")
+        order = [i for g in groups3 for i in g["params"]]
         if not isinstance(st, dict) or len(order) != len(subs):
             raise LoadError(f"{where}: optimizer state does not match its {len(subs)} fp32 sub-group(s)")
         per_key: dict[str, list[torch.Tensor]] = {}
@@ -301,11 +363,10 @@ def _cut_stage3(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, 
                     scalars[k] = v
         keyed.append({k: _join(v) for k, v in per_key.items() if len(v) == len(subs)})
     params = _gather3(flats, shapes, what)
-    names = [nm for group in shapes for nm, _ in group]
     cut = {k: _gather3([kd[k] for kd in keyed], shapes, f"{what}, state {k!r}") for k in keyed[0]
            if all(k in kd for kd in keyed)}
-    state = {nm: {**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()},
-                  **{k: c[nm] for k, c in cut.items()}} for nm in names}
+    state: dict[str, dict[str, Any]] = {}
+    _fill_state(state, [p for group in shapes for p in group], scalars, cut)
     groups = [{**{k: v for k, v in hp.items() if k != "params"}, "params": [nm for nm, _ in group]}
               for hp, group in zip(_hparams(base0, len(shapes), what), shapes)]
     return params, state, groups
@@ -316,9 +377,15 @@ def _gather3(flats: Sequence[torch.Tensor], shapes: list[list[tuple[str, tuple[i
     """Stage 3: every rank holds a padded ``ceil(numel / world)`` slice of each parameter, in order."""
     world = len(flats)
     out: dict[str, torch.Tensor] = {}
+    empty: dict[tuple[int, ...], torch.Tensor] = {}
     offset = 0
     for name, shape in (p for group in shapes for p in group):
         n = math.prod(shape)
+        if n == 0:  # nothing on any rank: one empty view per shape
+            if shape not in empty:
+                empty[shape] = flats[0][:0].view(shape)
+            out[name] = empty[shape]
+            continue
         part = -(-n // world)
         if any(offset + part > f.numel() for f in flats):
             raise LoadError(f"{what}: flat partition ends inside {name} {list(shape)}")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import ModelState, TensorMeta
+from .hf_offline import model_class, offline
 
 __all__ = ["hf_model_order"]
 
@@ -38,20 +39,21 @@ def hf_model_order(directory: str, *, trust_code: bool = False) -> tuple[ModelSt
     except ImportError:
         return None, "install transformers (pip install 'optckpt[hf]') to rebuild the order from config.json"
     try:
-        config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_code,
-                                                         local_files_only=True)
-        cls: Any
-        if raw.get("auto_map"):
-            cls = transformers.AutoModelForCausalLM if "AutoModelForCausalLM" in raw["auto_map"] else \
-                transformers.AutoModel
-            with torch.device("meta"):
-                model = cls.from_config(config, trust_remote_code=True)
-        else:
-            cls = getattr(transformers, archs[0], None)
-            if cls is None:
-                return None, f"transformers {transformers.__version__} has no architecture {archs[0]!r}"
-            with torch.device("meta"):
-                model = cls(config)
+        with offline():
+            config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_code,
+                                                             local_files_only=True)
+            cls: Any
+            if raw.get("auto_map"):
+                cls = transformers.AutoModelForCausalLM if "AutoModelForCausalLM" in raw["auto_map"] else \
+                    transformers.AutoModel
+                with torch.device("meta"):
+                    model = cls.from_config(config, trust_remote_code=True)
+            else:
+                cls, why = model_class(transformers, archs[0])
+                if cls is None:
+                    return None, f"config.json's architecture: {why}"
+                with torch.device("meta"):
+                    model = cls(config)
     except Exception as e:  # any failure to build the model only means: no order evidence
         return None, f"could not instantiate {archs[0]} from config.json: {type(e).__name__}: {e}"
     meta = {n: TensorMeta.of(p) for n, p in model.named_parameters()}
