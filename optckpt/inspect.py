@@ -36,6 +36,10 @@ def _earlier_versions(ck: Checkpoint) -> int:
 
 def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]:
     """Everything ``inspect`` shows, as plain JSON-able data."""
+    if stats:
+        from .io.readguard import forget_mappings
+
+        forget_mappings()  # mappings of earlier loads in this process may have been reused since
     return {
         "path": ck.path,
         "layout": ck.layout,

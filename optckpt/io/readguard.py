@@ -195,6 +195,14 @@ def _refresh_maps() -> None:
     _MAPS[:] = out
 
 
+def forget_mappings() -> None:
+    """Drop the cached view of this process's file mappings. A cached entry outlives the mapping it
+    describes (a checkpoint loaded and freed earlier in the same process, then the address reused by
+    another file or by anonymous memory): reading through it would read the wrong bytes. Called at the
+    start of every read that uses :func:`chunks`; within one read the mappings stay alive."""
+    _MAPS.clear()
+
+
 def _mapping_of(ptr: int, nbytes: int) -> tuple[int, int, int, int, str] | None:
     for attempt in (0, 1):
         for m in _MAPS:
