@@ -43,6 +43,7 @@ the record CRCs pass."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import os
@@ -51,7 +52,7 @@ import re
 import stat
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -501,17 +502,24 @@ def verify_previous(fd: int, size: int) -> int:
 def check_previous(path: str) -> int:
     """What :func:`restore_previous` would cut ``path`` to (verified, nothing changed), or
     :class:`WriteError` saying why it would refuse."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise WriteError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
+    with _reading(path) as fd:
         st = os.fstat(fd)
         _restorable(path, st)
         try:
             return verify_previous(fd, st.st_size)
         except _Unverified as e:
             raise WriteError(f"{path}: not restored: {e}; nothing changed") from None
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[int]:
+    """``path`` open for reading; an OS failure (opening or reading) is one :class:`WriteError` line."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        yield fd
     except OSError as e:
         raise WriteError(f"{path}: cannot read: {e.strerror or e}") from None
     finally:
@@ -558,11 +566,7 @@ def versions(path: str) -> list[int]:
     """The lengths of the versions ``path`` holds, newest first: its size, then each previous
     version's size, as far back as each link verifies (:func:`verify_previous`; one entry: no
     earlier version)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise WriteError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
+    with _reading(path) as fd:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise WriteError(f"{path}: not a regular file")
@@ -576,5 +580,3 @@ def versions(path: str) -> list[int]:
                 break
             sizes.append(prev)
         return sizes
-    finally:
-        os.close(fd)
