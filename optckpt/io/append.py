@@ -125,8 +125,32 @@ def _end_records(at: int, n: int, cd_size: int, cd_offset: int, comment: bytes) 
             + comment)
 
 
+def _being_edited(path: str) -> bool:
+    """Does another process hold the in-place edit lock of ``path`` right now (:func:`_lock`)?"""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (releases the shared lock, if it was taken)
+    return False
+
+
 def interrupted_message(path: str, state: EndState, size: int) -> str:
-    """What to tell of a file whose in-place edit was killed midway (its end records "pending")."""
+    """What to tell of a file whose end records are "pending": an edit still running in another
+    process (it holds the edit lock: the same one line as a second edit gets), or one killed midway."""
+    if _being_edited(path):
+        return f"{path}: another optckpt edit is writing this file in place; nothing changed"
     return (f"{path}: an in-place edit of this file was interrupted ({size - (state.previous_size or 0)} "
             f"unfinished bytes at its end; torch still loads the previous version); run "
             f"`optckpt restore {path}` to remove them")
