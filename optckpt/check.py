@@ -171,7 +171,8 @@ def guess_prefix_rename(source: Sequence[str], target: Sequence[str]) -> RenameR
     return None
 
 
-def _hp_key(hp: Mapping[str, Any]) -> str:
+def hparams_key(hp: Mapping[str, Any]) -> str:
+    """A param group's hyperparameters as one comparable value (its parameters left out)."""
     return repr(sorted((k, repr(v)) for k, v in hp.items() if k not in ("params", "param_names")))
 
 
@@ -255,7 +256,7 @@ def keep_saved_grouping(report: CheckReport, target: Target, *, strict: bool) ->
     room = list(mapping.group_sizes)
     for g in assign.values():
         room[g] -= 1
-    hp = [_hp_key(h) for h in mapping.group_hparams]
+    hp = [hparams_key(h) for h in mapping.group_hparams]
     for name in target.names:
         if name in assign or name not in could_be:
             continue
@@ -381,7 +382,7 @@ def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[Rename
         src_groups = Counter(e.group for e in src)
         source_groups = [src_groups[g] for g in sorted(src_groups)] if src else []
     target_groups = [len(g) for g in target.groups]
-    hp_keys = [_hp_key(h) for h in mapping.group_hparams]
+    hp_keys = [hparams_key(h) for h in mapping.group_hparams]
 
     def same_hparams(g: int, paired: IndexName | None) -> bool:
         """Does the index at this position get its own group's hyperparameters when loaded plainly?"""

@@ -357,10 +357,6 @@ def infer_mapping(
     return mapping
 
 
-# evidence that names every index outright (the gate compares a source with it name by name)
-_EXACT = frozenset({"param_names", "fqn", "deepspeed", "group-name"})
-
-
 def _shape_str(shape: tuple[int, ...] | None) -> str:
     return "?" if shape is None else str(list(shape))
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from .check import CheckReport, apply_renames, check_mapping, guess_prefix_rename
+from .check import CheckReport, apply_renames, check_mapping, guess_prefix_rename, hparams_key
 from .errors import MappingError
 from .mapping import OptimizerMapping, pair_groups
 from .target import RenameRule, Target
@@ -250,7 +250,7 @@ def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mappi
         if src is not None:
             continue
         if g is None or g in taken:
-            differ = len({_hp_key(h) for h in saved}) > 1
+            differ = len({hparams_key(h) for h in saved}) > 1
             if target.groups[gi] and differ and policy.hparams == "checkpoint":
                 raise MappingError(
                     f"new param group {gi} ({len(target.groups[gi])} parameters, names uncertain) cannot be paired "
@@ -260,10 +260,6 @@ def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mappi
         if (len(target.groups[gi]) == 0) == (len(source_groups[g].get("params", ())) == 0):
             out[gi] = g
     return out
-
-
-def _hp_key(hp: Mapping[str, Any]) -> str:
-    return repr(sorted((k, repr(v)) for k, v in hp.items() if k not in ("params", "param_names")))
 
 
 def _names(ps: Sequence[Any]) -> str:
