@@ -183,6 +183,14 @@ def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[
             picks[i] = (key, found[key])
     if not picks or len({k for k, _ in picks.values()}) != 1 or len(picks) != len(todo):
         return
+    key = next(iter(picks.values()))[0]
+    for i, known in shapes.items():
+        entry = state.get(i)
+        if known is None or not isinstance(entry, Mapping) or not _tensors(entry):
+            continue
+        if _tensors(entry).get(key) != known:
+            return  # the key is missing where the shape is known, or has another shape there: not the
+            # parameter's buffer but a factor (GaLore's Adafactor: exp_avg_sq_row only on matrices)
     for i, (_, shape) in picks.items():
         if any(_numel(t) == _numel(shape) and t != shape for t in _tensors(state[i]).values()):
             return  # a same-sized tensor of another shape beside it: which is the parameter's is not shown
