@@ -57,11 +57,29 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def one_view(entry: Any) -> Any:
+    """heavyball keeps each parameter's state per view of it (``{0: {...}}``): a single view is the
+    parameter's own state; several views (a parameter split in blocks) stay as they are (no shape)."""
+    if isinstance(entry, Mapping) and len(entry) == 1 and 0 in entry and isinstance(entry[0], Mapping):
+        return entry[0]
+    return entry
+
+
+def _is_object(v: Any) -> bool:
+    """A value that is not plain data: a pickled object (placeholder or, trusted, the real one)."""
+    return not (v is None or isinstance(v, (torch.Tensor, int, float, str, bytes, list, tuple, dict, set))
+                or hasattr(v, "shape"))
+
+
 def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
     """The shape of the parameter an optimizer state entry belongs to, or None when its state
     does not reveal it (no state, scalars only, LBFGS's global state). A known moment kept flattened
     beside one tensor shape of the same size with more (non-trivial) dimensions (SPAM's ``exp_avg``
-    [12] beside its ``mask`` [3, 4]) gives that shape: flattening is how optimizers store it."""
+    [12] beside its ``mask`` [3, 4]) gives that shape: flattening is how optimizers store it.
+    An entry holding a Python object (GaLore's projector) gives none: its moments live in the
+    object's projected space (GaLore's ``exp_avg`` is [6, 2] for a [6, 4] weight)."""
+    if any(_is_object(v) for v in entry.values()):
+        return None
     for k in _PARAM_SHAPED:
         v = entry.get(k)
         if v is not None and (isinstance(v, torch.Tensor) or hasattr(v, "shape")):  # DCP tensors on disk too
@@ -137,6 +155,7 @@ class OptimizerMapping:
     # what a model-order alignment ran on (model slots, items per group), for the group-structure rung
     basis: tuple[list[Slot], list[list[Item]]] | None = field(default=None, repr=False)
     rejected: list[Rejection] = field(default_factory=list)  # evidence the consistency gate refused
+    overridden: str | None = None  # OptimizerState.overridden: a layout that is not torch's (refused by remap)
 
     @property
     def ambiguous(self) -> list[IndexName]:
@@ -157,7 +176,7 @@ def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
     model_shapes = opt.__dict__.get("_model_shapes")  # set by infer_mapping: the checkpoint's parameter shapes
     if cached is not None and cached[0] is opt.state_dict and cached[2] is model_shapes:
         return cached[1]
-    state = opt.state
+    state = {i: one_view(e) for i, e in opt.state.items()}
     lbfgs = is_lbfgs(opt)
     shapes = {i: None if lbfgs else param_shape(state.get(i, {})) for g in opt.groups for i in g.params}
     if not lbfgs and model_shapes:
@@ -174,7 +193,8 @@ def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[
     gives is the shape of some parameter of the model saved with it (corroborated: no model, no
     inference). Factored or blockwise state (row / column factors, ``absmax`` blocks) makes the
     largest key vary or have another size, so it gives no shape: no evidence rather than a wrong one."""
-    todo = [i for i, s in shapes.items() if s is None and isinstance(state.get(i), Mapping) and state[i]]
+    todo = [i for i, s in shapes.items() if s is None and isinstance(state.get(i), Mapping) and state[i]
+            and not any(_is_object(v) for v in state[i].values())]
     picks: dict[Any, tuple[str, tuple[int, ...]]] = {}
     for i in todo:
         found = _tensors(state[i])
@@ -362,6 +382,9 @@ def infer_mapping(
     mapping.notes[:0] = warnings
     mapping.group_sizes = [len(g.params) for g in opt.groups]
     mapping.group_hparams = [dict(g.hparams) for g in opt.groups]
+    mapping.overridden = opt.overridden
+    if opt.overridden:
+        mapping.notes.append(f"its state_dict() is not torch's layout ({opt.overridden}): remap refuses it")
     return mapping
 
 
