@@ -236,9 +236,9 @@ def _first_group_state(groups: Sequence[GroupPlan], source_groups: Sequence[Mapp
     only = [k for k in source_groups[0] if k not in others and k not in ("params", "param_names")]
     if only:
         first = "new parameters" if groups[0].source_group in (None, -1) else f"saved group {groups[0].source_group}"
-        raise MappingError(f"saved param group 0 alone holds {', '.join(map(repr, only))}, state the optimizer keeps in "
-                           f"its first group; the new code's first group is {first}, so that state would be lost: "
-                           "refused (list that group first in the new code)")
+        raise MappingError(f"saved param group 0 alone holds {', '.join(map(repr, only))}, state the optimizer "
+                           f"keeps in its first group; the new code's first group is {first}, so that state would be "
+                           "lost: refused (list that group first in the new code)")
 
 
 def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mapping[str, Any]],
@@ -328,10 +328,10 @@ def apply_plan(plan: RemapPlan, state_dict: Mapping[str, Any], *, with_names: bo
         if with_names:
             entry["param_names"] = list(g.param_names)
         groups.append(entry)
-    new: dict[str, Any] = {"state": new_state, "param_groups": groups}
+    made: dict[str, Any] = {"state": new_state, "param_groups": groups}
     own = _own_keys(plan, state_dict)
-    out = {k: new[k] if k in new else own[k] for k in state_dict if k in new or k in own}  # the saved key order
-    return {**out, **{k: v for k, v in new.items() if k not in out}}
+    out = {k: made[k] if k in made else own[k] for k in state_dict if k in made or k in own}  # the saved key order
+    return {**out, **{k: v for k, v in made.items() if k not in out}}
 
 
 def _own_keys(plan: RemapPlan, state_dict: Mapping[str, Any]) -> dict[str, Any]:
