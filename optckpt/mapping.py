@@ -72,6 +72,10 @@ def _is_object(v: Any) -> bool:
 
 
 def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
+    return _shape_and_key(entry)[0]
+
+
+def _shape_and_key(entry: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, str]:
     """The shape of the parameter an optimizer state entry belongs to, or None when its state
     does not reveal it (no state, scalars only, LBFGS's global state). A known moment kept flattened
     beside one tensor shape of the same size with more (non-trivial) dimensions (SPAM's ``exp_avg``
@@ -79,20 +83,20 @@ def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
     An entry holding a Python object (GaLore's projector) gives none: its moments live in the
     object's projected space (GaLore's ``exp_avg`` is [6, 2] for a [6, 4] weight)."""
     if any(_is_object(v) for v in entry.values()):
-        return None
+        return None, ""
     for k in _PARAM_SHAPED:
         v = entry.get(k)
         if v is not None and (isinstance(v, torch.Tensor) or hasattr(v, "shape")):  # DCP tensors on disk too
             shape = tuple(v.shape)
             if len(shape) != 1 or shape[0] < 2:
-                return shape
+                return shape, k
             richer = [s for s in _tensors(entry).values() if _numel(s) == shape[0] and len(s) >= 2 and min(s) > 1]
-            return max(richer, key=len) if len(set(richer)) == 1 else shape
+            return (max(richer, key=len) if len(set(richer)) == 1 else shape), k
     row, col = entry.get("row_var"), entry.get("col_var")
     if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.ndim == col.ndim >= 2:
         # Adafactor factors a (..., R, C) second moment into row_var (..., R, 1) and col_var (..., 1, C)
-        return (*row.shape[:-1], col.shape[-1])
-    return None
+        return (*row.shape[:-1], col.shape[-1]), "row_var"
+    return None, ""
 
 
 def is_lbfgs(opt: OptimizerState) -> bool:
@@ -178,15 +182,22 @@ def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
         return cached[1]
     state = {i: one_view(e) for i, e in opt.state.items()}
     lbfgs = is_lbfgs(opt)
-    shapes = {i: None if lbfgs else param_shape(state.get(i, {})) for g in opt.groups for i in g.params}
+    found = {i: (None, "") if lbfgs else _shape_and_key(state.get(i, {})) for g in opt.groups for i in g.params}
+    shapes = {i: s for i, (s, _) in found.items()}
     if not lbfgs and model_shapes:
-        _shapes_from_unknown_keys(state, shapes, model_shapes)
+        # a known key whose shapes are not the saved model's parameter shapes means something else in
+        # this optimizer (Nero's per-row exp_avg_sq [6, 1], Amos' scalar one, SARA's empty exp_avg):
+        # none of its shapes is evidence
+        other = {k for i, (s, k) in found.items() if s is not None and s not in model_shapes}
+        shapes = {i: None if k in other else s for i, (s, k) in found.items()}
+        _shapes_from_unknown_keys(state, shapes, model_shapes, opt.__dict__.get("_model_shape_counts"))
     opt.__dict__["_shapes"] = (opt.state_dict, shapes, model_shapes)
     return shapes
 
 
 def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[int, ...] | None],
-                              model_shapes: frozenset[tuple[int, ...]]) -> None:
+                              model_shapes: frozenset[tuple[int, ...]],
+                              model_counts: Counter[tuple[int, ...]] | None = None) -> None:
     """Optimizers whose state keys are not torch's (community libraries: A2Grad's ``avg_grad``,
     bitsandbytes' ``state1``): an entry's largest tensor is taken as parameter-shaped only when it is
     the same key in every such entry of the optimizer (a per-parameter buffer) and every shape it
@@ -215,6 +226,12 @@ def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[
         if any(_numel(t) == _numel(shape) and t != shape for t in _tensors(state[i]).values()):
             return  # a same-sized tensor of another shape beside it: which is the parameter's is not shown
         if shape not in model_shapes:
+            return
+    if model_counts is not None:
+        # more indices of a shape than the model has parameters of it: a factor (RACS' row sums
+        # [6] beside a [6, 4] weight), not the parameter
+        wanted = Counter(s for i, s in shapes.items() if s is not None) + Counter(s for _, s in picks.values())
+        if any(n > model_counts[s] for s, n in wanted.items()):
             return
     for i, (_, shape) in picks.items():
         shapes[i] = shape
@@ -366,8 +383,9 @@ def infer_mapping(
     opt = opt or ck.optimizer()
     if source is None and source_names is not None:
         source = SourceNames("source_names", [list(g) for g in source_names])
-    opt.__dict__["_model_shapes"] = frozenset(
-        tuple(meta.shape) for m in ck.models for meta in m.meta.values() if meta.is_floating) or None
+    counts = Counter(tuple(meta.shape) for m in ck.models for meta in m.meta.values() if meta.is_floating)
+    opt.__dict__["_model_shape_counts"] = counts
+    opt.__dict__["_model_shapes"] = frozenset(counts) or None
     warnings = validate_optimizer(opt)
     gc_was_on = gc.isenabled()
     gc.disable()  # ~100k small objects per 100k parameters: collections would dominate the time

@@ -263,7 +263,8 @@ def by_name(saved: dict[str, Any], old: list[list[str]], new: list[list[str]]) -
         return None
     index = {n: k for k, n in enumerate(x for g in old for x in g)}
     group_of = {n: gi for gi, g in enumerate(old) for n in g}
-    state, groups, k = {}, [], 0
+    groups, k = [], 0
+    state = {i: v for i, v in saved["state"].items() if not isinstance(i, int)}  # global entries (MADGRAD's k)
     for g in new:
         src = saved["param_groups"][group_of[g[0]]] if g else saved["param_groups"][0]
         groups.append({**{kk: v for kk, v in src.items() if kk != "params"}, "params": list(range(k, k + len(g)))})
@@ -460,6 +461,8 @@ def check_verdict(t: Trained, variant: str, tmp: Path, *, trust: bool = False) -
     from optckpt.cli import cli
 
     args = ["check", str(t.path), "--target", target_file(tmp, t.spec.id, t.ngroups, variant)]
+    if renamed(variant):
+        args += ["--rename", RENAME]  # what the new names correspond to (else a rename is missing + unexpected)
     if trust:
         args.append("--trust-pickle")
     r = CliRunner().invoke(cli, args, catch_exceptions=True)
