@@ -144,3 +144,13 @@ def test_fresh_state_values_are_defined_once():
                 if any(isinstance(n, ast.FunctionDef) and "fresh" in n.name and "value" in n.name
                        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))))]
     assert defining == ["kinds.py"]
+
+
+def test_optimizer_kind_tables_live_in_kinds_only():
+    """Which state keys are parameter-shaped, which optimizers cannot be sliced / fused, what state
+    starts at: tables of optckpt.kinds, not repeated elsewhere (their tell-tale entries as literals)."""
+    tell_tales = {"max_exp_avg_sq", "mu_product", "Muon"}
+    holders = sorted({p.name for p in PKG.rglob("*.py")
+                      for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+                      if isinstance(n, ast.Constant) and n.value in tell_tales})
+    assert holders == ["kinds.py"]
