@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import OptimizerState
 from .edit import commit_dcp, dcp_output, open_for_edit, source_mapping, write_edits
 from .errors import FormatError, MappingError, WriteError
 from .io import load
@@ -72,12 +73,24 @@ def reset_checkpoint(
     if is_lbfgs(opt):
         raise FormatError("LBFGS keeps one global state for all parameters: it cannot be reset per parameter")
     result = ResetResult(opt.name, selected, mode, list(keys))
+    new_sd = {**opt.state_dict, "state": _reset_state(opt, selected, mode, keys)}
+    if write.dry_run:
+        return result, None
+    assert out is not None
+    written = write_edits(ck, out, [(opt, new_sd)], w=write, trust_pickle=trust_pickle)
+    return result, written
+
+
+def _reset_state(opt: OptimizerState, selected: Sequence[tuple[Any, str]], mode: str,
+                 keys: Sequence[str]) -> dict[Any, Any]:
+    """The optimizer's ``state`` with the selected entries dropped (``drop``) or their keys (all, or
+    ``keys``) re-initialised to torch's fresh values (``zero``); new tensors filled in batches."""
+    chosen = {i for i, _ in selected}
     group_of = {i: g for g in opt.state_dict.get("param_groups", []) for i in g["params"]}
-    state = opt.state
     new_state: dict[Any, Any] = {}
     pending: dict[float, list[torch.Tensor]] = {}
-    for idx, entry in state.items():
-        if idx not in {i for i, _ in selected}:
+    for idx, entry in opt.state.items():
+        if idx not in chosen:
             new_state[idx] = entry
             continue
         if mode == "drop":
@@ -89,12 +102,7 @@ def reset_checkpoint(
                           for k, v in entry.items()}
     for value, tensors in pending.items():
         fill_tensors(tensors, value)
-    new_sd = {**opt.state_dict, "state": new_state}
-    if write.dry_run:
-        return result, None
-    assert out is not None
-    written = write_edits(ck, out, [(opt, new_sd)], w=write, trust_pickle=trust_pickle)
-    return result, written
+    return new_state
 
 
 def _fresh_like(key: str, v: Any, group: Mapping[str, Any], pending: dict[float, list[torch.Tensor]]) -> Any:

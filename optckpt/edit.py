@@ -30,16 +30,16 @@ __all__ = ["open_for_edit", "write_edits", "source_mapping", "schedulers_of", "d
 
 
 def open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: str | None, trust_pickle: bool,
-                   w: WriteOptions) -> tuple[Checkpoint, OptimizerState, str | None]:
+                  w: WriteOptions) -> tuple[Checkpoint, OptimizerState, str | None]:
     """Load a checkpoint to edit, check where the result may go, and pick the optimizer."""
-    ck = load(path, model=model, trust_pickle=trust_pickle)  # DCP directories are edited by the _*_dcp helpers
+    ck = load(path, model=model, trust_pickle=trust_pickle)  # DCP: each command's _*_dcp variant
     if not w.dry_run:
         out = resolve_output(path, out, w.in_place, replace_backup=w.replace_backup, backup=w.backup)
     return ck, ck.optimizer(optimizer_key), out
 
 
 def write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, w: WriteOptions,
-                 trust_pickle: bool = False) -> str:
+                trust_pickle: bool = False) -> str:
     """Put each new state dict where its old one sat (file + key path), write the changed files in
     the input's layout, and (``w.verify``) read them back bit for bit."""
     part_objs = {p.relpath: p.obj for p in ck.parts}
