@@ -203,8 +203,15 @@ def library_specs() -> list[Spec]:
 
 
 def available(lib: str) -> bool:
+    """Installed (a real package, not a folder of that name on the path) and importable here."""
     spec = importlib.util.find_spec(lib)
-    return spec is not None and spec.origin is not None
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        importlib.import_module(lib)
+    except Exception:  # e.g. a torchao built for another torch
+        return False
+    return True
 
 
 def spec_by_id(ident: str) -> Spec:
@@ -302,7 +309,9 @@ def load_file(path: Path, pickled: bool) -> dict[str, Any]:
     return torch.load(path, weights_only=not pickled)  # the user's own resume script
 
 
-def train(spec: Spec, ngroups: int, tmp: Path) -> Trained:
+def train(spec: Spec, ngroups: int, tmp: Path, variants: tuple[str, ...] = VARIANTS[1:]) -> Trained:
+    """Train, save, run on (the uninterrupted run), the control, and the by-name ground truth of
+    each of ``variants``."""
     model, opt = spec.build("same", ngroups)
     for i in range(3):
         step(model, opt, i)
@@ -322,7 +331,7 @@ def train(spec: Spec, ngroups: int, tmp: Path) -> Trained:
     control = params_by_old_name(m2)
     t = Trained(spec, ngroups, path, ref, control, max_diff(control, ref))
     old = index_names(model, opt)
-    for variant in VARIANTS[1:]:
+    for variant in variants:
         sd = load_file(path, spec.pickled)  # afresh: a load shares the saved tensors, which steps change
         m3, o3 = spec.build(variant, ngroups)
         truth = by_name(sd["optimizer"], old, index_names(m3, o3))

@@ -40,11 +40,11 @@ from community_zoo import (
 REPAIRED = ("reordered", "renamed")
 
 
-def _train(spec: Spec, ngroups: int, tmp: Path) -> Trained:
+def _train(spec: Spec, ngroups: int, tmp: Path, variants: tuple[str, ...] = VARIANTS[1:]) -> Trained:
     if not available(spec.lib):
-        pytest.skip(f"{spec.lib} is not installed")
+        pytest.skip(f"{spec.lib} is not installed (or does not import here)")
     with redirect_stdout(io.StringIO()):  # Adam-mini prints what it found
-        return train(spec, ngroups, tmp)
+        return train(spec, ngroups, tmp, variants)
 
 
 def _assert_exact_or_refused(case: str, got: Outcome) -> None:
@@ -53,10 +53,13 @@ def _assert_exact_or_refused(case: str, got: Outcome) -> None:
         assert "\n" not in got.detail and got.detail, f"{case}: {got}"
 
 
-def _repairs(t: Trained, tmp: Path, *, in_process: bool) -> dict[str, Outcome]:
+def _repairs(t: Trained, tmp: Path, *, in_process: bool, variants: tuple[str, ...] = REPAIRED) -> dict[str, Outcome]:
+    """Repair for each variant with remap and with the API. ``in_process=False``: the ``renamed``
+    variant's remap runs as a real subprocess (the other in process: the same code, a second
+    interpreter start saved)."""
     out = {}
-    for v in REPAIRED:
-        out[f"{v}/remap"] = via_cli(t, v, tmp, in_process=in_process)
+    for v in variants:
+        out[f"{v}/remap"] = via_cli(t, v, tmp, in_process=in_process or v != "renamed")
         out[f"{v}/api"] = via_api(t, v)
     return out
 
@@ -117,11 +120,11 @@ def test_own_keys_and_misleading_shapes(ident, tmp_path):
         assert got.kind == "exact", f"{ident} {case}: {got}"
 
 
-def _check_agrees(t: Trained, tmp: Path) -> list[str]:
+def _check_agrees(t: Trained, tmp: Path, variants: tuple[str, ...] = VARIANTS) -> list[str]:
     """``check`` says SAFE (exit 0) exactly when a plain ``load_state_dict`` resumes like the
     uninterrupted run; exit 2 (refused) only in one line; returns the disagreements."""
     bad = []
-    for v in VARIANTS:
+    for v in variants:
         code, err = check_verdict(t, v, tmp)
         plain = via_plain(t, v)
         if code == 2:
@@ -183,12 +186,13 @@ def test_pytorch_optimizer_matrix(name, tmp_path):
     parameters are skipped, with their reason): remap (in process: 100+ optimizers) and the API."""
     spec = spec_by_id(f"pytorch_optimizer.{name}")
     try:
-        t = _train(spec, 2, tmp_path)
+        t = _train(spec, 2, tmp_path, ("renamed",))
     except Exception as e:  # the optimizer cannot train this model with a plain step() here
         pytest.skip(f"{name}: cannot run here: {type(e).__name__}: {str(e)[:100]}")
-    for case, got in _repairs(t, tmp_path, in_process=True).items():
+    # "renamed" is the harder case (reordered, groups the other way, a submodule renamed)
+    for case, got in _repairs(t, tmp_path, in_process=True, variants=("renamed",)).items():
         _assert_exact_or_refused(f"{name} {case}", got)
-    assert _check_agrees(t, tmp_path) == []
+    assert _check_agrees(t, tmp_path, ("same", "renamed")) == []
 
 
 def test_matrix_compares_against_something_that_differs(tmp_path):
