@@ -52,11 +52,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def one_view(entry: Any) -> Any:
-    """heavyball keeps each parameter's state per view of it (``{0: {...}}``): a single view is the
-    parameter's own state; several views (a parameter split in blocks) stay as they are (no shape)."""
-    if isinstance(entry, Mapping) and len(entry) == 1 and 0 in entry and isinstance(entry[0], Mapping):
-        return entry[0]
-    return entry
+    """An entry whose tensors sit one dict down, read through for shape evidence: heavyball keeps
+    each parameter's state per view of it (``{0: {...}}``), bitsandbytes its 8-bit state under
+    ``__bnb_optimizer_quant_state__`` (beside ``step``). Several such dicts (a parameter split in
+    blocks) stay as they are (no shape)."""
+    if not isinstance(entry, Mapping):
+        return entry
+    inner = [v for v in entry.values() if isinstance(v, Mapping)]
+    if len(inner) != 1:
+        return entry
+    return {**{k: v for k, v in entry.items() if not isinstance(v, Mapping)}, **inner[0]}
 
 
 def _is_object(v: Any) -> bool:
@@ -201,8 +206,11 @@ def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[
     todo = [i for i, s in shapes.items() if s is None and isinstance(state.get(i), Mapping) and state[i]
             and not any(_is_object(v) for v in state[i].values())]
     picks: dict[Any, tuple[str, tuple[int, ...]]] = {}
+    # only keys every such entry has (bitsandbytes keeps its 256-entry code books qmap1 / qmap2 on
+    # 8-bit entries only: never the parameter's buffer)
+    common = set.intersection(*(set(_tensors(state[i])) for i in todo)) if todo else set()
     for i in todo:
-        found = _tensors(state[i])
+        found = {k: v for k, v in _tensors(state[i]).items() if k in common}
         if found:
             key = max(found, key=lambda k: (_numel(found[k]), len(found[k]), k))
             picks[i] = (key, found[key])

@@ -121,7 +121,7 @@ def _galore(name: str) -> Spec:
     def make(model: nn.Module, ngroups: int, variant: str) -> torch.optim.Optimizer:
         import galore_torch
 
-        proj = {"rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}
+        proj = GALORE_GROUP
         cls = getattr(galore_torch, name)
         kw: dict[str, Any] = {"lr": 1e-2}
         if name == "GaLoreAdafactor":
@@ -232,6 +232,16 @@ def spec_by_id(ident: str) -> Spec:
     if lib == "pytorch_optimizer":
         return _pytorch_optimizer(name)
     raise KeyError(ident)
+
+
+GALORE_GROUP = {"rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}
+
+
+def plain_target(ngroups: int, variant: str, galore: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The new code's model and grouping, with a torch optimizer standing in for a library that is
+    not installed (GaLore's projection settings on the matrix group): enough to name and place."""
+    model = Net(variant)
+    return model, torch.optim.SGD(groups(model, ngroups, variant, extra=GALORE_GROUP if galore else None), lr=0.1)
 
 
 def build_target(ident: str, ngroups: int, variant: str) -> tuple[nn.Module, torch.optim.Optimizer]:
