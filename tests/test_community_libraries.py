@@ -16,6 +16,8 @@ that runs on a CPU."""
 from __future__ import annotations
 
 import io
+import json
+import os
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -47,7 +49,16 @@ def _train(spec: Spec, ngroups: int, tmp: Path, variants: tuple[str, ...] = VARI
         return train(spec, ngroups, tmp, variants)
 
 
+def _record(case: str, got: Outcome) -> None:
+    """With OPTCKPT_MATRIX_LOG=path, one line per case (the matrix table of the closing note)."""
+    log = os.environ.get("OPTCKPT_MATRIX_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"case": case, "kind": got.kind, "detail": got.detail}) + "\n")
+
+
 def _assert_exact_or_refused(case: str, got: Outcome) -> None:
+    _record(case, got)
     assert got.kind in ("exact", "refused"), f"{case}: {got}"
     if got.kind == "refused":
         assert "\n" not in got.detail and got.detail, f"{case}: {got}"
@@ -133,6 +144,7 @@ def _check_agrees(t: Trained, tmp: Path, variants: tuple[str, ...] = VARIANTS) -
                 bad.append(f"{t.spec.id} g{t.ngroups} {v}: check exit 2 without one line: {err!r}")
         elif (code == 0) != (plain.kind == "exact"):
             bad.append(f"{t.spec.id} g{t.ngroups} {v}: check exit {code}, plain load {plain}")
+        _record(f"{t.spec.id} g{t.ngroups} {v}/check", Outcome(f"check{code}/plain-{plain.kind}"))
     return bad
 
 
