@@ -484,15 +484,24 @@ def via_plain(t: Trained, variant: str) -> Outcome:
 
 
 def check_verdict(t: Trained, variant: str, tmp: Path, *, trust: bool = False) -> tuple[int, str]:
-    """``optckpt check`` against the new code: exit 0 (safe), 1 (not safe) or 2 (refused)."""
+    """``optckpt check --format json`` against the new code: (exit code, its verdict), the verdict
+    being the error message when it refused (exit 2)."""
+    import json
+
     from click.testing import CliRunner
 
     from optckpt.cli import cli
 
-    args = ["check", str(t.path), "--target", target_file(tmp, t.spec.id, t.ngroups, variant)]
+    args = ["check", str(t.path), "--target", target_file(tmp, t.spec.id, t.ngroups, variant), "--format", "json"]
     if renamed(variant):
         args += ["--rename", RENAME]  # what the new names correspond to (else a rename is missing + unexpected)
     if trust:
         args.append("--trust-pickle")
     r = CliRunner().invoke(cli, args, catch_exceptions=True)
-    return r.exit_code, (r.stderr + (repr(r.exception) if r.exception and r.exit_code != 2 else ""))[-300:]
+    try:
+        data = json.loads(r.stdout)
+    except ValueError:
+        return r.exit_code, f"not JSON: {r.stdout[-200:]!r} {r.stderr[-200:]!r} {r.exception!r}"
+    if r.exit_code == 2:
+        return 2, str(data.get("error", {}).get("message", data))
+    return r.exit_code, str(data.get("verdict"))
