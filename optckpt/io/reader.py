@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Callable
 from typing import Any
 
@@ -98,8 +99,11 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         obj = self._allowed.get((module, name))
-        if obj is None:
-            raise NeedsPlaceholders(f"{module}.{name}")
+        if obj is None:  # protocol 2 (torch.save's) spells Python 3 names the Python 2 way
+            key = NAME_MAPPING.get((module, name)) or (IMPORT_MAPPING.get(module, module), name)
+            obj = self._allowed.get(key)
+            if obj is None:
+                raise NeedsPlaceholders(f"{module}.{name}")
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
@@ -123,7 +127,7 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
     :class:`LoadError` (a reference to no record, or to a record of another size), or the
     unpickler's own errors."""
     records = {e.filename: e for e in layout.entries}
-    whole: list[torch.UntypedStorage] = []
+    whole: list[Any] = []
     loaded: dict[str, Any] = {}
 
     def storage_for(storage_type: Any, key: str, location: str, numel: int) -> Any:
