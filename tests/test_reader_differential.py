@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from optckpt.io import torchfile
-from optckpt.io.safepickle import safe_load_torch
 from optckpt.io.reader import NeedsPlaceholders, _Unpickler, fast_allowed, read_zip_pickle
+from optckpt.io.safepickle import safe_load_torch
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
