@@ -15,7 +15,9 @@ import torch
 
 from ..errors import LoadError, UnsafePickleError
 from .bounds import check_bounds
+from .editlock import interrupted_message
 from .reader import NeedsPlaceholders, fast_allowed, read_zip_pickle
+from .readguard import file_mappings, offset_in
 from .safepickle import safe_load_torch
 from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_bytes, parse_zip
 
@@ -163,8 +165,6 @@ def _storage_check(path: str, layout: ZipLayout) -> Any:
     With ``mmap=True`` torch takes ``nbytes`` (from the pickle) from where the record's data
     starts, whatever the record's size; a plain ``torch.load`` reads the record itself. A storage
     longer or shorter than its record would differ between the two: refused."""
-    from .records import _mappings, _offset_in
-
     by_offset = {e.data_offset: e for e in layout.entries if "/data/" in e.filename}
     ranges: list[tuple[int, int]] = []
 
@@ -175,8 +175,8 @@ def _storage_check(path: str, layout: ZipLayout) -> Any:
         if nbytes == 0:
             return
         if not ranges:
-            ranges.extend(_mappings(path) or [(0, 0)])
-        off = _offset_in(ranges, storage.data_ptr())
+            ranges.extend(file_mappings(path) or [(0, 0)])
+        off = offset_in(ranges, storage.data_ptr())
         if off is None:
             return  # not memory-mapped from the file: torch read the record itself
         rec = by_offset.get(off)
@@ -242,10 +242,7 @@ def _parse_checked(path: str) -> ZipLayout:
     except (ZipCorruptError, OSError, ValueError, struct.error) as e:
         raise LoadError(f"{path}: truncated or corrupt zip container ({_first_line(e)})") from None
     if layout.kind == "pend" and layout.previous_size is not None:
-        from .append import EndState, interrupted_message
-
-        state = EndState(len(layout.entries), layout.cd_size, layout.cd_offset, "pend", layout.previous_size)
-        raise LoadError(interrupted_message(path, state, layout.size))
+        raise LoadError(interrupted_message(path, layout.previous_size, layout.size))
     return layout
 
 

@@ -370,7 +370,7 @@ def parse_reader(rd: _Reader, size: int) -> ZipLayout:
     """The current version's records, every structure rule above checked over the whole file."""
     current = _parse_one(rd, size)
     if current.layout.kind == "pend":
-        return current.layout  # an interrupted in-place edit: the caller names it (append.interrupted_message)
+        return current.layout  # an interrupted in-place edit: the caller names it (editlock.interrupted_message)
     chain = [current]
     while chain[-1].layout.kind == "prev" and len(chain) < _MAX_VERSIONS:
         prev = chain[-1].layout.previous_size
