@@ -26,6 +26,7 @@ a tensor with backward hooks (``torch.save`` writes them empty) is refused.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import pickle
@@ -154,7 +155,11 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
         loaded[key] = typed
         return typed
 
-    try:
+    collecting = gc.isenabled()
+    gc.disable()  # a pickle builds only new, acyclic-in-practice containers: no cycle collection while
+    try:  # it does (they would rescan the growing heap again and again: a third of the time at 300k entries)
         return _Unpickler(pickle_bytes, allowed, storage_for).load()
     finally:  # what torch.load does after every load: sparse tensors rebuilt above are checked here
+        if collecting:
+            gc.enable()
         torch._utils._validate_loaded_sparse_tensors()
