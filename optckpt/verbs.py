@@ -7,7 +7,9 @@ rendering. Errors are raised as :class:`optckpt.OptckptError` subclasses (the CL
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,6 +60,15 @@ def _renames(rename: Sequence[str] | Mapping[str, str]) -> list[str]:
     if isinstance(rename, Mapping):
         return [f"{old}={new}" for old, new in rename.items()]
     return list(rename)
+
+
+def _guarded(in_place: bool, *inputs: str | None) -> AbstractContextManager[None]:
+    """Read leases on an editing command's inputs (:func:`io.readguard.stable_reads`): a file another
+    process truncates while it is read is one error and nothing committed before it, never a SIGBUS.
+    ``--in-place`` edits take the file's edit lock and write to it themselves: no lease there."""
+    from .io.readguard import stable_reads
+
+    return contextlib.nullcontext() if in_place else stable_reads(*inputs)
 
 
 def inspect(path: str, *, model: str | None = None, stats: bool = False, trust_pickle: bool = False) -> Report:
@@ -111,11 +122,12 @@ def remap(path: str, target: str, output: str | None = None, *, in_place: bool =
 
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
                     allow_ambiguous=allow_ambiguous, hparams=hparams, group_evidence=group_evidence)
-    plan, written = remap_checkpoint(
-        path, target, output, model=model, source=source, renames=_renames(rename), policy=policy,
-        transforms=parse_transforms(fuse, split), model_output=model_output, optimizer_key=optimizer,
-        models=_list(models), write=_write(dry_run, in_place, verify, replace_backup, backup),
-        trust_pickle=trust_pickle)
+    with _guarded(in_place, path, model, target, source):
+        plan, written = remap_checkpoint(
+            path, target, output, model=model, source=source, renames=_renames(rename), policy=policy,
+            transforms=parse_transforms(fuse, split), model_output=model_output, optimizer_key=optimizer,
+            models=_list(models), write=_write(dry_run, in_place, verify, replace_backup, backup),
+            trust_pickle=trust_pickle)
     return Report("remap", plan.as_json() | {"written": written})
 
 
@@ -127,10 +139,11 @@ def reset(path: str, params: Sequence[str], output: str | None = None, *, keys: 
     """``optckpt reset``: drop or re-initialise the state of parameters matching the ``params`` globs."""
     from .cmd_reset import reset_checkpoint
 
-    result, written = reset_checkpoint(
-        path, list(params), output, keys=list(keys), mode=mode, model=model, source=source, optimizer_key=optimizer,
-        models=_list(models), write=_write(dry_run, in_place, verify, replace_backup, backup),
-        trust_pickle=trust_pickle)
+    with _guarded(in_place, path, model, source):
+        result, written = reset_checkpoint(
+            path, list(params), output, keys=list(keys), mode=mode, model=model, source=source,
+            optimizer_key=optimizer, models=_list(models),
+            write=_write(dry_run, in_place, verify, replace_backup, backup), trust_pickle=trust_pickle)
     return Report("reset", {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
                             "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written})
 
@@ -154,10 +167,11 @@ def set_hparams(path: str, output: str | None = None, *, lr: float | None = None
         raise FormatError("--weight-decay and --scale-weight-decay are exclusive")
     changes = [Change(k, v) for k, v in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay),
                                          ("scale_weight_decay", scale_weight_decay)) if v is not None]
-    result, written = set_checkpoint(
-        path, output, changes, groups=tuple(groups), params=tuple(params), raw_sets=tuple(set),
-        follow=scheduler == "follow", model=model, optimizer_key=optimizer, models=_list(models),
-        write=_write(dry_run, in_place, verify, replace_backup, backup), trust_pickle=trust_pickle)
+    with _guarded(in_place, path, model):
+        result, written = set_checkpoint(
+            path, output, changes, groups=tuple(groups), params=tuple(params), raw_sets=tuple(set),
+            follow=scheduler == "follow", model=model, optimizer_key=optimizer, models=_list(models),
+            write=_write(dry_run, in_place, verify, replace_backup, backup), trust_pickle=trust_pickle)
     return Report("set", {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
                           "after": result.after, "schedulers": result.schedulers, "notes": result.notes,
                           "written": written})
@@ -192,6 +206,7 @@ def convert(path: str, to: Literal["dcp", "torch", "safetensors"], output: str, 
     """``optckpt convert``: the checkpoint in another layout; ``data["written"]`` is the output."""
     from .cmd_convert import convert_checkpoint
 
-    written = convert_checkpoint(path, to, output, model=model, source=source, optimizer_key=optimizer,
-                                 models=_list(models), trust_pickle=trust_pickle, max_shard_size=max_shard_size)
+    with _guarded(False, path, model, source):
+        written = convert_checkpoint(path, to, output, model=model, source=source, optimizer_key=optimizer,
+                                     models=_list(models), trust_pickle=trust_pickle, max_shard_size=max_shard_size)
     return Report("convert", {"written": written})
