@@ -268,8 +268,7 @@ def test_no_base_model_path_unchanged_code_is_safe_without_source(nobase_run):
 
 @pytest.mark.slow
 def test_no_base_model_path_unchanged_code_is_safe_in_a_subprocess(nobase_run):
-    """The same as a real subprocess run (transformers and peft imported afresh): names from the target's live adapter names (``.default.`` bridged to the
-    file's keys), order from the registered class the adapter config records, with the target's config."""
+    """The same check as a real subprocess run (transformers and peft imported afresh)."""
     from conftest import run_cli
 
     root, ckpt, _, _ = nobase_run
