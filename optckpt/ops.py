@@ -236,7 +236,9 @@ def remap_checkpoint(
         assert model is not None
         _write_model_file(model, separate[0][0], separate[0][1], model_output, w=write, trust_pickle=trust_pickle)
     n_groups = len(opt.state_dict.get("param_groups", []))
-    edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
+    trailing = int(isinstance(opt.state_dict.get("base_param_settings"), Mapping))  # mmengine's, after the groups
+    edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups, trailing=trailing))
+                               for s in schedulers_of(ck, opt)]
     edits += [(m, new) for m, new in model_edits if not any(m is j for j, _ in joined)]
     assert out is not None
     written = _write_edits(ck, out, edits, w=write, trust_pickle=trust_pickle)
