@@ -311,8 +311,8 @@ def apply_plan(plan: RemapPlan, state_dict: Mapping[str, Any], *, with_names: bo
             entry["param_names"] = list(g.param_names)
         groups.append(entry)
     # other top-level entries travel as they are (mmengine's OptimWrapper saves its base_param_settings here)
-    new = {"state": new_state, "param_groups": groups}
-    return {k: new.get(k, v) for k, v in state_dict.items()} | new
+    rebuilt: dict[str, Any] = {"state": new_state, "param_groups": groups}
+    return {k: rebuilt.get(k, v) for k, v in state_dict.items()} | rebuilt
 
 
 _LBFGS_FLAT = ("d", "prev_flat_grad")
