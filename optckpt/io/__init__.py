@@ -12,7 +12,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
 from .dcp import is_dcp_dir, load_dcp
-from .deepspeed import deepspeed_dir, load_deepspeed
+from .deepspeed import deepspeed_dir, deepspeed_stage0_dir, load_deepspeed
 from .discover import discover
 from .hf_order import hf_model_order
 from .peft import ADAPTER_FILES, peft_adapter_order, peft_order_from_target
@@ -157,6 +157,11 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
     except OSError as e:
         raise LoadError(f"{path}: cannot list directory: {e.strerror or e}") from None
     files = [n for n in names if os.path.isfile(os.path.join(path, n)) and not n.endswith(_SKIP_SUFFIXES)]
+    stage0 = deepspeed_stage0_dir(path)  # a DeepSpeed stage-0 save: its step directory's files, under <tag>/
+    if stage0 is not None:
+        tag = os.path.relpath(stage0, path)
+        files += [os.path.join(tag, n) for n in sorted(os.listdir(stage0))
+                  if os.path.isfile(os.path.join(stage0, n)) and not n.endswith(_SKIP_SUFFIXES)]
     if "trainer_state.json" in files or ("optimizer.pt" in files and "scheduler.pt" in files):
         layout = "hf-trainer"
     elif any(re.fullmatch(r"(optimizer(_\d+)?\.bin|random_states_\d+\.pkl)", n) for n in files):
