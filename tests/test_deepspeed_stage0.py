@@ -158,3 +158,11 @@ def test_deepspeed_resumes_the_repaired_top_directory_exactly(tmp_path):
         return  # DeepSpeed refused or crashed on the unrepaired state
     bad = torch.load(tmp_path / "bad.pt")
     assert any(not torch.allclose(bad[n], ref[n], atol=1e-6) for n in ref)
+
+
+def test_set_at_the_top_edits_the_step_directory(stage0):
+    r = invoke("set", str(stage0), "--scale-lr", "0.5", "--in-place")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    sd = torch.load(stage0 / STEP, weights_only=True)
+    assert [g["lr"] for g in sd["optimizer"]["param_groups"]] == [0.005, 0.005]
+    assert sorted(os.listdir(stage0)) == ["global_step3", "latest"]
