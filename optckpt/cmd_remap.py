@@ -108,8 +108,8 @@ def _model_edits(ck: Checkpoint, mapping: OptimizerMapping, plan: RemapPlan, tar
             continue
         new, info = rewrite_model(m.tensors, plan, target, renames, policy)
         obj = module_at(ck, m)
-        if obj is not None and target.module is not None and (new is not None or list(m.tensors) != list(
-                target.module.state_dict())):  # a whole pickled module: its names and order are the new code's
+        if obj is not None and (new is not None or (target.module is not None and list(m.tensors) != list(
+                target.module.state_dict()))):  # a whole pickled module: its names and order are the new code's
             edits.append((m, rebuild_module(obj, target.module, new if new is not None else m.tensors, m.name)))
             plan.models.append({"name": m.name, "part": m.part, "rewritten": True, **info})
             plan.notes.append(f"model {m.name}: a pickled nn.Module object, rebuilt as the new code's "

@@ -5,9 +5,9 @@ Only reachable under ``--trust-pickle``: the loaded object is the real module, w
 ``_modules`` / ``_parameters`` / ``_buffers``) is the old code's, pickled with it. Renaming keys of a
 state dict is not enough here: the object would keep the old names and registration order. The
 rewritten object is a copy of the new code's own module (the target's), given the repaired tensors
-(assigned as they are: the saved dtype, fp16 in YOLO's files, is kept), the saved ``requires_grad``
-flags and train / eval mode, and the old root object's own plain attributes (YOLO's class ``names``,
-``yaml``, ``args``, ``stride``...) that are not part of the new structure. Its ``state_dict()`` is then
+(in their saved dtype: fp16 in YOLO's files; tied parameters stay tied), the saved ``requires_grad``
+flags and train / eval mode, and the old root object's own plain attributes (not tensors or modules:
+YOLO's class ``names``, ``yaml``, ``args``...) that are not part of the new structure. Its ``state_dict()`` is then
 the repaired state dict, by name and in the new order; what is written is verified that way."""
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ def rebuild_module(old: torch.nn.Module, template: torch.nn.Module | None, state
     if missing or unexpected:
         raise WriteError(f"{where}: the repaired state does not fit the new code's module "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}); not written")
-    new.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+    new.load_state_dict({k: state[k] for k in expected}, strict=True)  # copied: tied parameters stay tied
+    for k, t in new.state_dict(keep_vars=True).items():
+        if t.dtype != state[k].dtype:  # the saved dtype (YOLO's fp16 copies), not the template's
+            t.data = t.data.to(state[k].dtype)
     flags = {p.requires_grad for p in old.parameters()}
     if len(flags) == 1:  # YOLO's EMA copy: no parameter requires grad
         new.requires_grad_(flags.pop())

@@ -227,3 +227,31 @@ def test_trust_pickle_imports_from_the_current_directory_with_the_console_script
     assert r.returncode == 2
     assert "optckpt: error:" in r.stderr and "need the module 'netcode'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(6, 4)
+        self.out = torch.nn.Linear(4, 6, bias=False)
+        self.out.weight = self.emb.weight
+        self.labels = ["a", "b"]
+
+
+def test_rebuilt_module_keeps_ties_saved_dtype_and_flags():
+    from optckpt.errors import WriteError
+    from optckpt.pickled import rebuild_module
+
+    torch.manual_seed(0)
+    old = _Tied().half().requires_grad_(False).eval()
+    template = _Tied()
+    template.labels = []
+    new = rebuild_module(old, template, old.state_dict(), "ckpt:model")
+    assert new.out.weight is new.emb.weight and len(list(new.parameters())) == 1
+    assert new.emb.weight.dtype == torch.float16 and torch.equal(new.emb.weight, old.emb.weight)
+    assert not new.emb.weight.requires_grad and not new.training and new.labels == ["a", "b"]
+    assert template.emb.weight.dtype == torch.float32 and template.labels == []  # the target is left alone
+    with pytest.raises(WriteError, match="does not fit the new code's module"):
+        rebuild_module(old, torch.nn.Linear(4, 6), old.state_dict(), "ckpt:model")
+    with pytest.raises(WriteError, match="module:callable"):
+        rebuild_module(old, None, old.state_dict(), "ckpt:model")
