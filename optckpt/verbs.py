@@ -167,15 +167,21 @@ def set_hparams(path: str, output: str | None = None, *, lr: float | None = None
 def diff(a: str, b: str, *, model_a: str | None = None, model_b: str | None = None, atol: float = 0.0,
          rtol: float = 0.0, only: Sequence[str] = (), params: Sequence[str] = (), stats: bool = False,
          device: str | None = None, trust_pickle: bool = False,
-         progress: Callable[[int], None] | None = None) -> Report:
-    """``optckpt diff``: what changed between checkpoints ``a`` and ``b``. ``exit_code`` 0 when identical."""
+         progress: Callable[[int], None] | None = None,
+         progress_total: Callable[[int], None] | None = None) -> Report:
+    """``optckpt diff``: what changed between checkpoints ``a`` and ``b``. ``exit_code`` 0 when identical.
+
+    ``progress(n)`` is called as each ``n`` bytes of tensor data have been compared; ``progress_total``
+    once before that, with the bytes the comparison will read (``--only`` / ``params`` may read fewer)."""
     from . import io
-    from .diff import diff_checkpoints
+    from .diff import diff_checkpoints, total_bytes
     from .io.readguard import stable_reads
 
     with stable_reads(a, b, model_a, model_b):
         ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
         cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+        if progress_total is not None:
+            progress_total(total_bytes(ca, cb))
         data = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=tuple(only), params=tuple(params), stats=stats,
                                 device=device, progress=progress).as_json()
     return Report("diff", data, 0 if data["identical"] else 1)

@@ -141,15 +141,15 @@ def _same_record_in(path: str) -> Callable[[torch.Tensor, torch.Tensor], bool]:
     """For a file edited by appending (its old bytes never written): two tensors memory-mapped from
     ``path`` at the same file offset, with the same dtype, shape, strides and storage size, hold the
     same bytes, whichever version's mapping each came from."""
-    from .io.records import _mappings, _offset_in
+    from .io.readguard import file_mappings, offset_in
 
-    ranges = _mappings(path)
+    ranges = file_mappings(path)
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         sa, sb = a.untyped_storage(), b.untyped_storage()
         if a.device.type != "cpu" or b.device.type != "cpu" or sa.nbytes() != sb.nbytes() or sa.nbytes() == 0:
             return False
-        oa, ob = _offset_in(ranges, sa.data_ptr()), _offset_in(ranges, sb.data_ptr())
+        oa, ob = offset_in(ranges, sa.data_ptr()), offset_in(ranges, sb.data_ptr())
         return (oa is not None and oa == ob and a.dtype == b.dtype and a.shape == b.shape
                 and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
 
