@@ -154,7 +154,9 @@ def target_option(f: F) -> F:
 
 def load_options(f: F) -> F:
     f = click.option("--trust-pickle", is_flag=True,
-                     help="Allow full pickle loading (can execute code from the file). Only for files you trust.")(f)
+                     help="Allow full pickle loading (can execute code from the file). Only for files you trust. "
+                          "The classes it names are imported with the current directory on the import path, as "
+                          "--target does; a pickled nn.Module is rewritten by remap as the --target module.")(f)
     f = click.option("--model", "model_path", type=click.Path(), default=None,
                      help="A separately saved model state dict (for a lone optimizer file).")(f)
     return f

@@ -98,6 +98,7 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
         ck = io.load(path, model=model, trust_pickle=trust_pickle)
         opt = ck.optimizer(optimizer)
         tgt = resolve_target(target, trust_pickle=trust_pickle)
+        io.adopt_target_adapter(ck, tgt.module, trust_pickle=trust_pickle)
         claim = resolve_source(source, trust_pickle=trust_pickle, fallback=tgt) if source else None
         mapping = infer_mapping(ck, opt, source=claim, models=_list(models))
         if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left

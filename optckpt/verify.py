@@ -115,7 +115,7 @@ def same_bits(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor]
 def _same_structure(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor], bool] | None,
                     pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Equal containers and values, tensors aside: those go to ``pairs`` (unless ``same_record``
-    proves them), to be compared byte for byte."""
+    proves them), to be compared byte for byte. Modules compare by class and state dict."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -124,6 +124,10 @@ def _same_structure(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.T
         if same_record is None or not same_record(a, b):
             pairs.append((a, b))
         return True
+    if isinstance(a, torch.nn.Module) or isinstance(b, torch.nn.Module):
+        # a whole pickled module (--trust-pickle): the same class, and its state by name, in order, bit for bit
+        return type(a) is type(b) and _same_structure(a.state_dict(keep_vars=False), b.state_dict(keep_vars=False),
+                                                      same_record, pairs)
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return list(a.keys()) == list(b.keys()) and all(_same_structure(a[k], b[k], same_record, pairs) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):

@@ -58,6 +58,26 @@ def deepspeed_dir(path: str) -> str | None:
     models, optims = _zero_files(path)
     if models and optims:
         return path
+    step = _follow_latest(path)
+    if step is None:
+        return None
+    models, optims = _zero_files(step)
+    return step if models and optims else None
+
+
+def deepspeed_stage0_dir(path: str) -> str | None:
+    """The stage-0 step directory ``path``'s ``latest`` file names (its model states file holds the plain
+    torch optimizer state dict, there are no optimizer partitions), or None. Read as an ordinary
+    directory, its files as parts under ``<tag>/``."""
+    step = _follow_latest(path)
+    if step is None:
+        return None
+    models, optims = _zero_files(step)
+    return step if models and not optims else None
+
+
+def _follow_latest(path: str) -> str | None:
+    """The step directory named by ``path/latest`` (kept inside ``path``), or None."""
     latest = os.path.join(path, "latest")
     if not os.path.isfile(latest) or os.path.getsize(latest) > 4096:
         return None
@@ -73,8 +93,7 @@ def deepspeed_dir(path: str) -> str | None:
     if os.path.commonpath([real_root, real]) != real_root or real == real_root:
         raise LoadError(f"{latest}: names the step directory {tag!r}, which leads outside the checkpoint "
                         "directory (a symlink?); refused")
-    models, optims = _zero_files(step)
-    return step if models and optims else None
+    return step if os.path.isdir(step) else None
 
 
 def load_deepspeed(path: str, step: str, trust_pickle: bool = False) -> Checkpoint:

@@ -125,12 +125,19 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
                 "this can execute code from the file",
                 file=sys.stderr,
             )
+        if trust_pickle:  # the classes a trusted file names import as --target's code does: from the current directory
+            cwd = os.getcwd()
+            if cwd not in sys.path:
+                sys.path.insert(0, cwd)
         obj = torch.load(
             path,
             map_location=_map,
             weights_only=not trust_pickle,
             mmap=zip_format,
         )
+    except ModuleNotFoundError as e:  # (only under --trust-pickle: the safe reader imports nothing)
+        raise LoadError(f"{path}: its pickled objects need the module {e.name!r}, which is not importable from "
+                        f"{os.getcwd()}: run optckpt from the training code's directory or set PYTHONPATH") from None
     except pickle.UnpicklingError as e:
         said = re.findall(r"GLOBAL ([\w.]+)", str(e))
         if not said and "weights only" not in str(e).lower():
