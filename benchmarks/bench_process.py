@@ -8,13 +8,16 @@ interleaved round by round, page cache warm (inputs read once first), every outp
 existing (a re-run overwrites it, as ``cp`` over an existing file does). Baselines, timed the same way:
 
 * ``cp A OUT && sync``          (OUT pre-existing) for ``remap`` (whose figure includes a ``sync`` too)
-* ``cat A B > /dev/null``       for ``diff``
+* ``cat A B > /dev/null``       for ``diff`` (kept for comparison with earlier runs; GNU ``cat`` may splice
+                                into /dev/null without reading), and ``cmp A A2`` (two identical files,
+                                every byte read and compared) for ``diff A A2``
 * ``torch.load(A, weights_only=True)`` (whole process minus ``import torch``) for ``inspect``
 * the naive script: ``torch.load`` → re-key the optimizer state → ``torch.save`` (+ ``sync``)
 
 The optckpt and naive processes also record the time after their imports (``import torch,
 optckpt.cli`` done): printed as the *after-import* figures, which is what ``bench_remap_diff.py``
-reports. Peak private memory (``RssAnon``, sampled every 5 ms) is reported above the ``import torch``
+reports. The *whole-process* figures (nothing subtracted: what the user waits for) are printed
+too. Peak private memory (``RssAnon``, sampled every 5 ms) is reported above the ``import torch``
 floor.
 
 Checkpoints (synthetic, float32, Adam state built directly: ``step`` / ``exp_avg`` / ``exp_avg_sq``
@@ -39,6 +42,7 @@ CASES = {  # name: (d, blocks); storages = 4 * (12 * blocks + 1)
     "small": (512, 12),   # 580 storages, 0.49 GB
     "issue": (512, 39),   # 1,876 storages, 1.53 GB: the bundle of issue #20 (469 parameters)
     "many": (128, 208),   # 9,988 storages, 0.43 GB of small tensors
+    "huge": (8, 12_500),  # 600,004 storages (150k parameters with Adam state), 0.04 GB: per-storage costs only
 }
 
 WRAP = r"""
@@ -146,7 +150,8 @@ def warm(*paths: str) -> None:
 
 def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[str, object]:
     py = sys.executable
-    a, b, out, cp_out = (os.path.join(tmp, x) for x in ("a.pt", "b.pt", "out.pt", "cp.pt"))
+    a, b, out, cp_out, a2, edit = (os.path.join(tmp, x) for x in ("a.pt", "b.pt", "out.pt", "cp.pt", "a2.pt",
+                                                                  "edit.pt"))
     names, largest = build(a, d, blocks)
     target = os.path.join(tmp, "target.json")
     with open(target, "w") as f:
@@ -161,9 +166,12 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
     # the output paths exist before every timed run (a re-run), as for cp
     subprocess.run(remap, env=env, check=True, stdout=subprocess.DEVNULL)
     shutil.copyfile(a, cp_out)
-    warm(a, b)
+    shutil.copyfile(a, a2)
+    shutil.copyfile(a, edit)
+    warm(a, b, a2)
     subprocess.run(["sync"], check=True)
     walls: dict[str, list[float]] = {}
+    whole: dict[str, list[float]] = {}
     after: dict[str, list[float]] = {}
     mem: dict[str, int] = {}
 
@@ -181,6 +189,7 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
         walls.setdefault("import torch", []).append(base)
         mem["import torch"] = max(mem.get("import torch", 0), base_mem)
         wall, peak = synced(cmd, **kw) if sync else run(cmd, **kw)  # type: ignore[arg-type]
+        whole.setdefault(label, []).append(wall)
         rec(label, wall - base, peak, inner)
 
     def synced(cmd: list[str], **kw: object) -> tuple[float, int]:
@@ -197,12 +206,20 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
         py_rec("inspect", [*wrap, "inspect", a, "--format", "json"], inner=True, env=env)
         rec("cat A B", *run(f"cat {a} {b} > /dev/null", shell=True))
         py_rec("diff", [*wrap, "diff", a, b, "--format", "json"], inner=True, env=env, ok=(1,))
+        rec("cmp A A2", *run(["cmp", a, a2]))
+        py_rec("diff identical", [*wrap, "diff", a, a2, "--format", "json"], inner=True, env=env)
+        py_rec("set --in-place", [*wrap, "set", edit, "--scale-lr", "1.0", "--in-place"], inner=True, sync=True,
+               env=env)
     base = statistics.median(walls["import torch"])
     net = {k: statistics.median(v) for k, v in walls.items() if k != "import torch"}
     aft = {k: statistics.median(v) for k, v in after.items()}
+    tot = {k: statistics.median(v) for k, v in whole.items()}
+    for k in ("cp A OUT && sync", "cat A B", "cmp A A2"):
+        tot[k] = net[k]
     res: dict[str, object] = {
         "case": name, "d": d, "blocks": blocks, "params": len(names), "storages": 4 * len(names),
-        "bytes": os.path.getsize(a), "largest": largest, "import_torch_s": base, "net_s": net, "after_import_s": aft,
+        "bytes": os.path.getsize(a), "largest": largest, "import_torch_s": base, "net_s": net,
+        "whole_s": tot, "after_import_s": aft,
         "extra_private_mib": {k: (mem[k] - mem["import torch"]) / 1024 for k in mem
                               if k not in ("import torch", "cp A OUT && sync", "cat A B")},
         "ratios": {
@@ -210,13 +227,22 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
             "remap / (cp && sync)": net["remap"] / net["cp A OUT && sync"],
             "remap / naive": net["remap"] / net["naive load/re-key/save"],
             "diff / cat A B": net["diff"] / net["cat A B"],
+            "diff identical / cmp": net["diff identical"] / net["cmp A A2"],
+            "set --in-place / (cp && sync)": net["set --in-place"] / net["cp A OUT && sync"],
+        },
+        "whole_process_ratios": {
+            "inspect / torch.load": tot["inspect"] / tot["torch.load"],
+            "remap / (cp && sync)": tot["remap"] / tot["cp A OUT && sync"],
+            "remap / naive": tot["remap"] / tot["naive load/re-key/save"],
+            "diff identical / cmp": tot["diff identical"] / tot["cmp A A2"],
+            "set --in-place / (cp && sync)": tot["set --in-place"] / tot["cp A OUT && sync"],
         },
         "after_import_ratios": {
             "remap / (cp && sync)": aft["remap"] / net["cp A OUT && sync"],
             "diff / cat A B": aft["diff"] / net["cat A B"],
         },
     }
-    for p in (a, b, out, cp_out):
+    for p in (a, b, out, cp_out, a2, edit):
         os.unlink(p)
     return res
 
@@ -249,11 +275,15 @@ def show(r: dict[str, object], repeats: int) -> None:
     print(f"\n== {r['case']}: {r['params']} parameters, {r['storages']} storages, {r['bytes'] / 1e9:.2f} GB, "
           f"largest tensor {r['largest'] / 2**20:.0f} MiB; median of {repeats}; "
           f"python -c 'import torch' (median {r['import_torch_s']:.2f} s) subtracted pairwise")
-    print(f"{'command':26s} {'whole-process s':>16s} {'after-import s':>15s} {'extra RssAnon':>14s}")
+    tot = r["whole_s"]
+    assert isinstance(tot, dict)
+    print(f"{'command':30s} {'whole s':>8s} {'net of import s':>16s} {'after-import s':>15s} {'extra RssAnon':>14s}")
     for k, v in net.items():
         a = f"{aft[k]:.2f}" if k in aft else ""
         m = f"{mem[k]:.0f} MiB" if k in mem else ""
-        print(f"{k:26s} {v:16.2f} {a:>15s} {m:>14s}")
+        print(f"{k:30s} {tot[k]:8.2f} {v:16.2f} {a:>15s} {m:>14s}")
+    for k, v in dict(r["whole_process_ratios"]).items():  # type: ignore[call-overload]
+        print(f"  whole process {k:30s} = {v:.2f}")
     for k, v in dict(r["ratios"]).items():  # type: ignore[call-overload]
         print(f"  {k:24s} = {v:.2f}")
     for k, v in dict(r["after_import_ratios"]).items():  # type: ignore[call-overload]

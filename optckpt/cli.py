@@ -154,7 +154,9 @@ def target_option(f: F) -> F:
 
 def load_options(f: F) -> F:
     f = click.option("--trust-pickle", is_flag=True,
-                     help="Allow full pickle loading (can execute code from the file). Only for files you trust.")(f)
+                     help="Allow full pickle loading (can execute code from the file). Only for files you trust. "
+                          "The classes it names are imported with the current directory on the import path, as "
+                          "--target does; a pickled nn.Module is rewritten by remap as the --target module.")(f)
     f = click.option("--model", "model_path", type=click.Path(), default=None,
                      help="A separately saved model state dict (for a lone optimizer file).")(f)
     return f
@@ -380,30 +382,23 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
             trust_pickle: bool, output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, backup: bool,
             no_verify: bool, fmt: str) -> None:
     """Change param-group hyperparameters (lr, weight_decay, any key) consistently with schedulers."""
-    from .cmd_set import set_checkpoint
-    from .hparams import Change
-    from .render import render_set, to_json
+    from . import verbs
+    from .render import render_set
 
-    if lr is not None and scale_lr is not None:
+    if lr is not None and scale_lr is not None:  # usage errors first (the verb raises them too)
         raise click.UsageError("--lr and --scale-lr are exclusive")
     if weight_decay is not None and scale_weight_decay is not None:
         raise click.UsageError("--weight-decay and --scale-weight-decay are exclusive")
-    changes = [c for c in (
-        Change("lr", lr) if lr is not None else None,
-        Change("scale_lr", scale_lr) if scale_lr is not None else None,
-        Change("weight_decay", weight_decay) if weight_decay is not None else None,
-        Change("scale_weight_decay", scale_weight_decay) if scale_weight_decay is not None else None,
-    ) if c is not None]
+    _write_opts(dry_run, in_place, no_verify, replace_backup, backup)
     with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
-        result, written = set_checkpoint(
-            path, output, changes, groups=groups, params=params, raw_sets=raw_sets,
-            follow=sched_mode == "follow", model=model_path, optimizer_key=optimizer_key,
-            models=models.split(",") if models else None,
-            write=_write_opts(dry_run, in_place, no_verify, replace_backup, backup), trust_pickle=trust_pickle)
-    report = {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
-              "after": result.after, "schedulers": result.schedulers, "notes": result.notes, "written": written}
-    _note_stale(written)
-    click.echo(to_json(report) if fmt == "json" else _escape(render_set(report), newlines=False))
+        r = verbs.set_hparams(path, output, lr=lr, scale_lr=scale_lr, weight_decay=weight_decay,
+                              scale_weight_decay=scale_weight_decay, set=raw_sets, groups=groups, params=params,
+                              scheduler=sched_mode, in_place=in_place, dry_run=dry_run,  # type: ignore[arg-type]
+                              verify=not no_verify, backup=backup, replace_backup=replace_backup,
+                              model=model_path, optimizer=optimizer_key, models=models or None,
+                              trust_pickle=trust_pickle)
+    _note_stale(r["written"])
+    click.echo(r.to_json() if fmt == "json" else _escape(render_set(r.data), newlines=False))
 
 
 @cli.command()
@@ -428,9 +423,8 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
          only: tuple[str, ...], params: tuple[str, ...], stats: bool, limit: int | None, device: str | None,
          trust_pickle: bool, fmt: str) -> None:
     """What changed between checkpoints A and B (any layouts). Exit 0 identical, 1 different."""
-    from . import io
-    from .diff import diff_checkpoints, total_bytes
-    from .render import render_diff, to_json
+    from . import verbs
+    from .render import render_diff
 
     if device is not None:
         import torch
@@ -439,16 +433,29 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
             torch.empty(0, device=device)
         except Exception as e:
             raise click.UsageError(f"--device {device}: not available here ({str(e).splitlines()[0]})") from None
-    from .io.readguard import stable_reads
+    with _LazyProgress("comparing", fmt) as bar:
+        r = verbs.diff(a, b, model_a=model_a, model_b=model_b, atol=atol, rtol=rtol, only=only, params=params,
+                       stats=stats, device=device, trust_pickle=trust_pickle, progress=bar.tick,
+                       progress_total=bar.start)
+    click.echo(r.to_json() if fmt == "json" else _escape(render_diff(r.data, fmt=fmt, limit=limit), newlines=False))
+    sys.exit(r.exit_code)
 
-    with stable_reads(a, b, model_a, model_b):  # a file changed meanwhile: one error line, never a SIGBUS
-        ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
-        cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
-        with _progress(total_bytes(ca, cb), "comparing", fmt) as tick:
-            report = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=only, params=params, stats=stats,
-                                      device=device, progress=tick).as_json()
-    click.echo(to_json(report) if fmt == "json" else _escape(render_diff(report, fmt=fmt, limit=limit), newlines=False))
-    sys.exit(EXIT_OK if report["identical"] else EXIT_DIFFERENT)
+
+class _LazyProgress(contextlib.ExitStack):
+    """``_progress`` for work whose size is known only once it has started (``start(total)``, called by
+    the verb before its first ``tick``); the bar closes when this context does."""
+
+    def __init__(self, label: str, fmt: str) -> None:
+        super().__init__()
+        self.label, self.fmt = label, fmt
+        self._tick: Callable[[int], None] | None = None
+
+    def start(self, total: int) -> None:
+        self._tick = self.enter_context(_progress(total, self.label, self.fmt))
+
+    def tick(self, n: int) -> None:
+        if self._tick is not None:
+            self._tick(n)
 
 
 @contextlib.contextmanager

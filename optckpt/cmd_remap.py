@@ -3,7 +3,7 @@ code, and its DCP variant (FQN renames and drops in the metadata only)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from .io import load
 from .io.dcp import is_dcp_dir
 from .io.write import WriteOptions, resolve_output
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
+from .pickled import module_at, rebuild_module
 from .remap import (
     Policy,
     RemapPlan,
@@ -80,7 +81,9 @@ def remap_checkpoint(
         assert model is not None
         _write_model_file(model, separate[0][0], separate[0][1], model_output, w=write, trust_pickle=trust_pickle)
     n_groups = len(opt.state_dict.get("param_groups", []))
-    edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
+    trailing = int(isinstance(opt.state_dict.get("base_param_settings"), Mapping))  # mmengine's, after the groups
+    edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups, trailing=trailing))
+                               for s in schedulers_of(ck, opt)]
     edits += [(m, new) for m, new in model_edits if not any(m is j for j, _ in joined)]
     assert out is not None
     written = write_edits(ck, out, edits, w=write, trust_pickle=trust_pickle)
@@ -88,13 +91,13 @@ def remap_checkpoint(
 
 
 def _model_edits(ck: Checkpoint, mapping: OptimizerMapping, plan: RemapPlan, target: Any,
-                 renames: Sequence[Any], policy: Policy) -> list[tuple[Any, dict[str, torch.Tensor]]]:
+                 renames: Sequence[Any], policy: Policy) -> list[tuple[Any, Any]]:
     """The model state dicts of the optimizer's model (those holding most of its saved names: the
     model itself, an EMA copy), rewritten for the new code (:func:`optckpt.remap.rewrite_model`);
     each one's outcome goes into ``plan.models`` and the notes."""
     names = {e.name for e in mapping.entries if e.name is not None}
     kinds = {p.relpath: p.kind for p in ck.parts}
-    edits = []
+    edits: list[tuple[Any, Any]] = []
     for m in ck.models:
         if not names or len(m.tensors) != len(m.meta) or 2 * len(names & set(m.meta)) < len(names):
             continue
@@ -104,10 +107,20 @@ def _model_edits(ck: Checkpoint, mapping: OptimizerMapping, plan: RemapPlan, tar
             plan.notes.append(f"model {m.name}: a {kind} file: its keys are not rewritten (not supported yet)")
             continue
         new, info = rewrite_model(m.tensors, plan, target, renames, policy)
-        plan.models.append({"name": m.name, "part": m.part, "rewritten": new is not None, **info})
-        if new is None:
-            continue
-        edits.append((m, new))
+        obj = module_at(ck, m)
+        if obj is not None and (new is not None or (target.module is not None and list(m.tensors) != list(
+                target.module.state_dict()))):  # a whole pickled module: its names and order are the new code's
+            edits.append((m, rebuild_module(obj, target.module, new if new is not None else m.tensors, m.name)))
+            plan.models.append({"name": m.name, "part": m.part, "rewritten": True, **info})
+            plan.notes.append(f"model {m.name}: a pickled nn.Module object, rebuilt as the new code's "
+                              f"{type(target.module).__qualname__} with the saved tensors")
+            if new is None:
+                continue
+        else:
+            plan.models.append({"name": m.name, "part": m.part, "rewritten": new is not None, **info})
+            if new is None:
+                continue
+            edits.append((m, new))
         said = [f"{info['renamed']} keys renamed"] + [f"{k} {', '.join(info[k][:4])}" + (
             f" and {len(info[k]) - 4} more" if len(info[k]) > 4 else "") for k in
             ("fused", "split", "sliced", "dropped", "added") if info[k]]

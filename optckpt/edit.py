@@ -11,7 +11,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, OptimizerState
 from .errors import WriteError
-from .io import load
+from .io import adopt_target_adapter, load
 from .io.write import (
     WriteOptions,
     commit_dir,
@@ -56,6 +56,8 @@ def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, mode
                    trust_pickle: bool, target: Target | None = None) -> OptimizerMapping:
     """The saved indices named, with ``--source`` checked by the consistency gate (the target's shapes
     check names that nothing else gives a shape)."""
+    if target is not None:
+        adopt_target_adapter(ck, target.module, trust_pickle=trust_pickle)
     claim = resolve_source(source, trust_pickle=trust_pickle, fallback=target) if source else None
     return infer_mapping(ck, opt, source=claim, models=models)
 

@@ -128,15 +128,27 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     entries = []
     group_of = {idx: g.position for g in groups for idx in g.params}
     known = {e.index: e for e in mapping.entries}
+    all_keys: list[Any] = []
+    # entries that hold the very same values (a DeepSpeed file's zero-size parameters share one empty
+    # piece per shape and one step) are summarised once: 300k of them would otherwise cost seconds
+    summaries: dict[tuple[Any, ...], dict[str, Any]] = {}
+    step_values: dict[int, float] = {}
     for g in groups:
         for pos, idx in enumerate(g.params):
             st = state.get(idx, {})
-            key_counts.update(st.keys())
+            all_keys.extend(st)
             step = st.get("step")
             if isinstance(step, torch.Tensor) and step.numel() == 1:
-                steps.append(float(step.item()))
+                value = step_values.get(id(step))
+                if value is None:
+                    value = step_values[id(step)] = float(step.item())
+                steps.append(value)
             elif isinstance(step, (int, float)):
                 steps.append(float(step))
+            sig = (*st, *map(id, st.values()))
+            summary = summaries.get(sig)
+            if summary is None:
+                summary = summaries[sig] = _state_shape_summary(st)
             row: dict[str, Any] = {
                 "index": idx,
                 "group": g.position,
@@ -144,13 +156,14 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
                 "inferred_name": known[idx].name if idx in known else None,
                 "candidates": list(known[idx].candidates) if idx in known and known[idx].name is None else [],
                 "evidence": known[idx].evidence if idx in known else None,
-                "state": _state_shape_summary(st),
+                "state": dict(summary),
             }
             if stats:
                 row["stats"] = {k: tensor_stats(v.load() if _on_disk(v) else v) for k, v in st.items()
                                 if (isinstance(v, torch.Tensor) or _on_disk(v)) and len(v.shape)}
                 nonfinite += sum(s["nan"] + s["inf"] for s in row["stats"].values())
             entries.append(row)
+    key_counts.update(all_keys)
     orphans = [k for k in state if k not in group_of]
     report: dict[str, Any] = {
         "name": o.name,

@@ -401,31 +401,67 @@ def _remap_lbfgs(plan: RemapPlan, old_state: Mapping[Any, Any]) -> dict[int, Any
 
 # --- schedulers ------------------------------------------------------------------------------------
 
-_PER_GROUP_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs", "base_momentums", "max_momentums", "lr_lambdas")
+# per-group lists by name: torch's schedulers (CyclicLR, OneCycleLR, ReduceLROnPlateau, LambdaLR...) and
+# mmengine's _ParamScheduler (``base_values`` / ``_last_value`` of the hyperparameter ``param_name``,
+# ReduceOnPlateauParamScheduler's ``min_values``)
+_PER_GROUP_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs", "base_momentums", "max_momentums", "lr_lambdas",
+                    "base_values", "_last_value", "min_values")
+# lists known not to be per group whatever their length (SequentialLR's milestones between its schedulers)
+_NOT_PER_GROUP = frozenset({"_milestones", "milestones", "_schedule_phases", "_schedulers"})
 
 
-def remap_scheduler(sd: Mapping[str, Any], plan: RemapPlan, n_source_groups: int) -> dict[str, Any]:
-    """Reorder / extend a scheduler's per-group lists to the new groups (nested schedulers too).
-    A new group without an old one takes its values from its hyperparameters (``initial_lr``)."""
+def _plain(v: Any) -> bool:
+    """A plain number (not a bool), or a list / tuple of them (a group's ``betas``)."""
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) and not isinstance(x, (list, tuple)) for x in v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _per_group(key: str, v: Any, n_source_groups: int, trailing: int = 0) -> bool:
+    """The rule for a scheduler's per-group list, which must follow the param groups when they are
+    reordered, added or dropped: a list with one item per saved param group that is either named
+    as per-group (:data:`_PER_GROUP_LISTS`), or, under any other key, holds only plain numbers (or
+    lists of them) over at least two groups (a library's own per-group list; with a single group
+    every one-item list would pass, so only named lists are taken there). Never the lists known to be
+    something else (:data:`_NOT_PER_GROUP`). ``trailing`` entries after the groups' are not groups'
+    (mmengine's OptimWrapper over several groups appends its ``base_param_settings`` to the groups its
+    schedulers see): they stay last, unchanged."""
+    if not isinstance(v, list) or len(v) != n_source_groups + trailing or key in _NOT_PER_GROUP:
+        return False
+    if key in _PER_GROUP_LISTS:
+        return True
+    return n_source_groups >= 2 and all(_plain(x) for x in v)
+
+
+def remap_scheduler(sd: Mapping[str, Any], plan: RemapPlan, n_source_groups: int, *,
+                    trailing: int = 0) -> dict[str, Any]:
+    """Reorder / extend a scheduler's per-group lists (:func:`_per_group`) to the new groups (nested
+    schedulers too). A new group without an old one takes its values from its hyperparameters
+    (``initial_lr``; mmengine: ``initial_<param_name>`` / ``<param_name>``). ``trailing``: entries
+    after the groups' (mmengine's ``base_param_settings``), kept last."""
     out = dict(sd)
-    for key in _PER_GROUP_LISTS:
-        v = sd.get(key)
-        if isinstance(v, list) and len(v) == n_source_groups:
+    for key, v in sd.items():
+        if isinstance(key, str) and _per_group(key, v, n_source_groups, trailing):
             out[key] = [copy.deepcopy(v[g.source_group]) if g.source_group is not None else
-                        _new_group_value(key, g, v) for g in plan.groups]
+                        _new_group_value(key, g, v, sd.get("param_name")) for g in plan.groups]
+            out[key] += copy.deepcopy(v[n_source_groups:])
     if isinstance(sd.get("_schedulers"), list):
-        out["_schedulers"] = [remap_scheduler(c, plan, n_source_groups) if isinstance(c, Mapping) else c
-                              for c in sd["_schedulers"]]
+        out["_schedulers"] = [remap_scheduler(c, plan, n_source_groups, trailing=trailing)
+                              if isinstance(c, Mapping) else c for c in sd["_schedulers"]]
     return out
 
 
-def _new_group_value(key: str, g: GroupPlan, old: list[Any]) -> Any:
+def _new_group_value(key: str, g: GroupPlan, old: list[Any], param_name: Any = None) -> Any:
     """A scheduler's per-group value for a new group that has no saved counterpart."""
     hp = g.hparams
     if key in ("base_lrs", "_last_lr", "min_lrs"):
         if key == "min_lrs":
             return old[0]
         return hp.get("initial_lr", hp.get("lr", old[0]))
+    if key in ("base_values", "_last_value") and isinstance(param_name, str) and param_name in hp:
+        # mmengine: base values are the group's initial_<param_name> (set when the scheduler was built)
+        current = hp[param_name]
+        return current if key == "_last_value" else hp.get(f"initial_{param_name}", current)
     return copy.deepcopy(old[0])
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import Checkpoint, OptimizerState
 from .errors import FormatError, MappingError, UnsafePickleError
-from .io import load
+from .io import adopt_target_adapter, load
 from .io.discover import is_optimizer_sd, model_state_from_dict
 from .io.safepickle import PickledObject, first_placeholder
 from .kernels import place_tensors
@@ -108,6 +108,7 @@ def load_optimizer_state_dict(
     order) or ``source_names=`` (names in the old optimizer order)."""
     ck, opt = _as_checkpoint(source, model_state_dict, optimizer_key, trust_pickle)
     target = from_live(model, optimizer)
+    adopt_target_adapter(ck, model, trust_pickle=trust_pickle)
     claim: SourceNames | None = None
     if source_names is not None:
         names = [[str(n) for n in source_names]] if source_names and isinstance(source_names[0], str) else \

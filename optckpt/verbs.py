@@ -7,7 +7,9 @@ rendering. Errors are raised as :class:`optckpt.OptckptError` subclasses (the CL
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +62,15 @@ def _renames(rename: Sequence[str] | Mapping[str, str]) -> list[str]:
     return list(rename)
 
 
+def _guarded(in_place: bool, *inputs: str | None) -> AbstractContextManager[None]:
+    """Read leases on an editing command's inputs (:func:`io.readguard.stable_reads`): a file another
+    process truncates while it is read is one error and nothing committed before it, never a SIGBUS.
+    ``--in-place`` edits take the file's edit lock and write to it themselves: no lease there."""
+    from .io.readguard import stable_reads
+
+    return contextlib.nullcontext() if in_place else stable_reads(*inputs)
+
+
 def inspect(path: str, *, model: str | None = None, stats: bool = False, trust_pickle: bool = False) -> Report:
     """``optckpt inspect``: what a checkpoint holds."""
     from . import io
@@ -87,6 +98,7 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
         ck = io.load(path, model=model, trust_pickle=trust_pickle)
         opt = ck.optimizer(optimizer)
         tgt = resolve_target(target, trust_pickle=trust_pickle)
+        io.adopt_target_adapter(ck, tgt.module, trust_pickle=trust_pickle)
         claim = resolve_source(source, trust_pickle=trust_pickle, fallback=tgt) if source else None
         mapping = infer_mapping(ck, opt, source=claim, models=_list(models))
         if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
@@ -111,11 +123,12 @@ def remap(path: str, target: str, output: str | None = None, *, in_place: bool =
 
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
                     allow_ambiguous=allow_ambiguous, hparams=hparams, group_evidence=group_evidence)
-    plan, written = remap_checkpoint(
-        path, target, output, model=model, source=source, renames=_renames(rename), policy=policy,
-        transforms=parse_transforms(fuse, split), model_output=model_output, optimizer_key=optimizer,
-        models=_list(models), write=_write(dry_run, in_place, verify, replace_backup, backup),
-        trust_pickle=trust_pickle)
+    with _guarded(in_place, path, model, target, source):
+        plan, written = remap_checkpoint(
+            path, target, output, model=model, source=source, renames=_renames(rename), policy=policy,
+            transforms=parse_transforms(fuse, split), model_output=model_output, optimizer_key=optimizer,
+            models=_list(models), write=_write(dry_run, in_place, verify, replace_backup, backup),
+            trust_pickle=trust_pickle)
     return Report("remap", plan.as_json() | {"written": written})
 
 
@@ -127,10 +140,11 @@ def reset(path: str, params: Sequence[str], output: str | None = None, *, keys: 
     """``optckpt reset``: drop or re-initialise the state of parameters matching the ``params`` globs."""
     from .cmd_reset import reset_checkpoint
 
-    result, written = reset_checkpoint(
-        path, list(params), output, keys=list(keys), mode=mode, model=model, source=source, optimizer_key=optimizer,
-        models=_list(models), write=_write(dry_run, in_place, verify, replace_backup, backup),
-        trust_pickle=trust_pickle)
+    with _guarded(in_place, path, model, source):
+        result, written = reset_checkpoint(
+            path, list(params), output, keys=list(keys), mode=mode, model=model, source=source,
+            optimizer_key=optimizer, models=_list(models),
+            write=_write(dry_run, in_place, verify, replace_backup, backup), trust_pickle=trust_pickle)
     return Report("reset", {"optimizer": result.optimizer, "mode": result.mode, "keys": result.keys,
                             "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written})
 
@@ -154,10 +168,11 @@ def set_hparams(path: str, output: str | None = None, *, lr: float | None = None
         raise FormatError("--weight-decay and --scale-weight-decay are exclusive")
     changes = [Change(k, v) for k, v in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay),
                                          ("scale_weight_decay", scale_weight_decay)) if v is not None]
-    result, written = set_checkpoint(
-        path, output, changes, groups=tuple(groups), params=tuple(params), raw_sets=tuple(set),
-        follow=scheduler == "follow", model=model, optimizer_key=optimizer, models=_list(models),
-        write=_write(dry_run, in_place, verify, replace_backup, backup), trust_pickle=trust_pickle)
+    with _guarded(in_place, path, model):
+        result, written = set_checkpoint(
+            path, output, changes, groups=tuple(groups), params=tuple(params), raw_sets=tuple(set),
+            follow=scheduler == "follow", model=model, optimizer_key=optimizer, models=_list(models),
+            write=_write(dry_run, in_place, verify, replace_backup, backup), trust_pickle=trust_pickle)
     return Report("set", {"optimizer": result.optimizer, "groups": result.groups, "before": result.before,
                           "after": result.after, "schedulers": result.schedulers, "notes": result.notes,
                           "written": written})
@@ -166,15 +181,21 @@ def set_hparams(path: str, output: str | None = None, *, lr: float | None = None
 def diff(a: str, b: str, *, model_a: str | None = None, model_b: str | None = None, atol: float = 0.0,
          rtol: float = 0.0, only: Sequence[str] = (), params: Sequence[str] = (), stats: bool = False,
          device: str | None = None, trust_pickle: bool = False,
-         progress: Callable[[int], None] | None = None) -> Report:
-    """``optckpt diff``: what changed between checkpoints ``a`` and ``b``. ``exit_code`` 0 when identical."""
+         progress: Callable[[int], None] | None = None,
+         progress_total: Callable[[int], None] | None = None) -> Report:
+    """``optckpt diff``: what changed between checkpoints ``a`` and ``b``. ``exit_code`` 0 when identical.
+
+    ``progress(n)`` is called as each ``n`` bytes of tensor data have been compared; ``progress_total``
+    once before that, with the bytes the comparison will read (``--only`` / ``params`` may read fewer)."""
     from . import io
-    from .diff import diff_checkpoints
+    from .diff import diff_checkpoints, total_bytes
     from .io.readguard import stable_reads
 
     with stable_reads(a, b, model_a, model_b):
         ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
         cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+        if progress_total is not None:
+            progress_total(total_bytes(ca, cb))
         data = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=tuple(only), params=tuple(params), stats=stats,
                                 device=device, progress=progress).as_json()
     return Report("diff", data, 0 if data["identical"] else 1)
@@ -186,6 +207,7 @@ def convert(path: str, to: Literal["dcp", "torch", "safetensors"], output: str, 
     """``optckpt convert``: the checkpoint in another layout; ``data["written"]`` is the output."""
     from .cmd_convert import convert_checkpoint
 
-    written = convert_checkpoint(path, to, output, model=model, source=source, optimizer_key=optimizer,
-                                 models=_list(models), trust_pickle=trust_pickle, max_shard_size=max_shard_size)
+    with _guarded(False, path, model, source):
+        written = convert_checkpoint(path, to, output, model=model, source=source, optimizer_key=optimizer,
+                                     models=_list(models), trust_pickle=trust_pickle, max_shard_size=max_shard_size)
     return Report("convert", {"written": written})

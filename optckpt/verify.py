@@ -116,7 +116,7 @@ def same_bits(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor]
 def _same_structure(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor], bool] | None,
                     pairs: list[tuple[torch.Tensor, torch.Tensor]], depth: int = 0) -> bool:
     """Equal containers and values, tensors aside: those go to ``pairs`` (unless ``same_record``
-    proves them), to be compared byte for byte."""
+    proves them), to be compared byte for byte. Modules compare by class and state dict."""
     if depth > 256:
         return False  # (a cycle through objects' attributes)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -127,6 +127,10 @@ def _same_structure(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.T
         if same_record is None or not same_record(a, b):
             pairs.append((a, b))
         return True
+    if isinstance(a, torch.nn.Module) or isinstance(b, torch.nn.Module):
+        # a whole pickled module (--trust-pickle): the same class, and its state by name, in order, bit for bit
+        return type(a) is type(b) and _same_structure(a.state_dict(keep_vars=False), b.state_dict(keep_vars=False),
+                                                      same_record, pairs)
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return list(a.keys()) == list(b.keys()) and \
             all(_same_structure(a[k], b[k], same_record, pairs, depth + 1) for k in a)
@@ -150,15 +154,15 @@ def _same_record_in(path: str) -> Callable[[torch.Tensor, torch.Tensor], bool]:
     """For a file edited by appending (its old bytes never written): two tensors memory-mapped from
     ``path`` at the same file offset, with the same dtype, shape, strides and storage size, hold the
     same bytes, whichever version's mapping each came from."""
-    from .io.records import _mappings, _offset_in
+    from .io.readguard import file_mappings, offset_in
 
-    ranges = _mappings(path)
+    ranges = file_mappings(path)
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         sa, sb = a.untyped_storage(), b.untyped_storage()
         if a.device.type != "cpu" or b.device.type != "cpu" or sa.nbytes() != sb.nbytes() or sa.nbytes() == 0:
             return False
-        oa, ob = _offset_in(ranges, sa.data_ptr()), _offset_in(ranges, sb.data_ptr())
+        oa, ob = offset_in(ranges, sa.data_ptr()), offset_in(ranges, sb.data_ptr())
         return (oa is not None and oa == ob and a.dtype == b.dtype and a.shape == b.shape
                 and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
 

@@ -23,6 +23,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import FIXTURES, ROOT
 
@@ -87,16 +88,23 @@ def _compare_values(a: object, b: object, where: str, problems: list[str]) -> No
         problems.append(f"{where}: {a!r} vs {b!r}")
 
 
-def test_the_generator_is_deterministic_on_one_machine(tmp_path: Path):
-    first = _generate(tmp_path / "a")
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """One run of the generator, shared by the two tests below (each run starts torch and trains)."""
+    out = tmp_path_factory.mktemp("generated")
+    return out, _generate(out)
+
+
+def test_the_generator_is_deterministic_on_one_machine(generated: tuple[Path, list[Path]], tmp_path: Path):
+    a, first = generated
     second = _generate(tmp_path / "b")
     assert first == second
-    differ = [str(rel) for rel in first if (tmp_path / "a" / rel).read_bytes() != (tmp_path / "b" / rel).read_bytes()]
+    differ = [str(rel) for rel in first if (a / rel).read_bytes() != (tmp_path / "b" / rel).read_bytes()]
     assert not differ, f"two runs of the generator on this machine wrote different bytes: {differ}"
 
 
-def test_the_committed_fixtures_are_what_the_generator_makes(tmp_path: Path):
-    written = _generate(tmp_path)
+def test_the_committed_fixtures_are_what_the_generator_makes(generated: tuple[Path, list[Path]]):
+    tmp_path, written = generated
     assert {"seed/optimizer_0.pth", "bundle.pt", "model.safetensors", "nerf/000003.tar"} <= set(map(str, written))
     problems: list[str] = []
     for rel in written:

@@ -131,8 +131,12 @@ def test_bad_inputs_one_line_exit_2(tmp_path):
             assert path.read_bytes() == before
 
 
-def test_bad_inputs_subprocess_no_traceback(tmp_path):
-    for path in _bad_inputs(tmp_path)[:4]:
+@pytest.mark.parametrize("which", [(0, 3), pytest.param((1, 2), marks=pytest.mark.slow)])
+def test_bad_inputs_subprocess_no_traceback(tmp_path, which):
+    """In a real process (nothing else on stderr): the empty file and a truncated one by default, garbage
+    and text with ``-m slow`` (every bad input is refused in-process above)."""
+    inputs = _bad_inputs(tmp_path)
+    for path in (inputs[i] for i in which):
         r = run_cli("inspect", str(path))
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,156 @@ def test_a_registered_base_model_class_still_rebuilds(lora_run, tmp_path):
     moved = _with_config(ckpt, tmp_path / "ckpt", auto_mapping={"base_model_class": "GPT2LMHeadModel"})
     code, rep = invoke_json("check", str(moved), "--target", f"{root / 'target.py'}:build")
     assert code == 0, rep
+
+
+# --- an adapter whose config names no base model (get_peft_model on a model built from a config) ---
+
+NOBASE_TARGET = '''
+from collections import OrderedDict
+
+import peft, torch, transformers
+
+
+def config():
+    cfg = transformers.AutoConfig.from_pretrained({config_dir!r})
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+    cfg._name_or_path = ""  # built from a config: peft then records base_model_name_or_path null
+    return cfg
+
+
+class MlpFirst(transformers.GPT2LMHeadModel):
+    """Each block registers mlp before attn (the forward is unchanged: the LoRA parameters' order changes)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for block in self.transformer.h:
+            block._modules = OrderedDict(sorted(block._modules.items(), key=lambda kv: kv[0] != "mlp"))
+
+
+def groups(model):  # the decay / no-decay groups transformers.Trainer builds
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    return [{{"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad],
+              "weight_decay": 0.01}},
+            {{"params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad],
+              "weight_decay": 0.0}}]
+
+
+def lora(model, adapter_name="default"):
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                      target_modules=["c_attn", "c_proj"]), adapter_name=adapter_name)
+
+
+def build():
+    torch.manual_seed(0)
+    model = lora(transformers.GPT2LMHeadModel(config()))
+    return model, torch.optim.AdamW(groups(model), lr=1e-3)
+
+
+def mlp_first():
+    torch.manual_seed(0)
+    model = lora(MlpFirst(config()))
+    return model, torch.optim.AdamW(groups(model), lr=1e-3)
+
+
+def other_adapter_name():
+    model = lora(transformers.GPT2LMHeadModel(config()), "mine")
+    return model, torch.optim.AdamW(groups(model), lr=1e-3)
+'''
+
+
+def _nobase_train(model, outdir, *, steps, resume=None):
+    args = transformers.TrainingArguments(
+        output_dir=str(outdir), max_steps=steps, save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
+        learning_rate=1e-3, optim="adamw_torch", weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=1,
+        max_grad_norm=0.0, report_to=[], use_cpu=True, seed=0, data_seed=0, full_determinism=True,
+        disable_tqdm=True, logging_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=RandomTokens()).train(
+        resume_from_checkpoint=str(resume) if resume else None)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def nobase_run(tmp_path_factory):
+    """LoRA on a GPT-2 built from a config, 3 Trainer steps saving checkpoint-2/ on the way; the
+    trainable parameters after step 3 are the uninterrupted reference."""
+    import importlib.util
+
+    root = tmp_path_factory.mktemp("peft_nobase")
+    (root / "target.py").write_text(NOBASE_TARGET.format(
+        config_dir=str(Path(__file__).resolve().parent.parent / "fixtures" / "hf_trainer" / "checkpoint-3")))
+    spec = importlib.util.spec_from_file_location("peft_nobase_target", root / "target.py")
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    model, _ = code.build()
+    ref = _nobase_train(model, root / "out", steps=3)
+    return root, root / "out" / "checkpoint-2", code, ref
+
+
+def test_no_base_model_path_is_what_the_issue_describes(nobase_run):
+    _, ckpt, _, _ = nobase_run
+    assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_no_base_model_path_unchanged_code_is_safe_without_source(nobase_run):
+    """Names from the target's live adapter names (``.default.`` bridged to the file's keys), order from
+    the registered class the adapter config records, with the target's config."""
+    root, ckpt, _, _ = nobase_run
+    code, out = invoke_json("check", str(ckpt), "--target", f"{root / 'target.py'}:build")
+    assert code == 0, out
+    assert out["verdict"] == "safe" and out["counts"]["ok"] == 12 and out["evidence_counts"] == {"model-order": 12}
+    assert all(".default." in e["name"] for e in out["params"])
+
+
+@pytest.mark.slow
+def test_no_base_model_path_unchanged_code_is_safe_in_a_subprocess(nobase_run):
+    """The same check as a real subprocess run (transformers and peft imported afresh)."""
+    from conftest import run_cli
+
+    root, ckpt, _, _ = nobase_run
+    r = run_cli("check", str(ckpt), "--target", f"{root / 'target.py'}:build", "--format", "json", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["verdict"] == "safe" and out["counts"]["ok"] == 12 and out["evidence_counts"] == {"model-order": 12}
+    assert all(".default." in e["name"] for e in out["params"])
+
+
+def test_no_base_model_path_another_live_adapter_name_is_bridged(nobase_run):
+    root, ckpt, _, _ = nobase_run
+    code, out = invoke_json("check", str(ckpt), "--target", f"{root / 'target.py'}:other_adapter_name")
+    assert code == 0, out
+    assert out["verdict"] == "safe" and all(".lora_A.mine." in e["name"] or ".lora_B.mine." in e["name"]
+                                            for e in out["params"])
+
+
+def test_no_base_model_path_a_reordering_target_is_not_passed_off_as_the_saved_order(nobase_run, tmp_path):
+    """The target registers mlp before attn in every block: its own order is not the saved one. The
+    order comes from the adapter config's registered class, so check reports the moves, remap fixes
+    them, and the Trainer's own resume of the repaired checkpoint continues the uninterrupted run."""
+    root, ckpt, code, ref = nobase_run
+    spec = f"{root / 'target.py'}:mlp_first"
+    rc, out = invoke_json("check", str(ckpt), "--target", spec)
+    assert rc == 1 and out["verdict"] != "safe", out
+    assert out["counts"]["moved"] == 12 and out["counts"]["ambiguous"] == 0 and out["counts"]["missing"] == 0
+    r = invoke("remap", str(ckpt), "--target", spec, "-o", str(tmp_path / "fixed"))
+    assert r.exit_code == 0, r.stdout + r.stderr
+    rc, out = invoke_json("check", str(tmp_path / "fixed"), "--target", spec)
+    assert rc == 0 and out["verdict"] == "safe", out
+    model, _ = code.mlp_first()
+    got = _nobase_train(model, tmp_path / "resumed", steps=3, resume=tmp_path / "fixed")
+    assert set(got) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-6, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
+    model, _ = code.mlp_first()  # the same resume of the unrepaired checkpoint: another parameter's state
+    with pytest.raises(RuntimeError, match="must match the size"):  # Adam meets a (4, 64) state on (4, 16)
+        _nobase_train(model, tmp_path / "unrepaired", steps=3, resume=ckpt)
+
+
+def test_no_base_model_path_a_target_that_is_not_peft_keeps_the_names_uncertain(nobase_run, monkeypatch):
+    root, ckpt, _, _ = nobase_run
+    monkeypatch.chdir(root)  # the target is given as module:callable, imported from the current directory
+    (root / "plain.py").write_text("import transformers\nfrom target import config\n"
+                                   "def build():\n    return transformers.GPT2LMHeadModel(config())\n")
+    r = invoke("check", str(ckpt), "--target", "plain:build")
+    assert r.exit_code == 1, r.stdout
+    assert "names no base model, and the target's config cannot stand in for it: the target is not a PeftModel" \
+        in r.stdout

@@ -16,6 +16,7 @@ Paths under ``/tmp/`` are redirected to a per-test directory; the fixtures must 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -96,6 +97,12 @@ def _run_shell(cmd: str, expected: int, tmp: Path) -> str | None:
     return None
 
 
+@functools.cache
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """A python block as a script; run once per session (the opening example serves two tests)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
 def test_every_readme_code_block_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(ROOT)
     before = _fixture_digest()
@@ -112,7 +119,7 @@ def test_every_readme_code_block_runs_as_written(tmp_path: Path, monkeypatch: py
                 ran += 1
             continue
         code = body.replace("/tmp/", f"{tmp_path}/")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        r = _run_python(code)
         promised = re.search(r"#\s*(\w+Error): (.*?)(?: \.\.\.)?$", body, re.M)
         if promised:
             last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
@@ -131,7 +138,7 @@ def test_opening_example_fails_the_way_the_text_says():
     at step(), with the message the README quotes (not merely run and exit 0)."""
     line, body = _blocks("python")[0]
     assert "opt.step()" in body and "load_state_dict" in body
-    r = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = _run_python(body)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith(
         "RuntimeError: The size of tensor a (2) must match the size of tensor b (3)"), r.stderr[-500:]

@@ -231,6 +231,10 @@ def _legacy_append():
                               text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("the pre-CRC append.py is not in this checkout's history")
+    # the helpers it imported from records have moved down to readguard (the one-way io package)
+    text = text.replace("from .records import _mappings, _offset_in, ",
+                        "from .readguard import file_mappings as _mappings, offset_in as _offset_in\n"
+                        "from .records import ")
     spec = importlib.util.spec_from_loader("optckpt.io._legacy_append", loader=None)
     assert spec is not None
     mod = importlib.util.module_from_spec(spec)

@@ -106,8 +106,8 @@ def _run_on_pty(args: list[str], json_to_pipe: bool) -> tuple[int, str]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminals as on Linux")
 def test_progress_on_a_terminal_for_big_writes_silent_for_json_pipes(tmp_path):
-    """A real > 256 MB edit: a bar on a terminal's stderr; none when JSON goes to a pipe, none for
-    small checkpoints."""
+    """A real > 256 MB edit (and diff): a bar on a terminal's stderr; none when JSON goes to a pipe, none
+    for small checkpoints."""
     model = nn.Linear(8192, 8300)  # 272 MB of weights; SGD without momentum keeps no state
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     big = tmp_path / "big.pt"
@@ -119,6 +119,10 @@ def test_progress_on_a_terminal_for_big_writes_silent_for_json_pipes(tmp_path):
     assert code == 0 and "writing" in err and "100%" in err, err[-500:]
     code, err = _run_on_pty(["remap", str(big), "--target", str(target), "-o", str(tmp_path / "o.pt")], True)
     assert code == 0 and "writing" not in err, err[-500:]
+    code, err = _run_on_pty(["diff", str(big), str(tmp_path / "o.pt")], False)  # the bar starts once loaded
+    assert code == 0 and "comparing" in err and "100%" in err, err[-500:]
+    code, err = _run_on_pty(["diff", str(big), str(tmp_path / "o.pt")], True)
+    assert code == 0 and "comparing" not in err, err[-500:]
     small, small_target, _ = _many_param_checkpoint(tmp_path)
     code, err = _run_on_pty(["remap", str(small), "--target", str(small_target), "-o", str(tmp_path / "s.pt")],
                             False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -12,15 +13,15 @@ from typing import Any
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
 from .dcp import is_dcp_dir, load_dcp
-from .deepspeed import deepspeed_dir, load_deepspeed
+from .deepspeed import deepspeed_dir, deepspeed_stage0_dir, load_deepspeed
 from .discover import discover
 from .hf_order import hf_model_order
-from .peft import ADAPTER_FILES, peft_adapter_order
+from .peft import ADAPTER_FILES, peft_adapter_order, peft_order_from_target
 from .safepickle import PickledObject, describe, first_placeholder
 from .safetensors_io import open_safetensors, open_sharded_index
 from .torchfile import load_torch_file, sniff, unsafe_globals
 
-__all__ = ["load"]
+__all__ = ["load", "adopt_target_adapter"]
 
 # Files in a directory checkpoint that hold training bookkeeping, not state optckpt edits: when a
 # weights_only load refuses them they are kept opaque (listed with the globals they need) instead of
@@ -48,14 +49,20 @@ def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
         raise LoadError(f"{p}: no such file or directory") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise LoadError(f"{p}: not a regular file or directory (a FIFO, socket or device); refused")
-    if is_dcp_dir(p):
-        ckpt = load_dcp(p)
-    elif os.path.isdir(p):
-        ckpt = _load_directory(p, trust_pickle)
-    else:
-        ckpt = _load_file(p, trust_pickle)
-    if model is not None:
-        _join_model(ckpt, os.fspath(model), trust_pickle)
+    collecting = gc.isenabled()
+    gc.disable()  # loading builds many small containers and few cycles: no repeated scans of a growing heap
+    try:
+        if is_dcp_dir(p):
+            ckpt = load_dcp(p)
+        elif os.path.isdir(p):
+            ckpt = _load_directory(p, trust_pickle)
+        else:
+            ckpt = _load_file(p, trust_pickle)
+        if model is not None:
+            _join_model(ckpt, os.fspath(model), trust_pickle)
+    finally:
+        if collecting:
+            gc.enable()
     return ckpt
 
 
@@ -167,6 +174,11 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
     except OSError as e:
         raise LoadError(f"{path}: cannot list directory: {e.strerror or e}") from None
     files = [n for n in names if os.path.isfile(os.path.join(path, n)) and not n.endswith(_SKIP_SUFFIXES)]
+    stage0 = deepspeed_stage0_dir(path)  # a DeepSpeed stage-0 save: its step directory's files, under <tag>/
+    if stage0 is not None:
+        tag = os.path.relpath(stage0, path)
+        files += [os.path.join(tag, n) for n in sorted(os.listdir(stage0))
+                  if os.path.isfile(os.path.join(stage0, n)) and not n.endswith(_SKIP_SUFFIXES)]
     if "trainer_state.json" in files or ("optimizer.pt" in files and "scheduler.pt" in files):
         layout = "hf-trainer"
     elif any(re.fullmatch(r"(optimizer(_\d+)?\.bin|random_states_\d+\.pkl)", n) for n in files):
@@ -228,6 +240,28 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
         else:
             ck.notes.append(f"registration order unknown: {why}")
     return ck
+
+
+_NO_BASE = "PEFT adapter names and order unknown: adapter_config.json names no base model"
+
+
+def adopt_target_adapter(ck: Checkpoint, module: object, *, trust_pickle: bool = False) -> None:
+    """A PEFT adapter directory whose config names no base model, checked against a live target: the
+    adapter's names and order rebuilt with the base model config of the target (see
+    :func:`~optckpt.io.peft.peft_order_from_target`) become its first model state; otherwise the note
+    says why not. Nothing happens for any other checkpoint."""
+    if _NO_BASE not in ck.notes or module is None or any(m.order_trusted for m in ck.models):
+        return
+    adapter = next((m for m in ck.models if m.part in ADAPTER_FILES), None)
+    if adapter is None:
+        return
+    order, why = peft_order_from_target(ck.path, adapter, module, trust_code=trust_pickle)
+    at = ck.notes.index(_NO_BASE)
+    if order is not None:
+        ck.models.insert(0, order)
+        del ck.notes[at]
+    else:
+        ck.notes[at] = f"{_NO_BASE}, and the target's config cannot stand in for it: {why}"
 
 
 def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: str, trust_pickle: bool) -> None:

@@ -59,11 +59,13 @@ from typing import Any
 import torch
 
 from ..errors import WriteError
-from .records import _mappings, _offset_in, _source_records, central_entry, local_header
+from .editlock import interrupted_message, lock
+from .readguard import file_mappings, offset_in
+from .records import _source_records, central_entry, local_header
 from .safepickle import pickle_module_for
 
 __all__ = ["append_version", "restore_previous", "check_previous", "versions", "verify_previous", "end_state",
-           "interrupted_message", "EndState"]
+           "EndState"]
 
 _SECTOR = 512  # the end records are written inside one sector (so inside one page)
 _PREV, _PEND = b"optckpt-prev:", b"optckpt-pend:"
@@ -123,37 +125,6 @@ def _end_records(at: int, n: int, cd_size: int, cd_offset: int, comment: bytes) 
             + struct.pack("<IIQI", _LOC_SIG, 0, at, 1)
             + struct.pack("<IHHHHIIH", _EOCD_SIG, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, len(comment))
             + comment)
-
-
-def _being_edited(path: str) -> bool:
-    """Does another process hold the in-place edit lock of ``path`` right now (:func:`_lock`)?"""
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # (releases the shared lock, if it was taken)
-    return False
-
-
-def interrupted_message(path: str, state: EndState, size: int) -> str:
-    """What to tell of a file whose end records are "pending": an edit still running in another
-    process (it holds the edit lock: the same one line as a second edit gets), or one killed midway."""
-    if _being_edited(path):
-        return f"{path}: another optckpt edit is writing this file in place; nothing changed"
-    return (f"{path}: an in-place edit of this file was interrupted ({size - (state.previous_size or 0)} "
-            f"unfinished bytes at its end; torch still loads the previous version); run "
-            f"`optckpt restore {path}` to remove them")
 
 
 def _pickle(obj: Any, key_for: Callable[[Any], str | None],
@@ -226,21 +197,6 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
         done += n
 
 
-def _lock(fd: int, path: str) -> None:
-    """One appender at a time: two edits appending at the same end would write over each other's
-    records (an exclusive ``flock``, released when ``fd`` closes)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no advisory locks to take
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise WriteError(f"{path}: another optckpt edit is writing this file in place; nothing changed") from None
-    except OSError:  # a filesystem without flock: nothing to take
-        pass
-
-
 def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None = None,
                    expect_size: int | None = None) -> int:
     """Make ``obj`` the content of the torch zip file ``path`` by appending a new version (see the
@@ -253,10 +209,10 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
     if found is None:
         raise WriteError(f"{path}: not a plain torch zip file (compressed records?); cannot append a version")
     prefix, by_offset, small = found
-    ranges = _mappings(path)
+    ranges = file_mappings(path)
     fd = os.open(path, os.O_RDWR)
     try:
-        _lock(fd, path)
+        lock(fd, path)
         size = os.fstat(fd).st_size
         if expect_size is not None and size != expect_size:
             raise WriteError(f"{path}: changed since optckpt read it ({expect_size} -> {size} bytes: another "
@@ -265,7 +221,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
         if state is None:
             raise WriteError(f"{path}: no zip end record found; cannot append a version")
         if state.kind == "pend":
-            raise WriteError(interrupted_message(path, state, size))
+            raise WriteError(interrupted_message(path, state.previous_size, size))
         data_prefix = f"{prefix}/data/"
         keys = {info.filename[len(data_prefix):]: (off, info) for off, info in by_offset.items()
                 if info.filename.startswith(data_prefix)}
@@ -273,7 +229,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
         def key_for(storage: Any) -> str | None:
             if storage.device.type != "cpu" or storage.nbytes() == 0:
                 return None
-            off = _offset_in(ranges, storage.data_ptr())
+            off = offset_in(ranges, storage.data_ptr())
             info = by_offset.get(off) if off is not None else None
             if info is None or info.file_size != storage.nbytes() or not info.filename.startswith(data_prefix):
                 return None
@@ -566,7 +522,7 @@ def restore_previous(path: str) -> tuple[int, int]:
     for a file with other hard links (they would be cut too), and for one that changes meanwhile."""
     fd = os.open(path, os.O_RDWR)
     try:
-        _lock(fd, path)
+        lock(fd, path)
         st = os.fstat(fd)
         _restorable(path, st)
         size = st.st_size

@@ -58,6 +58,26 @@ def deepspeed_dir(path: str) -> str | None:
     models, optims = _zero_files(path)
     if models and optims:
         return path
+    step = _follow_latest(path)
+    if step is None:
+        return None
+    models, optims = _zero_files(step)
+    return step if models and optims else None
+
+
+def deepspeed_stage0_dir(path: str) -> str | None:
+    """The stage-0 step directory ``path``'s ``latest`` file names (its model states file holds the plain
+    torch optimizer state dict, there are no optimizer partitions), or None. Read as an ordinary
+    directory, its files as parts under ``<tag>/``."""
+    step = _follow_latest(path)
+    if step is None:
+        return None
+    models, optims = _zero_files(step)
+    return step if models and not optims else None
+
+
+def _follow_latest(path: str) -> str | None:
+    """The step directory named by ``path/latest`` (kept inside ``path``), or None."""
     latest = os.path.join(path, "latest")
     if not os.path.isfile(latest) or os.path.getsize(latest) > 4096:
         return None
@@ -73,8 +93,7 @@ def deepspeed_dir(path: str) -> str | None:
     if os.path.commonpath([real_root, real]) != real_root or real == real_root:
         raise LoadError(f"{latest}: names the step directory {tag!r}, which leads outside the checkpoint "
                         "directory (a symlink?); refused")
-    models, optims = _zero_files(step)
-    return step if models and optims else None
+    return step if os.path.isdir(step) else None
 
 
 def load_deepspeed(path: str, step: str, trust_pickle: bool = False) -> Checkpoint:
@@ -171,8 +190,13 @@ def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[list[tuple[str
         total += len(g)
         if total > _MAX_PARAMS:
             raise LoadError(f"{what}: param_shapes lists more than {_MAX_PARAMS:,} parameters; refused")
+        items = list(dict.items(g) if isinstance(g, dict) else g.items())
         group = []
-        for name, shape in dict.items(g) if isinstance(g, dict) else g.items():
+        checked: set[Any] = set()  # torch.Size values already checked (a file repeats a few shapes many times)
+        for name, shape in items:
+            if type(name) is str and type(shape) is torch.Size and shape in checked:
+                group.append((name, tuple(shape)))
+                continue
             dims = tuple(shape) if type(shape) in (tuple, list, torch.Size) else None
             if type(name) is not str or dims is None or len(dims) > 64 \
                     or not all(type(d) is int and 0 <= d < _MAX_DIM for d in dims):
@@ -181,6 +205,8 @@ def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[list[tuple[str
             if dims and min(dims) and math.prod(dims) >= _MAX_DIM:
                 raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(list(dims))} has more "
                                 "elements than any tensor can hold")
+            if type(shape) is torch.Size and len(checked) < 4096:
+                checked.add(shape)
             group.append((name, dims))
         out.append(group)
     names = [nm for group in out for nm, _ in group]
@@ -224,25 +250,27 @@ def _join(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _cut(flat: torch.Tensor, shapes: Sequence[tuple[str, tuple[int, ...]]], paddings: Sequence[int],
          what: str) -> dict[str, torch.Tensor]:
-    """Parameter tensors out of a group's flat buffer (views); every element accounted for."""
-    out: dict[str, torch.Tensor] = {}
+    """Parameter tensors out of a group's flat buffer (views); every element accounted for. Declared
+    zero-size entries get one (empty, immutable) view per shape: they cost a list slot, not a tensor."""
+    vals: list[torch.Tensor | None] = [None] * len(shapes)
     empty: dict[tuple[int, ...], torch.Tensor] = {}
     offset = 0
-    for (name, shape), pad in zip(shapes, paddings):
-        n = math.prod(shape)
-        if n == 0:  # one (empty, immutable) view per shape: declared zero-size entries cost no tensors each
-            if shape not in empty:
-                empty[shape] = flat[:0].view(shape)
-            out[name] = empty[shape]
+    for i, ((name, shape), pad) in enumerate(zip(shapes, paddings)):
+        if 0 in shape:
+            v = empty.get(shape)
+            if v is None:
+                v = empty[shape] = flat[:0].view(shape)
+            vals[i] = v
             offset += pad
             continue
+        n = math.prod(shape)
         if offset + n > flat.numel():
             raise LoadError(f"{what}: flat partition of {flat.numel()} elements ends inside {name} {list(shape)}")
-        out[name] = flat.narrow(0, offset, n).view(shape)
+        vals[i] = flat.narrow(0, offset, n).view(shape)
         offset += n + pad
     if offset != flat.numel():
         raise LoadError(f"{what}: flat partition of {flat.numel()} elements, but param_shapes account for {offset}")
-    return out
+    return dict(zip([nm for nm, _ in shapes], vals))  # type: ignore[arg-type]
 
 
 def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, tuple[int, ...]]]],
@@ -293,16 +321,20 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str,
 def _fill_state(state: dict[str, dict[str, Any]], names: Sequence[tuple[str, tuple[int, ...]]],
                 scalars: Mapping[str, Any], cut: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """Each parameter's state: its own copy of the scalar entries (``step``) and its cut pieces. The
-    zero-size parameters (nothing to update) share one copy of the scalars, so that a file declaring
-    many of them costs a dict each, not tensors."""
+    zero-size parameters (nothing to update) share one copy of the scalars and their pieces (one per
+    shape), so that a file declaring many of them costs a small dict each, not tensors."""
     shared: dict[str, Any] | None = None
+    empty: dict[tuple[int, ...], dict[str, Any]] = {}  # per shape: the state each zero-size entry copies
     for name, shape in names:
         if 0 in shape:
-            if shared is None:
-                shared = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
-            own = dict(shared)
-        else:
-            own = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
+            proto = empty.get(shape)
+            if proto is None:
+                if shared is None:
+                    shared = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
+                proto = empty[shape] = {**shared, **{k: c[name] for k, c in cut.items()}}
+            state[name] = proto.copy()
+            continue
+        own = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
         own.update({k: c[name] for k, c in cut.items()})
         state[name] = own
 

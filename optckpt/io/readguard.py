@@ -259,3 +259,28 @@ def chunks(t: Any, size: int) -> Iterator[Any]:
             yield torch.frombuffer(buf, dtype=t.dtype)
     finally:
         os.close(fd)
+
+
+def file_mappings(path: str) -> list[tuple[int, int]]:
+    """Address ranges at which ``path`` is memory-mapped whole (from offset 0). There may be several:
+    a refused ``weights_only`` load can leave its mapping alive until collected."""
+    real = os.path.realpath(path)
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].strip() == real and int(fields[2], 16) == 0:
+                    lo, hi = fields[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return out
+
+
+def offset_in(ranges: list[tuple[int, int]], ptr: int) -> int | None:
+    """``ptr``'s offset in the file, from the mapping that holds it."""
+    for lo, hi in ranges:
+        if lo <= ptr < hi:
+            return ptr - lo
+    return None

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .readguard import file_mappings, offset_in
 from .safepickle import pickle_module_for
 from .zipscan import ZipEntry
 
@@ -50,31 +51,6 @@ class _Recorder:
 
     def write_record_metadata(self, name: str, nbytes: int) -> None:  # skip_data mode: not used here
         raise RuntimeError("skip_data is not supported by the record rewriter")
-
-
-def _mappings(path: str) -> list[tuple[int, int]]:
-    """Address ranges at which ``path`` is memory-mapped whole (from offset 0). There may be several:
-    a refused ``weights_only`` load can leave its mapping alive until collected."""
-    real = os.path.realpath(path)
-    out = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].strip() == real and int(fields[2], 16) == 0:
-                    lo, hi = fields[0].split("-")
-                    out.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        return []
-    return out
-
-
-def _offset_in(ranges: list[tuple[int, int]], ptr: int) -> int | None:
-    """``ptr``'s offset in the file, from the mapping that holds it."""
-    for lo, hi in ranges:
-        if lo <= ptr < hi:
-            return ptr - lo
-    return None
 
 
 def _data_offset(f: Any, info: ZipEntry) -> int | None:
@@ -131,14 +107,14 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
     prefix, by_offset, small = found
     rec = _Recorder()
     torch.serialization._save(obj, rec, pickle_module_for(obj), torch.serialization.DEFAULT_PROTOCOL, False)
-    ranges = _mappings(src) if any(n.startswith("data/") for n, _, _ in rec.records) else [(0, 0)]
+    ranges = file_mappings(src) if any(n.startswith("data/") for n, _, _ in rec.records) else [(0, 0)]
     if not ranges:
         return False
     entries: list[tuple[str, Any]] = []  # (name, bytes | (src_offset, ZipInfo) | storage)
     for name, data, nbytes in rec.records:
         if name.startswith("data/"):
             storage = data
-            off = _offset_in(ranges, storage.data_ptr()) if nbytes else None
+            off = offset_in(ranges, storage.data_ptr()) if nbytes else None
             info = by_offset.get(off) if off is not None else None
             if info is not None and info.file_size == nbytes:
                 entries.append((name, (off, info)))

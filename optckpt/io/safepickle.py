@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "safe_load_torch", "pickle_module_for",
+__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "safe_load_torch", "pickle_module_for",
            "has_placeholders", "first_placeholder", "fields_of", "is_module_object", "module_tensors", "describe",
            "same", "walk", "MAX_DEPTH"]
 
@@ -132,10 +132,10 @@ _PLACEHOLDERS = (PickledGlobal, PickledObject)
 # reading
 
 
-def _allowed() -> dict[tuple[str, str], Any]:
+def allowed() -> dict[tuple[str, str], Any]:
     """Exact ``(module, name)`` → the object torch's weights-only rules allow (already imported by
     torch), plus numpy's array / dtype / scalar constructors when numpy is installed."""
-    cached = getattr(_allowed, "cache", None)
+    cached = getattr(allowed, "cache", None)
     if cached is not None:
         return cached
     from torch._weights_only_unpickler import _get_allowed_globals
@@ -155,7 +155,7 @@ def _allowed() -> dict[tuple[str, str], Any]:
         out[("numpy", "dtype")] = np.dtype
     except ImportError:
         pass
-    _allowed.cache = out  # type: ignore[attr-defined]
+    allowed.cache = out  # type: ignore[attr-defined]
     return out
 
 
@@ -177,7 +177,7 @@ class SafeUnpickler(_PyUnpickler):
     def __init__(self, file: Any, **kwargs: Any):
         super().__init__(file, **kwargs)
         self._globals: dict[tuple[str, str], PickledGlobal] = {}
-        self._allowed = _allowed()
+        self._allowed = allowed()
         self._allowed_ids = {id(v) for v in self._allowed.values()}
 
     def find_class(self, module: str, name: str) -> Any:

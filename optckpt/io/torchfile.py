@@ -15,6 +15,9 @@ import torch
 
 from ..errors import LoadError, UnsafePickleError
 from .bounds import check_bounds
+from .editlock import interrupted_message
+from .reader import NeedsPlaceholders, fast_allowed, read_zip_pickle
+from .readguard import file_mappings, offset_in
 from .safepickle import safe_load_torch
 from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_bytes, parse_zip
 
@@ -93,14 +96,26 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     if kind not in ("zip", "legacy"):
         raise LoadError(f"{path}: not a torch.save file (content looks like {kind})")
     zip_format = kind == "zip"
-    check = _storage_check(path, _check_zip(path)) if zip_format else None
     locations: dict[str, None] = {}
-
-    def _map(storage: Any, location: str) -> Any:
-        locations[str(location)] = None
-        if check is not None:
-            check(storage)
-        return storage
+    checked = _check_zip(path) if zip_format else None
+    if checked is not None and not trust_pickle and checked.fast:
+        try:
+            obj = read_zip_pickle(path, checked.layout, checked.pickle, checked.prefix, fast_allowed(), locations)
+        except NeedsPlaceholders as e:  # a global outside the allowlist: the inert-placeholder reader
+            locations.clear()
+            obj = _load_placeholders(path, _recorder(locations, None), True, [e.name])
+            check_bounds(obj, path)
+            return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True, placeholders=True)
+        except (LoadError, KeyboardInterrupt):
+            raise
+        except RecursionError:
+            raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
+        except Exception as e:  # the C unpickler reports a malformed pickle with many types
+            raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
+        check_bounds(obj, path)
+        return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True)
+    check = _storage_check(path, checked.layout) if checked is not None else None
+    _map = _recorder(locations, check)
 
     refused: list[str] | None = None
     try:
@@ -110,12 +125,19 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
                 "this can execute code from the file",
                 file=sys.stderr,
             )
+        if trust_pickle:  # the classes a trusted file names import as --target's code does: from the current directory
+            cwd = os.getcwd()
+            if cwd not in sys.path:
+                sys.path.insert(0, cwd)
         obj = torch.load(
             path,
             map_location=_map,
             weights_only=not trust_pickle,
             mmap=zip_format,
         )
+    except ModuleNotFoundError as e:  # (only under --trust-pickle: the safe reader imports nothing)
+        raise LoadError(f"{path}: its pickled objects need the module {e.name!r}, which is not importable from "
+                        f"{os.getcwd()}: run optckpt from the training code's directory or set PYTHONPATH") from None
     except pickle.UnpicklingError as e:
         said = re.findall(r"GLOBAL ([\w.]+)", str(e))
         if not said and "weights only" not in str(e).lower():
@@ -133,13 +155,23 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
                      placeholders=refused is not None)
 
 
+def _recorder(locations: dict[str, None], check: Any) -> Any:
+    """A ``map_location`` that records each storage's saved location (and checks it), moving nothing."""
+
+    def _map(storage: Any, location: str) -> Any:
+        locations[str(location)] = None
+        if check is not None:
+            check(storage)
+        return storage
+
+    return _map
+
+
 def _storage_check(path: str, layout: ZipLayout) -> Any:
     """A check for each storage torch maps from ``path``: it must be exactly one record's bytes.
     With ``mmap=True`` torch takes ``nbytes`` (from the pickle) from where the record's data
     starts, whatever the record's size; a plain ``torch.load`` reads the record itself. A storage
     longer or shorter than its record would differ between the two: refused."""
-    from .records import _mappings, _offset_in
-
     by_offset = {e.data_offset: e for e in layout.entries if "/data/" in e.filename}
     ranges: list[tuple[int, int]] = []
 
@@ -150,8 +182,8 @@ def _storage_check(path: str, layout: ZipLayout) -> Any:
         if nbytes == 0:
             return
         if not ranges:
-            ranges.extend(_mappings(path) or [(0, 0)])
-        off = _offset_in(ranges, storage.data_ptr())
+            ranges.extend(file_mappings(path) or [(0, 0)])
+        off = offset_in(ranges, storage.data_ptr())
         if off is None:
             return  # not memory-mapped from the file: torch read the record itself
         rec = by_offset.get(off)
@@ -217,10 +249,7 @@ def _parse_checked(path: str) -> ZipLayout:
     except (ZipCorruptError, OSError, ValueError, struct.error) as e:
         raise LoadError(f"{path}: truncated or corrupt zip container ({_first_line(e)})") from None
     if layout.kind == "pend" and layout.previous_size is not None:
-        from .append import EndState, interrupted_message
-
-        state = EndState(len(layout.entries), layout.cd_size, layout.cd_offset, "pend", layout.previous_size)
-        raise LoadError(interrupted_message(path, state, layout.size))
+        raise LoadError(interrupted_message(path, layout.previous_size, layout.size))
     return layout
 
 
@@ -237,19 +266,30 @@ def check_zip_bytes(data: bytes, where: str) -> None:
         raise LoadError(f"{where}: truncated or corrupt zip container ({_first_line(e)})") from None
 
 
-def _check_zip(path: str) -> ZipLayout:
-    """Validate the zip container before torch touches it: one parse, as torch's reader (miniz)
-    resolves the file (:mod:`optckpt.io.zipscan`), every check on exactly the records torch loads."""
+@dataclass
+class _Checked:
+    layout: ZipLayout
+    prefix: str  # the archive's directory name (``archive`` / the file's stem)
+    pickle: bytes  # ``<prefix>/data.pkl``, the bytes whose CRC was checked
+    fast: bool  # optckpt's own reader can read it (little-endian, not TorchScript)
+
+
+def _check_zip(path: str) -> _Checked:
+    """Validate the zip container before anything reads it: one parse, as torch's reader (miniz)
+    resolves the file (:mod:`optckpt.io.zipscan`), every check on exactly the records that are read;
+    the pickle's bytes kept (they are what is decoded, not a second read of them)."""
     key = _file_key(path)
     layout = _parse_checked(path)
     infos = layout.entries
     pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
     if not pickles:
         raise LoadError(f"{path}: a zip file, but not one written by torch.save (no data.pkl)")
+    prefix = pickles[0].filename.split("/", 1)[0]
     # torch never checks the CRCs it writes: the pickle (and the small records beside it) are
     # checked here, so a flipped bit in data.pkl is a corrupt file, not a silently wrong value.
     # Tensor records are not read at load time (memory-mapped); their CRCs are not checked.
     # (Compressed and encrypted records were refused by the parse: torch.save stores every record.)
+    small: dict[str, bytes] = {}
     try:
         with open(path, "rb") as f:
             for i in infos:
@@ -262,10 +302,15 @@ def _check_zip(path: str) -> ZipLayout:
                     if zlib.crc32(data) != i.CRC:
                         raise LoadError(f"{path}: truncated or corrupt zip container (Bad CRC-32 for file "
                                         f"{i.filename!r})")
+                    small[i.filename] = data
     except OSError as e:
         raise LoadError(f"{path}: cannot read: {e.strerror or e}") from None
     _remember(key, layout)
-    return layout
+    pkl = small.get(f"{prefix}/data.pkl")
+    order = small.get(f"{prefix}/byteorder", b"little")
+    fast = (pkl is not None and order == b"little" and sys.byteorder == "little"
+            and not any(n.endswith("/constants.pkl") for n in small))
+    return _Checked(layout, prefix, pkl or b"", fast)
 
 
 def _first_line(e: BaseException) -> str:

@@ -483,33 +483,45 @@ def _write_directory(ck: Checkpoint, src: str, out: str, changed_parts: Mapping[
     tmpdir = temp_dir(parent, os.path.basename(out.rstrip(os.sep)))
     tick = PROGRESS.get()
     try:
-        copy_mode(src, tmpdir)
-        for name in sorted(os.listdir(src)):
-            full = os.path.join(src, name)
-            dst = os.path.join(tmpdir, name)
-            part = next((p for p in ck.parts if p.relpath == name), None)
-            st = os.lstat(full)
-            if name in changed_parts and part is not None:
-                tmp = temp_file(tmpdir, name)
-                _save_part(part.kind, changed_parts[name], tmp, legacy=not part.zip_format, source=full)
-                copy_mode(full, tmp)
-                os.replace(tmp, dst)
-            elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(full), dst)  # a link stays a link: never followed out of the checkpoint
-            elif stat.S_ISDIR(st.st_mode):
-                shutil.copytree(full, dst, symlinks=True)
-            elif stat.S_ISREG(st.st_mode):
-                shutil.copy2(full, dst, follow_symlinks=False)
-                _fsync_path(dst)
-                if tick is not None:
-                    tick(st.st_size)
-            # FIFOs, sockets and devices are not checkpoint content: not carried
+        _copy_changed(ck, src, tmpdir, "", changed_parts, tick)
     except BaseException as e:
         shutil.rmtree(tmpdir, ignore_errors=True)
         if isinstance(e, OSError):
             raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
         raise
     return commit_dir(tmpdir, out, verify=verify, in_place=in_place, replace_backup=replace_backup)
+
+
+def _copy_changed(ck: Checkpoint, src: str, dst_dir: str, rel: str, changed_parts: Mapping[str, Any],
+                  tick: Any) -> None:
+    """Copy directory ``src`` (``rel`` inside the checkpoint) to ``dst_dir`` with the changed parts
+    saved anew; a subdirectory that holds a changed part (DeepSpeed's ``<tag>/`` step directory) is
+    walked the same way, any other is copied whole."""
+    copy_mode(src, dst_dir)
+    for name in sorted(os.listdir(src)):
+        full = os.path.join(src, name)
+        dst = os.path.join(dst_dir, name)
+        relname = os.path.join(rel, name) if rel else name
+        part = next((p for p in ck.parts if p.relpath == relname), None)
+        st = os.lstat(full)
+        if relname in changed_parts and part is not None:
+            tmp = temp_file(dst_dir, name)
+            _save_part(part.kind, changed_parts[relname], tmp, legacy=not part.zip_format, source=full)
+            copy_mode(full, tmp)
+            os.replace(tmp, dst)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(full), dst)  # a link stays a link: never followed out of the checkpoint
+        elif stat.S_ISDIR(st.st_mode) and any(k.startswith(relname + os.sep) for k in changed_parts):
+            os.mkdir(dst)
+            _copy_changed(ck, full, dst, relname, changed_parts, tick)
+        elif stat.S_ISDIR(st.st_mode):
+            shutil.copytree(full, dst, symlinks=True)
+        elif stat.S_ISREG(st.st_mode):
+            shutil.copy2(full, dst, follow_symlinks=False)
+            _fsync_path(dst)
+            if tick is not None:
+                tick(st.st_size)
+        # FIFOs, sockets and devices are not checkpoint content: not carried
 
 
 def atomic_torch_save(obj: Any, out: str, *, verify: Verify | None = None, mode_from: str | None = None) -> str:

@@ -33,6 +33,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["ZipEntry", "ZipLayout", "ZipStructureError", "ZipCorruptError", "parse_zip", "parse_fd", "parse_bytes"]
 
@@ -56,9 +57,9 @@ class ZipCorruptError(Exception):
     """A zip that is not complete (truncated, end records or directory missing or cut)."""
 
 
-@dataclass(frozen=True)
-class ZipEntry:
-    """One record, as the central directory torch reads describes it (``ZipInfo``-like names)."""
+class ZipEntry(NamedTuple):
+    """One record, as the central directory torch reads describes it (``ZipInfo``-like names).
+    A named tuple: a 600k-record file builds 600k of them."""
 
     filename: str
     header_offset: int
@@ -211,28 +212,46 @@ def _z64_extra(extra: bytes, wants: list[str], values: dict[str, int], where: st
         raise ZipCorruptError(f"{where}: sizes say zip64, but no zip64 extra field")
 
 
+_CEN = struct.Struct("<4sHHHHHHIIIHHHHHII")
+_LOC = struct.Struct("<4sHHHHHIIIHH")
+_DD32 = struct.Struct("<4sIII")
+_DD64 = struct.Struct("<4sIQQ")
+_BATCH = 1 << 20  # local headers of small records are read together, up to this many bytes at a time
+_SMALL = 64 << 10
+
+
+class _Central(NamedTuple):
+    raw: bytes
+    name: str
+    flags: int
+    method: int
+    crc: int
+    size: int
+    hoff: int
+
+
 def _entries(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
-    out: list[ZipEntry] = []
+    cen: list[_Central] = []
     seen: dict[str, str] = {}
     pos = 0
+    unpack = _CEN.unpack_from
     for _ in range(n):
-        head = cd[pos:pos + 46]
-        if len(head) != 46 or head[:4] != _CEN_SIG:
+        if pos + 46 > len(cd) or cd[pos:pos + 4] != _CEN_SIG:
             raise ZipCorruptError(f"a bad central directory entry at byte {cd_off + pos}")
         (_, _, need, flags, method, _, _, crc, csize, usize, nlen, elen, clen, disk, _, _,
-         hoff) = struct.unpack("<4sHHHHHHIIIHHHHHII", head)
+         hoff) = unpack(cd, pos)
         raw = cd[pos + 46:pos + 46 + nlen]
-        extra = cd[pos + 46 + nlen:pos + 46 + nlen + elen]
         if pos + 46 + nlen + elen + clen > len(cd):
             raise ZipCorruptError(f"a central directory entry past the directory's end (byte {cd_off + pos})")
-        pos += 46 + nlen + elen + clen
         name = raw.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
+        if _U32 in (usize, csize, hoff):
+            values = {"usize": usize, "csize": csize, "hoff": hoff}
+            _z64_extra(cd[pos + 46 + nlen:pos + 46 + nlen + elen], [k for k in ("usize", "csize", "hoff")
+                                                                    if values[k] == _U32], values, f"record {name!r}")
+            usize, csize, hoff = values["usize"], values["csize"], values["hoff"]
+        pos += 46 + nlen + elen + clen
         if need > 63:
             raise ZipCorruptError(f"record {name!r} needs zip version {need / 10:.1f}")
-        values = {"usize": usize, "csize": csize, "hoff": hoff}
-        _z64_extra(extra, [k for k in ("usize", "csize", "hoff") if values[k] == _U32], values,
-                   f"record {name!r}")
-        usize, csize, hoff = values["usize"], values["csize"], values["hoff"]
         if disk not in (0, 0xFFFF):
             raise ZipStructureError(f"record {name!r} on disk {disk}")
         if flags & _ENCRYPTED:
@@ -246,10 +265,55 @@ def _entries(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
         if folded in seen:
             raise ZipStructureError(f"two records named {seen[folded]!r} and {name!r} (torch's lookup ignores case)")
         seen[folded] = name
-        out.append(_local(rd, raw, name, flags, method, crc, usize, hoff, cd_off))
+        cen.append(_Central(raw, name, flags, method, crc, usize, hoff))
     if pos != len(cd):
         raise ZipStructureError(f"{len(cd) - pos} bytes in the central directory after its {n} entries")
-    return out
+    return _locals(rd, cen, cd_off)
+
+
+class _Batch:
+    """Bytes of the file read once for several neighbouring local headers and data descriptors
+    (a 600k-record file would otherwise cost two reads a record)."""
+
+    __slots__ = ("rd", "buf", "at")
+
+    def __init__(self, rd: _Reader):
+        self.rd = rd
+        self.buf = b""
+        self.at = 0
+
+    def load(self, at: int, n: int) -> None:
+        self.buf = self.rd(n, at)
+        self.at = at
+
+    def get(self, n: int, at: int) -> bytes:
+        """Up to ``n`` bytes at ``at`` (fewer only at the end of the file)."""
+        off = at - self.at
+        if 0 <= off and off + n <= len(self.buf):
+            return self.buf[off:off + n]
+        return self.rd(n, at)
+
+
+def _locals(rd: _Reader, cen: list[_Central], limit: int) -> list[ZipEntry]:
+    """Each central entry's local header (and data descriptor), checked against it. Records in
+    file order whose extents are small are read together, one read per ~1 MiB."""
+    order = sorted(range(len(cen)), key=lambda k: cen[k].hoff)
+    batch = _Batch(rd)
+    out: list[ZipEntry | None] = [None] * len(cen)
+    k = 0
+    while k < len(order):
+        c = cen[order[k]]
+        if c.size < _SMALL and not (batch.at <= c.hoff and c.hoff + c.size + 30 + len(c.raw) + 152
+                                    <= batch.at + len(batch.buf)):
+            j = k
+            stop = min(c.hoff + _BATCH, limit)
+            while j + 1 < len(order) and cen[order[j + 1]].size < _SMALL and cen[order[j + 1]].hoff < stop:
+                j += 1
+            last = cen[order[j]]
+            batch.load(c.hoff, max(0, min(last.hoff + last.size + 30 + len(last.raw) + 152, limit) - c.hoff))
+        out[order[k]] = _local(batch.get, c.raw, c.name, c.flags, c.method, c.crc, c.size, c.hoff, limit)
+        k += 1
+    return out  # type: ignore[return-value]
 
 
 def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int, size: int, hoff: int,
@@ -260,7 +324,7 @@ def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int
     head = rd(min(30 + len(raw) + 128, limit - hoff), hoff)  # one read: header, name, usual extra
     if len(head) < 30:
         raise ZipCorruptError(f"record {name!r}: local header at {hoff} past the end of the file")
-    (sig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, nlen, elen) = struct.unpack("<4sHHHHHIIIHH", head[:30])
+    (sig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, nlen, elen) = _LOC.unpack_from(head)
     if sig != _LOC_HDR_SIG:
         raise ZipStructureError(f"record {name!r}: no local header at byte {hoff}")
     rest = head[30:30 + nlen + elen]
@@ -276,26 +340,24 @@ def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int
                                 f"the central directory's {flags:#x}/{method}")
     data = hoff + 30 + nlen + elen
     end = data + size
-    local_sizes = {"usize": lusize, "csize": lcsize}
-    wants = [k for k in ("usize", "csize") if local_sizes[k] == _U32]
-    if wants:
-        _z64_extra(lextra, wants, local_sizes, f"record {name!r} (local header)")
-    descriptor = bool(lflags & 0x08)
-    if descriptor and lcrc == 0 and local_sizes["usize"] == 0 and local_sizes["csize"] == 0:
+    if lusize == _U32 or lcsize == _U32:
+        local_sizes = {"usize": lusize, "csize": lcsize}
+        _z64_extra(lextra, [k for k in ("usize", "csize") if local_sizes[k] == _U32], local_sizes,
+                   f"record {name!r} (local header)")
+        lusize, lcsize = local_sizes["usize"], local_sizes["csize"]
+    descriptor = lflags & 0x08
+    if descriptor and lcrc == 0 and lusize == 0 and lcsize == 0:
         pass  # sizes in the data descriptor after the data
-    elif (lcrc, local_sizes["usize"], local_sizes["csize"]) != (crc, size, size):
-        raise ZipStructureError(f"record {name!r}: local header says {local_sizes['usize']} bytes (CRC {lcrc:#x}), "
+    elif lcrc != crc or lusize != size or lcsize != size:
+        raise ZipStructureError(f"record {name!r}: local header says {lusize} bytes (CRC {lcrc:#x}), "
                                 f"the central directory {size} (CRC {crc:#x})")
     if descriptor:
         z64 = hoff >= _U32 or size >= _U32
         dd = _read(rd, 24 if z64 else 16, end) if end + 16 <= limit else b""
         if dd[:4] != _DD_SIG:
             raise ZipStructureError(f"record {name!r}: no data descriptor after its {size} bytes")
-        if z64:
-            dcrc, dcs, dus = struct.unpack("<IQQ", dd[4:24])
-        else:
-            dcrc, dcs, dus = struct.unpack("<III", dd[4:16])
-        if (dcrc, dcs, dus) != (crc, size, size):
+        _, dcrc, dcs, dus = (_DD64 if z64 else _DD32).unpack(dd)
+        if dcrc != crc or dcs != size or dus != size:
             raise ZipStructureError(f"record {name!r}: its data descriptor says {dus} bytes (CRC {dcrc:#x}), the "
                                     f"central directory {size} (CRC {crc:#x})")
         end += len(dd)
@@ -308,7 +370,7 @@ def parse_reader(rd: _Reader, size: int) -> ZipLayout:
     """The current version's records, every structure rule above checked over the whole file."""
     current = _parse_one(rd, size)
     if current.layout.kind == "pend":
-        return current.layout  # an interrupted in-place edit: the caller names it (append.interrupted_message)
+        return current.layout  # an interrupted in-place edit: the caller names it (editlock.interrupted_message)
     chain = [current]
     while chain[-1].layout.kind == "prev" and len(chain) < _MAX_VERSIONS:
         prev = chain[-1].layout.previous_size
