@@ -337,8 +337,8 @@ def apply_plan(plan: RemapPlan, state_dict: Mapping[str, Any], *, with_names: bo
 def _own_keys(plan: RemapPlan, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Keys an optimizer's own ``state_dict()`` adds beside ``state`` and ``param_groups``
     (Ranger21's ``lookahead_step``, StableSPAM's ``total_step``, heavyball's settings): carried as
-    they are when they hold nothing per parameter. One keyed by the optimizer's indices, or holding
-    tensors, cannot be named: refused rather than left pointing at the old parameters."""
+    they are (mmengine's ``base_param_settings`` too). One keyed by the optimizer's indices cannot be
+    named: refused rather than left pointing at the old parameters."""
     own = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
     if not own:
         return own
@@ -347,23 +347,11 @@ def _own_keys(plan: RemapPlan, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         any(s.source_index is None for s in plan.slots)
     for k, v in own.items():
         keyed = isinstance(v, Mapping) and any(i in indices for i in v)
-        if moved and (keyed or _holds_tensor(v)):
+        if moved and keyed:
             raise MappingError(f"the optimizer's state dict has its own key {k!r} beside 'state' and 'param_groups' "
-                               f"({'keyed by parameter index' if keyed else 'holding tensors'}): its layout is "
-                               "not torch's, so what belongs to which parameter cannot be named")
+                               "keyed by parameter index: its layout is not torch's, so what belongs to which "
+                               "parameter cannot be named")
     return own
-
-
-def _holds_tensor(v: Any, depth: int = 0) -> bool:
-    if isinstance(v, torch.Tensor):
-        return v.ndim > 0
-    if depth > 8:
-        return True
-    if isinstance(v, Mapping):
-        return any(_holds_tensor(x, depth + 1) for x in v.values())
-    if isinstance(v, (list, tuple)):
-        return any(_holds_tensor(x, depth + 1) for x in v)
-    return False
 
 
 _LBFGS_FLAT = ("d", "prev_flat_grad")
