@@ -121,6 +121,9 @@ class OptimizerState:
     part: str
     path: KeyPath
     state_dict: dict[str, Any]
+    # set when the optimizer's own state_dict() wraps torch's layout with per-parameter data beside
+    # it (pytorch-optimizer's Magma: {"base": {...}, "magma_state": {(group, position): ...}}): why
+    overridden: str | None = None
 
     @property
     def state(self) -> dict[Any, dict[str, Any]]:

@@ -51,24 +51,51 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def one_view(entry: Any) -> Any:
+    """An entry whose tensors sit one dict down, read through for shape evidence: heavyball keeps
+    each parameter's state per view of it (``{0: {...}}``), bitsandbytes its 8-bit state under
+    ``__bnb_optimizer_quant_state__`` (beside ``step``). Several such dicts (a parameter split in
+    blocks) stay as they are (no shape)."""
+    if not isinstance(entry, Mapping):
+        return entry
+    inner = [v for v in entry.values() if isinstance(v, Mapping)]
+    if len(inner) != 1:
+        return entry
+    return {**{k: v for k, v in entry.items() if not isinstance(v, Mapping)}, **inner[0]}
+
+
+def _is_object(v: Any) -> bool:
+    """A value that is not plain data: a pickled object (placeholder or, trusted, the real one)."""
+    return not (v is None or isinstance(v, (torch.Tensor, int, float, str, bytes, list, tuple, dict, set))
+                or hasattr(v, "shape"))
+
+
 def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
+    return _shape_and_key(entry)[0]
+
+
+def _shape_and_key(entry: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, str]:
     """The shape of the parameter an optimizer state entry belongs to, or None when its state
     does not reveal it (no state, scalars only, LBFGS's global state). A known moment kept flattened
     beside one tensor shape of the same size with more (non-trivial) dimensions (SPAM's ``exp_avg``
-    [12] beside its ``mask`` [3, 4]) gives that shape: flattening is how optimizers store it."""
+    [12] beside its ``mask`` [3, 4]) gives that shape: flattening is how optimizers store it.
+    An entry holding a Python object (GaLore's projector) gives none: its moments live in the
+    object's projected space (GaLore's ``exp_avg`` is [6, 2] for a [6, 4] weight)."""
+    if any(_is_object(v) for v in entry.values()):
+        return None, ""
     for k in PARAM_SHAPED_KEYS:
         v = entry.get(k)
         if v is not None and (isinstance(v, torch.Tensor) or hasattr(v, "shape")):  # DCP tensors on disk too
             shape = tuple(v.shape)
             if len(shape) != 1 or shape[0] < 2:
-                return shape
+                return shape, k
             richer = [s for s in _tensors(entry).values() if _numel(s) == shape[0] and len(s) >= 2 and min(s) > 1]
-            return max(richer, key=len) if len(set(richer)) == 1 else shape
+            return (max(richer, key=len) if len(set(richer)) == 1 else shape), k
     row, col = entry.get("row_var"), entry.get("col_var")
     if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.ndim == col.ndim >= 2:
         # Adafactor factors a (..., R, C) second moment into row_var (..., R, 1) and col_var (..., 1, C)
-        return (*row.shape[:-1], col.shape[-1])
-    return None
+        return (*row.shape[:-1], col.shape[-1]), "row_var"
+    return None, ""
 
 
 def is_lbfgs(opt: OptimizerState) -> bool:
@@ -131,6 +158,7 @@ class OptimizerMapping:
     # what a model-order alignment ran on (model slots, items per group), for the group-structure rung
     basis: tuple[list[Slot], list[list[Item]]] | None = field(default=None, repr=False)
     rejected: list[Rejection] = field(default_factory=list)  # evidence the consistency gate refused
+    overridden: str | None = None  # OptimizerState.overridden: a layout that is not torch's (refused by remap)
 
     @property
     def ambiguous(self) -> list[IndexName]:
@@ -151,36 +179,61 @@ def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
     model_shapes = opt.__dict__.get("_model_shapes")  # set by infer_mapping: the checkpoint's parameter shapes
     if cached is not None and cached[0] is opt.state_dict and cached[2] is model_shapes:
         return cached[1]
-    state = opt.state
+    state = {i: one_view(e) for i, e in opt.state.items()}
     lbfgs = is_lbfgs(opt)
-    shapes = {i: None if lbfgs else param_shape(state.get(i, {})) for g in opt.groups for i in g.params}
+    found = {i: (None, "") if lbfgs else _shape_and_key(state.get(i, {})) for g in opt.groups for i in g.params}
+    shapes = {i: s for i, (s, _) in found.items()}
     if not lbfgs and model_shapes:
-        _shapes_from_unknown_keys(state, shapes, model_shapes)
+        # a known key whose shapes are not the saved model's parameter shapes means something else in
+        # this optimizer (Nero's per-row exp_avg_sq [6, 1], Amos' scalar one, SARA's empty exp_avg):
+        # none of its shapes is evidence
+        other = {k for i, (s, k) in found.items() if s is not None and s not in model_shapes}
+        shapes = {i: None if k in other else s for i, (s, k) in found.items()}
+        _shapes_from_unknown_keys(state, shapes, model_shapes, opt.__dict__.get("_model_shape_counts"))
     opt.__dict__["_shapes"] = (opt.state_dict, shapes, model_shapes)
     return shapes
 
 
 def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[int, ...] | None],
-                              model_shapes: frozenset[tuple[int, ...]]) -> None:
+                              model_shapes: frozenset[tuple[int, ...]],
+                              model_counts: Counter[tuple[int, ...]] | None = None) -> None:
     """Optimizers whose state keys are not torch's (community libraries: A2Grad's ``avg_grad``,
     bitsandbytes' ``state1``): an entry's largest tensor is taken as parameter-shaped only when it is
     the same key in every such entry of the optimizer (a per-parameter buffer) and every shape it
     gives is the shape of some parameter of the model saved with it (corroborated: no model, no
     inference). Factored or blockwise state (row / column factors, ``absmax`` blocks) makes the
     largest key vary or have another size, so it gives no shape: no evidence rather than a wrong one."""
-    todo = [i for i, s in shapes.items() if s is None and isinstance(state.get(i), Mapping) and state[i]]
+    todo = [i for i, s in shapes.items() if s is None and isinstance(state.get(i), Mapping) and state[i]
+            and not any(_is_object(v) for v in state[i].values())]
     picks: dict[Any, tuple[str, tuple[int, ...]]] = {}
+    # only keys every such entry has (bitsandbytes keeps its 256-entry code books qmap1 / qmap2 on
+    # 8-bit entries only: never the parameter's buffer)
+    common = set.intersection(*(set(_tensors(state[i])) for i in todo)) if todo else set()
     for i in todo:
-        found = _tensors(state[i])
+        found = {k: v for k, v in _tensors(state[i]).items() if k in common}
         if found:
             key = max(found, key=lambda k: (_numel(found[k]), len(found[k]), k))
             picks[i] = (key, found[key])
     if not picks or len({k for k, _ in picks.values()}) != 1 or len(picks) != len(todo):
         return
+    key = next(iter(picks.values()))[0]
+    for i, known in shapes.items():
+        entry = state.get(i)
+        if known is None or not isinstance(entry, Mapping) or not _tensors(entry):
+            continue
+        if _tensors(entry).get(key) != known:
+            return  # the key is missing where the shape is known, or has another shape there: not the
+            # parameter's buffer but a factor (GaLore's Adafactor: exp_avg_sq_row only on matrices)
     for i, (_, shape) in picks.items():
         if any(_numel(t) == _numel(shape) and t != shape for t in _tensors(state[i]).values()):
             return  # a same-sized tensor of another shape beside it: which is the parameter's is not shown
         if shape not in model_shapes:
+            return
+    if model_counts is not None:
+        # more indices of a shape than the model has parameters of it: a factor (RACS' row sums
+        # [6] beside a [6, 4] weight), not the parameter
+        wanted = Counter(s for i, s in shapes.items() if s is not None) + Counter(s for _, s in picks.values())
+        if any(n > model_counts[s] for s, n in wanted.items()):
             return
     for i, (_, shape) in picks.items():
         shapes[i] = shape
@@ -332,8 +385,9 @@ def infer_mapping(
     opt = opt or ck.optimizer()
     if source is None and source_names is not None:
         source = SourceNames("source_names", [list(g) for g in source_names])
-    opt.__dict__["_model_shapes"] = frozenset(
-        tuple(meta.shape) for m in ck.models for meta in m.meta.values() if meta.is_floating) or None
+    counts = Counter(tuple(meta.shape) for m in ck.models for meta in m.meta.values() if meta.is_floating)
+    opt.__dict__["_model_shape_counts"] = counts
+    opt.__dict__["_model_shapes"] = frozenset(counts) or None
     warnings = validate_optimizer(opt)
     gc_was_on = gc.isenabled()
     gc.disable()  # ~100k small objects per 100k parameters: collections would dominate the time
@@ -348,6 +402,9 @@ def infer_mapping(
     mapping.notes[:0] = warnings
     mapping.group_sizes = [len(g.params) for g in opt.groups]
     mapping.group_hparams = [dict(g.hparams) for g in opt.groups]
+    mapping.overridden = opt.overridden
+    if opt.overridden:
+        mapping.notes.append(f"its state_dict() is not torch's layout ({opt.overridden}): remap refuses it")
     return mapping
 
 

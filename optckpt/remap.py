@@ -202,6 +202,7 @@ def build_plan(
         src = sources[gi] if sources[gi] is not None else by_pairing.get(gi)
         hp = _group_hparams(gi, src, source_groups, target, policy)
         groups.append(GroupPlan(gi, len(names), src, hp, tuple(names)))
+    _first_group_state(groups, source_groups, target)
     plan = RemapPlan(mapping.optimizer, mapping.evidence, slots, groups, dropped,
                      [n for n in report.notes if n not in report.predictions],
                      evidence_counts=dict(Counter(e.evidence if e.name is not None else "uncertain" for e in entries)),
@@ -221,6 +222,23 @@ def build_plan(
     if amb:
         plan.notes.append(f"{len(amb)} ambiguous indices with state: their state is reset (--allow-ambiguous)")
     return plan, report
+
+
+def _first_group_state(groups: Sequence[GroupPlan], source_groups: Sequence[Mapping[str, Any]],
+                       target: Target) -> None:
+    """Some optimizers keep their global state in ``param_groups[0]`` (pytorch-optimizer's DAdaptSGD:
+    ``g0_norm``, ``numerator_weighted``): keys only the saved first group has, which the new code's
+    optimizer does not set in any group (so not a setting like GaLore's ``rank``). When the new
+    code's first group is another saved group, that state would be lost or misplaced: refused."""
+    if len(source_groups) < 2 or not groups or groups[0].source_group == 0 or target.group_hparams is None:
+        return
+    others = {k for g in source_groups[1:] for k in g} | {k for g in target.group_hparams for k in g}
+    only = [k for k in source_groups[0] if k not in others and k not in ("params", "param_names")]
+    if only:
+        first = "new parameters" if groups[0].source_group in (None, -1) else f"saved group {groups[0].source_group}"
+        raise MappingError(f"saved param group 0 alone holds {', '.join(map(repr, only))}, state the optimizer "
+                           f"keeps in its first group; the new code's first group is {first}, so that state would be "
+                           "lost: refused (list that group first in the new code)")
 
 
 def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mapping[str, Any]],
@@ -310,9 +328,30 @@ def apply_plan(plan: RemapPlan, state_dict: Mapping[str, Any], *, with_names: bo
         if with_names:
             entry["param_names"] = list(g.param_names)
         groups.append(entry)
-    # other top-level entries travel as they are (mmengine's OptimWrapper saves its base_param_settings here)
-    rebuilt: dict[str, Any] = {"state": new_state, "param_groups": groups}
-    return {k: rebuilt.get(k, v) for k, v in state_dict.items()} | rebuilt
+    made: dict[str, Any] = {"state": new_state, "param_groups": groups}
+    own = _own_keys(plan, state_dict)
+    out = {k: made[k] if k in made else own[k] for k in state_dict if k in made or k in own}  # the saved key order
+    return {**out, **{k: v for k, v in made.items() if k not in out}}
+
+
+def _own_keys(plan: RemapPlan, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys an optimizer's own ``state_dict()`` adds beside ``state`` and ``param_groups``
+    (Ranger21's ``lookahead_step``, StableSPAM's ``total_step``, heavyball's settings): carried as
+    they are (mmengine's ``base_param_settings`` too). One keyed by the optimizer's indices cannot be
+    named: refused rather than left pointing at the old parameters."""
+    own = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
+    if not own:
+        return own
+    indices = {i for g in state_dict.get("param_groups", []) for i in g.get("params", ())}
+    moved = any(s.source_index != s.target_index for s in plan.slots) or plan.dropped or \
+        any(s.source_index is None for s in plan.slots)
+    for k, v in own.items():
+        keyed = isinstance(v, Mapping) and any(i in indices for i in v)
+        if moved and keyed:
+            raise MappingError(f"the optimizer's state dict has its own key {k!r} beside 'state' and 'param_groups' "
+                               "keyed by parameter index: its layout is not torch's, so what belongs to which "
+                               "parameter cannot be named")
+    return own
 
 
 _LBFGS_FLAT = ("d", "prev_flat_grad")
@@ -454,6 +493,9 @@ def prepare_source(mapping: OptimizerMapping, state_dict: Mapping[str, Any], tar
                    ) -> tuple[OptimizerMapping, dict[str, Any], list[Step]]:
     """The saved optimizer with ``--fuse`` / ``--split`` applied (:mod:`optckpt.transforms`), ready
     for :func:`build_plan`; the concrete steps go into the plan (``plan.transforms``)."""
+    if mapping.overridden is not None:
+        raise MappingError(f"optimizer {mapping.optimizer}: its state_dict() is not torch's layout "
+                           f"({mapping.overridden}); what belongs to which parameter there cannot be named: refused")
     if not rules:
         return mapping, dict(state_dict), []
     from .kinds import guess_optimizer

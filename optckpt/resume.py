@@ -10,9 +10,10 @@ from typing import Any, Literal
 import torch
 
 from .checkpoint import Checkpoint, OptimizerState
-from .errors import FormatError, MappingError
+from .errors import FormatError, MappingError, UnsafePickleError
 from .io import adopt_target_adapter, load
 from .io.discover import is_optimizer_sd, model_state_from_dict
+from .io.safepickle import PickledObject, first_placeholder
 from .kernels import place_tensors
 from .mapping import SourceNames, infer_mapping, is_lbfgs
 from .remap import Policy, apply_plan, attach_lbfgs_layout, build_plan, prepare_source
@@ -137,6 +138,13 @@ def load_optimizer_state_dict(
             f"shape_mismatch {result.shape_mismatch}"
         )
     new_sd = apply_plan(plan, sd, with_names="param_names" in optimizer.param_groups[0])
+    hit = first_placeholder(new_sd.get("state", {}))
+    if hit is not None:  # read without running it: the live optimizer would get an inert record, not the object
+        obj = hit[1]
+        raise UnsafePickleError(ck.path or "the saved state", [obj.type_name if isinstance(obj, PickledObject)
+                                                                else obj.name],
+                                f"the state of index {hit[0][0]} holds a pickled object, which the live "
+                                "optimizer needs built")
     result.notes = list(plan.notes)
     result.transformed = [s.whole for s in steps] + [s.name for s in plan.slots if s.action == "slice"]
     _place_state(new_sd, optimizer)

@@ -119,13 +119,23 @@ def _refuse_placeholders(path: str, found: Any) -> None:
     """Optimizer and scheduler state is plain data: a pickled object (read as a placeholder, not
     run) where a number or a tensor belongs is refused here, not misread later."""
     for st in (*found.optimizers, *found.schedulers):
-        hit = first_placeholder(st.state_dict)
+        hit = first_placeholder(_outside_entry_values(st.state_dict) if st in found.optimizers else st.state_dict)
         if hit is not None:
             where = path_str((*st.path, *hit[0]))
             obj = hit[1]
             name = obj.type_name if isinstance(obj, PickledObject) else obj.name
             raise UnsafePickleError(path, [name], f"{where or '(root)'} is a pickled object, {describe(obj)}, where "
                                     "optimizer / scheduler state must be plain data")
+
+
+def _outside_entry_values(sd: Any) -> Any:
+    """An optimizer state dict without the values of its per-parameter entries: a pickled object
+    there (GaLore's projector, a ``collections.deque`` of past gradients, a preconditioner) belongs
+    to one parameter and moves with it by name as an opaque value, written back as it was read."""
+    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict):
+        return sd
+    entries = {k: (list(v) if type(v) is dict else v) for k, v in sd["state"].items()}  # keys only
+    return {**sd, "state": entries}
 
 
 def _describe(obj: Any) -> str:

@@ -121,9 +121,17 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
             return False
         hit = False
         if isinstance(o, Mapping):
+            beside = _per_parameter_siblings(o)
             for k, v in o.items():
+                if k in beside:
+                    continue  # per-parameter data of a wrapped optimizer, not a model
                 if isinstance(v, (Mapping, list, tuple, PickledObject, torch.nn.Module)):
                     hit = walk(v, (*path, k), depth + 1) or hit
+            if beside:
+                for opt in found.optimizers:
+                    if opt.path[:-1] == path:
+                        opt.overridden = (f"{path_str(opt.path)} sits beside {', '.join(map(repr, beside))}, "
+                                          "entries keyed per parameter outside torch's 'state'")
         elif isinstance(o, (list, tuple)):
             for i, v in enumerate(o):
                 if isinstance(v, (Mapping, list, tuple, PickledObject, torch.nn.Module)):
@@ -134,6 +142,23 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
     _collect_top_level(obj, found)
     _order_models(found)
     return found
+
+
+def _per_parameter_siblings(o: Mapping[Any, Any]) -> list[Any]:
+    """Keys of ``o`` that hold per-parameter entries beside an optimizer state dict ``o`` also holds:
+    dicts keyed by its indices or by (group, position) tuples."""
+    opts = [v for v in o.values() if is_optimizer_sd(v)]
+    if not opts:
+        return []
+    indices = {i for sd in opts for g in sd.get("param_groups", []) if isinstance(g, Mapping)
+               for i in g.get("params", ()) if isinstance(i, int)}
+
+    def keyed(v: Any) -> bool:
+        return isinstance(v, Mapping) and bool(v) and all(
+            (isinstance(k, int) and k in indices)
+            or (isinstance(k, tuple) and bool(k) and all(isinstance(x, int) for x in k)) for k in v)
+
+    return [k for k, v in o.items() if not is_optimizer_sd(v) and keyed(v)]
 
 
 def _collect_top_level(obj: Any, found: Found) -> None:
