@@ -196,13 +196,13 @@ def test_files_of_libraries_the_extra_does_not_install(name, tmp_path, fixtures)
     assert not same(saved, truth)  # (the comparison can fail: the unrepaired state is not it)
 
 
-# --- -m slow: the whole matrix ---------------------------------------------------------------------
+# --- -m matrix: the whole held-out matrix (minutes; re-run for each landing, not in CI) ---------------------------------------------------------------------
 
 def _lib_cases() -> list:
     return [pytest.param(s.id, n, id=f"{s.id}-g{n}") for s in library_specs() for n in s.ngroups]
 
 
-@pytest.mark.slow
+@pytest.mark.matrix
 @pytest.mark.parametrize("ident, ngroups", _lib_cases())
 def test_library_matrix(ident, ngroups, tmp_path):
     """Every library of the issue: remap as a real subprocess and the API, one and two groups, the
@@ -232,7 +232,7 @@ def _po_cases() -> list:
     return [pytest.param(s.name, id=s.name) for s in pytorch_optimizer_specs()]
 
 
-@pytest.mark.slow
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", _po_cases())
 def test_pytorch_optimizer_matrix(name, tmp_path):
     """Every optimizer pytorch-optimizer registers that runs on this CPU with two param groups and a
