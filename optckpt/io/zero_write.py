@@ -42,7 +42,7 @@ from .deepspeed import _MODEL, _OPTIM, _cut_stage3, _cut_stage12, _param_shapes
 from .safepickle import PickledObject
 from .write import _fsync_dir, _fsync_path, _save_torch, new_output, temp_dir, temp_file
 
-__all__ = ["ZeroEdit", "write_zero", "zero_step_of"]
+__all__ = ["ZeroEdit", "old_masters", "write_zero", "zero_step_of"]
 
 _DEFAULT_SUB_GROUP = 1_000_000_000  # DeepSpeedZeroConfig.sub_group_size
 
@@ -65,7 +65,9 @@ class ZeroEdit:
     module: Mapping[str, torch.Tensor] | None = None
     scheduler: Any = None
     keep_scheduler: bool = True
+    buffer_renames: dict[str, str] = field(default_factory=dict)  # module prefix -> new prefix
     notes: list[str] = field(default_factory=list)
+    masters: dict[str, torch.Tensor] = field(default_factory=dict)  # filled in: the fp32 weights written
 
 
 def zero_step_of(ck: Checkpoint) -> str:
@@ -295,15 +297,16 @@ def _first_fragment(zero: Mapping[str, Any]) -> PickledObject | None:
     return None
 
 
+def old_masters(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a ZeRO checkpoint by name (views into its partitions)."""
+    return _old_masters(_saved(ck))
+
+
 def _old_masters(saved: _Saved) -> dict[str, torch.Tensor]:
     shapes = _param_shapes(saved.models[0], "param_shapes")
     zero = [saved.zero(r) for r in range(saved.world)]
     if saved.kind == "stage3":
         return _cut_stage3(zero, shapes, "saved partitions")[0]
-    if saved.kind == "bf16":  # the fp32 partitions are saved padded: drop the (last rank's) padding
-        zero = [{**z, "single_partition_of_fp32_groups": [
-            t[:t.numel() - p] for t, p in zip(z["single_partition_of_fp32_groups"], z["group_paddings"])]}
-            for z in zero]
     return _cut_stage12(zero, shapes, "saved partitions")[0]
 
 
@@ -470,12 +473,22 @@ def _new_module(saved: _Saved, edit: ZeroEdit, names: set[str]) -> Any:
     return OrderedDict((k, torch.empty(0, dtype=dtype) if k in names else v) for k, v in new.items())
 
 
-def _renamed_names(values: Any, rename: Mapping[str, str], what: str) -> Any:
+def _renamer(rename: Mapping[str, str], prefixes: Mapping[str, str]) -> Callable[[str], str]:
+    def new_name(old: str) -> str:
+        if old in rename:
+            return rename[old]
+        mod, _, leaf = old.rpartition(".")
+        return f"{prefixes[mod]}.{leaf}" if mod in prefixes else old
+    return new_name
+
+
+def _renamed_names(values: Any, new_name: Callable[[str], str], keep: set[str]) -> Any:
+    """A list of names / a name-keyed mapping with the names renamed; names the new module lacks left out."""
     if isinstance(values, list):
-        return [rename.get(v, v) for v in values]
-    if isinstance(values, Mapping):
-        return type(values)((rename.get(k, k), rename.get(v, v) if isinstance(v, str) else v)
-                            for k, v in values.items())
+        return [new_name(v) for v in values if isinstance(v, str) and new_name(v) in keep]
+    if isinstance(values, dict):
+        return type(values)((new_name(k), new_name(v) if isinstance(v, str) else v)
+                            for k, v in values.items() if new_name(k) in keep)
     return values
 
 
@@ -483,6 +496,8 @@ def _model_files(saved: _Saved, edit: ZeroEdit, shapes: list[OrderedDict[str, to
     names = {n for g in edit.groups for n in g}
     module = _new_module(saved, edit, names)
     rename = {old: new for new, old in edit.sources.items() if old is not None and old != new}
+    new_name = _renamer(rename, edit.buffer_renames)
+    keep = set(module)
     out = []
     for m in saved.models:
         new = dict(m)
@@ -490,7 +505,7 @@ def _model_files(saved: _Saved, edit: ZeroEdit, shapes: list[OrderedDict[str, to
         new["param_shapes"] = shapes
         for k in ("buffer_names", "frozen_param_shapes", "frozen_param_fragments", "shared_params"):
             if k in new and new[k]:
-                new[k] = _renamed_names(new[k], rename, k)
+                new[k] = _renamed_names(new[k], new_name, keep)
         if not edit.keep_scheduler:
             new["lr_scheduler"] = edit.scheduler
         out.append(new)
@@ -530,6 +545,7 @@ def write_zero(ck: Checkpoint, edit: ZeroEdit, out: str | None, *, in_place: boo
         raise WriteError(f"param group {empty[0]} would be empty: DeepSpeed drops empty groups, so its saved "
                          "partitions could not be matched; refused")
     masters = _masters(saved, edit)
+    edit.masters = masters
     if saved.kind == "stage3":
         zeros, shapes = _build_3(saved, edit, masters)
     else:
