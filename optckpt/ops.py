@@ -151,9 +151,14 @@ def _commit_dcp(path: str, out: str | None, in_place: bool, replace_backup: bool
 
 
 def _write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, w: WriteOptions,
-                 trust_pickle: bool = False) -> str:
+                 trust_pickle: bool = False, plan: RemapPlan | None = None, notes: list[str] | None = None) -> str:
     """Put each new state dict where its old one sat (file + key path), write the changed files in
-    the input's layout, and (``w.verify``) read them back bit for bit."""
+    the input's layout, and (``w.verify``) read them back bit for bit. A DeepSpeed ZeRO directory is
+    rebuilt in DeepSpeed's own layout (:mod:`optckpt.zero_edit`)."""
+    if ck.layout == "deepspeed":
+        from .zero_edit import write_zero_edits
+
+        return write_zero_edits(ck, out, edits, w=w, plan=plan, notes=notes)
     part_objs = {p.relpath: p.obj for p in ck.parts}
     changed: dict[str, Any] = {}
     for where, new in edits:
@@ -237,7 +242,7 @@ def remap_checkpoint(
     edits = [(opt, new_sd)] + [(s, remap_scheduler(s.state_dict, plan, n_groups)) for s in schedulers_of(ck, opt)]
     edits += [(m, new) for m, new in model_edits if not any(m is j for j, _ in joined)]
     assert out is not None
-    written = _write_edits(ck, out, edits, w=write, trust_pickle=trust_pickle)
+    written = _write_edits(ck, out, edits, w=write, trust_pickle=trust_pickle, plan=plan)
     return plan, written
 
 
@@ -449,7 +454,7 @@ def reset_checkpoint(
     if write.dry_run:
         return result, None
     assert out is not None
-    written = _write_edits(ck, out, [(opt, new_sd)], w=write, trust_pickle=trust_pickle)
+    written = _write_edits(ck, out, [(opt, new_sd)], w=write, trust_pickle=trust_pickle, notes=result.notes)
     return result, written
 
 

@@ -56,13 +56,18 @@ def _prefix_renames(sources: Mapping[str, str | None]) -> dict[str, str]:
 
 
 def write_zero_edits(ck: Checkpoint, out: str | None, edits: Sequence[tuple[Any, Any]], *, w: WriteOptions,
-                     plan: Any = None) -> str:
+                     plan: Any = None, notes: list[str] | None = None) -> str:
     """Write the edited parts (``edits``: ``(where, new)`` as the editing commands build them) of the
     ZeRO checkpoint ``ck``. ``plan`` (a remap's): which saved parameter each new name comes from;
-    without it every name keeps its own."""
+    without it every name keeps its own. What the layout forces (fresh moments sharing their group's
+    step) is added to ``plan.notes`` / ``notes``."""
     opt_new = next((new for where, new in edits if isinstance(where, OptimizerState)), None)
     opt = ck.optimizer()
     sd = opt_new if opt_new is not None else opt.state_dict
+    if plan is None and opt_new is not None:  # set: the hyperparameters DeepSpeed would really resume with
+        old_groups = opt.state_dict.get("param_groups", [])
+        refuse_zero_lr_change(ck, sorted({k for a, b in zip(old_groups, opt_new.get("param_groups", []))
+                                          for k in b if k not in _NOT_HPARAMS and not _same(a.get(k), b[k])}))
     groups, state = _names_and_state(sd)
     hparams = [{k: v for k, v in g.items() if k not in _NOT_HPARAMS} for g in sd.get("param_groups", [])]
     if plan is not None:
@@ -90,8 +95,10 @@ def write_zero_edits(ck: Checkpoint, out: str | None, edits: Sequence[tuple[Any,
             _verify(tmp, edit)
 
     written = write_zero(ck, edit, out, in_place=w.in_place, verify=check)
-    if plan is not None and edit.notes:
+    if plan is not None:
         plan.notes.extend(edit.notes)
+    elif notes is not None:
+        notes.extend(edit.notes)
     return written
 
 
@@ -133,7 +140,7 @@ def refuse_zero_lr_change(ck: Checkpoint, keys: Sequence[str]) -> None:
     """DeepSpeed's own lr schedulers (``WarmupLR``, ``OneCycle``, ...) save only their position and
     set the lr from the config at every step: an lr written into the checkpoint would last one step.
     An elastic stage 1/2 checkpoint restores no hyperparameters at all."""
-    if ck.layout != "deepspeed":
+    if ck.layout != "deepspeed" or not keys:
         return
     part = next(p for p in ck.parts if p.relpath == ck.models[0].part)
     sched = part.obj.get("lr_scheduler") if isinstance(part.obj, dict) else None
