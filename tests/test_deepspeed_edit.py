@@ -11,6 +11,7 @@ uninterrupted run by name; the unrepaired checkpoint resumes wrong without any e
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -220,6 +221,16 @@ _MODELS = textwrap.dedent('''
         def forward(self, x):
             return self.head(torch.relu(self.mid(torch.relu(self.encoder(x)))))
 
+    class Reordered(nn.Module):  # the old names, modules defined in another order
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(6, 3)
+            self.enc = nn.Linear(5, 7)
+            self.mid = nn.Linear(7, 6)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.mid(torch.relu(self.enc(x)))))
+
     def groups(m):
         named = list(m.named_parameters())
         return [{"params": [p for n, p in named if n.endswith("weight")]},
@@ -246,7 +257,7 @@ _TRAIN = textwrap.dedent('''
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)
-    model = models.New() if mode == "resume" else models.Old()
+    model = {"resume": models.New, "resume_reordered": models.Reordered}.get(mode, models.Old)()
     cfg = {"train_batch_size": 2 * world, "zero_optimization": {"stage": stage},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
     if bf16:
@@ -260,7 +271,7 @@ _TRAIN = textwrap.dedent('''
         engine.backward(loss)
         engine.step()
 
-    if mode == "resume":
+    if mode.startswith("resume"):
         assert engine.load_checkpoint(ckdir)[0] is not None
     else:
         for i in range(3):
@@ -332,8 +343,9 @@ def test_deepspeed_resumes_the_repaired_checkpoint_exactly(tmp_path, stage, worl
     assert (ck / "global_step3" / f"{prefix}zero_pp_rank_{world - 1}_mp_rank_00_optim_states.pt").is_file()
     if (stage, world, bf16) == (3, 1, False):  # the control: DeepSpeed resumes the unrepaired copy wrong, silently
         shutil.copytree(ck, tmp_path / "unrepaired")
-        _deepspeed(tmp_path, world, "resume", str(stage), str(tmp_path / "unrepaired"), str(tmp_path / "bad.pt"), flag)
-        assert _max_diff(tmp_path / "truth.pt", tmp_path / "bad.pt", _new_name)[0] > 1e-3
+        _deepspeed(tmp_path, world, "resume_reordered", str(stage), str(tmp_path / "unrepaired"),
+                   str(tmp_path / "bad.pt"), flag)
+        assert _max_diff(tmp_path / "truth.pt", tmp_path / "bad.pt")[0] > 1e-3
     r = run_cli("check", str(ck), "--target", "models.py:target", "--rename", "enc.=encoder.", cwd=tmp_path)
     assert r.returncode == 1, r.stdout  # not safe as it is
     r = run_cli("remap", str(ck), "--target", "models.py:target", "--rename", "enc.=encoder.", "--in-place",
@@ -363,3 +375,169 @@ def test_deepspeed_resumes_with_the_lr_set_halved(tmp_path, stage):
     worst, want_lr, got_lr = _max_diff(tmp_path / "truth.pt", tmp_path / "got.pt", _new_name)
     assert got_lr == [0.005, 0.005] == want_lr
     assert worst <= 1e-6, worst
+
+
+# ---------------------------------------------------------------------------------------------
+# two data-parallel ranks and bf16, as DeepSpeed 0.19.8 wrote them (CPU, gloo, two processes):
+# fixtures/zero_ckpts_more/w2/stage0-3 and bf16/stage1-3, both two ranks (ZeRO 1 with bf16 is DeepSpeed's
+# BF16_Optimizer: bf16_zero_pp_rank_* files, fp32 partitions saved with their padding)
+
+MORE = FIXTURES / "zero_ckpts_more"
+_FILES = [(kind, stage) for kind in ("w2", "bf16") for stage in (1, 2, 3)]
+
+
+def _same_tree(a, b, path="", keep=None) -> None:
+    """Equal structure and values (tensors bit for bit, placeholders structurally); ``keep``: the
+    elements of a flat stage-3 partition that hold data (DeepSpeed leaves its slice padding as
+    uninitialised memory)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape and a.requires_grad == b.requires_grad, path
+        sub = re.search(r"fp32_flat_groups\[(\d+)\]$|/state/(\d+)/[^/]+$", path)
+        if keep is not None and sub and a.dim() == 1:
+            mask = keep[int(sub.group(1) or sub.group(2))]
+            a, b = a[mask], b[mask]
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), (path, list(a), list(b))
+        for k in a:
+            _same_tree(a[k], b[k], f"{path}/{k}", keep)
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_tree(x, y, f"{path}[{i}]", keep)
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.mark.parametrize("kind,stage", _FILES)
+def test_rewriting_unchanged_reproduces_deepspeeds_own_files(zero, tmp_path, kind, stage):
+    """A remap onto the unchanged code rebuilds every rank's partitions, paddings, fragment addresses
+    and param_shapes exactly as DeepSpeed wrote them."""
+    src = tmp_path / "src"
+    shutil.copytree(MORE / kind / f"stage{stage}", src)
+    (tmp_path / "same.py").write_text(textwrap.dedent('''
+        import torch
+        def build():
+            m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+            groups = [{"params": [m[0].weight, m[2].weight]},
+                      {"params": [m[0].bias, m[2].bias], "weight_decay": 0.0}]
+            return m, torch.optim.AdamW(groups, lr=1e-2)
+    '''))
+    out = tmp_path / "out"
+    r = run_cli("remap", str(src), "--target", f"{tmp_path / 'same.py'}:build", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    a, b = load(src), load(out)
+    assert sorted(p.relpath for p in a.parts) == sorted(p.relpath for p in b.parts)
+    files = [p.relpath for p in a.parts]
+    assert sum("optim_states" in f for f in files) == 2
+    assert all(os.path.basename(f).startswith("bf16_") == (kind == "bf16") for f in files if "optim_states" in f)
+    objs = {p.relpath: p.obj for p in b.parts}
+    for p in a.parts:
+        keep = None
+        rank = re.match(r".*zero_pp_rank_(\d+)_mp_rank_00_optim_states", p.relpath)
+        if stage == 3 and rank:
+            world = 2
+            r = int(rank.group(1))
+            keep = [torch.cat([torch.arange(-(-s.numel() // world)) + r * -(-s.numel() // world) < s.numel()
+                               for s in g.values()]) for g in a.parts[0].obj["param_shapes"]]
+        _same_tree(p.obj, objs[p.relpath], p.relpath, keep)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_read_by_name_like_stage0(stage):
+    sd = torch.load(MORE / "w2" / "stage0" / "global_step3" / "mp_rank_00_model_states.pt", weights_only=True)
+    osd = sd["optimizer"]
+    index = [i for g in osd["param_groups"] for i in g["params"]]
+    truth = {NAMES[index.index(i)]: v for i, v in osd["state"].items()}
+    ck = load(MORE / "w2" / f"stage{stage}")
+    assert ck.extras["world_size"] == 2
+    opt = ck.optimizer()
+    for n in NAMES:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(opt.state[n][k], truth[n][k], atol=1e-6, rtol=0), (n, k)
+        assert torch.allclose(ck.models[0].tensors[n], sd["module"][n], atol=1e-6, rtol=0), n
+
+
+def test_two_ranks_and_bf16_check_and_diff(zero):
+    for kind in ("w2", "bf16"):
+        for stage in (1, 2, 3):
+            d = MORE / kind / f"stage{stage}"
+            assert run_cli("check", str(d), "--target", f"{zero / 'targets.py'}:reordered").returncode == 1
+        r = run_cli("diff", str(MORE / kind / "stage1"), str(MORE / kind / "stage2"), "--only", "optimizer",
+                    "--atol", "1e-6")
+        assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("kind,stage", _FILES)
+def test_two_ranks_and_bf16_remap_by_name(zero, tmp_path, kind, stage):
+    src = tmp_path / "src"
+    shutil.copytree(MORE / kind / f"stage{stage}", src)
+    r = run_cli("remap", str(src), "--target", f"{zero / 'targets.py'}:reordered", "--in-place")
+    assert r.returncode == 0, r.stderr
+    old, new = _by_name(load(MORE / kind / f"stage{stage}")), _by_name(load(src))
+    for n in NAMES:
+        assert all(torch.equal(new[n][k], v) for k, v in old[n].items()), n
+    assert run_cli("check", str(src), "--target", f"{zero / 'targets.py'}:reordered").returncode == 0
+
+
+def test_stage0_directory_follows_latest(zero, tmp_path):
+    r = run_cli("inspect", str(zero / "stage0"), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    r = run_cli("remap", str(zero / "stage0"), "--target", f"{zero / 'targets.py'}:reordered", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    osd = torch.load(out / "mp_rank_00_model_states.pt", weights_only=True)["optimizer"]
+    old = torch.load(zero / "stage0" / "global_step3" / "mp_rank_00_model_states.pt", weights_only=True)["optimizer"]
+    assert torch.equal(osd["state"][0]["exp_avg"], old["state"][1]["exp_avg"])  # 2.weight now first
+
+
+# how fixtures/zero_ckpts_more was written: `python gen.py OUT 0` (w2) and `python gen.py OUT 1` (bf16),
+# each as two gloo processes (RANK 0/1, WORLD_SIZE 2, DS_ACCELERATOR=cpu); DeepSpeed's zero_to_*.py left out
+_GEN_MORE = """
+import os, sys
+import torch
+import deepspeed
+import deepspeed.comm.torch as ds_comm
+
+ds_comm.build_shm_op = lambda: None
+out, bf16 = sys.argv[1], sys.argv[2] == "1"
+deepspeed.init_distributed(dist_backend="gloo")
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+for stage in ((1, 2, 3) if bf16 else (0, 1, 2, 3)):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    groups = [{"params": [model[0].weight, model[2].weight]},
+              {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
+    cfg = {"train_batch_size": 2 * world, "zero_optimization": {"stage": stage},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    for i in range(3):
+        g = torch.Generator().manual_seed(1 + 10 * i + rank)
+        loss = engine(torch.randn(2, 5, generator=g).to(dtype)).float().pow(2).sum()
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(os.path.join(out, f"stage{stage}"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["w2", "bf16"])
+def test_freshly_written_two_rank_files_match_the_committed_ones(tmp_path, kind):
+    pytest.importorskip("deepspeed", reason="DeepSpeed not installed")
+    (tmp_path / "gen.py").write_text(_GEN_MORE)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE="2", PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, "gen.py", str(tmp_path / "out"), "1" if kind == "bf16" else "0"],
+                              cwd=tmp_path, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=900)[0]
+        assert p.returncode == 0, out[-3000:]
+    for stage in (1, 2, 3):
+        a, b = _by_name(load(tmp_path / "out" / f"stage{stage}")), _by_name(load(MORE / kind / f"stage{stage}"))
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[n][k], v, atol=1e-6, rtol=0) for n in a for k, v in b[n].items())

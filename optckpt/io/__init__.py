@@ -12,7 +12,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
 from .dcp import is_dcp_dir, load_dcp
-from .deepspeed import deepspeed_dir, load_deepspeed
+from .deepspeed import deepspeed_dir, load_deepspeed, stage0_step
 from .discover import discover
 from .hf_order import hf_model_order
 from .peft import ADAPTER_FILES, peft_adapter_order
@@ -152,6 +152,9 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
     step = deepspeed_dir(path)  # ZeRO stage 1-3: flat partitions cut back by parameter
     if step is not None:
         return load_deepspeed(path, step, trust_pickle)
+    step = stage0_step(path)  # ZeRO stage 0: the torch optimizer's own state dict in the step directory
+    if step is not None:
+        return _load_directory(step, trust_pickle)
     try:
         names = sorted(os.listdir(path))
     except OSError as e:

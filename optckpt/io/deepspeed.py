@@ -35,7 +35,7 @@ from .paths import member_path
 from .safepickle import first_placeholder
 from .torchfile import load_torch_file, sniff
 
-__all__ = ["deepspeed_dir", "load_deepspeed"]
+__all__ = ["deepspeed_dir", "load_deepspeed", "stage0_step"]
 
 _MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -58,6 +58,24 @@ def deepspeed_dir(path: str) -> str | None:
     models, optims = _zero_files(path)
     if models and optims:
         return path
+    step = _follow_latest(path)
+    if step is None:
+        return None
+    models, optims = _zero_files(step)
+    return step if models and optims else None
+
+
+def stage0_step(path: str) -> str | None:
+    """The step directory a stage-0 save's ``latest`` names (model states only: the torch optimizer's
+    own state dict inside), or None."""
+    step = _follow_latest(path)
+    if step is None:
+        return None
+    models, optims = _zero_files(step)
+    return step if models and not optims else None
+
+
+def _follow_latest(path: str) -> str | None:
     latest = os.path.join(path, "latest")
     if not os.path.isfile(latest) or os.path.getsize(latest) > 4096:
         return None
@@ -73,8 +91,7 @@ def deepspeed_dir(path: str) -> str | None:
     if os.path.commonpath([real_root, real]) != real_root or real == real_root:
         raise LoadError(f"{latest}: names the step directory {tag!r}, which leads outside the checkpoint "
                         "directory (a symlink?); refused")
-    models, optims = _zero_files(step)
-    return step if models and optims else None
+    return step
 
 
 def load_deepspeed(path: str, step: str, trust_pickle: bool = False) -> Checkpoint:

@@ -387,7 +387,8 @@ def _build_12(saved: _Saved, edit: ZeroEdit, masters: Mapping[str, torch.Tensor]
             assert isinstance(base, dict)
             z["base_optimizer_state"] = {**base, "state": rigid_state[r], "param_groups": [
                 {**hp, "params": [g]} for g, hp in enumerate(edit.hparams)]}
-        z["single_partition_of_fp32_groups"] = fp32_parts[r]
+        old_parts = saved.zero(r).get("single_partition_of_fp32_groups")
+        z["single_partition_of_fp32_groups"] = _flagged(fp32_parts[r], old_parts)
         z["group_paddings"] = paddings[r]
         if "param_alignment_paddings" in z:
             z["param_alignment_paddings"] = [list(p) for p in align_pads]
@@ -396,6 +397,15 @@ def _build_12(saved: _Saved, edit: ZeroEdit, masters: Mapping[str, torch.Tensor]
         if "param_slice_mappings" in z:
             z["param_slice_mappings"] = slice_maps[r]
     return new_zero, shapes_out
+
+
+def _flagged(new: list[torch.Tensor], old: Any) -> list[torch.Tensor]:
+    """The new flat partitions with ``requires_grad`` as DeepSpeed saved its own (its fp32 masters are
+    leaf parameters)."""
+    if isinstance(old, list) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in old):
+        for t in new:
+            t.requires_grad_(True)
+    return new
 
 
 def _copy_scalars(scalars: Mapping[str, Any]) -> dict[str, Any]:
@@ -438,7 +448,7 @@ def _build_3(saved: _Saved, edit: ZeroEdit, masters: Mapping[str, torch.Tensor]
         assert isinstance(base, dict)
         z["optimizer_state_dict"] = {**base, "state": states[r], "param_groups": [
             {**hp, "params": ids} for hp, ids in zip(edit.hparams, group_params)]}
-        z["fp32_flat_groups"] = flats[r]
+        z["fp32_flat_groups"] = _flagged(flats[r], z.get("fp32_flat_groups"))
         new_zero.append(z)
     return new_zero, shapes_out
 
