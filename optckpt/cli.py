@@ -380,8 +380,8 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
             trust_pickle: bool, output: str | None, dry_run: bool, in_place: bool, replace_backup: bool, backup: bool,
             no_verify: bool, fmt: str) -> None:
     """Change param-group hyperparameters (lr, weight_decay, any key) consistently with schedulers."""
+    from .cmd_set import set_checkpoint
     from .hparams import Change
-    from .ops import set_checkpoint
     from .render import render_set, to_json
 
     if lr is not None and scale_lr is not None:

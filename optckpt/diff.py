@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, same
 from .kinds import guess_scheduler
 from .mapping import OptimizerMapping, infer_mapping
+from .verify import bit_equal
 
 __all__ = ["Entry", "DiffReport", "diff_checkpoints", "compare_tensors", "SECTIONS"]
 
@@ -86,86 +87,6 @@ class TensorDiff:
     cosine: float | None
     changed_elements: int
     bit_identical: bool
-
-
-def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    flat = t.contiguous().reshape(-1)
-    return flat.view(torch.uint8) if flat.element_size() != 1 or flat.dtype != torch.uint8 else flat
-
-
-_MEMCMP: Any = None
-
-
-def _memcmp() -> Any:
-    """libc's ``memcmp`` (ctypes releases the GIL around it), or False where there is none."""
-    global _MEMCMP
-    if _MEMCMP is None:
-        try:
-            fn = ctypes.CDLL(None).memcmp
-            fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-            _MEMCMP = fn
-        except (OSError, AttributeError):
-            _MEMCMP = False
-    return _MEMCMP
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, dtype and bytes (NaN payloads included).
-
-    Dense contiguous CPU tensors (every record of a checkpoint read with ``mmap``) are compared by
-    libc ``memcmp``: one thread at memory bandwidth, independent of alignment. ``torch.equal`` spreads
-    the same pass over torch's intra-op threads, which on a machine whose cores are busy elsewhere
-    runs several times slower than one thread. Other tensors are compared as the widest integer
-    words that both addresses allow (chosen for the pair, so equal tensors at differently aligned
-    addresses, records inside a safetensors file, still compare equal)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.numel() == 0:
-        return True
-    cmp = _memcmp()
-    if (cmp and a.device.type == "cpu" and b.device.type == "cpu" and a.layout == torch.strided
-            and b.layout == torch.strided and a.is_contiguous() and b.is_contiguous()
-            and not (a.is_conj() or b.is_conj() or a.is_neg() or b.is_neg())):
-        return a.data_ptr() == b.data_ptr() or cmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
-    ra, rb = _raw_bytes(a), _raw_bytes(b)
-    n = ra.numel()
-    for dt, w in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if n % w == 0 and ra.data_ptr() % w == 0 and rb.data_ptr() % w == 0:
-            return bool(torch.equal(ra.view(dt), rb.view(dt)))
-    return bool(torch.equal(ra, rb))
-
-
-def all_bit_equal(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                  done: Callable[[torch.Tensor], None] | None = None) -> bool:
-    """:func:`bit_equal` of every pair, spread over the cores in batches of similar byte counts
-    (``memcmp`` runs without the GIL; a task per tiny tensor would cost more than comparing it).
-    ``done`` is called, in this thread, with each pair's first tensor once compared."""
-    total = sum(x.numel() * x.element_size() for x, _ in pairs)
-    workers = min(os.cpu_count() or 1, 8)
-    if workers <= 1 or total < (16 << 20) or len(pairs) < 2:
-        for x, y in pairs:
-            if not bit_equal(x, y):
-                return False
-            if done is not None:
-                done(x)
-        return True
-    batches: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
-    size, per_batch = 0, max(total // (4 * workers), 1)
-    for pair in pairs:
-        if size >= per_batch:
-            batches.append([])
-            size = 0
-        batches[-1].append(pair)
-        size += pair[0].numel() * pair[0].element_size()
-    with ThreadPoolExecutor(workers) as pool:
-        for batch, equal in zip(batches, pool.map(lambda bt: all(bit_equal(x, y) for x, y in bt), batches)):
-            if not equal:
-                pool.shutdown(wait=False, cancel_futures=True)
-                return False
-            if done is not None:
-                for x, _ in batch:
-                    done(x)
-    return True
 
 
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, atol: float = 0.0, rtol: float = 0.0,

@@ -12,7 +12,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["guess_optimizer", "guess_scheduler", "SCHEDULER_KEYS", "fresh_state_value"]
+__all__ = ["guess_optimizer", "guess_scheduler", "SCHEDULER_KEYS", "fresh_state_value", "PARAM_SHAPED_KEYS",
+           "NOT_ELEMENTWISE"]
+
+# state keys whose tensor has exactly the parameter's shape, across torch.optim
+PARAM_SHAPED_KEYS = (
+    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg", "acc_delta",
+    "exp_inf", "ax", "grad_avg", "prev", "step_size", "variance",
+)
+
+# optimizers whose per-parameter state is not elementwise in the parameter's shape (cannot be sliced,
+# fused or split), with the reason
+NOT_ELEMENTWISE = {
+    "Adafactor": "keeps factored second moments (row_var / col_var) per matrix",
+    "LBFGS": "keeps one flat curvature history over all parameters",
+    "Muon": "orthogonalises each parameter's whole update matrix",
+}
 
 # the value torch gives a state key when it creates state (zero unless listed here)
 _FRESH = {"mu": 1.0, "mu_product": 1.0}

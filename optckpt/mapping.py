@@ -31,17 +31,11 @@ import torch
 
 from .align import Item, Slot, align_groups
 from .checkpoint import _FLOATING, Checkpoint, ModelState, OptimizerState
+from .kinds import PARAM_SHAPED_KEYS
 from .validate import validate_optimizer
 
 __all__ = ["IndexName", "OptimizerMapping", "SourceNames", "Rejection", "param_shape", "infer_mapping", "is_lbfgs",
            "pair_groups", "settle_by_grouping", "name_by_target_shapes"]
-
-# state keys whose tensor has exactly the parameter's shape, across torch.optim
-_PARAM_SHAPED = (
-    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg", "acc_delta",
-    "exp_inf", "ax", "grad_avg", "prev", "step_size", "variance",
-)
-
 
 def _tensors(entry: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """The shapes of an entry's tensors of at least one dimension (DCP tensors on disk too)."""
@@ -62,7 +56,7 @@ def param_shape(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
     does not reveal it (no state, scalars only, LBFGS's global state). A known moment kept flattened
     beside one tensor shape of the same size with more (non-trivial) dimensions (SPAM's ``exp_avg``
     [12] beside its ``mask`` [3, 4]) gives that shape: flattening is how optimizers store it."""
-    for k in _PARAM_SHAPED:
+    for k in PARAM_SHAPED_KEYS:
         v = entry.get(k)
         if v is not None and (isinstance(v, torch.Tensor) or hasattr(v, "shape")):  # DCP tensors on disk too
             shape = tuple(v.shape)

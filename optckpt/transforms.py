@@ -22,19 +22,11 @@ from typing import Any
 import torch
 
 from .errors import MappingError, TargetError
-from .kinds import fresh_state_value
+from .kinds import NOT_ELEMENTWISE, fresh_state_value
 from .mapping import IndexName, OptimizerMapping
 
 __all__ = ["TransformRule", "Step", "parse_transforms", "expand_rules", "transform_source", "fuse_tensors",
            "split_tensor", "slice_tensor", "slice_state", "refusal"]
-
-# optimizers whose per-parameter state is not elementwise in the parameter's shape
-_NOT_ELEMENTWISE = {
-    "Adafactor": "keeps factored second moments (row_var / col_var) per matrix",
-    "LBFGS": "keeps one flat curvature history over all parameters",
-    "Muon": "orthogonalises each parameter's whole update matrix",
-}
-
 
 @dataclass(frozen=True)
 class TransformRule:
@@ -125,7 +117,7 @@ def expand_rules(rules: Sequence[TransformRule], target_names: Sequence[str],
 
 def refusal(optimizer_kind: str) -> str | None:
     """Why state of this optimizer class cannot be fused, split or sliced (None: it can)."""
-    why = _NOT_ELEMENTWISE.get(optimizer_kind)
+    why = NOT_ELEMENTWISE.get(optimizer_kind)
     return f"{optimizer_kind} {why}" if why else None
 
 

@@ -105,7 +105,7 @@ def remap(path: str, target: str, output: str | None = None, *, in_place: bool =
           optimizer: str | None = None, models: Sequence[str] | str | None = None,
           trust_pickle: bool = False) -> Report:
     """``optckpt remap``: rewrite the checkpoint so that the new code's plain ``load_state_dict`` is right."""
-    from .ops import remap_checkpoint
+    from .cmd_remap import remap_checkpoint
     from .remap import Policy
     from .transforms import parse_transforms
 
@@ -125,7 +125,7 @@ def reset(path: str, params: Sequence[str], output: str | None = None, *, keys: 
           source: str | None = None, optimizer: str | None = None, models: Sequence[str] | str | None = None,
           trust_pickle: bool = False) -> Report:
     """``optckpt reset``: drop or re-initialise the state of parameters matching the ``params`` globs."""
-    from .ops import reset_checkpoint
+    from .cmd_reset import reset_checkpoint
 
     result, written = reset_checkpoint(
         path, list(params), output, keys=list(keys), mode=mode, model=model, source=source, optimizer_key=optimizer,
@@ -144,9 +144,9 @@ def set_hparams(path: str, output: str | None = None, *, lr: float | None = None
                 trust_pickle: bool = False) -> Report:
     """``optckpt set``: change param-group hyperparameters consistently with the schedulers
     (``set=["lr_mult=3"]`` is ``--set``; ``groups`` / ``params`` select groups as ``--group`` / ``--params``)."""
+    from .cmd_set import set_checkpoint
     from .errors import FormatError
     from .hparams import Change
-    from .ops import set_checkpoint
 
     if lr is not None and scale_lr is not None:
         raise FormatError("--lr and --scale-lr are exclusive")
@@ -184,7 +184,7 @@ def convert(path: str, to: Literal["dcp", "torch", "safetensors"], output: str, 
             source: str | None = None, optimizer: str | None = None, models: Sequence[str] | str | None = None,
             max_shard_size: int | None = None, trust_pickle: bool = False) -> Report:
     """``optckpt convert``: the checkpoint in another layout; ``data["written"]`` is the output."""
-    from .ops import convert_checkpoint
+    from .cmd_convert import convert_checkpoint
 
     written = convert_checkpoint(path, to, output, model=model, source=source, optimizer_key=optimizer,
                                  models=_list(models), trust_pickle=trust_pickle, max_shard_size=max_shard_size)

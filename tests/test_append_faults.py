@@ -30,7 +30,8 @@ from conftest import ROOT
 _ZYGOTE = r'''
 import json, os, signal, sys, time
 import torch
-import optckpt.cli, optckpt.ops, optckpt.io.append  # noqa: F401  (imported once, before the forks)
+import optckpt.cli, optckpt.io.append  # noqa: F401  (imported once, before the forks)
+import optckpt.cmd_remap, optckpt.cmd_reset, optckpt.cmd_set  # noqa: F401
 
 def trial(req):
     kill_after = req.get("kill_after")

@@ -37,7 +37,7 @@ from optckpt.mapping import infer_mapping
 from optckpt.remap import Policy, apply_plan, build_plan
 from optckpt.target import Target
 
-# --- bitwise comparison (independent of optckpt.ops.same_bits) ----------------------------------------
+# --- bitwise comparison (independent of optckpt.verify.same_bits) ----------------------------------------
 
 
 def _tensor_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, invoke, invoke_json
 from torch import nn
 
-from optckpt.diff import bit_equal
+from optckpt.verify import bit_equal
 
 
 def test_bit_equal_memcmp_path_agrees_with_bytes():
@@ -130,7 +130,7 @@ def test_progress_on_a_terminal_for_big_writes_silent_for_json_pipes(tmp_path):
 
 
 def test_all_bit_equal_on_every_core_finds_one_flipped_bit():
-    from optckpt.diff import all_bit_equal
+    from optckpt.verify import all_bit_equal
 
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(n, generator=g) for n in [1 << 20] * 6 + [7, 1, 300_000] * 20]  # > 16 MiB: batched

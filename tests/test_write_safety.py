@@ -162,7 +162,7 @@ def test_concurrent_converts_end_with_one_verified_result(tmp_path):
 
 
 def test_failed_verification_leaves_nothing(src, tmp_path, monkeypatch):
-    monkeypatch.setattr("optckpt.ops.same_bits", lambda *a: False)  # fault injection: the re-read "differs"
+    monkeypatch.setattr("optckpt.verify.same_bits", lambda *a: False)  # fault injection: the re-read "differs"
     out = tmp_path / "out.pth"
     _one_line_error(_remap(src, "-o", str(out)), "verification failed")
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["opt.pth"]

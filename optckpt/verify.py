@@ -1,0 +1,210 @@
+"""Verification of what an edit wrote: one mechanism for "same bytes" (:func:`bit_equal` per tensor,
+:func:`all_bit_equal` over many on every core, :func:`same_bits` through containers), serving the
+writers' read-back checks (early exit on the first difference) and ``diff``'s per-tensor entries."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import WriteError
+from .io import load
+from .io.records import PROGRESS
+
+__all__ = ["bit_equal", "all_bit_equal", "same_bits", "verify_output", "verify_converted"]
+
+
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    flat = t.contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.element_size() != 1 or flat.dtype != torch.uint8 else flat
+
+
+_MEMCMP: Any = None
+
+
+def _memcmp() -> Any:
+    """libc's ``memcmp`` (ctypes releases the GIL around it), or False where there is none."""
+    global _MEMCMP
+    if _MEMCMP is None:
+        try:
+            fn = ctypes.CDLL(None).memcmp
+            fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            _MEMCMP = fn
+        except (OSError, AttributeError):
+            _MEMCMP = False
+    return _MEMCMP
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bytes (NaN payloads included).
+
+    Dense contiguous CPU tensors (every record of a checkpoint read with ``mmap``) are compared by
+    libc ``memcmp``: one thread at memory bandwidth, independent of alignment. ``torch.equal`` spreads
+    the same pass over torch's intra-op threads, which on a machine whose cores are busy elsewhere
+    runs several times slower than one thread. Other tensors are compared as the widest integer
+    words that both addresses allow (chosen for the pair, so equal tensors at differently aligned
+    addresses, records inside a safetensors file, still compare equal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.numel() == 0:
+        return True
+    cmp = _memcmp()
+    if (cmp and a.device.type == "cpu" and b.device.type == "cpu" and a.layout == torch.strided
+            and b.layout == torch.strided and a.is_contiguous() and b.is_contiguous()
+            and not (a.is_conj() or b.is_conj() or a.is_neg() or b.is_neg())):
+        return a.data_ptr() == b.data_ptr() or cmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
+    ra, rb = _raw_bytes(a), _raw_bytes(b)
+    n = ra.numel()
+    for dt, w in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if n % w == 0 and ra.data_ptr() % w == 0 and rb.data_ptr() % w == 0:
+            return bool(torch.equal(ra.view(dt), rb.view(dt)))
+    return bool(torch.equal(ra, rb))
+
+
+def all_bit_equal(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  done: Callable[[torch.Tensor], None] | None = None) -> bool:
+    """:func:`bit_equal` of every pair, spread over the cores in batches of similar byte counts
+    (``memcmp`` runs without the GIL; a task per tiny tensor would cost more than comparing it).
+    ``done`` is called, in this thread, with each pair's first tensor once compared."""
+    total = sum(x.numel() * x.element_size() for x, _ in pairs)
+    workers = min(os.cpu_count() or 1, 8)
+    if workers <= 1 or total < (16 << 20) or len(pairs) < 2:
+        for x, y in pairs:
+            if not bit_equal(x, y):
+                return False
+            if done is not None:
+                done(x)
+        return True
+    batches: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    size, per_batch = 0, max(total // (4 * workers), 1)
+    for pair in pairs:
+        if size >= per_batch:
+            batches.append([])
+            size = 0
+        batches[-1].append(pair)
+        size += pair[0].numel() * pair[0].element_size()
+    with ThreadPoolExecutor(workers) as pool:
+        for batch, equal in zip(batches, pool.map(lambda bt: all(bit_equal(x, y) for x, y in bt), batches)):
+            if not equal:
+                pool.shutdown(wait=False, cancel_futures=True)
+                return False
+            if done is not None:
+                for x, _ in batch:
+                    done(x)
+    return True
+
+
+def same_bits(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> bool:
+    """Bit-for-bit equality of tensors (NaN == NaN), recursively through containers: the structure
+    first, then the tensors' bytes on every core (:func:`all_bit_equal`). The bytes of
+    each tensor compared go to the writers' progress hook, when one is set. ``same_record``: says
+    of two tensors that they are provably the same bytes without reading them (else compared)."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if not _same_structure(a, b, same_record, pairs):
+        return False
+    tick = PROGRESS.get()
+    return all_bit_equal(pairs, None if tick is None else lambda x: tick(x.numel() * x.element_size()))
+
+
+def _same_structure(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.Tensor], bool] | None,
+                    pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Equal containers and values, tensors aside: those go to ``pairs`` (unless ``same_record``
+    proves them), to be compared byte for byte."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if same_record is None or not same_record(a, b):
+            pairs.append((a, b))
+        return True
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return list(a.keys()) == list(b.keys()) and all(_same_structure(a[k], b[k], same_record, pairs) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_structure(x, y, same_record, pairs) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return bool(a == b)
+
+
+def _same_record_in(path: str) -> Callable[[torch.Tensor, torch.Tensor], bool]:
+    """For a file edited by appending (its old bytes never written): two tensors memory-mapped from
+    ``path`` at the same file offset, with the same dtype, shape, strides and storage size, hold the
+    same bytes, whichever version's mapping each came from."""
+    from .io.records import _mappings, _offset_in
+
+    ranges = _mappings(path)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+        if a.device.type != "cpu" or b.device.type != "cpu" or sa.nbytes() != sb.nbytes() or sa.nbytes() == 0:
+            return False
+        oa, ob = _offset_in(ranges, sa.data_ptr()), _offset_in(ranges, sb.data_ptr())
+        return (oa is not None and oa == ob and a.dtype == b.dtype and a.shape == b.shape
+                and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+
+    return same
+
+
+def verify_output(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *, trust_pickle: bool = False) -> None:
+    """Re-read what was written: every rewritten file must hold exactly the intended object (each
+    tensor bit for bit: unchanged ones identical to the input, moved ones equal to their source;
+    in a file edited by appending, a tensor still at its old record's offset is that record),
+    and every file copied from a directory checkpoint must have its original size."""
+    from .io.torchfile import load_torch_file
+
+    single = not os.path.isdir(out)
+    kinds = {p.relpath: p.kind for p in ck.parts}
+    for relpath, intended in changed_parts.items():
+        path = out if single else os.path.join(out, relpath)
+        if kinds.get(relpath) == "safetensors":
+            _verify_safetensors(path, intended)
+            continue
+        got = load_torch_file(path, trust_pickle=trust_pickle, quiet=True).obj
+        appended = single and os.path.isfile(ck.path) and os.path.samefile(path, ck.path)
+        if not same_bits(got, intended, _same_record_in(path) if appended else None):
+            raise WriteError(f"{path}: verification failed: the written file differs from what was meant "
+                             "(nothing was written; the input is untouched)")
+    if not single:
+        for p in ck.parts:
+            if p.relpath in changed_parts:
+                continue
+            dst = os.path.join(out, p.relpath)
+            if not os.path.isfile(dst) or os.path.getsize(dst) != p.nbytes:
+                raise WriteError(f"{dst}: verification failed: copied file is missing or has another size")
+
+
+def _verify_safetensors(path: str, intended: Mapping[str, torch.Tensor]) -> None:
+    """A rewritten safetensors model file holds the intended tensors bit for bit (tied duplicates
+    the writer left out excepted: each must be a tensor the file holds under its twin's name)."""
+    from .io.safetensors_io import open_safetensors
+
+    got, _, _ = open_safetensors(path)
+    absent = [k for k in intended if k not in got]
+    present = {intended[k].untyped_storage().data_ptr() for k in intended if k in got}
+    if (set(got) - set(intended) or any(intended[k].untyped_storage().data_ptr() not in present for k in absent)
+            or not same_bits({k: got[k] for k in sorted(got)}, {k: intended[k] for k in sorted(got)})):
+        raise WriteError(f"{path}: verification failed: the written file differs from what was meant "
+                         "(nothing was written; the input is untouched)")
+
+
+def verify_converted(tmp: str, state: Mapping[str, Any]) -> None:
+    """A converted output read back through optckpt's own loader: every model tensor bit for bit."""
+    got = load(tmp)
+    model = next((m for m in got.models if len(m.meta)), None)
+    want = state.get("model", {})
+    if model is None or set(model.meta) != set(want):
+        raise WriteError(f"{tmp}: verification failed: the model tensors read back differ (nothing was written)")
+    for k, t in want.items():
+        if not same_bits(model.tensors[k], t):
+            raise WriteError(f"{tmp}: verification failed for {k} (nothing was written)")
+    torch_parts = [p for p in got.parts if p.kind == "torch" and isinstance(p.obj, Mapping)]
+    if "extra" in state and torch_parts and not same_bits(torch_parts[0].obj.get("extra"), state["extra"]):
+        raise WriteError(f"{tmp}: verification failed: the extra entries read back differ (nothing was written)")
+
