@@ -185,6 +185,30 @@ def test_set_lr_refused_under_a_deepspeed_scheduler(zero, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_set_scale_lr_follows_a_torch_scheduler_and_a_second_edit_gets_its_own_step(zero):
+    """A client torch scheduler (deepspeed.initialize(lr_scheduler=...)) is saved in the model states
+    file and loaded before the optimizer: its base_lrs follow the lr, as for plain torch files."""
+    d = zero / "stage3"
+    model = d / "global_step3" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    sd = torch.load(model, weights_only=True)
+    opt = torch.optim.AdamW([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)]}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    sd["lr_scheduler"] = sched.state_dict()
+    torch.save(sd, model)
+    r = run_cli("set", str(d), "--scale-lr", "0.5", "--in-place")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("set", str(d), "--scale-lr", "0.5", "--in-place")
+    assert r.returncode == 0, r.stderr
+    assert (d / "latest").read_text() == "global_step3_optckpt2"
+    assert all((d / t).is_dir() for t in ("global_step3", "global_step3_optckpt"))
+    new = torch.load(d / "global_step3_optckpt2" / model.name, weights_only=True)["lr_scheduler"]
+    assert new["base_lrs"] == [0.0025, 0.0025] and new["last_epoch"] == 3
+    assert [g["lr"] for g in load(d).optimizer().state_dict["param_groups"]] == [0.0025, 0.0025]
+
+
 def test_step_directory_in_place_without_latest_is_swapped_whole(zero, tmp_path):
     step = tmp_path / "step"
     shutil.copytree(zero / "stage1" / "global_step3", step)

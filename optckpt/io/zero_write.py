@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import shutil
 import stat
 from collections import OrderedDict
@@ -623,7 +624,7 @@ def _in_place(root: str, step_src: str, saved: _Saved, files: Mapping[str, Any],
         root, tag_rel = parent, tag
     else:
         tag_rel = saved.step_rel
-    base = tag_rel.rstrip(os.sep)
+    base = re.sub(r"_optckpt\d*$", "", tag_rel.rstrip(os.sep))  # a second edit: global_step3_optckpt2
     new_tag = next(f"{base}_optckpt{'' if i == 1 else i}" for i in range(1, 10_000)
                    if not os.path.lexists(os.path.join(root, f"{base}_optckpt{'' if i == 1 else i}")))
     dest = os.path.join(root, new_tag)
