@@ -69,6 +69,7 @@ class ZeroEdit:
     buffer_renames: dict[str, str] = field(default_factory=dict)  # module prefix -> new prefix
     notes: list[str] = field(default_factory=list)
     masters: dict[str, torch.Tensor] = field(default_factory=dict)  # filled in: the fp32 weights written
+    flat_order: list[list[str]] = field(default_factory=list)  # filled in: per group, the names in flat order
 
 
 def zero_step_of(ck: Checkpoint) -> str:
@@ -352,6 +353,7 @@ def _build_12(saved: _Saved, edit: ZeroEdit, masters: Mapping[str, torch.Tensor]
         lay = _layout12(numels, world, round_robin=round_robin, param_alignment=param_alignment)
         padded_numel = lay.offsets[-1] + numels[lay.order[-1]] if names else 0
         shapes_out.append(OrderedDict((names[i], torch.Size(shapes[i])) for i in lay.order))
+        edit.flat_order.append([names[i] for i in lay.order])
         align_pads.append(list(lay.paddings))
         flat = _padded_flat([masters[n] for n in names], lay, torch.float32)
         scalars, tensors, fresh = _group_state(names, shapes, edit.state, edit.hparams[g], g)
@@ -432,6 +434,7 @@ def _build_3(saved: _Saved, edit: ZeroEdit, masters: Mapping[str, torch.Tensor]
             edit.notes.append(f"param group {g}: {fresh} parameter(s) start with fresh "
                               f"{', '.join(tensors)} but share the group's step (DeepSpeed keeps one per flat group)")
         ids = []
+        edit.flat_order.append(list(names))
         for members in _sub_groups(numels, world, size):
             shapes_out.append(OrderedDict((names[i], torch.Size(shapes[i])) for i in members))
             for r in range(world):
