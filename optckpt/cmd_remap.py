@@ -86,7 +86,7 @@ def remap_checkpoint(
                                for s in schedulers_of(ck, opt)]
     edits += [(m, new) for m, new in model_edits if not any(m is j for j, _ in joined)]
     assert out is not None
-    written = write_edits(ck, out, edits, w=write, trust_pickle=trust_pickle)
+    written = write_edits(ck, out, edits, w=write, trust_pickle=trust_pickle, plan=plan)
     return plan, written
 
 

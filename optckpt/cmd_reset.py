@@ -77,7 +77,7 @@ def reset_checkpoint(
     if write.dry_run:
         return result, None
     assert out is not None
-    written = write_edits(ck, out, [(opt, new_sd)], w=write, trust_pickle=trust_pickle)
+    written = write_edits(ck, out, [(opt, new_sd)], w=write, trust_pickle=trust_pickle, notes=result.notes)
     return result, written
 
 

@@ -39,9 +39,15 @@ def open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: 
 
 
 def write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, w: WriteOptions,
-                trust_pickle: bool = False) -> str:
+                trust_pickle: bool = False, plan: Any = None, notes: list[str] | None = None) -> str:
     """Put each new state dict where its old one sat (file + key path), write the changed files in
-    the input's layout, and (``w.verify``) read them back bit for bit."""
+    the input's layout, and (``w.verify``) read them back bit for bit. A DeepSpeed ZeRO directory is
+    rebuilt in DeepSpeed's own layout (:mod:`optckpt.zero_edit`; ``plan``: a remap's, naming where
+    each parameter comes from; what the layout forces is added to its notes or to ``notes``)."""
+    if ck.layout == "deepspeed":
+        from .zero_edit import write_zero_edits
+
+        return write_zero_edits(ck, out, edits, w=w, plan=plan, notes=notes)
     part_objs = {p.relpath: p.obj for p in ck.parts}
     changed: dict[str, Any] = {}
     for where, new in edits:

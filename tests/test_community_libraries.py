@@ -196,7 +196,7 @@ def test_files_of_libraries_the_extra_does_not_install(name, tmp_path, fixtures)
     assert not same(saved, truth)  # (the comparison can fail: the unrepaired state is not it)
 
 
-# --- -m matrix: the whole held-out matrix (minutes; re-run for each landing, not in CI) ---------------------------------------------------------------------
+# --- -m matrix: the whole held-out matrix (minutes; re-run for each landing, not in CI) ----------
 
 def _lib_cases() -> list:
     return [pytest.param(s.id, n, id=f"{s.id}-g{n}") for s in library_specs() for n in s.ngroups]

@@ -199,7 +199,8 @@ def test_convert_to_dcp_is_name_keyed(zero_ckpts, tmp_path):
 
 
 def test_edits_refused_with_one_line(zero_ckpts, tmp_path):
-    r = run_cli("reset", str(zero_ckpts / "stage2"), "--params", "0.*", "-o", str(tmp_path / "x"))
+    # ZeRO keeps one step per flat group: step 0 for some of a group's parameters is not representable
+    r = run_cli("reset", str(zero_ckpts / "stage2"), "--params", "0.*", "--mode", "zero", "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.startswith("optckpt: error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 

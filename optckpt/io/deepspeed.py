@@ -35,7 +35,7 @@ from .paths import member_path
 from .safepickle import first_placeholder
 from .torchfile import load_torch_file, sniff
 
-__all__ = ["deepspeed_dir", "load_deepspeed"]
+__all__ = ["deepspeed_dir", "deepspeed_stage0_dir", "load_deepspeed"]
 
 _MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -286,6 +286,9 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str,
         if not isinstance(fp32, list) or len(fp32) != n:
             raise LoadError(f"{what}: rank {r} has {len(fp32) if isinstance(fp32, list) else 'no'} fp32 partitions "
                             f"for {n} param group(s)")
+    if "zero_stage" not in zero[0]:  # bf16 ZeRO 1 (BF16_Optimizer) saves its fp32 partitions with their padding
+        ranks = [([_tensor(t, what)[:max(0, t.numel() - p)] for t, p in zip(fp32, pads)], pads, base)
+                 for fp32, pads, base in ranks]
     counts = zero[0].get("partition_count")
     if isinstance(counts, list) and any(c != len(zero) for c in counts):
         raise LoadError(f"{what}: partition_count {counts}, but {len(zero)} optimizer file(s) found")
