@@ -533,7 +533,9 @@ def test_stage0_directory_follows_latest(zero, tmp_path):
     out = tmp_path / "out"
     r = run_cli("remap", str(zero / "stage0"), "--target", f"{zero / 'targets.py'}:reordered", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    osd = torch.load(out / "mp_rank_00_model_states.pt", weights_only=True)["optimizer"]
+    # the layout is kept: latest and the step directory (tests/test_deepspeed_stage0.py resumes it in DeepSpeed)
+    assert (out / "latest").read_text().strip() == "global_step3"
+    osd = torch.load(out / "global_step3" / "mp_rank_00_model_states.pt", weights_only=True)["optimizer"]
     old = torch.load(zero / "stage0" / "global_step3" / "mp_rank_00_model_states.pt", weights_only=True)["optimizer"]
     assert torch.equal(osd["state"][0]["exp_avg"], old["state"][1]["exp_avg"])  # 2.weight now first
 
