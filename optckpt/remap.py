@@ -229,8 +229,12 @@ def _first_group_state(groups: Sequence[GroupPlan], source_groups: Sequence[Mapp
     """Some optimizers keep their global state in ``param_groups[0]`` (pytorch-optimizer's DAdaptSGD:
     ``g0_norm``, ``numerator_weighted``): keys only the saved first group has, which the new code's
     optimizer does not set in any group (so not a setting like GaLore's ``rank``). When the new
-    code's first group is another saved group, that state would be lost or misplaced: refused."""
+    code's first group is another saved group while saved group 0 lives on in a later one, that state
+    would be misplaced: refused. (Saved group 0 gone altogether — its parameters removed from the new
+    code — goes the way of any removed group, as per-group settings such as ``lr_mult`` do.)"""
     if len(source_groups) < 2 or not groups or groups[0].source_group == 0 or target.group_hparams is None:
+        return
+    if not any(g.source_group == 0 for g in groups):
         return
     others = {k for g in source_groups[1:] for k in g} | {k for g in target.group_hparams for k in g}
     only = [k for k in source_groups[0] if k not in others and k not in ("params", "param_names")]

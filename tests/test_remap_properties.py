@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from optckpt import Checkpoint, OptimizerState
+from optckpt.errors import MappingError
 from optckpt.mapping import infer_mapping
 from optckpt.remap import Policy, apply_plan, build_plan
 from optckpt.target import Target
@@ -255,7 +256,17 @@ def remap(src_sd: dict[str, Any], groups: list[list[str]], with_names: bool, tar
     mapping = mapping_of(src_sd, None if has_names else groups)
     assert mapping.evidence == ("param_names" if has_names else "source")
     assert not mapping.ambiguous
-    plan, report = build_plan(mapping, src_sd["param_groups"], target, policy)
+    try:
+        plan, report = build_plan(mapping, src_sd["param_groups"], target, policy)
+    except MappingError as e:
+        if "alone holds" not in str(e):
+            raise
+        # the first-group-state rule (remap._first_group_state): justified only when saved group 0 has a key
+        # no other saved group and no target group has; such a draw is an honest refusal, nothing to compare
+        saved = src_sd["param_groups"]
+        others = {k for g in saved[1:] for k in g} | {k for g in target.group_hparams or () for k in g}
+        assert [k for k in saved[0] if k not in others and k not in ("params", "param_names")], e
+        assume(False)
     return plan, report, apply_plan(plan, src_sd, with_names=with_names)
 
 

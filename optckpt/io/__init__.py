@@ -12,6 +12,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
+from ..kinds import PARAM_SHAPED_KEYS
 from .dcp import is_dcp_dir, load_dcp
 from .deepspeed import deepspeed_dir, deepspeed_stage0_dir, load_deepspeed
 from .discover import discover
@@ -131,10 +132,14 @@ def _refuse_placeholders(path: str, found: Any) -> None:
 def _outside_entry_values(sd: Any) -> Any:
     """An optimizer state dict without the values of its per-parameter entries: a pickled object
     there (GaLore's projector, a ``collections.deque`` of past gradients, a preconditioner) belongs
-    to one parameter and moves with it by name as an opaque value, written back as it was read."""
+    to one parameter and moves with it by name as an opaque value, written back as it was read.
+    The values of torch's own tensor keys (``exp_avg``, ``momentum_buffer``, ...) stay in: an object
+    there is no optimizer's state but a file built to look like one (a pickled call where Adam keeps
+    its first moment), refused like any other."""
     if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict):
         return sd
-    entries = {k: (list(v) if type(v) is dict else v) for k, v in sd["state"].items()}  # keys only
+    entries = {k: ([*v, *(v[t] for t in PARAM_SHAPED_KEYS if t in v)] if type(v) is dict else v)
+               for k, v in sd["state"].items()}  # keys, and the values of known tensor keys
     return {**sd, "state": entries}
 
 
