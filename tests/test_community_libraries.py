@@ -10,7 +10,7 @@ itself depends on parameter order, the saved state laid out by name by the test)
 refuses in one line. ``check`` must agree with what a plain ``load_state_dict`` really does.
 
 The default run keeps a representative few (libraries that install light, objects in the state,
-the refusals); ``-m slow`` runs every library of the issue and every pytorch-optimizer optimizer
+the refusals); ``-m matrix`` runs every library of the issue and every pytorch-optimizer optimizer
 that runs on a CPU."""
 
 from __future__ import annotations

@@ -197,6 +197,19 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
         done += n
 
 
+def _appended_by_optckpt(fd: int, size: int, base: int) -> bool:
+    """Is the file of ``size`` bytes what was read (``base`` bytes) plus versions optckpt appended
+    (each end record naming the one before, down to ``base``)? Then other optckpt edits landed."""
+    for _ in range(64):
+        state = end_state(fd, size)
+        if state is None or state.kind != "prev" or state.previous_size is None or state.previous_size < base:
+            return False
+        if state.previous_size == base:
+            return True
+        size = state.previous_size
+    return False
+
+
 def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None = None,
                    expect_size: int | None = None) -> int:
     """Make ``obj`` the content of the torch zip file ``path`` by appending a new version (see the
@@ -215,6 +228,9 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
         lock(fd, path)
         size = os.fstat(fd).st_size
         if expect_size is not None and size != expect_size:
+            if _appended_by_optckpt(fd, size, expect_size):  # concurrent optckpt edits landed meanwhile
+                raise WriteError(f"{path}: another optckpt edit wrote this file in place while this one was "
+                                 "running; nothing changed, run the command again on its result")
             raise WriteError(f"{path}: changed since optckpt read it ({expect_size} -> {size} bytes: another "
                              "edit?); nothing changed, run the command again")
         state = end_state(fd, size)
