@@ -78,7 +78,7 @@ def inspect(path: str, *, model: str | None = None, stats: bool = False, trust_p
     from .io.readguard import stable_reads
 
     with stable_reads(path, model):  # a file changed meanwhile: one error, never a SIGBUS
-        ck = io.load(path, model=model, trust_pickle=trust_pickle)
+        ck = io.load(path, model=model, trust_pickle=trust_pickle, lazy=not stats)  # no values: no torch
         return Report("inspect", inspect_checkpoint(ck, stats=stats))
 
 

@@ -54,15 +54,16 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WriteError
 from .editlock import interrupted_message, lock
 from .readguard import file_mappings, offset_in
 from .records import _source_records, central_entry, local_header
 from .safepickle import pickle_module_for
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["append_version", "restore_previous", "check_previous", "versions", "verify_previous", "end_state",
            "EndState"]
@@ -133,6 +134,7 @@ def _pickle(obj: Any, key_for: Callable[[Any], str | None],
     that record's key (``key_for``); any other storage gets a new key from ``fresh_from`` on and is
     returned to be written. A record key is given to one storage only: two storages never merge.
     Returns the pickle, every key it refers to, and the new storages by key."""
+    import torch
     from torch.serialization import location_tag, normalize_storage_type
 
     ids: dict[int, str] = {}

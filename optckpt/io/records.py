@@ -21,13 +21,14 @@ import sys
 import zlib
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .readguard import file_mappings, offset_in
 from .safepickle import pickle_module_for
 from .zipscan import ZipEntry
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["rewrite_records", "PROGRESS"]
 
@@ -96,6 +97,8 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
     """Write ``obj`` (whose tensors are mostly memory-mapped from ``src``) to ``dest`` record by record.
 
     Returns False (nothing written) when the shortcut does not apply."""
+    import torch
+
     from ..errors import LoadError
 
     try:

@@ -22,9 +22,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
@@ -32,6 +30,9 @@ from .append import append_version
 from .records import PROGRESS, rewrite_records
 from .safepickle import pickle_module_for
 from .torchfile import sniff
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["WriteOptions", "replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
            "temp_file", "temp_dir", "commit_file", "commit_dir", "stale_temps", "appends_in_place"]
@@ -269,6 +270,8 @@ def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) 
     file object would route every record through Python ``bytes``: ~2.5x slower on big files). That
     writer reports a failed write only as an opaque ``unexpected pos`` RuntimeError, so the real
     cause (ENOSPC, EIO, EROFS) is found by probing the directory afterwards."""
+    import torch
+
     dest_dir, final = os.path.dirname(tmp), os.path.basename(tmp)
     try:
         if legacy or source is None or not rewrite_records(source, obj, tmp):

@@ -1,0 +1,219 @@
+"""The lazy reader (record references, no torch) against ``torch.load(weights_only=True)``.
+
+For every zip fixture and the generated corpus of ``test_reader_differential``: what the lazy reader
+describes without reading a tensor byte (dtype, shape, stride, storage offset, requires_grad,
+Parameter or not, which tensors share a storage) is what torch returns, and the tensors it then
+materialises are torch's bit for bit. What it does not model (numpy arrays, devices, hooks, odd
+views) sends the file to the torch-backed reader, whose verdict stands; what that reader refuses
+stays refused. Its tables agree with the installed torch, and it accepts only globals of the safe
+reader's exact allowlist. Metadata commands run without importing torch at all."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import FIXTURES, ROOT
+from test_reader_differential import _corpus_object, _fixture_files, _same
+
+from optckpt.io import torchfile
+from optckpt.io.reader import NeedsTorch, lazy_allowed, read_zip_pickle_lazy
+from optckpt.io.safepickle import allowed
+from optckpt.tensors import DTYPES, STORAGE_DTYPES, RecordTensor, Size, is_tensor, materialize
+
+
+def _lazy(path: Path) -> Any:
+    checked = torchfile._check_zip(str(path))
+    assert checked.fast
+    return read_zip_pickle_lazy(str(path), checked.layout, checked.pickle, checked.prefix, {})
+
+
+def _meta_same(lazy: Any, real: Any, where: str = "root") -> None:
+    """Every RecordTensor describes its torch counterpart exactly, before any byte is read."""
+    if type(lazy) is RecordTensor:
+        assert isinstance(real, torch.Tensor), where
+        assert lazy.dtype == real.dtype and str(lazy.dtype) == str(real.dtype), where
+        assert (tuple(lazy.shape), lazy.stride(), lazy.storage_offset(), lazy.requires_grad, lazy.numel(),
+                lazy.element_size()) == (tuple(real.shape), real.stride(), real.storage_offset(), real.requires_grad,
+                                         real.numel(), real.element_size()), where
+        assert lazy.is_parameter == isinstance(real, torch.nn.Parameter), where
+        assert lazy.storage_nbytes == real.untyped_storage().nbytes(), where
+        return
+    if isinstance(lazy, dict):
+        assert list(lazy) == list(real), where
+        for k in lazy:
+            _meta_same(lazy[k], real[k], f"{where}[{k!r}]")
+    elif isinstance(lazy, (list, tuple)):
+        assert len(lazy) == len(real), where
+        for i, (x, y) in enumerate(zip(lazy, real)):
+            _meta_same(x, y, f"{where}[{i}]")
+
+
+def _as_torch(obj: Any) -> Any:
+    """The lazy result as torch would hold it: tensors materialised, Size as torch.Size."""
+    obj = materialize(obj)
+
+    def walk(v: Any) -> Any:
+        if type(v) is Size:
+            return torch.Size(v)
+        if type(v) in (list, tuple):
+            return type(v)(walk(x) for x in v)
+        if isinstance(v, dict):
+            for k in list(v):
+                v[k] = walk(v[k])
+        return v
+
+    return walk(obj)
+
+
+def _check(path: Path) -> bool:
+    """Compare the lazy read of ``path`` with torch's; False when the lazy reader handed it on."""
+    try:
+        lazy = _lazy(path)
+    except NeedsTorch:
+        return False
+    expected = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    _meta_same(lazy, expected)
+    _same(_as_torch(lazy), expected, {}, {})
+    return True
+
+
+@pytest.mark.parametrize("path", _fixture_files(), ids=lambda p: str(p.relative_to(FIXTURES)))
+def test_every_fixture_reads_lazily_as_torch_reads_it(path: Path) -> None:
+    try:
+        torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except pickle.UnpicklingError:  # beyond torch's table: the lazy reader must hand it on
+        with pytest.raises(NeedsTorch):
+            _lazy(path)
+        return
+    _check(path)
+
+
+def test_every_fixture_torch_reads_weights_only_needs_no_torch() -> None:
+    """The lazy reader is the usual path, not the exception: every fixture that torch's weights-only
+    load reads (all but pickled objects: DeepSpeed's loss scaler, GaLore's projector, trainer args)."""
+    readable = []
+    for p in _fixture_files():
+        try:
+            torch.load(p, weights_only=True, mmap=True, map_location="cpu")
+        except pickle.UnpicklingError:
+            continue
+        readable.append(p)
+    assert len(readable) >= 25
+    assert [p for p in readable if not _check(p)] == []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_generated_corpus_reads_lazily_as_torch_reads_it(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    obj = {"payload": _corpus_object(rng, 0, []), "many": [torch.tensor(float(i)) for i in range(50)]}
+    path = tmp_path / "c.pt"
+    torch.save(obj, path)
+    if not _check(path):  # a device or another global it does not model: the eager reader's result
+        loaded = torchfile.load_torch_file(str(path), lazy=True)
+        _same(loaded.obj, torch.load(path, weights_only=True, mmap=True), {}, {})
+
+
+def test_every_dtype_and_shared_storages(tmp_path: Path) -> None:
+    base = torch.arange(12, dtype=torch.float32)
+    obj: dict[str, Any] = {"a": base, "b": base[3:7], "c": base.view(3, 4).t(), "e": torch.empty(0, 5),
+                           "z": torch.tensor(1), "tied": base, "p": torch.nn.Parameter(torch.ones(2))}
+    for name in DTYPES:
+        dt = getattr(torch, name)
+        obj[name] = torch.arange(48, dtype=torch.uint8).view(dt)  # any bytes: every dtype, even those without casts
+    path = tmp_path / "s.pt"
+    torch.save(obj, path)
+    assert _check(path)
+    lazy = _lazy(path)
+    assert lazy["a"].key == lazy["b"].key == lazy["tied"].key != lazy["e"].key
+    for name in DTYPES:
+        assert str(lazy[name].dtype) == f"torch.{name}"
+    assert lazy["z"].item() == 1 and lazy["p"].is_parameter
+
+
+def test_scalars_decode_without_torch(tmp_path: Path) -> None:
+    vals = {"f32": torch.tensor(1.5), "f64": torch.tensor(-2.25, dtype=torch.float64),
+            "f16": torch.tensor(0.5, dtype=torch.float16), "bf16": torch.tensor(3.0, dtype=torch.bfloat16),
+            "i64": torch.tensor(7), "u8": torch.tensor(200, dtype=torch.uint8), "b": torch.tensor(True),
+            "view": torch.arange(5.0)[3]}
+    path = tmp_path / "v.pt"
+    torch.save(vals, path)
+    lazy = _lazy(path)
+    for k, t in vals.items():
+        assert lazy[k].item() == t.item(), k
+
+
+def test_tables_agree_with_the_installed_torch() -> None:
+    for name, dt in DTYPES.items():
+        real = getattr(torch, name)
+        assert (dt.itemsize, dt.is_floating_point, dt.is_complex) == (real.itemsize, real.is_floating_point,
+                                                                      real.is_complex), name
+        assert dt == real and real == dt and hash(dt) == hash(str(real))
+    for name, dt in STORAGE_DTYPES.items():
+        assert getattr(torch, name).dtype == dt, name
+    assert lazy_allowed() <= set(allowed())  # nothing the safe reader's exact allowlist lacks
+
+
+def test_what_it_does_not_model_goes_to_the_torch_reader(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "n.pt"
+    torch.save({"w": torch.ones(2), "dev": torch.device("cpu"), "arr": np.arange(3)}, path)
+    with pytest.raises(NeedsTorch):
+        _lazy(path)
+    loaded = torchfile.load_torch_file(str(path), lazy=True)
+    assert isinstance(loaded.obj["w"], torch.Tensor) and not loaded.placeholders
+
+
+def test_a_refused_global_is_still_refused_or_a_placeholder(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (os.getcwd, ())
+
+    path = tmp_path / "bad.pt"
+    torch.save({"x": Evil()}, path)
+    loaded = torchfile.load_torch_file(str(path), lazy=True)
+    assert loaded.placeholders and not is_tensor(loaded.obj["x"])
+
+
+def test_a_view_past_its_storage_is_left_to_torch(tmp_path: Path) -> None:
+    """A crafted view reaching beyond its record: the lazy reader does not describe it; torch's own
+    reader refuses it as before (one line, exit 2 through the CLI)."""
+    path = tmp_path / "v.pt"
+    torch.save({"w": torch.arange(4.0)}, path)
+    checked = torchfile._check_zip(str(path))
+    pkl = checked.pickle
+    i = pkl.index(b"K\x04\x85")  # the size tuple (4,)
+    forged = pkl[:i] + b"K\x09\x85" + pkl[i + 3:]  # (9,): past the 16-byte record
+    with pytest.raises(NeedsTorch):
+        read_zip_pickle_lazy(str(path), checked.layout, forged, checked.prefix, {})
+
+
+def _no_torch(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=env)
+
+
+def test_inspect_imports_no_torch() -> None:
+    code = ("import sys, optckpt\n"
+            "r = optckpt.inspect(sys.argv[1], model=sys.argv[2])\n"
+            "assert r.data['optimizers'], r.data\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = _no_torch(code, "fixtures/seed/optimizer_0.pth", "fixtures/seed/model_0.pth")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_cli_inspect_imports_no_torch() -> None:
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "optckpt", "inspect", "fixtures/bundle.pt"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
+    assert "optckpt.cli" in imported and "torch" not in imported
