@@ -12,7 +12,7 @@ from .checkpoint import Checkpoint
 from .edit import commit_dcp, dcp_output, open_for_edit, schedulers_of, source_mapping, write_edits
 from .errors import WriteError
 from .io import load
-from .io.dcp import is_dcp_dir
+from .io.paths import is_dcp_dir
 from .io.write import WriteOptions, resolve_output
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
 from .pickled import module_at, rebuild_module

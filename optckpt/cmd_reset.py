@@ -15,7 +15,7 @@ from .checkpoint import OptimizerState
 from .edit import commit_dcp, dcp_output, open_for_edit, source_mapping, write_edits
 from .errors import FormatError, MappingError, WriteError
 from .io import load
-from .io.dcp import is_dcp_dir
+from .io.paths import is_dcp_dir
 from .io.write import WriteOptions
 from .kernels import fill_tensors
 from .kinds import fresh_state_value

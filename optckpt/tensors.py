@@ -104,7 +104,7 @@ class RecordSource:
     def view(self, offset: int, nbytes: int) -> memoryview:
         if self._map is None:
             with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), self.size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+                self._map = mmap.mmap(f.fileno(), self.size, access=mmap.ACCESS_COPY)  # private: writes stay here
         return memoryview(self._map)[offset:offset + nbytes]
 
     def whole(self) -> Any:

@@ -217,3 +217,83 @@ def test_the_cli_inspect_imports_no_torch() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
     assert "optckpt.cli" in imported and "torch" not in imported
+
+
+def _rewrite(src: Path, dest: Path) -> Any:
+    """``src`` read lazily and written back by optckpt's own pickler (records copied as they are)."""
+    from optckpt.io.records import _rewrite_lazy, _source_records
+
+    obj = _lazy(src)
+    found = _source_records(str(src))
+    assert found is not None
+    prefix, by_offset, small = found
+    assert _rewrite_lazy(str(src), obj, str(dest), prefix, by_offset, small)
+    return obj
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 3))
+def test_files_written_by_the_own_pickler_load_in_torch_as_written(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    obj = {"payload": _corpus_object(rng, 0, []), "many": [torch.tensor(float(i)) for i in range(50)]}
+    src, dest = tmp_path / "c.pt", tmp_path / "out.pt"
+    torch.save(obj, src)
+    try:
+        _lazy(src)
+    except NeedsTorch:
+        pytest.skip("a global the lazy reader does not model: written the torch way")
+    _rewrite(src, dest)
+    _same(torch.load(dest, weights_only=True, mmap=True), torch.load(src, weights_only=True, mmap=True), {}, {})
+    _same(torch.load(dest, weights_only=True), torch.load(src, weights_only=True), {}, {})  # plain reads too
+
+
+@pytest.mark.parametrize("path", [p for p in _fixture_files() if "zero_ckpts" not in str(p)][:30],
+                         ids=lambda p: str(p.relative_to(FIXTURES)))
+def test_fixtures_rewritten_by_the_own_pickler_load_in_torch_as_before(tmp_path: Path, path: Path) -> None:
+    try:
+        before = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        _lazy(path)
+    except (pickle.UnpicklingError, NeedsTorch):
+        pytest.skip("not lazily readable")
+    dest = tmp_path / "out.pt"
+    _rewrite(path, dest)
+    _same(torch.load(dest, weights_only=True, mmap=True, map_location="cpu"), before, {}, {})
+
+
+def test_the_written_pickle_is_read_back_as_the_object(tmp_path: Path) -> None:
+    from optckpt.io.lazypickle import dump, same_structure
+
+    base = torch.arange(6.0)
+    src = tmp_path / "s.pt"
+    torch.save({"a": base, "b": base[2:], "p": torch.nn.Parameter(torch.ones(2)), "f8": torch.zeros(4).to(
+        torch.float8_e4m3fn), "n": float("nan"), "big": 1 << 70, "neg": -5, "s": torch.Size([2, 3]),
+        "d": torch.float16, "set": {1, 2}, "c": 1 + 2j, "bytes": b"\x00\xff"}, src)
+    obj = _lazy(src)
+    data, keys = dump(obj, lambda t: t.key)
+    assert sorted(keys) == sorted({t.key for t in obj.values() if type(t) is RecordTensor})
+    dest = tmp_path / "d.pt"
+    _rewrite(src, dest)
+    assert same_structure(obj, _lazy(dest), lambda t: t.key) is None
+    obj["a"].requires_grad = True  # a difference is found
+    assert same_structure(obj, _lazy(dest), lambda t: t.key) is not None
+
+
+def test_set_and_remap_with_a_names_file_import_no_torch(tmp_path: Path) -> None:
+    import shutil
+
+    ck = tmp_path / "b.pt"
+    shutil.copy(FIXTURES / "bundle.pt", ck)
+    code = ("import sys, optckpt\n"
+            "optckpt.set_hparams(sys.argv[1], lr=0.5, in_place=True)\n"
+            "optckpt.set_hparams(sys.argv[1], sys.argv[2], lr=0.25)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = _no_torch(code, str(ck), str(tmp_path / "c.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = torch.load(ck, weights_only=True)
+    c = torch.load(tmp_path / "c.pt", weights_only=True)
+    orig = torch.load(FIXTURES / "bundle.pt", weights_only=True)
+    assert a["optimizer"]["param_groups"][0]["lr"] == 0.5 and c["optimizer"]["param_groups"][0]["lr"] == 0.25
+    for k in orig["model"]:
+        assert torch.equal(a["model"][k], orig["model"][k]) and torch.equal(c["model"][k], orig["model"][k])
+    for i, st in orig["optimizer"]["state"].items():
+        for key, v in st.items():
+            assert torch.equal(a["optimizer"]["state"][i][key], v) and torch.equal(c["optimizer"]["state"][i][key], v)

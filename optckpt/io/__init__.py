@@ -14,6 +14,7 @@ from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
 from ..kinds import PARAM_SHAPED_KEYS
 from .discover import discover
+from .paths import is_dcp_dir
 from .peft import ADAPTER_FILES
 from .safepickle import PickledObject, describe, first_placeholder
 from .torchfile import load_torch_file, sniff, unsafe_globals
@@ -55,10 +56,12 @@ def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
     collecting = gc.isenabled()
     gc.disable()  # loading builds many small containers and few cycles: no repeated scans of a growing heap
     try:
-        if os.path.isdir(p):
-            from .dcp import is_dcp_dir, load_dcp
+        if is_dcp_dir(p):
+            from .dcp import load_dcp
 
-            ckpt = load_dcp(p) if is_dcp_dir(p) else _load_directory(p, trust_pickle, lazy)
+            ckpt = load_dcp(p)
+        elif os.path.isdir(p):
+            ckpt = _load_directory(p, trust_pickle, lazy)
         else:
             ckpt = _load_file(p, trust_pickle, lazy)
         if model is not None:

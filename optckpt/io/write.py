@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
+from ..tensors import materialize
 from .append import append_version
 from .records import PROGRESS, rewrite_records
 from .safepickle import pickle_module_for
@@ -270,11 +271,12 @@ def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) 
     file object would route every record through Python ``bytes``: ~2.5x slower on big files). That
     writer reports a failed write only as an opaque ``unexpected pos`` RuntimeError, so the real
     cause (ENOSPC, EIO, EROFS) is found by probing the directory afterwards."""
-    import torch
-
     dest_dir, final = os.path.dirname(tmp), os.path.basename(tmp)
     try:
         if legacy or source is None or not rewrite_records(source, obj, tmp):
+            import torch
+
+            obj = materialize(obj)
             torch.save(obj, tmp, pickle_module=pickle_module_for(obj), _use_new_zipfile_serialization=not legacy)
         _fsync_path(tmp)
     except BaseException as e:
