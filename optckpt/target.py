@@ -177,7 +177,7 @@ def _from_checkpoint(path: str, trust_pickle: bool) -> Target:
     from .io import load
     from .mapping import infer_mapping
 
-    ck = load(path, trust_pickle=trust_pickle)
+    ck = load(path, trust_pickle=trust_pickle, lazy=True)  # names, shapes and groups: no tensor values
     shapes: dict[str, tuple[int, ...]] = {}
     for m in ck.models:
         for name, meta in m.meta.items():

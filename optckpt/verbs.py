@@ -95,7 +95,7 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
     from .target import parse_rename, resolve_source, resolve_target
 
     with stable_reads(path, model, target, source):  # (a target / source that is a checkpoint too)
-        ck = io.load(path, model=model, trust_pickle=trust_pickle)
+        ck = io.load(path, model=model, trust_pickle=trust_pickle, lazy=True)  # names and shapes: no values
         opt = ck.optimizer(optimizer)
         tgt = resolve_target(target, trust_pickle=trust_pickle)
         io.adopt_target_adapter(ck, tgt.module, trust_pickle=trust_pickle)
