@@ -193,6 +193,22 @@ class RecordTensor:
             return struct.unpack("<f", b"\0\0" + raw)[0]
         return struct.unpack("<" + fmt, raw)[0]
 
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self._stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def contiguous_bytes(self) -> memoryview | None:
+        """The bytes of the elements it views, straight from the file's mapping, when they lie in one
+        row-major run (None for a strided view: :meth:`materialize` it)."""
+        if not self.is_contiguous():
+            return None
+        size = self.dtype.itemsize
+        return self.source.view(self.data_offset + self._offset * size, self.numel() * size)
+
     def materialize(self) -> Any:
         """The real ``torch.Tensor`` (a view of the file's mapping, as the eager reader makes it)."""
         import torch

@@ -192,8 +192,8 @@ def diff(a: str, b: str, *, model_a: str | None = None, model_b: str | None = No
     from .io.readguard import stable_reads
 
     with stable_reads(a, b, model_a, model_b):
-        ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
-        cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+        ca = io.load(a, model=model_a, trust_pickle=trust_pickle, lazy=True)  # torch reads only tensors that differ
+        cb = io.load(b, model=model_b, trust_pickle=trust_pickle, lazy=True)
         if progress_total is not None:
             progress_total(total_bytes(ca, cb))
         data = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=tuple(only), params=tuple(params), stats=stats,

@@ -55,12 +55,18 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     runs several times slower than one thread. Other tensors are compared as the widest integer
     words that both addresses allow (chosen for the pair, so equal tensors at differently aligned
     addresses, records inside a safetensors file, still compare equal)."""
-    import torch
-
-    if a.shape != b.shape or a.dtype != b.dtype:
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
         return False
     if a.numel() == 0:
         return True
+    if type(a) is RecordTensor or type(b) is RecordTensor:  # read lazily: the bytes in the files' mappings
+        va = a.contiguous_bytes() if type(a) is RecordTensor else None
+        vb = b.contiguous_bytes() if type(b) is RecordTensor else None
+        if va is not None and vb is not None:
+            return _same_buffers(va, vb)
+        a, b = materialize(a), materialize(b)
+    import torch
+
     cmp = _memcmp()
     if (cmp and a.device.type == "cpu" and b.device.type == "cpu" and a.layout == torch.strided
             and b.layout == torch.strided and a.is_contiguous() and b.is_contiguous()
@@ -250,7 +256,16 @@ def _same_record_bytes(a: RecordTensor, b: RecordTensor) -> bool:
         return False
     if n == 0:
         return True
-    va, vb = a.source.view(a.data_offset, n), b.source.view(b.data_offset, n)
+    return _same_buffers(a.source.view(a.data_offset, n), b.source.view(b.data_offset, n))
+
+
+def _same_buffers(va: memoryview, vb: memoryview) -> bool:
+    """Two equally long writable byte buffers (private file mappings) hold the same bytes: ``memcmp``."""
+    n = len(va)
+    if n != len(vb):
+        return False
+    if n == 0:
+        return True
     cmp = _memcmp()
     if cmp:
         pa = ctypes.addressof(ctypes.c_char.from_buffer(va))

@@ -297,3 +297,40 @@ def test_set_and_remap_with_a_names_file_import_no_torch(tmp_path: Path) -> None
     for i, st in orig["optimizer"]["state"].items():
         for key, v in st.items():
             assert torch.equal(a["optimizer"]["state"][i][key], v) and torch.equal(c["optimizer"]["state"][i][key], v)
+
+
+def _diff_json(a: str, b: str, lazy: bool, **kw: Any) -> str:
+    from optckpt import io
+    from optckpt.diff import diff_checkpoints
+    from optckpt.render import to_json
+
+    return to_json(diff_checkpoints(io.load(a, lazy=lazy), io.load(b, lazy=lazy), **kw).as_json())
+
+
+def test_diff_reads_lazily_what_it_reads_eagerly(tmp_path: Path) -> None:
+    """The same report whether tensors are compared in the files' mappings or as torch tensors: identical
+    files, changed values (numeric figures from torch), renames found by content, --stats."""
+    src = tmp_path / "a.pt"
+    ck = torch.load(FIXTURES / "bundle.pt", weights_only=True)
+    torch.save(ck, src)
+    ck["model"]["conv.weight"] = ck["model"]["conv.weight"] + 1e-3
+    ck["model"]["renamed.bias"] = ck["model"].pop("conv.bias")
+    ck["optimizer"]["state"][2]["exp_avg"] = ck["optimizer"]["state"][2]["exp_avg"].t()  # a strided view
+    changed = tmp_path / "b.pt"
+    torch.save(ck, changed)
+    pairs = [(FIXTURES / "bundle.pt", src), (src, changed), (FIXTURES / "per_layer_lr.pth", FIXTURES / "bundle.pt")]
+    for a, b in pairs:
+        for kw in ({}, {"stats": True}, {"atol": 1e-2}):
+            assert _diff_json(str(a), str(b), True, **kw) == _diff_json(str(a), str(b), False, **kw), (a, b, kw)
+
+
+def test_diff_of_identical_files_imports_no_torch(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(FIXTURES / "bundle.pt", tmp_path / "a2.pt")
+    code = ("import sys, optckpt\n"
+            "r = optckpt.diff(sys.argv[1], sys.argv[2])\n"
+            "assert r.exit_code == 0, r.data\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = _no_torch(code, str(FIXTURES / "bundle.pt"), str(tmp_path / "a2.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
