@@ -224,14 +224,26 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     sys.exit(r.exit_code)
 
 
+def _remember_verify_torch(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    ctx.meta["optckpt_verify_torch"] = value
+
+
+def _verify(no_verify: bool) -> Any:
+    """What ``--no-verify`` / ``--verify-torch`` ask for: False, "torch", or True (the default check)."""
+    torch_read = bool(click.get_current_context().meta.get("optckpt_verify_torch"))
+    if no_verify and torch_read:
+        raise click.UsageError("--no-verify and --verify-torch contradict each other")
+    return "torch" if torch_read else not no_verify
+
+
 def _write_opts(dry_run: bool, in_place: bool, no_verify: bool, replace_backup: bool, backup: bool) -> Any:
     """The write options (``write_options`` below) as one value."""
     from .io.write import WriteOptions
 
     if (backup or replace_backup) and not in_place:
         raise click.UsageError("--backup / --replace-backup go with --in-place")
-    return WriteOptions(dry_run=dry_run, in_place=in_place, verify=not no_verify, replace_backup=replace_backup,
-                        backup=backup)
+    return WriteOptions(dry_run=dry_run, in_place=in_place, verify=_verify(no_verify),
+                        replace_backup=replace_backup, backup=backup)
 
 
 verbose_option = click.option("--verbose", "-v", "verbose", is_flag=True,
@@ -241,6 +253,10 @@ verbose_option = click.option("--verbose", "-v", "verbose", is_flag=True,
 def write_options(f: F) -> F:
     f = click.option("--no-verify", "no_verify", is_flag=True,
                      help="Skip re-reading the output to check it bit for bit.")(f)
+    f = click.option("--verify-torch", is_flag=True, expose_value=False, callback=_remember_verify_torch,
+                     help="Verify the output by a full torch.load read-back, every tensor bit for bit (the "
+                          "default check reads the new pickle back with optckpt's reader and compares the "
+                          "records it copied byte for byte).")(f)
     f = click.option("--replace-backup", is_flag=True,
                      help="With --in-place: replace an existing PATH.bak (refused otherwise).")(f)
     f = click.option("--backup", is_flag=True,
@@ -299,8 +315,8 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
     from .render import render_plan
 
     _write_opts(dry_run, in_place, no_verify, replace_backup, backup)  # usage errors first
-    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
-        r = verbs.remap(path, target_spec, output, in_place=in_place, dry_run=dry_run, verify=not no_verify,
+    with _write_progress(path, dry_run=dry_run, verify=bool(_verify(no_verify)), fmt=fmt, in_place=in_place):
+        r = verbs.remap(path, target_spec, output, in_place=in_place, dry_run=dry_run, verify=_verify(no_verify),
                         backup=backup, replace_backup=replace_backup, model=model_path, model_output=model_output,
                         source=source, rename=renames, fuse=fuses, split=splits,
                         missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,  # type: ignore[arg-type]
@@ -334,9 +350,9 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str | None, model
     from .render import first_rows, plural, table
 
     _write_opts(dry_run, in_place, no_verify, replace_backup, backup)  # usage errors first
-    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
+    with _write_progress(path, dry_run=dry_run, verify=bool(_verify(no_verify)), fmt=fmt, in_place=in_place):
         r = verbs.reset(path, params, output, keys=[k for k in keys.split(",") if k], mode=mode,  # type: ignore[arg-type]
-                        in_place=in_place, dry_run=dry_run, verify=not no_verify, backup=backup,
+                        in_place=in_place, dry_run=dry_run, verify=_verify(no_verify), backup=backup,
                         replace_backup=replace_backup, model=model_path, source=source, optimizer=optimizer_key,
                         models=models, trust_pickle=trust_pickle)
     written = r["written"]
@@ -390,11 +406,11 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
     if weight_decay is not None and scale_weight_decay is not None:
         raise click.UsageError("--weight-decay and --scale-weight-decay are exclusive")
     _write_opts(dry_run, in_place, no_verify, replace_backup, backup)
-    with _write_progress(path, dry_run=dry_run, verify=not no_verify, fmt=fmt, in_place=in_place):
+    with _write_progress(path, dry_run=dry_run, verify=bool(_verify(no_verify)), fmt=fmt, in_place=in_place):
         r = verbs.set_hparams(path, output, lr=lr, scale_lr=scale_lr, weight_decay=weight_decay,
                               scale_weight_decay=scale_weight_decay, set=raw_sets, groups=groups, params=params,
                               scheduler=sched_mode, in_place=in_place, dry_run=dry_run,  # type: ignore[arg-type]
-                              verify=not no_verify, backup=backup, replace_backup=replace_backup,
+                              verify=_verify(no_verify), backup=backup, replace_backup=replace_backup,
                               model=model_path, optimizer=optimizer_key, models=models or None,
                               trust_pickle=trust_pickle)
     _note_stale(r["written"])

@@ -54,7 +54,8 @@ def write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, w
     for where, new in edits:
         part_objs[where.part] = replace_at(part_objs[where.part], where.path, new)
         changed[where.part] = part_objs[where.part]
-    check = (lambda tmp: verify_output(ck, tmp, changed, trust_pickle=trust_pickle)) if w.verify else None
+    check = (lambda tmp: verify_output(ck, tmp, changed, trust_pickle=trust_pickle,
+                                       with_torch=w.verify == "torch")) if w.verify else None
     return write_checkpoint(ck, out, changed, in_place=w.in_place, verify=check, replace_backup=w.replace_backup,
                             backup=w.backup)
 

@@ -16,6 +16,12 @@ from typing import Any, Literal
 __all__ = ["Report", "inspect", "check", "remap", "reset", "set_hparams", "diff", "convert"]
 
 
+Verify = bool | Literal["torch"]
+"""How an editing verb checks what it wrote: True (read back by optckpt's reader: structure, record
+keys, every copied record byte for byte), ``"torch"`` (a full ``torch.load`` read-back, every tensor
+bit for bit), False (not at all)."""
+
+
 @dataclass(frozen=True)
 class Report:
     """A command's report: ``data`` is what ``--format json`` prints (``docs/json-schema.md``)."""
@@ -39,7 +45,7 @@ class Report:
         return self.exit_code == 0
 
 
-def _write(dry_run: bool, in_place: bool, verify: bool, replace_backup: bool, backup: bool) -> Any:
+def _write(dry_run: bool, in_place: bool, verify: Verify, replace_backup: bool, backup: bool) -> Any:
     from .errors import WriteError
     from .io.write import WriteOptions
 
@@ -108,7 +114,7 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
 
 
 def remap(path: str, target: str, output: str | None = None, *, in_place: bool = False, dry_run: bool = False,
-          verify: bool = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
+          verify: Verify = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
           model_output: str | None = None, source: str | None = None,
           rename: Sequence[str] | Mapping[str, str] = (), fuse: Sequence[str] = (), split: Sequence[str] = (),
           missing: Literal["reset", "error"] = "reset", unexpected: Literal["drop", "error"] = "drop",
@@ -134,7 +140,7 @@ def remap(path: str, target: str, output: str | None = None, *, in_place: bool =
 
 def reset(path: str, params: Sequence[str], output: str | None = None, *, keys: Sequence[str] = (),
           mode: Literal["drop", "zero"] | None = None, in_place: bool = False, dry_run: bool = False,
-          verify: bool = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
+          verify: Verify = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
           source: str | None = None, optimizer: str | None = None, models: Sequence[str] | str | None = None,
           trust_pickle: bool = False) -> Report:
     """``optckpt reset``: drop or re-initialise the state of parameters matching the ``params`` globs."""
@@ -153,7 +159,7 @@ def set_hparams(path: str, output: str | None = None, *, lr: float | None = None
                 weight_decay: float | None = None, scale_weight_decay: float | None = None,
                 set: Sequence[str] = (), groups: Sequence[str] = (), params: Sequence[str] = (),  # noqa: A002
                 scheduler: Literal["follow", "keep"] = "follow", in_place: bool = False, dry_run: bool = False,
-                verify: bool = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
+                verify: Verify = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
                 optimizer: str | None = None, models: Sequence[str] | str | None = None,
                 trust_pickle: bool = False) -> Report:
     """``optckpt set``: change param-group hyperparameters consistently with the schedulers

@@ -348,3 +348,41 @@ def test_diff_of_identical_files_imports_no_torch(tmp_path: Path) -> None:
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     r = _no_torch(code, str(FIXTURES / "bundle.pt"), str(tmp_path / "a2.pt"))
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_verify_torch_reads_the_output_back_with_torch(tmp_path: Path) -> None:
+    """``--verify-torch``: the same output, verified by a torch.load read-back; with --no-verify a usage
+    error (exit 2)."""
+    names = tmp_path / "names.json"
+    names.write_text('["conv2.weight", "conv2.bias", "conv.weight", "conv.bias", "bn.weight", "bn.bias", '
+                     '"classifier.weight", "classifier.bias"]')
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    outs = []
+    for extra in ([], ["--verify-torch"]):
+        out = tmp_path / f"out{len(outs)}.pt"
+        r = subprocess.run([sys.executable, "-m", "optckpt", "remap", str(FIXTURES / "bundle.pt"), "--target",
+                            str(names), "-o", str(out), *extra], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        outs.append(torch.load(out, weights_only=True))
+    _same(outs[0], outs[1], {}, {})
+    r = subprocess.run([sys.executable, "-m", "optckpt", "set", str(FIXTURES / "bundle.pt"), "--lr", "0.1", "-o",
+                        str(tmp_path / "x.pt"), "--verify-torch", "--no-verify"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and "contradict" in r.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_verify_torch_is_a_torch_load_and_the_default_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optckpt
+
+    calls: list[str] = []
+    real = torch.load
+
+    def counting(*a: Any, **k: Any) -> Any:
+        calls.append(str(a[0]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "load", counting)
+    optckpt.set_hparams(str(FIXTURES / "bundle.pt"), str(tmp_path / "a.pt"), lr=0.1)
+    assert calls == []
+    optckpt.set_hparams(str(FIXTURES / "bundle.pt"), str(tmp_path / "b.pt"), lr=0.1, verify="torch")
+    assert len(calls) == 1 and "b.pt" in calls[0]

@@ -44,7 +44,7 @@ class WriteOptions:
 
     dry_run: bool = False  # plan only, write nothing
     in_place: bool = False  # rewrite the input (a torch zip file: append a version)
-    verify: bool = True  # read the result back and compare it with what was meant
+    verify: bool | str = True  # read the result back and compare it with what was meant ("torch": by torch.load)
     replace_backup: bool = False  # an existing PATH.bak may be replaced
     backup: bool = False  # a torch zip file edited in place: also keep a full copy as PATH.bak
 
