@@ -13,8 +13,9 @@ import torch
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, is_module_object
 from .kinds import guess_optimizer, guess_scheduler
-from .mapping import OptimizerMapping, infer_mapping
+from .mapping import OptimizerMapping
 from .render import jsonable
+from .resolve import resolve
 
 __all__ = ["inspect_checkpoint", "tensor_stats"]
 
@@ -47,7 +48,7 @@ def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]
         "earlier_versions": _earlier_versions(ck),
         "parts": [{"file": p.relpath, "kind": p.kind, "bytes": p.nbytes} for p in ck.parts],
         "models": [_model_report(m, stats) for m in ck.models],
-        "optimizers": [_optimizer_report(o, stats, infer_mapping(ck, o)) for o in ck.optimizers],
+        "optimizers": [_optimizer_report(o, stats, resolve(ck, o).mapping) for o in ck.optimizers],
         "schedulers": [_scheduler_report(s) for s in ck.schedulers],
         "extras": jsonable(ck.extras),
         "other_keys": dict(ck.other_keys),
