@@ -352,7 +352,7 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
     for oa, ob in _pair_optimizers(a, b):
         label = "" if len(a.optimizers) == 1 else f"{oa.name}:"
         ma, mb = resolve(a, oa).mapping, resolve(b, ob).mapping
-        if ma.ambiguous or mb.ambiguous:
+        if any(e.name is None for e in (*ma.entries, *mb.entries)):
             report.notes.append(f"optimizer {oa.name}: some names are uncertain; those indices compare as <index i>")
         na, nb = _names(ma, renames), _names(mb, renames)
         # param groups: hyperparameters per group (in order), and membership by name

@@ -174,7 +174,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
         "has_param_names": bool(groups) and all(g.param_names is not None for g in groups),
         "name_evidence": mapping.evidence,
         "name_source_model": mapping.model,
-        "ambiguous": len(mapping.ambiguous),
+        "ambiguous": sum(e.name is None for e in mapping.entries),
         "notes": list(mapping.notes),
         "state_keys": dict(key_counts),
         "step": [min(steps), max(steps)] if steps else None,
