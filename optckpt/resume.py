@@ -106,7 +106,10 @@ def load_optimizer_state_dict(
 
     ``source`` is a checkpoint path, a loaded :class:`Checkpoint`, or an optimizer state dict; for a
     bare index-based state dict pass ``model_state_dict=`` (the model saved with it, registration
-    order) or ``source_names=`` (names in the old optimizer order)."""
+    order) or ``source_names=`` (names in the old optimizer order). Without either, only indices whose
+    shape occurs once in the saved state and once in ``model`` are named (``target-shapes``, the
+    weakest evidence, as ``optckpt check`` and ``optckpt remap`` name an optimizer saved alone); the
+    others follow the uncertain-names contract above."""
     ck, opt = _as_checkpoint(source, model_state_dict, optimizer_key, trust_pickle)
     target = from_live(model, optimizer)
     adopt_target_adapter(ck, model, trust_pickle=trust_pickle)
