@@ -115,7 +115,8 @@ def plan_remap(resolution: Resolution, policy: Policy = Policy()) -> tuple[Remap
     old ``param_groups``; a target model without its optimizer keeps the saved grouping
     (:func:`optckpt.check.keep_saved_grouping`)."""
     report, mapping, target = resolution.report, resolution.mapping, resolution.target
-    assert report is not None and target is not None, "a remap plan needs a resolution against a target"
+    assert report is not None and target is not None and len(resolution.group_sources) == len(target.groups), \
+        "a remap plan needs a resolution against a target made for a plan: resolve(..., plan=True)"
     source_groups = resolution.state_dict.get("param_groups", [])
     by_status: dict[str, list[Any]] = {}
     for p in report.params:

@@ -90,7 +90,8 @@ class Resolution:
     renames: list[RenameRule] = field(default_factory=list)  # in effect: given, or a detected wrapper prefix
     steps: list[Step] = field(default_factory=list)  # --fuse / --split, as applied to the saved state
     state_dict: dict[str, Any] = field(default_factory=dict)  # the saved optimizer state dict, transforms applied
-    # what each target parameter keeps (ok / moved; a reshaped one under --shape-mismatch slice): its saved index
+    # resolved for a plan (``plan=True``): what each target parameter keeps (ok / moved; a reshaped one under
+    # --shape-mismatch slice): its saved index
     receives: dict[str, Any] = field(default_factory=dict)
     # per target group: the saved group holding most of the parameters it keeps (None: none; -1: a group of
     # parameters proven new), and the group pairing for the others (:func:`optckpt.mapping.pair_groups`)
@@ -188,6 +189,10 @@ def _compare(saved: OptimizerMapping, mapping: OptimizerMapping, sd: Mapping[str
                                      target_namer(target, rules), model_order(target))
     report = compare_named(mapping, target, rules, rename_notes, place_new=plan)
     compared = report.target or target
+    indices = _indices(mapping, report)
+    if not plan:  # a report: what each new parameter and group takes from the saved ones is a plan's question
+        return Resolution(mapping.optimizer, saved, mapping, indices, list(mapping.rejected), report, compared, rules,
+                          steps, dict(sd))
     source_groups = sd.get("param_groups", [])
     receives: dict[str, Any] = {p.name: p.source_index for p in report.params if p.target_index is not None and (
         p.status in ("ok", "moved") or (p.status == "shape_mismatch" and policy.shape_mismatch == "slice"
@@ -214,8 +219,8 @@ def _compare(saved: OptimizerMapping, mapping: OptimizerMapping, sd: Mapping[str
         sizes = ([len(g.get("params", ())) for g in source_groups], [len(g) for g in compared.groups])
         pairing = pair_groups([{k: v for k, v in g.items() if k != "params"} for g in source_groups],
                               compared.group_hparams, members=members, harmless_position=True, sizes=sizes)
-    return Resolution(mapping.optimizer, saved, mapping, _indices(mapping, report), list(mapping.rejected), report,
-                      compared, rules, steps, dict(sd), receives, sources, pairing)
+    return Resolution(mapping.optimizer, saved, mapping, indices, list(mapping.rejected), report, compared, rules,
+                      steps, dict(sd), receives, sources, pairing)
 
 
 def _indices(mapping: OptimizerMapping, report: CheckReport | None) -> list[ResolvedIndex]:
