@@ -7,21 +7,23 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import OptimizerState
 from .edit import commit_dcp, dcp_output, open_for_edit, source_claim, write_edits
 from .errors import FormatError, MappingError, WriteError
 from .io import load
-from .io.dcp import is_dcp_dir
+from .io.paths import is_dcp_dir
 from .io.write import WriteOptions
 from .kernels import fill_tensors
 from .kinds import fresh_state_value
 from .mapping import OptimizerMapping, is_lbfgs
 from .resolve import resolve
+from .tensors import is_tensor
 from .verify import same_bits
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["reset_checkpoint", "ResetResult"]
 
@@ -108,8 +110,10 @@ def _reset_state(opt: OptimizerState, selected: Sequence[tuple[Any, str]], mode:
 
 def _fresh_like(key: str, v: Any, group: Mapping[str, Any], pending: dict[float, list[torch.Tensor]]) -> Any:
     """A re-initialised copy of ``v``; tensors are allocated here and filled later in batches."""
+    import torch
+
     fill = fresh_state_value(key, group)
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
         t = torch.empty_like(v)
         pending.setdefault(fill, []).append(t)
         return t
@@ -144,6 +148,8 @@ def _reset_dcp(path: str, params: Sequence[str], out: str | None, *, keys: Seque
                optimizer_key: str | None, w: WriteOptions) -> tuple[ResetResult, str | None]:
     """``reset`` on DCP: ``drop`` removes the parameters' state entries from the metadata (no byte
     of any shard is rewritten); ``zero`` writes the re-initialised tensors into one extra shard."""
+    import torch
+
     from .io.dcp import DCPTensorRef, metadata_paths, read_dcp_metadata
 
     ck = load(path)

@@ -10,20 +10,23 @@ import copy
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .check import CheckReport, apply_renames, guess_prefix_rename, hparams_key
 from .errors import MappingError
 from .mapping import OptimizerMapping
 from .resolve import Policy, Resolution, prepare_source, resolve_mapping
 from .target import RenameRule, Target
+from .tensors import is_tensor, materialize
 from .transforms import Step, fuse_tensors, refusal, slice_state, slice_tensor, split_tensor
 from .validate import global_entries
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["Policy", "Slot", "GroupPlan", "RemapPlan", "plan_remap", "build_plan", "apply_plan", "remap_scheduler",
            "attach_lbfgs_layout", "prepare_source", "rewrite_model"]
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -347,12 +350,12 @@ def _remap_lbfgs(plan: RemapPlan, old_state: Mapping[Any, Any]) -> dict[int, Any
     new = dict(glob)
     for key in _LBFGS_FLAT:
         v = glob.get(key)
-        if isinstance(v, torch.Tensor) and v.numel() == sum(numels):
-            new[key] = permute_segments(v, numels, perm)
+        if is_tensor(v) and v.numel() == sum(numels):
+            new[key] = permute_segments(materialize(v), numels, perm)
     for key in _LBFGS_LISTS:
         v = glob.get(key)
         if isinstance(v, list):
-            new[key] = [permute_segments(x, numels, perm) if isinstance(x, torch.Tensor) and x.numel() == sum(numels)
+            new[key] = [permute_segments(materialize(x), numels, perm) if is_tensor(x) and x.numel() == sum(numels)
                         else x for x in v]
     return {0: new}
 

@@ -8,8 +8,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from tabulate import tabulate
+
+from .tensors import is_tensor
 
 __all__ = ["SCHEMA_VERSION", "jsonable", "to_json", "table", "plural", "human_bytes", "first_rows", "render_inspect",
            "render_check", "render_plan", "render_set", "render_diff"]
@@ -36,7 +37,7 @@ def jsonable(v: Any) -> Any:
         return v
     if isinstance(v, float):
         return v if math.isfinite(v) else str(v)
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
         if v.numel() == 1:
             return jsonable(v.item())
         return f"tensor{tuple(v.shape)}"
