@@ -1,5 +1,7 @@
 """``optckpt check``: what would a plain ``optimizer.load_state_dict`` do with this checkpoint under
-the new code? Per-parameter statuses plus a group-level verdict."""
+the new code? Per-parameter statuses plus a group-level verdict. The comparison of named indices
+with the target; the naming itself (and its settling by the new grouping) is run once by
+:func:`optckpt.resolve.resolve`, which calls :func:`compare_named`."""
 
 from __future__ import annotations
 
