@@ -15,7 +15,6 @@ from .errors import FormatError, MappingError, WriteError
 from .io import load
 from .io.paths import is_dcp_dir
 from .io.write import WriteOptions
-from .kernels import fill_tensors
 from .kinds import fresh_state_value
 from .mapping import OptimizerMapping, is_lbfgs
 from .resolve import resolve
@@ -70,7 +69,8 @@ def reset_checkpoint(
         mode = "zero"
     if dcp_dir:
         return _reset_dcp(path, params, out, keys=keys, mode=mode, optimizer_key=optimizer_key, w=write)
-    ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
+    # drop only deletes entries: tensors read lazily (no torch); zero makes new tensors like the saved ones
+    ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write, lazy=mode == "drop")
     mapping = resolve(ck, opt, source=source_claim(ck, source, trust_pickle), models=models).mapping
     selected = _select_params(mapping, params)
     if is_lbfgs(opt):
@@ -103,8 +103,11 @@ def _reset_state(opt: OptimizerState, selected: Sequence[tuple[Any, str]], mode:
             raise MappingError(f"index {idx} has no state key {missing[0]!r} (it has: {', '.join(entry)})")
         new_state[idx] = {k: (_fresh_like(k, v, group_of.get(idx, {}), pending) if not keys or k in keys else v)
                           for k, v in entry.items()}
-    for value, tensors in pending.items():
-        fill_tensors(tensors, value)
+    if pending:
+        from .kernels import fill_tensors
+
+        for value, tensors in pending.items():
+            fill_tensors(tensors, value)
     return new_state
 
 

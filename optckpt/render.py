@@ -8,8 +8,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from tabulate import tabulate
-
 from .tensors import is_tensor
 
 __all__ = ["SCHEMA_VERSION", "jsonable", "to_json", "table", "plural", "human_bytes", "first_rows", "render_inspect",
@@ -75,6 +73,8 @@ def escape(text: str, *, newlines: bool = True) -> str:
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
     cells = [[escape(c) if isinstance(c, str) else c for c in row] for row in rows]
+    from tabulate import tabulate  # (tables only: JSON output does without it)
+
     return tabulate(cells, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
@@ -360,6 +360,8 @@ def render_set(r: dict[str, Any]) -> str:
 def render_diff(r: dict[str, Any], *, fmt: str = "table", limit: int | None = None) -> str:
     """Summary first (counts per section and status, the biggest changes), then the details sorted
     by magnitude; ``limit`` caps the detail rows."""
+    from tabulate import tabulate
+
     tablefmt = "github" if fmt == "markdown" else "simple"
     entries = r["entries"]
     out = [f"{r['a']}  vs  {r['b']}: " + ("IDENTICAL" if r["identical"] else plural(len(entries), "difference"))]

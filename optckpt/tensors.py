@@ -97,15 +97,22 @@ class RecordSource:
 
     def __init__(self, path: str, size: int):
         self.path, self.size = path, size
-        self._map: mmap.mmap | None = None
+        self._map: memoryview | None = None
         self._whole: Any = None
         self._storages: dict[str, Any] = {}
 
-    def view(self, offset: int, nbytes: int) -> memoryview:
+    def _mapping(self) -> memoryview:
         if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), self.size, access=mmap.ACCESS_COPY)  # private: writes stay here
-        return memoryview(self._map)[offset:offset + nbytes]
+            with open(self.path, "rb") as f:  # private: writes (none are made) would stay in this process
+                self._map = memoryview(mmap.mmap(f.fileno(), self.size, access=mmap.ACCESS_COPY))
+        return self._map
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return self._mapping()[offset:offset + nbytes]
+
+    def unpack(self, fmt: str, offset: int) -> Any:
+        """One value of struct format ``fmt`` at byte ``offset`` of the file."""
+        return struct.unpack_from(fmt, self._mapping(), offset)[0]
 
     def whole(self) -> Any:
         if self._whole is None:
@@ -188,10 +195,9 @@ class RecordTensor:
         at = self._offset * size
         if not fmt and self.dtype.name != "bfloat16":
             return self.materialize().item()
-        raw = bytes(self.source.view(self.data_offset + at, size))
-        if self.dtype.name == "bfloat16":
-            return struct.unpack("<f", b"\0\0" + raw)[0]
-        return struct.unpack("<" + fmt, raw)[0]
+        if self.dtype.name == "bfloat16":  # the high half of a float32
+            return struct.unpack("<f", b"\0\0" + bytes(self.source.view(self.data_offset + at, 2)))[0]
+        return self.source.unpack("<" + fmt, self.data_offset + at)
 
     def is_contiguous(self) -> bool:
         expected = 1

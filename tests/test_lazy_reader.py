@@ -277,16 +277,23 @@ def test_the_written_pickle_is_read_back_as_the_object(tmp_path: Path) -> None:
     assert same_structure(obj, _lazy(dest), lambda t: t.key) is not None
 
 
-def test_set_and_remap_with_a_names_file_import_no_torch(tmp_path: Path) -> None:
+def test_set_check_remap_and_reset_drop_with_a_names_file_import_no_torch(tmp_path: Path) -> None:
     import shutil
 
     ck = tmp_path / "b.pt"
     shutil.copy(FIXTURES / "bundle.pt", ck)
+    names = tmp_path / "names.json"
+    names.write_text('["conv2.weight", "conv2.bias", "conv.weight", "conv.bias", "bn.weight", "bn.bias", '
+                     '"classifier.weight", "classifier.bias"]')
     code = ("import sys, optckpt\n"
             "optckpt.set_hparams(sys.argv[1], lr=0.5, in_place=True)\n"
             "optckpt.set_hparams(sys.argv[1], sys.argv[2], lr=0.25)\n"
+            "assert optckpt.check(sys.argv[1], sys.argv[3]).exit_code == 1\n"
+            "optckpt.remap(sys.argv[1], sys.argv[3], sys.argv[4])\n"
+            "assert optckpt.check(sys.argv[4], sys.argv[3]).exit_code == 0\n"
+            "optckpt.reset(sys.argv[4], ['bn.*'], sys.argv[5])\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
-    r = _no_torch(code, str(ck), str(tmp_path / "c.pt"))
+    r = _no_torch(code, str(ck), str(tmp_path / "c.pt"), str(names), str(tmp_path / "r.pt"), str(tmp_path / "z.pt"))
     assert r.returncode == 0, r.stderr[-2000:]
     a = torch.load(ck, weights_only=True)
     c = torch.load(tmp_path / "c.pt", weights_only=True)
@@ -297,6 +304,13 @@ def test_set_and_remap_with_a_names_file_import_no_torch(tmp_path: Path) -> None
     for i, st in orig["optimizer"]["state"].items():
         for key, v in st.items():
             assert torch.equal(a["optimizer"]["state"][i][key], v) and torch.equal(c["optimizer"]["state"][i][key], v)
+    r_sd = torch.load(tmp_path / "r.pt", weights_only=True)["optimizer"]
+    z_sd = torch.load(tmp_path / "z.pt", weights_only=True)["optimizer"]
+    order = [4, 5, 0, 1, 2, 3, 6, 7]  # the names file's order, in saved indices
+    for new, old in enumerate(order):
+        for key, v in orig["optimizer"]["state"][old].items():
+            assert torch.equal(r_sd["state"][new][key], v)
+    assert sorted(z_sd["state"]) == [0, 1, 2, 3, 6, 7]  # bn.weight / bn.bias (4, 5 in the new order) dropped
 
 
 def _diff_json(a: str, b: str, lazy: bool, **kw: Any) -> str:

@@ -34,6 +34,7 @@ import pickle
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from operator import mul
 from typing import Any, NamedTuple
 
 from ..errors import LoadError
@@ -199,25 +200,25 @@ class _LazyStorage(NamedTuple):
     type_name: str
 
 
-def _ints(v: Any) -> bool:
-    return type(v) is tuple and all(type(x) is int for x in v)
+_INT = frozenset({int})
 
 
 def _lazy_tensor(source: RecordSource, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
                  hooks: Any, dtype: DType | None, metadata: Any) -> RecordTensor:
     """A tensor the lazy reader describes exactly, or :class:`NeedsTorch` (torch then reads it, and
-    refuses or accepts it as it always did)."""
-    if type(storage) is not _LazyStorage or dtype is None or hooks or metadata or type(requires_grad) is not bool:
+    refuses or accepts it as it always did). Every check is a C-level pass over the tuples: this runs
+    once per stored tensor."""
+    if type(storage) is not _LazyStorage or dtype is None or hooks or metadata or type(requires_grad) is not bool \
+            or type(offset) is not int or type(size) is not tuple or type(stride) is not tuple:
         raise NeedsTorch("a tensor outside the plain layout")
-    if type(offset) is not int or offset < 0 or not _ints(size) or not _ints(stride) or len(size) != len(stride):
+    if len(size) != len(stride) or offset < 0 or not set(map(type, size)) <= _INT \
+            or not set(map(type, stride)) <= _INT or (size and (min(size) < 0 or min(stride) < 0)):
         raise NeedsTorch("a tensor view with unusual arguments")
-    if any(s < 0 for s in size) or any(st < 0 for st in stride):
-        raise NeedsTorch("a negative size or stride")
     itemsize = dtype.itemsize
     if storage.nbytes % itemsize:
         raise NeedsTorch("a storage that is no whole number of elements")
-    if all(size):  # the last element it views lies inside the storage (torch's set_ checks the same)
-        last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+    if 0 not in size:  # the last element it views lies inside the storage (torch's set_ checks the same):
+        last = offset + sum(map(mul, size, stride)) - sum(stride)  # offset + sum((size - 1) * stride)
         if last >= storage.nbytes // itemsize:
             raise NeedsTorch("a view past its storage")
     return RecordTensor(source, storage.key, storage.data_offset, storage.nbytes, dtype, size, stride, offset,
