@@ -1,12 +1,14 @@
 """``optckpt check``: what would a plain ``optimizer.load_state_dict`` do with this checkpoint under
-the new code? Per-parameter statuses plus a group-level verdict."""
+the new code? Per-parameter statuses plus a group-level verdict. The comparison of named indices
+with the target; the naming itself (and its settling by the new grouping) is run once by
+:func:`optckpt.resolve.resolve`, which calls :func:`compare_named`."""
 
 from __future__ import annotations
 
 import copy
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,8 @@ if TYPE_CHECKING:
     pass
 
 __all__ = ["STATUSES", "RISKS", "VERDICTS", "ParamStatus", "CheckReport", "check_mapping", "apply_renames",
-           "guess_prefix_rename", "rename_hints", "keep_saved_grouping", "model_only"]
+           "guess_prefix_rename", "rename_hints", "keep_saved_grouping", "model_only", "effective_renames",
+           "target_namer", "model_order", "compare_named"]
 
 STATUSES = ("ok", "moved", "missing", "unexpected", "shape_mismatch", "ambiguous")
 #: 2: ``rename_hints`` are ``{"old", "new"}`` objects (were ``"--rename OLD=NEW"`` strings)
@@ -217,21 +220,65 @@ def model_only(target: Target) -> bool:
 
 def check_mapping(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule] = (), *,
                   group_evidence: bool = True, place_new: bool = False) -> CheckReport:
-    """Compare the checkpoint's named optimizer state with the target's parameter order.
+    """Compare an already inferred mapping with the target's parameter order, settling what it leaves
+    ambiguous by the target's grouping first (``group_evidence``). The commands, the verbs and the
+    resume API go through :func:`optckpt.resolve.resolve` instead (the one pass that names, settles
+    and compares); this is the same comparison for a mapping built by hand.
 
     A model-only target (no optimizer) is compared with the saved grouping
     (:func:`keep_saved_grouping`): whoever builds the optimizer for it is assumed to group as the old
     code did, which is what ``remap`` writes. ``place_new`` (remap) refuses a new parameter that no
     rule learned from the saved grouping places; ``check`` only says so.
 """
+    rules, rename_notes = effective_renames(mapping, target, renames)
+    if group_evidence and target.group_hparams is not None:
+        mapping = settle_by_grouping(mapping, target.groups, target.shapes, target.group_hparams,
+                                     target_namer(target, rules), model_order(target))
+    return compare_named(mapping, target, rules, rename_notes, place_new=place_new)
+
+
+def effective_renames(mapping: OptimizerMapping, target: Target,
+                      renames: Sequence[RenameRule]) -> tuple[list[RenameRule], list[str]]:
+    """The renames the comparison applies: the given ones, else a single wrapper-prefix difference
+    between the checkpoint's names (every candidate) and the target's, detected (and said)."""
+    if renames:
+        return list(renames), []
+    named = [c for e in mapping.entries for c in e.candidates]
+    auto = guess_prefix_rename(named, target.names)
+    if auto is None:
+        return [], []
+    return [auto], [f"checkpoint and target names differ by a prefix: applied --rename {auto.pattern}={auto.repl}"]
+
+
+def target_namer(target: Target, rules: Sequence[RenameRule]) -> Callable[[str], str]:
+    """A checkpoint name as the target calls it: renamed, then a tied parameter's other name."""
+    tgt_pos = set(target.names)
+
+    def to_target(name: str) -> str:
+        n = apply_renames(name, rules)
+        return n if n in tgt_pos else target.aliases.get(n, n)
+
+    return to_target
+
+
+def model_order(target: Target) -> list[str] | None:
+    """The new model's parameter order (the ``group-order`` rung), when the target has a module."""
+    return [n for n, _ in target.module.named_parameters()] if target.module is not None else None
+
+
+def compare_named(mapping: OptimizerMapping, target: Target, rules: Sequence[RenameRule],
+                  rename_notes: Sequence[str] = (), *, place_new: bool = False) -> CheckReport:
+    """The comparison of a settled mapping with the target (``rules``: the renames in effect, from
+    :func:`effective_renames`, whose notes come with them). A model-only target over several saved
+    groups is first regrouped as the checkpoint was (:func:`keep_saved_grouping`)."""
     if model_only(target) and len(mapping.group_sizes) > 1:
-        first = _compare(mapping, target, renames, group_evidence=False)
+        first = _compare(mapping, target, rules, rename_notes)
         regrouped, notes = keep_saved_grouping(first, target, strict=place_new)
-        report = _compare(mapping, regrouped, renames, group_evidence=False)
+        report = _compare(mapping, regrouped, rules, rename_notes)
         report.notes[:0] = notes
         report.target = regrouped
         return report
-    report = _compare(mapping, target, renames, group_evidence=group_evidence)
+    report = _compare(mapping, target, rules, rename_notes)
     report.target = target
     return report
 
@@ -349,34 +396,17 @@ class _Rules:
                       f"neither ndim, a bias suffix nor its module type separates the {len(self.used)} saved groups)")
 
 
-def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule] = (), *,
-             group_evidence: bool = True) -> CheckReport:
-    """:func:`check_mapping` for a target whose grouping is known.
-
-    Without explicit ``renames``, a single wrapper-prefix difference is detected and applied (and
-    said in the notes). With ``group_evidence`` (and a target optimizer), the new code's param groups
-    settle what the checkpoint leaves ambiguous (:func:`optckpt.mapping.settle_by_grouping`).
+def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule],
+             rename_notes: Sequence[str] = ()) -> CheckReport:
+    """:func:`check_mapping` for a settled mapping and a target whose grouping is known; ``renames``
+    are the ones in effect (given or detected: :func:`effective_renames`).
 
     State-aware: an index without state cannot receive the wrong state, so it is at risk only when
     plain loading would put it in a group with other hyperparameters than its own."""
-    notes: list[str] = []
-    if not renames:
-        named = [c for e in mapping.entries for c in e.candidates]
-        auto = guess_prefix_rename(named, target.names)
-        if auto is not None:
-            renames = [auto]
-            spec = f"{auto.pattern}={auto.repl}"
-            notes.append(f"checkpoint and target names differ by a prefix: applied --rename {spec}")
+    notes: list[str] = list(rename_notes)
     tgt_names = target.names
     tgt_pos = {n: i for i, n in enumerate(tgt_names)}
-
-    def to_target(name: str) -> str:
-        n = apply_renames(name, renames)
-        return n if n in tgt_pos else target.aliases.get(n, n)  # a tied parameter's other name
-
-    if group_evidence and target.group_hparams is not None:
-        order = [n for n, _ in target.module.named_parameters()] if target.module is not None else None
-        mapping = settle_by_grouping(mapping, target.groups, target.shapes, target.group_hparams, to_target, order)
+    to_target = target_namer(target, renames)
     notes[:0] = mapping.notes
     src = mapping.entries  # flattened in group order: the position torch pairs by
     if mapping.group_sizes:

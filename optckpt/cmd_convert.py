@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
-from .edit import schedulers_of, source_mapping
+from .edit import schedulers_of, source_claim
 from .errors import FormatError, MappingError, WriteError
 from .io import load
 from .io.safepickle import PickledGlobal, PickledObject
 from .io.write import commit_dir, commit_file, copy_mode, new_output, temp_dir, temp_file
 from .mapping import OptimizerMapping
+from .resolve import resolve
 from .verify import same_bits, verify_converted
 
 __all__ = ["convert_checkpoint", "fqn_optimizer_state", "carried_entries"]
@@ -62,7 +63,7 @@ def convert_checkpoint(path: str, to: str, out: str, *, model: str | None = None
     state: dict[str, Any] = {"model": {k: main.tensors[k] for k in main.meta}}
     if ck.optimizers:
         opt = ck.optimizer(optimizer_key)
-        mapping = source_mapping(ck, opt, source, models, trust_pickle)
+        mapping = resolve(ck, opt, source=source_claim(ck, source, trust_pickle), models=models).mapping
         state["optimizer"] = _materialize(fqn_optimizer_state(ck, opt, mapping))
         scheds = schedulers_of(ck, opt)
         if len(scheds) == 1:

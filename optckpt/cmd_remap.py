@@ -8,23 +8,23 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
-from .edit import commit_dcp, dcp_output, open_for_edit, schedulers_of, source_mapping, write_edits
+from .edit import commit_dcp, dcp_output, open_for_edit, schedulers_of, source_claim, write_edits
 from .errors import WriteError
 from .io import load
 from .io.paths import is_dcp_dir
 from .io.write import WriteOptions, resolve_output
-from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
+from .mapping import OptimizerMapping, is_lbfgs
 from .pickled import module_at, rebuild_module
 from .remap import (
     Policy,
     RemapPlan,
     apply_plan,
     attach_lbfgs_layout,
-    build_plan,
-    prepare_source,
+    plan_remap,
     remap_scheduler,
     rewrite_model,
 )
+from .resolve import resolve
 from .target import parse_rename, resolve_target
 from .transforms import TransformRule
 from .verify import same_bits
@@ -66,16 +66,17 @@ def remap_checkpoint(
         and not target_spec.endswith(".py")
     ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write, lazy=lazy)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
-    saved_mapping = source_mapping(ck, opt, source, models, trust_pickle, target)
+    claim = source_claim(ck, source, trust_pickle, target)
     rules = parse_rename(renames)
-    mapping, sd, steps = prepare_source(saved_mapping, opt.state_dict, target, rules, transforms)
-    plan, _ = build_plan(mapping, sd.get("param_groups", []), target, policy, rules)
-    plan.transforms = steps
+    resolution = resolve(ck, opt, target, source=claim, models=models, renames=rules, transforms=transforms,
+                         policy=policy, plan=True)
+    plan, _ = plan_remap(resolution, policy)
+    plan.transforms = resolution.steps
     if is_lbfgs(opt):
         shapes = {n: m.shape for mod in ck.models for n, m in mod.meta.items()}
-        attach_lbfgs_layout(plan, mapping, {**target.shapes, **shapes})
-    new_sd = apply_plan(plan, sd)
-    model_edits = _model_edits(ck, saved_mapping, plan, target, rules, policy)
+        attach_lbfgs_layout(plan, resolution.mapping, {**target.shapes, **shapes})
+    new_sd = apply_plan(plan, resolution.state_dict)
+    model_edits = _model_edits(ck, resolution.saved, plan, target, rules, policy)
     joined = [(m, new) for m, new in model_edits if model is not None and m.name.split(":")[0] == model]
     separate = joined[:1]
     if separate and model_output is None and not write.in_place:
@@ -157,12 +158,12 @@ def _remap_dcp(path: str, target_spec: str, out: str | None, *, renames: Sequenc
 
     ck = load(path, trust_pickle=trust_pickle)
     opt = ck.optimizer()
-    mapping = infer_mapping(ck, opt)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     rules = parse_rename(renames)
-    plan, report = build_plan(mapping, opt.state_dict.get("param_groups", []), target, policy, rules)
+    resolution = resolve(ck, opt, target, renames=rules, policy=policy, plan=True)
+    plan, report = plan_remap(resolution, policy)
     if not rules:
-        auto = guess_prefix_rename([e.name for e in mapping.entries if e.name], target.names)
+        auto = guess_prefix_rename([e.name for e in resolution.mapping.entries if e.name], target.names)
         rules = [auto] if auto is not None else []
     by_source: dict[str, str | None] = {}
     for p in report.params:

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import OptimizerState
-from .edit import commit_dcp, dcp_output, open_for_edit, source_mapping, write_edits
+from .edit import commit_dcp, dcp_output, open_for_edit, source_claim, write_edits
 from .errors import FormatError, MappingError, WriteError
 from .io import load
 from .io.paths import is_dcp_dir
 from .io.write import WriteOptions
 from .kinds import fresh_state_value
-from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
+from .mapping import OptimizerMapping, is_lbfgs
+from .resolve import resolve
 from .tensors import is_tensor
 from .verify import same_bits
 
@@ -70,7 +71,7 @@ def reset_checkpoint(
         return _reset_dcp(path, params, out, keys=keys, mode=mode, optimizer_key=optimizer_key, w=write)
     # drop only deletes entries: tensors read lazily (no torch); zero makes new tensors like the saved ones
     ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write, lazy=mode == "drop")
-    mapping = source_mapping(ck, opt, source, models, trust_pickle)
+    mapping = resolve(ck, opt, source=source_claim(ck, source, trust_pickle), models=models).mapping
     selected = _select_params(mapping, params)
     if is_lbfgs(opt):
         raise FormatError("LBFGS keeps one global state for all parameters: it cannot be reset per parameter")
@@ -156,7 +157,7 @@ def _reset_dcp(path: str, params: Sequence[str], out: str | None, *, keys: Seque
 
     ck = load(path)
     opt = ck.optimizer(optimizer_key)
-    selected = _select_params(infer_mapping(ck, opt), params)
+    selected = _select_params(resolve(ck, opt).mapping, params)
     result = ResetResult(opt.name, [(i, n) for i, n in selected], mode, list(keys))
     chosen = {str(i) for i, _ in selected}
     group_of = {str(p): g for g in opt.state_dict.get("param_groups", []) for p in g["params"]}

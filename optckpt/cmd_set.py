@@ -12,7 +12,7 @@ from .errors import FormatError, WriteError
 from .io import load
 from .io.paths import is_dcp_dir
 from .io.write import WriteOptions
-from .mapping import infer_mapping
+from .resolve import resolve
 from .verify import same_bits
 
 __all__ = ["set_checkpoint"]
@@ -46,7 +46,7 @@ def set_checkpoint(
     all_changes = list(changes) + [parse_set(s, sd_groups) for s in raw_sets]
     if not all_changes:
         raise FormatError("nothing to change: give --lr, --scale-lr, --weight-decay, --scale-weight-decay or --set")
-    mapping = infer_mapping(ck, opt, models=models) if params else None
+    mapping = resolve(ck, opt, models=models).mapping if params else None
     selected = select_groups(sd_groups, mapping, groups, params)  # type: ignore[arg-type]
     scheds = schedulers_of(ck, opt)
     new_opt, new_scheds, notes = rewrite(opt.state_dict, [s.state_dict for s in scheds], selected, all_changes,

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, same
 from .kinds import guess_scheduler
-from .mapping import OptimizerMapping, infer_mapping
+from .mapping import OptimizerMapping
+from .resolve import resolve
 from .tensors import RecordTensor, is_tensor, materialize
 from .verify import bit_equal
 
@@ -366,8 +367,8 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
     _unpaired("optimizer", a.optimizers, b.optimizers, _pair_optimizers(a, b), report)
     for oa, ob in _pair_optimizers(a, b):
         label = "" if len(a.optimizers) == 1 else f"{oa.name}:"
-        ma, mb = infer_mapping(a, oa), infer_mapping(b, ob)
-        if ma.ambiguous or mb.ambiguous:
+        ma, mb = resolve(a, oa).mapping, resolve(b, ob).mapping
+        if any(e.name is None for e in (*ma.entries, *mb.entries)):
             report.notes.append(f"optimizer {oa.name}: some names are uncertain; those indices compare as <index i>")
         na, nb = _names(ma, renames), _names(mb, renames)
         # param groups: hyperparameters per group (in order), and membership by name

@@ -22,11 +22,11 @@ from .io.write import (
     temp_dir,
     write_checkpoint,
 )
-from .mapping import OptimizerMapping, infer_mapping
+from .mapping import SourceNames
 from .target import Target, resolve_source
 from .verify import verify_output
 
-__all__ = ["open_for_edit", "write_edits", "source_mapping", "schedulers_of", "dcp_output", "commit_dcp"]
+__all__ = ["open_for_edit", "write_edits", "source_claim", "schedulers_of", "dcp_output", "commit_dcp"]
 
 
 def open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: str | None, trust_pickle: bool,
@@ -60,14 +60,14 @@ def write_edits(ck: Checkpoint, out: str, edits: Sequence[tuple[Any, Any]], *, w
                             backup=w.backup)
 
 
-def source_mapping(ck: Checkpoint, opt: OptimizerState, source: str | None, models: Sequence[str] | None,
-                   trust_pickle: bool, target: Target | None = None) -> OptimizerMapping:
-    """The saved indices named, with ``--source`` checked by the consistency gate (the target's shapes
-    check names that nothing else gives a shape)."""
+def source_claim(ck: Checkpoint, source: str | None, trust_pickle: bool,
+                 target: Target | None = None) -> SourceNames | None:
+    """``--source`` as a claim for the consistency gate (the target's shapes check names that nothing
+    else gives a shape); with a target, its adapter config is adopted first. The naming itself is
+    :func:`optckpt.resolve.resolve`'s."""
     if target is not None:
         adopt_target_adapter(ck, target.module, trust_pickle=trust_pickle)
-    claim = resolve_source(source, trust_pickle=trust_pickle, fallback=target) if source else None
-    return infer_mapping(ck, opt, source=claim, models=models)
+    return resolve_source(source, trust_pickle=trust_pickle, fallback=target) if source else None
 
 
 def schedulers_of(ck: Checkpoint, opt: OptimizerState) -> list[Any]:

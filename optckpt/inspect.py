@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, is_module_object
 from .kinds import guess_optimizer, guess_scheduler
-from .mapping import OptimizerMapping, infer_mapping
+from .mapping import OptimizerMapping
 from .render import jsonable
+from .resolve import resolve
 from .tensors import is_tensor
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]
         "earlier_versions": _earlier_versions(ck),
         "parts": [{"file": p.relpath, "kind": p.kind, "bytes": p.nbytes} for p in ck.parts],
         "models": [_model_report(m, stats) for m in ck.models],
-        "optimizers": [_optimizer_report(o, stats, infer_mapping(ck, o)) for o in ck.optimizers],
+        "optimizers": [_optimizer_report(o, stats, resolve(ck, o).mapping) for o in ck.optimizers],
         "schedulers": [_scheduler_report(s) for s in ck.schedulers],
         "extras": jsonable(ck.extras),
         "other_keys": dict(ck.other_keys),
@@ -175,7 +176,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
         "has_param_names": bool(groups) and all(g.param_names is not None for g in groups),
         "name_evidence": mapping.evidence,
         "name_source_model": mapping.model,
-        "ambiguous": len(mapping.ambiguous),
+        "ambiguous": sum(e.name is None for e in mapping.entries),
         "notes": list(mapping.notes),
         "state_keys": dict(key_counts),
         "step": [min(steps), max(steps)] if steps else None,

@@ -7,49 +7,25 @@ same tensor objects, relabelled with their new index."""
 from __future__ import annotations
 
 import copy
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from .check import CheckReport, apply_renames, check_mapping, guess_prefix_rename, hparams_key
+from .check import CheckReport, apply_renames, guess_prefix_rename, hparams_key
 from .errors import MappingError
-from .mapping import OptimizerMapping, pair_groups
+from .mapping import OptimizerMapping
+from .resolve import Policy, Resolution, prepare_source, resolve_mapping
 from .target import RenameRule, Target
 from .tensors import is_tensor, materialize
-from .transforms import (
-    Step,
-    TransformRule,
-    expand_rules,
-    fuse_tensors,
-    refusal,
-    slice_state,
-    slice_tensor,
-    split_tensor,
-    transform_source,
-)
+from .transforms import Step, fuse_tensors, refusal, slice_state, slice_tensor, split_tensor
 from .validate import global_entries
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Policy", "Slot", "GroupPlan", "RemapPlan", "build_plan", "apply_plan", "remap_scheduler",
+__all__ = ["Policy", "Slot", "GroupPlan", "RemapPlan", "plan_remap", "build_plan", "apply_plan", "remap_scheduler",
            "attach_lbfgs_layout", "prepare_source", "rewrite_model"]
-
-Missing = Literal["reset", "error"]
-Unexpected = Literal["drop", "error"]
-ShapeMismatch = Literal["reset", "error", "slice"]
-
-
-@dataclass(frozen=True)
-class Policy:
-    missing: Missing = "reset"
-    unexpected: Unexpected = "drop"
-    shape_mismatch: ShapeMismatch = "reset"
-    allow_ambiguous: bool = False
-    hparams: Literal["checkpoint", "target"] = "checkpoint"
-    group_evidence: bool = True  # let the target optimizer's grouping settle uncertain names
 
 
 @dataclass(frozen=True)
@@ -131,14 +107,20 @@ def build_plan(
     policy: Policy = Policy(),
     renames: Sequence[RenameRule] = (),
 ) -> tuple[RemapPlan, CheckReport]:
-    """Decide, for every index of the new optimizer, where its state comes from.
+    """:func:`plan_remap` for a mapping already inferred (``source_groups``: the old ``param_groups``);
+    the commands and the resume API resolve first (:func:`optckpt.resolve.resolve`)."""
+    return plan_remap(resolve_mapping(mapping, source_groups, target, renames, policy), policy)
 
-    ``source_groups`` are the old ``param_groups`` (hyperparameters are read from them). A target
-    model without its optimizer keeps the saved grouping
+
+def plan_remap(resolution: Resolution, policy: Policy = Policy()) -> tuple[RemapPlan, CheckReport]:
+    """Decide, for every index of the new optimizer, where its state comes from, from the one
+    resolution of the saved indices (resolved with ``plan=True``). Hyperparameters are read from the
+    old ``param_groups``; a target model without its optimizer keeps the saved grouping
     (:func:`optckpt.check.keep_saved_grouping`)."""
-    report = check_mapping(mapping, target, renames, group_evidence=policy.group_evidence, place_new=True)
-    mapping = report.mapping or mapping
-    target = report.target or target  # a model-only target takes the saved grouping
+    report, mapping, target = resolution.report, resolution.mapping, resolution.target
+    assert report is not None and target is not None and len(resolution.group_sources) == len(target.groups), \
+        "a remap plan needs a resolution against a target made for a plan: resolve(..., plan=True)"
+    source_groups = resolution.state_dict.get("param_groups", [])
     by_status: dict[str, list[Any]] = {}
     for p in report.params:
         by_status.setdefault(p.status, []).append(p)
@@ -186,19 +168,11 @@ def build_plan(
     dropped = [(e.index, e.name or f"<index {e.index}>") for e in entries
                if e.index not in used and (e.name is not None or e.has_state)]
 
-    group_of_index = {e.index: e.group for e in entries}
-    sources: list[int | None] = []
-    for gi in range(len(target.groups)):
-        votes = Counter(group_of_index[s.source_index] for s in slots if s.group == gi and s.source_index is not None)
-        sources.append(votes.most_common(1)[0][0] if votes else None)
-    # only groups that are empty, or whose parameters are merely uncertain (not proven new), follow the
-    # saved group they correspond to; a group of new parameters takes the new code's hyperparameters
-    # (when some saved index could be any parameter, nothing unnamed is proven new)
-    unknowable = any(e.name is None and not e.candidates for e in entries)
-    new = set() if unknowable else {p.name for p in by_status.get("missing", [])}
-    sources_or_new = [s if s is not None or not any(n in new for n in target.groups[gi]) else -1
-                      for gi, s in enumerate(sources)]
-    by_pairing = _unvoted_groups(sources_or_new, source_groups, target, slots, group_of_index, policy)
+    # the saved group each new group follows (votes of the parameters it keeps), else the group it pairs
+    # with: both settled by the resolution
+    sources_or_new = resolution.group_sources
+    sources = [None if s == -1 else s for s in sources_or_new]
+    by_pairing = _unvoted_groups(sources_or_new, source_groups, target, resolution.group_pairing, policy)
     groups = []
     for gi, names in enumerate(target.groups):
         src = sources[gi] if sources[gi] is not None else by_pairing.get(gi)
@@ -248,24 +222,17 @@ def _first_group_state(groups: Sequence[GroupPlan], source_groups: Sequence[Mapp
 
 
 def _unvoted_groups(sources: Sequence[int | None], source_groups: Sequence[Mapping[str, Any]],
-                    target: Target, slots: Sequence[Slot], group_of_index: Mapping[Any, int],
-                    policy: Policy) -> dict[int, int]:
+                    target: Target, paired: tuple[list[int], str] | None, policy: Policy) -> dict[int, int]:
     """Saved groups for the new groups no named parameter ties to one (empty groups, as the
     transformers Trainer's no-decay group under LoRA; groups of stateless uncertain indices), paired
-    by what they are (:func:`optckpt.mapping.pair_groups`: ``name``, membership, hyperparameters;
-    position only where it cannot matter), an empty new group only to an empty saved group, and never
-    to a saved group another new group took. A group of saved parameters that cannot be paired while
-    the saved groups' hyperparameters differ is refused: guessing would give its parameters another
-    group's lr (``--hparams target`` keeps the new code's own)."""
+    by what they are (``paired``: the resolution's :func:`optckpt.mapping.pair_groups`: ``name``,
+    membership, hyperparameters; position only where it cannot matter), an empty new group only to an
+    empty saved group, and never to a saved group another new group took. A group of saved parameters
+    that cannot be paired while the saved groups' hyperparameters differ is refused: guessing would
+    give its parameters another group's lr (``--hparams target`` keeps the new code's own)."""
     if all(s is not None for s in sources) or target.group_hparams is None:
         return {}
     saved = [{k: v for k, v in g.items() if k != "params"} for g in source_groups]
-    members: list[set[int]] = [set() for _ in source_groups]
-    for slot in slots:
-        if slot.source_index is not None and slot.source_index in group_of_index:
-            members[group_of_index[slot.source_index]].add(slot.group)
-    sizes = ([len(g.get("params", ())) for g in source_groups], [len(g) for g in target.groups])
-    paired = pair_groups(saved, target.group_hparams, members=members, harmless_position=True, sizes=sizes)
     back = {t: g for g, t in enumerate(paired[0])} if paired is not None else {}
     taken = {s for s in sources if s is not None}
     out: dict[int, int] = {}
@@ -475,45 +442,6 @@ def attach_lbfgs_layout(plan: RemapPlan, mapping: OptimizerMapping, shapes: Mapp
 
 
 # --- transforms and model state -------------------------------------------------------------------
-
-def _effective_renames(mapping: OptimizerMapping, target: Target, renames: Sequence[RenameRule],
-                       rules: Sequence[TransformRule]) -> list[RenameRule]:
-    """The renames :func:`optckpt.check.check_mapping` applies: the given ones, else a detected wrapper
-    prefix, found with the names the transforms use counted as the target's (fuse parts, split wholes)."""
-    if renames:
-        return list(renames)
-    saved = [c for e in mapping.entries for c in e.candidates]
-    known = list(target.names)
-    fuses = [r for r in rules if r.kind == "fuse"]
-    known += [p for st in expand_rules(fuses, target.names, ()) for p in st.parts] if fuses else []
-    for r in rules:
-        if r.kind == "split":
-            tails = {n.split(".", 1)[1] for n in saved if "." in n} | set(saved)
-            known += [n for n in tails if (re.fullmatch(r.name, n) if r.regex else n == r.name)]
-    auto = guess_prefix_rename(saved, known)
-    return [auto] if auto is not None else []
-
-
-def prepare_source(mapping: OptimizerMapping, state_dict: Mapping[str, Any], target: Target,
-                   renames: Sequence[RenameRule] = (), rules: Sequence[TransformRule] = ()
-                   ) -> tuple[OptimizerMapping, dict[str, Any], list[Step]]:
-    """The saved optimizer with ``--fuse`` / ``--split`` applied (:mod:`optckpt.transforms`), ready
-    for :func:`build_plan`; the concrete steps go into the plan (``plan.transforms``)."""
-    if mapping.overridden is not None:
-        raise MappingError(f"optimizer {mapping.optimizer}: its state_dict() is not torch's layout "
-                           f"({mapping.overridden}); what belongs to which parameter there cannot be named: refused")
-    if not rules:
-        return mapping, dict(state_dict), []
-    from .kinds import guess_optimizer
-
-    eff = _effective_renames(mapping, target, renames, rules)
-    saved = [apply_renames(e.name, eff) for e in mapping.entries if e.name is not None]
-    steps = expand_rules(rules, target.names, saved)
-    kind = guess_optimizer(state_dict.get("param_groups", []))
-    new_mapping, state = transform_source(mapping, state_dict.get("state", {}), steps,
-                                          lambda n: apply_renames(n, eff), target.shapes, kind)
-    return new_mapping, {**state_dict, "state": state}, steps
-
 
 def rewrite_model(tensors: Mapping[str, torch.Tensor], plan: RemapPlan, target: Target,
                   renames: Sequence[RenameRule],

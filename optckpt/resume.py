@@ -15,8 +15,9 @@ from .io import adopt_target_adapter, load
 from .io.discover import is_optimizer_sd, model_state_from_dict
 from .io.safepickle import PickledObject, first_placeholder
 from .kernels import place_tensors
-from .mapping import SourceNames, infer_mapping, is_lbfgs
-from .remap import Policy, apply_plan, attach_lbfgs_layout, build_plan, prepare_source
+from .mapping import SourceNames, is_lbfgs
+from .remap import apply_plan, attach_lbfgs_layout, plan_remap
+from .resolve import Policy, resolve
 from .target import from_live, renames_of
 from .transforms import parse_transforms
 
@@ -105,7 +106,10 @@ def load_optimizer_state_dict(
 
     ``source`` is a checkpoint path, a loaded :class:`Checkpoint`, or an optimizer state dict; for a
     bare index-based state dict pass ``model_state_dict=`` (the model saved with it, registration
-    order) or ``source_names=`` (names in the old optimizer order)."""
+    order) or ``source_names=`` (names in the old optimizer order). Without either, only indices whose
+    shape occurs once in the saved state and once in ``model`` are named (``target-shapes``, the
+    weakest evidence, as ``optckpt check`` and ``optckpt remap`` name an optimizer saved alone); the
+    others follow the uncertain-names contract above."""
     ck, opt = _as_checkpoint(source, model_state_dict, optimizer_key, trust_pickle)
     target = from_live(model, optimizer)
     adopt_target_adapter(ck, model, trust_pickle=trust_pickle)
@@ -114,17 +118,17 @@ def load_optimizer_state_dict(
         names = [[str(n) for n in source_names]] if source_names and isinstance(source_names[0], str) else \
             [[str(n) for n in g] for g in source_names]
         claim = SourceNames("source_names=", names, fallback_shapes=dict(target.shapes))
-    mapping = infer_mapping(ck, opt, source=claim)
     policy = Policy(missing=missing, unexpected=unexpected, shape_mismatch=shape_mismatch,
                     allow_ambiguous=allow_ambiguous, hparams=hparams, group_evidence=group_evidence)
-    rules = renames_of(rename)
-    mapping, sd, steps = prepare_source(mapping, opt.state_dict, target, rules, parse_transforms(fuse, split))
-    plan, report = build_plan(mapping, sd.get("param_groups", []), target, policy, rules)
-    plan.transforms = steps
+    resolution = resolve(ck, opt, target, source=claim, renames=renames_of(rename),
+                         transforms=parse_transforms(fuse, split), policy=policy, plan=True)
+    plan, report = plan_remap(resolution, policy)
+    plan.transforms = steps = resolution.steps
+    sd = resolution.state_dict
     if is_lbfgs(opt):
-        attach_lbfgs_layout(plan, mapping, {**{n: m.shape for mod in ck.models for n, m in mod.meta.items()},
-                                            **target.shapes})
-    result = LoadReport(evidence=mapping.evidence)
+        attach_lbfgs_layout(plan, resolution.mapping, {**{n: m.shape for mod in ck.models for n, m in
+                                                          mod.meta.items()}, **target.shapes})
+    result = LoadReport(evidence=resolution.mapping.evidence)
     for p in report.params:
         if p.status == "ambiguous" and not p.has_state:
             continue  # nothing was lost: no state to reset
@@ -202,11 +206,11 @@ def enable_load_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module
                                "optckpt.load_optimizer_state_dict(optimizer, model, sd, model_state_dict=...)")
         ck = Checkpoint(path="<state dict>", layout="torch-optimizer")
         ck.optimizers.append(OptimizerState("optimizer", "<state dict>", (), sd))
-        mapping = infer_mapping(ck)
         target = from_live(model, opt)
-        plan, _ = build_plan(mapping, sd["param_groups"], target, Policy(), rules)
+        resolution = resolve(ck, ck.optimizer(), target, renames=rules, plan=True)
+        plan, _ = plan_remap(resolution)
         if is_lbfgs(ck.optimizer()):
-            attach_lbfgs_layout(plan, mapping, target.shapes)
+            attach_lbfgs_layout(plan, resolution.mapping, target.shapes)
         new_sd = apply_plan(plan, sd, with_names="param_names" in opt.param_groups[0])
         if "param_names" not in opt.param_groups[0]:
             for g in new_sd["param_groups"]:

@@ -95,9 +95,8 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
     """``optckpt check``: what plain ``optimizer.load_state_dict`` would do under the new code
     (``target``: ``module:callable``, a names file or a checkpoint). ``exit_code`` 0 only when safe."""
     from . import io
-    from .check import check_mapping
     from .io.readguard import stable_reads
-    from .mapping import infer_mapping, name_by_target_shapes
+    from .resolve import Policy, resolve
     from .target import parse_rename, resolve_source, resolve_target
 
     with stable_reads(path, model, target, source):  # (a target / source that is a checkpoint too)
@@ -106,10 +105,10 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
         tgt = resolve_target(target, trust_pickle=trust_pickle)
         io.adopt_target_adapter(ck, tgt.module, trust_pickle=trust_pickle)
         claim = resolve_source(source, trust_pickle=trust_pickle, fallback=tgt) if source else None
-        mapping = infer_mapping(ck, opt, source=claim, models=_list(models))
-        if not ck.models:  # an optimizer saved alone: the target's shapes are the only evidence left
-            mapping = name_by_target_shapes(mapping, tgt.names, tgt.shapes)
-        data = check_mapping(mapping, tgt, parse_rename(_renames(rename)), group_evidence=group_evidence).as_json()
+        resolution = resolve(ck, opt, tgt, source=claim, models=_list(models), renames=parse_rename(_renames(rename)),
+                             policy=Policy(group_evidence=group_evidence))
+        assert resolution.report is not None
+        data = resolution.report.as_json()
     return Report("check", data, 0 if data["safe"] else 1)
 
 

@@ -41,4 +41,13 @@ def test_ambiguous_load_raises_and_leaves_the_optimizer_as_it_was():
     assert all(opt.state[p]["exp_avg"] is before[id(p)] for p in model.parameters())
     assert all(float(opt.state[p]["exp_avg"].flatten()[0]) == 7.0 for p in model.parameters())
     report = load_by_name(opt, model, saved, allow_ambiguous=True)
-    assert report.ambiguous  # started fresh, named nothing by guess
+    # no model saved: a shape found once on each side names its index (target-shapes, as `optckpt check` and
+    # `optckpt remap` name it); the same-shape parameters (2 [8, 8] weights, 4 [8] vectors) start fresh
+    assert report.evidence == "target-shapes" and len(report.ambiguous) == 6
+    names = [n for n, _ in model.named_parameters()]
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if name in ("embed.weight", "head.weight", "head.bias"):
+            assert torch.equal(opt.state[p]["exp_avg"], saved["state"][i]["exp_avg"]), name
+        else:
+            assert p not in opt.state or not opt.state[p], name
+    assert len(names) == 9

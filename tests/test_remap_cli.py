@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FIXTURES, invoke
+from conftest import FIXTURES, invoke, invoke_json
 
 SEED_OPT = str(FIXTURES / "seed" / "optimizer_0.pth")
 SEED_MODEL = str(FIXTURES / "seed" / "model_0.pth")
@@ -223,3 +223,44 @@ def test_lightning_ckpt_in_place_appends_and_restores(tmp_path):
     assert ck["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.005)
     assert p.read_bytes()[:len(before)] == before and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
     assert invoke("restore", str(p)).exit_code == 0 and p.read_bytes() == before
+
+
+# --- an optimizer saved with no model: check, remap and the resume API name it alike ---------------
+
+def test_an_optimizer_saved_alone_is_remapped_as_check_names_it(tmp_path, monkeypatch):
+    """One resolution for every consumer: with no model saved, a shape that occurs once in the
+    optimizer and once in the target names its index (``target-shapes``) for ``check``, ``remap`` and
+    ``load_optimizer_state_dict`` alike; on the seed model every shape is unique, so the plan is the
+    very plan the saved model's order gives, and the state lands where it does with ``--model``."""
+    code, report = invoke_json("check", SEED_OPT, "--target", MODEL2)
+    assert code == 1 and report["evidence"] == "target-shapes" and report["counts"]["moved"] == 4
+    moved = sorted(p["name"] for p in report["params"] if p["status"] == "moved")
+    code, alone = invoke_json("remap", SEED_OPT, "--target", MODEL2, "--dry-run")
+    assert code == 0 and alone["evidence"] == "target-shapes" and alone["evidence_counts"] == {"target-shapes": 4}
+    assert sorted(s["name"] for s in alone["slots"] if s["action"] == "move") == moved
+    assert any("named by shape only" in n for n in alone["notes"])
+    code, with_model = invoke_json("remap", SEED_OPT, "--model", SEED_MODEL, "--target", MODEL2, "--dry-run")
+    assert code == 0 and with_model["evidence"] == "model-order"
+    assert alone["slots"] == with_model["slots"] and alone["groups"] == with_model["groups"]
+
+    out_alone, out_model = tmp_path / "alone.pth", tmp_path / "model.pth"
+    assert invoke("remap", SEED_OPT, "--target", MODEL2, "-o", str(out_alone)).exit_code == 0
+    assert invoke("remap", SEED_OPT, "--model", SEED_MODEL, "--target", MODEL2, "-o", str(out_model)).exit_code == 0
+    a, b = torch.load(out_alone, weights_only=True), torch.load(out_model, weights_only=True)
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+
+    import optckpt
+
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    import models  # type: ignore[import-not-found]
+
+    model = models.build_model2()
+    optimizer = torch.optim.Adam(model.parameters())
+    loaded = optckpt.load_optimizer_state_dict(optimizer, model, SEED_OPT)
+    assert loaded.evidence == "target-shapes" and sorted(loaded.moved) == moved
+    names = dict(model.named_parameters())
+    by_name = {n: i for i, n in enumerate(names)}
+    for name, p in names.items():
+        assert torch.equal(optimizer.state[p]["exp_avg"], b["state"][by_name[name]]["exp_avg"])

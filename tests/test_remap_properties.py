@@ -310,6 +310,28 @@ def check_relabel_only(src: Source, target: Target, info: dict[str, Any], out: d
             assert id(t) in input_tensors
 
 
+def _paired_in_notes(notes: list[str]) -> list[int]:
+    """The new groups a plan's note says were paired with saved groups (no named parameter voted)."""
+    said = next((n for n in notes if "hold no certainly named saved parameter" in n), None)
+    return [] if said is None else [int(x) for x in said.split("[", 1)[1].split("]", 1)[0].split(",")]
+
+
+def test_a_group_whose_saved_parameters_all_changed_shape_pairs_with_its_saved_group():
+    """Found by test_remap_only_relabels: new group 1 keeps no saved state (its one parameter changed
+    shape), so no vote ties it to a saved group; the groups pair one-to-one (elimination), and it takes
+    saved group 1's hyperparameters (the same plan before and after the one-pass refactoring)."""
+    sd = {"state": {5: {"step": torch.tensor(0.0), "exp_avg": torch.tensor(1.5)}},
+          "param_groups": [{"lr": 1.0, "weight_decay": 0, "params": [0, 1, 2, 3, 4]},
+                           {"lr": 2.0, "weight_decay": 0, "params": [5]}]}
+    names = [[f"enc.{i}.weight" for i in range(5)], ["enc.5.weight"]]
+    target = Target("<t>", [["enc.3.weight", "enc.4.weight"], ["enc.5.weight"]], {"enc.5.weight": (3,)},
+                    group_hparams=[{"lr": 1.0, "weight_decay": 0}, {"lr": 3.0, "weight_decay": 0}])
+    plan, report = build_plan(mapping_of(sd, names), sd["param_groups"], target, Policy())
+    assert [p.status for p in report.params if p.target_index is not None] == ["moved", "moved", "shape_mismatch"]
+    assert [g.source_group for g in plan.groups] == [0, 1] and plan.groups[1].hparams["lr"] == 2.0
+    assert _paired_in_notes(plan.notes) == [1]
+
+
 @PROPS
 @given(st.data())
 def test_remap_only_relabels(data: st.DataObject) -> None:
@@ -339,8 +361,13 @@ def test_remap_only_relabels(data: st.DataObject) -> None:
             assert votes[gp.source_group] == max(votes.values())
             want = {k: v for k, v in src.sd["param_groups"][gp.source_group].items()
                     if k not in ("params", "param_names")}
+        elif gp.source_group is not None:
+            # no parameter it keeps ties it to a saved group (its saved ones all changed shape): paired with
+            # the saved group it corresponds to (remap._unvoted_groups), and the plan says so
+            assert target.group_hparams is not None and gp.group in _paired_in_notes(plan.notes), plan.notes
+            want = {k: v for k, v in src.sd["param_groups"][gp.source_group].items()
+                    if k not in ("params", "param_names")}
         else:
-            assert gp.source_group is None
             want = target.group_hparams[gp.group] if target.group_hparams is not None else \
                 {k: v for k, v in src.sd["param_groups"][0].items() if k not in ("params", "param_names")}
         assert same(hp, want) or hp == want
