@@ -13,7 +13,7 @@ import torch
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, is_module_object
 from .kinds import guess_optimizer, guess_scheduler
-from .mapping import OptimizerMapping, infer_mapping
+from .mapping import IndexName, OptimizerMapping, infer_mapping
 from .render import jsonable
 
 __all__ = ["inspect_checkpoint", "tensor_stats"]
@@ -119,64 +119,85 @@ def _state_shape_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping) -> dict[str, Any]:
+    """One optimizer's report: a row per index. Work per index is a few lookups: what depends on an
+    entry's contents (its state summary, keys, step) is computed once per distinct entry object, and
+    rows of one entry share its summary (a DeepSpeed file's zero-size parameters share one state dict
+    per shape: 300k rows, a few summaries)."""
     groups = o.groups
     raw_groups = o.state_dict.get("param_groups", [])
     state = o.state
-    key_counts: Counter[str] = Counter()
-    steps: list[float] = []
     nonfinite = 0
     entries = []
-    group_of = {idx: g.position for g in groups for idx in g.params}
-    known = {e.index: e for e in mapping.entries}
-    all_keys: list[Any] = []
-    # entries that hold the very same values (a DeepSpeed file's zero-size parameters share one empty
-    # piece per shape and one step) are summarised once: 300k of them would otherwise cost seconds
-    summaries: dict[tuple[Any, ...], dict[str, Any]] = {}
-    step_values: dict[int, float] = {}
+    no_state: dict[str, Any] = {}
+    seen: dict[int, tuple[dict[str, Any], int]] = {}  # id(entry) -> (its summary, how many indices hold it)
+    firsts: list[Mapping[str, Any]] = []  # the distinct entries, in the order first met
+    in_groups = 0
+    with_state = 0
+    named = iter(mapping.entries)
+    known: dict[Any, IndexName] | None = None  # by index, only when the mapping is not in group order
     for g in groups:
+        param_names = g.param_names
         for pos, idx in enumerate(g.params):
-            st = state.get(idx, {})
-            all_keys.extend(st)
-            step = st.get("step")
-            if isinstance(step, torch.Tensor) and step.numel() == 1:
-                value = step_values.get(id(step))
-                if value is None:
-                    value = step_values[id(step)] = float(step.item())
-                steps.append(value)
-            elif isinstance(step, (int, float)):
-                steps.append(float(step))
-            sig = (*st, *map(id, st.values()))
-            summary = summaries.get(sig)
-            if summary is None:
-                summary = summaries[sig] = _state_shape_summary(st)
+            st = state.get(idx)
+            if st is None:
+                st = no_state
+            else:
+                in_groups += 1
+            if st:
+                with_state += 1
+            hit = seen.get(id(st))
+            if hit is None:
+                summary = _state_shape_summary(st)
+                firsts.append(st)
+                seen[id(st)] = (summary, 1)
+            else:
+                summary = hit[0]
+                seen[id(st)] = (summary, hit[1] + 1)
+            e = next(named, None) if known is None else None
+            if e is None or e.index != idx:
+                known = known if known is not None else {x.index: x for x in mapping.entries}
+                e = known.get(idx)
             row: dict[str, Any] = {
                 "index": idx,
                 "group": g.position,
-                "param_name": g.param_names[pos] if g.param_names and pos < len(g.param_names) else None,
-                "inferred_name": known[idx].name if idx in known else None,
-                "candidates": list(known[idx].candidates) if idx in known and known[idx].name is None else [],
-                "evidence": known[idx].evidence if idx in known else None,
-                "state": dict(summary),
+                "param_name": param_names[pos] if param_names and pos < len(param_names) else None,
+                "inferred_name": e.name if e is not None else None,
+                "candidates": list(e.candidates) if e is not None and e.name is None else [],
+                "evidence": e.evidence if e is not None else None,
+                "state": summary,
             }
             if stats:
                 row["stats"] = {k: tensor_stats(v.load() if _on_disk(v) else v) for k, v in st.items()
                                 if (isinstance(v, torch.Tensor) or _on_disk(v)) and len(v.shape)}
                 nonfinite += sum(s["nan"] + s["inf"] for s in row["stats"].values())
             entries.append(row)
-    key_counts.update(all_keys)
-    orphans = [k for k in state if k not in group_of]
+    key_counts: Counter[str] = Counter()
+    lo = hi = None
+    for first in firsts:  # (first met first: the same key order, and min / max, as a walk of every index)
+        times = seen[id(first)][1]
+        for k in first:
+            key_counts[k] += times
+        step = _step(first.get("step"))
+        if step is not None:
+            lo = step if lo is None or step < lo else lo
+            hi = step if hi is None or step > hi else hi
+    if in_groups == len(state):  # (validate_optimizer refuses an index listed twice)
+        orphans: list[Any] = []
+    else:
+        grouped = {idx for g in groups for idx in g.params}
+        orphans = [k for k in state if k not in grouped]
     report: dict[str, Any] = {
         "name": o.name,
         "class": guess_optimizer(raw_groups),
         "num_params": o.num_params,
-        "num_with_state": sum(1 for g in groups for i in g.params if state.get(i)),
+        "num_with_state": with_state,
         "has_param_names": bool(groups) and all(g.param_names is not None for g in groups),
         "name_evidence": mapping.evidence,
         "name_source_model": mapping.model,
         "ambiguous": len(mapping.ambiguous),
         "notes": list(mapping.notes),
         "state_keys": dict(key_counts),
-        "step": [min(steps), max(steps)] if steps else None,
+        "step": [lo, hi] if lo is not None else None,
         "groups": [
             {"group": g.position, "size": len(g.params), "hparams": jsonable(g.hparams),
              "next_lr": jsonable(g.hparams.get("lr")),
@@ -189,6 +210,14 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     if stats:
         report["nonfinite_state_values"] = nonfinite
     return report
+
+
+def _step(step: Any) -> float | None:
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        return float(step.item())
+    if isinstance(step, (int, float)):
+        return float(step)
+    return None
 
 
 def _on_disk(v: Any) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -202,7 +203,7 @@ def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[_Group]:
         total += len(g)
         if total > _MAX_PARAMS:
             raise LoadError(f"{what}: param_shapes lists more than {_MAX_PARAMS:,} parameters; refused")
-        plain = type(g) is dict
+        plain = type(g) in (dict, OrderedDict)  # (setting a key it has changes neither size nor order)
         unique_keys = unique_keys and isinstance(g, dict)
         names: list[str] = []
         shapes: list[tuple[int, ...]] = []
@@ -213,7 +214,7 @@ def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[_Group]:
                     names.append(name)
                     shapes.append(hit[1])
                     if plain and hit[0] is not shape:
-                        g[name] = hit[0]  # (a value replaced, no key added: the iteration stays valid)
+                        dict.__setitem__(g, name, hit[0])  # type: ignore[index]  # (a value replaced)
                     continue
             dims = tuple(shape) if type(shape) in (tuple, list, torch.Size) else None
             if type(name) is not str or dims is None or len(dims) > 64 \
