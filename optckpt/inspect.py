@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -40,6 +41,16 @@ def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]
         from .io.readguard import forget_mappings
 
         forget_mappings()  # mappings of earlier loads in this process may have been reused since
+    collecting = gc.isenabled()
+    gc.disable()  # a row per index, all kept: cycle collections would rescan the growing report again and again
+    try:
+        return _report(ck, stats)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _report(ck: Checkpoint, stats: bool) -> dict[str, Any]:
     return {
         "path": ck.path,
         "layout": ck.layout,

@@ -193,9 +193,6 @@ def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[_Group]:
         raise LoadError(f"{what}: no param_shapes: cannot cut the flat ZeRO partitions by parameter")
     out: list[_Group] = []
     total = 0
-    # torch.Size values already checked -> (the first such object, its dims): a file repeats a few shapes
-    # many times; the loaded dict then holds that one object for each (equal values, one object)
-    seen: dict[Any, tuple[Any, tuple[int, ...]]] = {}
     unique_keys = True
     for g in raw:
         if not isinstance(g, Mapping):
@@ -203,35 +200,52 @@ def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[_Group]:
         total += len(g)
         if total > _MAX_PARAMS:
             raise LoadError(f"{what}: param_shapes lists more than {_MAX_PARAMS:,} parameters; refused")
-        plain = type(g) in (dict, OrderedDict)  # (setting a key it has changes neither size nor order)
         unique_keys = unique_keys and isinstance(g, dict)
+        if isinstance(g, dict) and type(g) in (dict, OrderedDict) \
+                and set(map(type, dict.values(g))) <= {torch.Size} and set(map(type, g)) <= {str}:
+            out.append(_sizes(g, what))  # the usual file: one check per distinct shape
+            continue
         names: list[str] = []
         shapes: list[tuple[int, ...]] = []
         for name, shape in (dict.items(g) if isinstance(g, dict) else list(g.items())):
-            if type(shape) is torch.Size and type(name) is str:
-                hit = seen.get(shape)
-                if hit is not None:
-                    names.append(name)
-                    shapes.append(hit[1])
-                    if plain and hit[0] is not shape:
-                        dict.__setitem__(g, name, hit[0])  # type: ignore[index]  # (a value replaced)
-                    continue
-            dims = tuple(shape) if type(shape) in (tuple, list, torch.Size) else None
-            if type(name) is not str or dims is None or len(dims) > 64 \
-                    or not all(type(d) is int and 0 <= d < _MAX_DIM for d in dims):
-                raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(shape)} is not a shape "
-                                "(a list of non-negative integers below 2**62)")
-            if dims and min(dims) and math.prod(dims) >= _MAX_DIM:
-                raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(list(dims))} has more "
-                                "elements than any tensor can hold")
-            if type(shape) is torch.Size and len(seen) < 4096:
-                seen[shape] = (shape, dims)
             names.append(name)
-            shapes.append(dims)
+            shapes.append(_dims(name, shape, what))
         out.append(_Group(names, shapes))
     if _twice(out, unique_keys):
         raise LoadError(f"{what}: param_shapes names a parameter twice")
     return out
+
+
+def _sizes(g: dict[Any, Any], what: str) -> _Group:
+    """A group of ``param_shapes`` whose names are strings and whose shapes are ``torch.Size`` (what
+    DeepSpeed writes): each distinct shape checked once, and the loaded dict made to hold one object
+    per distinct shape (equal values; a file repeating a shape 300k times held 300k objects)."""
+    names = list(g)
+    values = list(dict.values(g))
+    dims: dict[Any, tuple[int, ...]] = {}
+    for shape in dict.fromkeys(values):  # (the first object of each value: torch.Size holds ints only)
+        try:
+            dims[shape] = _dims("", shape, what)
+        except LoadError:
+            name = names[values.index(shape)]
+            _dims(name, shape, what)
+            raise
+    first = {shape: shape for shape in dims}
+    dict.update(g, zip(names, map(first.__getitem__, values)))  # (values replaced: no key added, none moved)
+    return _Group(names, list(map(dims.__getitem__, values)))
+
+
+def _dims(name: Any, shape: Any, what: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of dimensions, or a one-line error naming the entry."""
+    dims = tuple(shape) if type(shape) in (tuple, list, torch.Size) else None
+    if type(name) is not str or dims is None or len(dims) > 64 \
+            or not all(type(d) is int and 0 <= d < _MAX_DIM for d in dims):
+        raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(shape)} is not a shape "
+                        "(a list of non-negative integers below 2**62)")
+    if dims and min(dims) and math.prod(dims) >= _MAX_DIM:
+        raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(list(dims))} has more "
+                        "elements than any tensor can hold")
+    return dims
 
 
 def _twice(groups: Sequence[_Group], unique_keys: bool) -> bool:
@@ -283,30 +297,59 @@ def _join(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
 
 
-def _cut(flat: torch.Tensor, group: _Group, paddings: Sequence[int], what: str) -> list[torch.Tensor]:
-    """Parameter tensors out of a group's flat buffer (views, in the group's order); every element
-    accounted for. Declared zero-size entries get one (empty, immutable) view per shape: they cost a
-    list slot, not a tensor."""
-    vals: list[torch.Tensor] = []
-    empty: dict[tuple[int, ...], torch.Tensor] = {}
-    total = flat.numel()
+class _Pieces(NamedTuple):
+    """A flat buffer cut back per parameter: views for the parameters that hold elements (by position
+    in the group), one empty view per zero-size shape (shared by every such parameter)."""
+
+    views: dict[int, torch.Tensor]
+    empty: dict[tuple[int, ...], torch.Tensor]
+
+    def at(self, i: int, shape: tuple[int, ...]) -> torch.Tensor:
+        v = self.views.get(i)
+        return self.empty[shape] if v is None else v
+
+    def listed(self, group: _Group) -> list[torch.Tensor]:
+        return [self.at(i, shape) for i, shape in enumerate(group.shapes)]
+
+
+class _Layout(NamedTuple):
+    """Where a group's parameters lie in its flat buffer: (position, offset, numel, shape) of those
+    holding elements, and the distinct shapes of the zero-size ones (which hold only their padding)."""
+
+    real: list[tuple[int, int, int, tuple[int, ...]]]
+    zero_shapes: list[tuple[int, ...]]
+    total: int  # the flat buffer's length
+
+
+def _layout(group: _Group, paddings: Sequence[int], total: int, what: str) -> _Layout:
+    """The layout of a flat buffer of ``total`` elements (stages 1/2); every element accounted for.
+    One walk over the declared parameters, shared by the weights and every state key of the group."""
+    real: list[tuple[int, int, int, tuple[int, ...]]] = []
+    zero: dict[tuple[int, ...], None] = {}
     offset = 0
-    for name, shape, pad in zip(group.names, group.shapes, paddings):
+    for i, (shape, pad) in enumerate(zip(group.shapes, paddings)):
         if 0 in shape:
-            v = empty.get(shape)
-            if v is None:
-                v = empty[shape] = flat[:0].view(shape)
-            vals.append(v)
+            zero[shape] = None
             offset += pad
             continue
         n = math.prod(shape)
         if offset + n > total:
-            raise LoadError(f"{what}: flat partition of {total} elements ends inside {name} {list(shape)}")
-        vals.append(flat.narrow(0, offset, n).view(shape))
+            raise LoadError(f"{what}: flat partition of {total} elements ends inside {group.names[i]} {list(shape)}")
+        real.append((i, offset, n, shape))
         offset += n + pad
     if offset != total:
         raise LoadError(f"{what}: flat partition of {total} elements, but param_shapes account for {offset}")
-    return vals
+    return _Layout(real, list(zero), total)
+
+
+def _cut(flat: torch.Tensor, layout: _Layout, what: str) -> _Pieces:
+    """Parameter tensors out of a group's flat buffer (views): a tensor per parameter holding elements,
+    one (empty, immutable) view per zero-size shape."""
+    if flat.numel() != layout.total:
+        raise LoadError(f"{what}: flat partition of {flat.numel()} elements, but param_shapes account for "
+                        f"{layout.total}")
+    return _Pieces({i: flat.narrow(0, off, n).view(shape) for i, off, n, shape in layout.real},
+                   {shape: flat[:0].view(shape) for shape in layout.zero_shapes})
 
 
 def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[_Group], what: str, *, masters: bool = True
@@ -340,10 +383,10 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[_Group], what: 
         pads = _ints(align[g], size, f"{what}: param_alignment_paddings[{g}]") if isinstance(align, list) \
             else [0] * size
         where = f"{what}: group {g}"
-        weights = _cut(_join([_tensor(fp32[g], where) for fp32, _, _ in ranks]), group, pads, where)
+        flat = _join([_tensor(fp32[g], where) for fp32, _, _ in ranks])
+        layout = _layout(group, pads, flat.numel(), where)
         if masters:
-            params.update(zip(group.names, weights))
-        del weights
+            params.update(zip(group.names, _cut(flat, layout, where).listed(group)))
         per_key: dict[str, list[torch.Tensor]] = {}
         scalars: dict[str, Any] = {}
         for r, (fp32, padding, base) in enumerate(ranks):
@@ -356,35 +399,29 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[_Group], what: 
                     per_key.setdefault(k, []).append(v[:lean])
                 elif r == 0:
                     scalars[k] = v
-        cut = {k: _cut(_join(v), group, pads, f"{where}, state {k!r}") for k, v in per_key.items()}
-        _fill_state(state, group.names, group.shapes, scalars, cut)
+        cut = {k: _cut(_join(v), layout, f"{where}, state {k!r}") for k, v in per_key.items()}
+        _fill_state(state, group, scalars, cut)
         hparams = hp[g] if hp is not None else {}
         groups.append({**{k: v for k, v in hparams.items() if k != "params"}, "params": list(group.names)})
     return params, state, groups
 
 
-def _fill_state(state: dict[str, dict[str, Any]], names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-                scalars: Mapping[str, Any], cut: Mapping[str, Sequence[torch.Tensor]]) -> None:
-    """Each parameter's state: its own copy of the scalar entries (``step``) and its cut pieces
-    (``cut[key][i]``: the piece of ``names[i]``). The zero-size parameters (nothing to update) share one
-    state dict per shape (one copy of the scalars, the shape's empty pieces), so that a file declaring
-    many of them costs a slot in ``state`` each, neither tensors nor dicts."""
-    shared: dict[str, Any] | None = None
-    empty: dict[tuple[int, ...], dict[str, Any]] = {}  # per shape: the state its zero-size entries share
-    keys = list(cut)
-    columns = [cut[k] for k in keys]
-    for i, (name, shape) in enumerate(zip(names, shapes)):
-        if 0 in shape:
-            entry = empty.get(shape)
-            if entry is None:
-                if shared is None:
-                    shared = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
-                entry = empty[shape] = {**shared, **{k: c[i] for k, c in zip(keys, columns)}}
-            state[name] = entry
-            continue
+def _fill_state(state: dict[str, dict[str, Any]], group: _Group, scalars: Mapping[str, Any],
+                cut: Mapping[str, _Pieces]) -> None:
+    """Each parameter's state, in the group's order: its own copy of the scalar entries (``step``) and
+    its cut pieces. The zero-size parameters (nothing to update) share one state dict per shape (one
+    copy of the scalars, the shape's empty pieces), so that a file declaring many of them costs a slot
+    in ``state`` each, neither tensors nor dicts."""
+    zero = [shape for shape in dict.fromkeys(group.shapes) if 0 in shape]
+    shared = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()} if zero else {}
+    by_shape = {shape: {**shared, **{k: c.empty[shape] for k, c in cut.items()}} for shape in zero}
+    entries: list[dict[str, Any] | None] = list(map(by_shape.get, group.shapes))
+    columns = [(k, c.views) for k, c in cut.items()]
+    for i in [i for i, e in enumerate(entries) if e is None]:
         own = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
-        own.update({k: c[i] for k, c in zip(keys, columns)})
-        state[name] = own
+        own.update({k: views[i] for k, views in columns})
+        entries[i] = own
+    state.update(zip(group.names, entries))  # type: ignore[arg-type]
 
 
 def _stage12_entry(base: Any, g: int, what: str) -> dict[str, Any]:
@@ -443,35 +480,34 @@ def _cut_stage3(zero: Sequence[Mapping[str, Any]], shapes: list[_Group],
                     scalars[k] = v
         keyed.append({k: _join(v) for k, v in per_key.items() if len(v) == len(subs)})
     flat = _Group([n for g in shapes for n in g.names], [s for g in shapes for s in g.shapes])
-    params = dict(zip(flat.names, _gather3(flats, flat, what)))
+    params = dict(zip(flat.names, _gather3(flats, flat, what).listed(flat)))
     cut = {k: _gather3([kd[k] for kd in keyed], flat, f"{what}, state {k!r}") for k in keyed[0]
            if all(k in kd for kd in keyed)}
     state: dict[str, dict[str, Any]] = {}
-    _fill_state(state, flat.names, flat.shapes, scalars, cut)
+    _fill_state(state, flat, scalars, cut)
     groups = [{**{k: v for k, v in hp.items() if k != "params"}, "params": list(group.names)}
               for hp, group in zip(_hparams(base0, len(shapes), what), shapes)]
     return params, state, groups
 
 
-def _gather3(flats: Sequence[torch.Tensor], group: _Group, what: str) -> list[torch.Tensor]:
+def _gather3(flats: Sequence[torch.Tensor], group: _Group, what: str) -> _Pieces:
     """Stage 3: every rank holds a padded ``ceil(numel / world)`` slice of each parameter, in order."""
     world = len(flats)
-    out: list[torch.Tensor] = []
+    out: dict[int, torch.Tensor] = {}
     empty: dict[tuple[int, ...], torch.Tensor] = {}
     offset = 0
-    for name, shape in zip(group.names, group.shapes):
+    for i, (name, shape) in enumerate(zip(group.names, group.shapes)):
         n = math.prod(shape)
         if n == 0:  # nothing on any rank: one empty view per shape
             if shape not in empty:
                 empty[shape] = flats[0][:0].view(shape)
-            out.append(empty[shape])
             continue
         part = -(-n // world)
         if any(offset + part > f.numel() for f in flats):
             raise LoadError(f"{what}: flat partition ends inside {name} {list(shape)}")
-        out.append(_join([f.narrow(0, offset, part) for f in flats]).narrow(0, 0, n).view(shape))
+        out[i] = _join([f.narrow(0, offset, part) for f in flats]).narrow(0, 0, n).view(shape)
         offset += part
     if any(f.numel() != offset for f in flats):
         raise LoadError(f"{what}: flat partitions of {[f.numel() for f in flats]} elements, "
                         f"but param_shapes account for {offset} per rank")
-    return out
+    return _Pieces(out, empty)
