@@ -6,7 +6,9 @@ from __future__ import annotations
 import gc
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -144,8 +146,16 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     firsts: list[Mapping[str, Any]] = []  # the distinct entries, in the order first met
     in_groups = 0
     with_state = 0
-    named = iter(mapping.entries)
-    known: dict[Any, IndexName] | None = None  # by index, only when the mapping is not in group order
+    ambiguous = len(mapping.ambiguous)
+    entries_of = mapping.entries
+    if list(map(itemgetter(0), entries_of)) == list(chain.from_iterable(g.params for g in groups)):
+        # the mapping in group order (the usual case): each of its entries is let go once its row is made
+        # (this mapping is this report's own), so a report of 300k indices never holds both in full
+        named: Iterator[IndexName | None] = _drain(entries_of)
+        known: dict[Any, IndexName] | None = None
+    else:
+        named = iter(())
+        known = {x.index: x for x in entries_of}
     for g in groups:
         param_names = g.param_names
         for pos, idx in enumerate(g.params):
@@ -164,10 +174,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
             else:
                 summary = hit[0]
                 seen[id(st)] = (summary, hit[1] + 1)
-            e = next(named, None) if known is None else None
-            if e is None or e.index != idx:
-                known = known if known is not None else {x.index: x for x in mapping.entries}
-                e = known.get(idx)
+            e = next(named, None) if known is None else known.get(idx)
             row: dict[str, Any] = {
                 "index": idx,
                 "group": g.position,
@@ -205,7 +212,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
         "has_param_names": bool(groups) and all(g.param_names is not None for g in groups),
         "name_evidence": mapping.evidence,
         "name_source_model": mapping.model,
-        "ambiguous": len(mapping.ambiguous),
+        "ambiguous": ambiguous,
         "notes": list(mapping.notes),
         "state_keys": dict(key_counts),
         "step": [lo, hi] if lo is not None else None,
@@ -221,6 +228,15 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     if stats:
         report["nonfinite_state_values"] = nonfinite
     return report
+
+
+def _drain(entries: list[IndexName]) -> Iterator[IndexName | None]:
+    """The entries in order, each dropped from ``entries`` as it is handed out (left empty)."""
+    for k in range(len(entries)):
+        e = entries[k]
+        entries[k] = None  # type: ignore[call-overload]
+        yield e
+    entries.clear()
 
 
 def _step(step: Any) -> float | None:
