@@ -7,7 +7,7 @@ import gc
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any
 
@@ -142,8 +142,9 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     nonfinite = 0
     entries = []
     no_state: dict[str, Any] = {}
-    seen: dict[int, tuple[dict[str, Any], int]] = {}  # id(entry) -> (its summary, how many indices hold it)
-    firsts: list[Mapping[str, Any]] = []  # the distinct entries, in the order first met
+    summaries: dict[int, dict[str, Any]] = {}  # id(entry) -> its summary, in the order first met
+    firsts: dict[int, Mapping[str, Any]] = {}  # id(entry) -> the entry
+    times: Counter[int] = Counter()  # id(entry) -> how many indices hold it
     in_groups = 0
     with_state = 0
     ambiguous = len(mapping.ambiguous)
@@ -157,44 +158,41 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
         named = iter(())
         known = {x.index: x for x in entries_of}
     for g in groups:
-        param_names = g.param_names
-        for pos, idx in enumerate(g.params):
-            st = state.get(idx)
-            if st is None:
-                st = no_state
-            else:
-                in_groups += 1
-            if st:
-                with_state += 1
-            hit = seen.get(id(st))
-            if hit is None:
-                summary = _state_shape_summary(st)
-                firsts.append(st)
-                seen[id(st)] = (summary, 1)
-            else:
-                summary = hit[0]
-                seen[id(st)] = (summary, hit[1] + 1)
-            e = next(named, None) if known is None else known.get(idx)
-            row: dict[str, Any] = {
-                "index": idx,
-                "group": g.position,
-                "param_name": param_names[pos] if param_names and pos < len(param_names) else None,
-                "inferred_name": e.name if e is not None else None,
-                "candidates": list(e.candidates) if e is not None and e.name is None else [],
-                "evidence": e.evidence if e is not None else None,
-                "state": summary,
-            }
-            if stats:
+        n = len(g.params)
+        sts = list(map(state.get, g.params))  # (None: no state)
+        ids = list(map(id, sts))
+        for k, st in dict(zip(ids, sts)).items():  # each distinct entry (in the order first met) once
+            if k not in summaries:
+                st = no_state if st is None else st
+                summaries[k] = _state_shape_summary(st)
+                firsts[k] = st
+        times.update(ids)
+        in_groups += n - sts.count(None)
+        with_state += sum(map(bool, sts))
+        names = g.param_names
+        param_names = chain(names[:n], repeat(None, n - len(names))) if names else repeat(None, n)
+        rows: list[dict[str, Any]] = [{"index": idx,
+                 "group": g.position,
+                 "param_name": pn,
+                 "inferred_name": e.name if e is not None else None,
+                 "candidates": list(e.candidates) if e is not None and e.name is None else [],
+                 "evidence": e.evidence if e is not None else None,
+                 "state": summary}
+                for idx, pn, e, summary in zip(g.params, param_names,
+                                               named if known is None else map(known.get, g.params),
+                                               map(summaries.__getitem__, ids))]
+        if stats:
+            for row, st in zip(rows, sts):
+                st = no_state if st is None else st
                 row["stats"] = {k: tensor_stats(v.load() if _on_disk(v) else v) for k, v in st.items()
                                 if (isinstance(v, torch.Tensor) or _on_disk(v)) and len(v.shape)}
                 nonfinite += sum(s["nan"] + s["inf"] for s in row["stats"].values())
-            entries.append(row)
+        entries.extend(rows)
     key_counts: Counter[str] = Counter()
     lo = hi = None
-    for first in firsts:  # (first met first: the same key order, and min / max, as a walk of every index)
-        times = seen[id(first)][1]
-        for k in first:
-            key_counts[k] += times
+    for k, first in firsts.items():  # (first met first: the same key order, and min / max, as a walk of every index)
+        for key in first:
+            key_counts[key] += times[k]
         step = _step(first.get("step"))
         if step is not None:
             lo = step if lo is None or step < lo else lo
