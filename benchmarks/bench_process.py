@@ -14,11 +14,11 @@ existing (a re-run overwrites it, as ``cp`` over an existing file does). Baselin
 * ``torch.load(A, weights_only=True)`` (whole process minus ``import torch``) for ``inspect``
 * the naive script: ``torch.load`` → re-key the optimizer state → ``torch.save`` (+ ``sync``)
 
-The optckpt and naive processes also record the time after their imports (``import torch,
-optckpt.cli`` done): printed as the *after-import* figures, which is what ``bench_remap_diff.py``
-reports. The *whole-process* figures (nothing subtracted: what the user waits for) are printed
-too. Peak private memory (``RssAnon``, sampled every 5 ms) is reported above the ``import torch``
-floor.
+The optckpt and naive processes also record the time after their imports (``optckpt.cli``;
+the naive script's ``import torch``): printed as the *after-import* figures. optckpt imports torch
+only when a command needs tensor values (``inspect`` / ``check`` / ``set`` / ``remap`` with a names
+file do not). The *whole-process* figures (nothing subtracted: what the user waits for) are printed
+too. Peak private memory (``RssAnon``, sampled every 5 ms) is reported per process.
 
 Checkpoints (synthetic, float32, Adam state built directly: ``step`` / ``exp_avg`` / ``exp_avg_sq``
 per parameter, one storage each): a pre-LN transformer of ``blocks`` blocks of width ``d`` (two
@@ -47,7 +47,9 @@ CASES = {  # name: (d, blocks); storages = 4 * (12 * blocks + 1)
 
 WRAP = r"""
 import os, sys, time
-import torch, optckpt.cli
+if sys.argv[1] == "naive":
+    import torch
+import optckpt.cli  # (torch comes in only when a command needs tensor values)
 t0 = time.perf_counter()
 code = 0
 try:
@@ -204,6 +206,7 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
         py_rec("naive load/re-key/save", [*wrap, "naive", a, cp_out], inner=True, sync=True, env=env)
         py_rec("torch.load", [py, "-c", "import torch,sys; torch.load(sys.argv[1], weights_only=True)", a])
         py_rec("inspect", [*wrap, "inspect", a, "--format", "json"], inner=True, env=env)
+        py_rec("check", [*wrap, "check", a, "--target", target, "--format", "json"], inner=True, env=env, ok=(1,))
         rec("cat A B", *run(f"cat {a} {b} > /dev/null", shell=True))
         py_rec("diff", [*wrap, "diff", a, b, "--format", "json"], inner=True, env=env, ok=(1,))
         rec("cmp A A2", *run(["cmp", a, a2]))
@@ -220,8 +223,7 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
         "case": name, "d": d, "blocks": blocks, "params": len(names), "storages": 4 * len(names),
         "bytes": os.path.getsize(a), "largest": largest, "import_torch_s": base, "net_s": net,
         "whole_s": tot, "after_import_s": aft,
-        "extra_private_mib": {k: (mem[k] - mem["import torch"]) / 1024 for k in mem
-                              if k not in ("import torch", "cp A OUT && sync", "cat A B")},
+        "peak_private_mib": {k: mem[k] / 1024 for k in mem if k not in ("cp A OUT && sync", "cat A B")},
         "ratios": {
             "inspect / torch.load": net["inspect"] / net["torch.load"],
             "remap / (cp && sync)": net["remap"] / net["cp A OUT && sync"],
@@ -232,6 +234,7 @@ def bench_case(name: str, d: int, blocks: int, repeats: int, tmp: str) -> dict[s
         },
         "whole_process_ratios": {
             "inspect / torch.load": tot["inspect"] / tot["torch.load"],
+            "check / torch.load": tot["check"] / tot["torch.load"],
             "remap / (cp && sync)": tot["remap"] / tot["cp A OUT && sync"],
             "remap / naive": tot["remap"] / tot["naive load/re-key/save"],
             "diff identical / cmp": tot["diff identical"] / tot["cmp A A2"],
@@ -270,14 +273,14 @@ def main() -> None:
 
 
 def show(r: dict[str, object], repeats: int) -> None:
-    net, aft, mem = r["net_s"], r["after_import_s"], r["extra_private_mib"]
+    net, aft, mem = r["net_s"], r["after_import_s"], r["peak_private_mib"]
     assert isinstance(net, dict) and isinstance(aft, dict) and isinstance(mem, dict)
     print(f"\n== {r['case']}: {r['params']} parameters, {r['storages']} storages, {r['bytes'] / 1e9:.2f} GB, "
           f"largest tensor {r['largest'] / 2**20:.0f} MiB; median of {repeats}; "
           f"python -c 'import torch' (median {r['import_torch_s']:.2f} s) subtracted pairwise")
     tot = r["whole_s"]
     assert isinstance(tot, dict)
-    print(f"{'command':30s} {'whole s':>8s} {'net of import s':>16s} {'after-import s':>15s} {'extra RssAnon':>14s}")
+    print(f"{'command':30s} {'whole s':>8s} {'net of import s':>16s} {'after-import s':>15s} {'peak RssAnon':>14s}")
     for k, v in net.items():
         a = f"{aft[k]:.2f}" if k in aft else ""
         m = f"{mem[k]:.0f} MiB" if k in mem else ""

@@ -61,7 +61,10 @@ import gc
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = [
     "MATCHING_EDGE_BUDGET",

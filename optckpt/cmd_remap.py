@@ -3,16 +3,15 @@ code, and its DCP variant (FQN renames and drops in the metadata only)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
 from .edit import commit_dcp, dcp_output, open_for_edit, schedulers_of, source_mapping, write_edits
 from .errors import WriteError
 from .io import load
-from .io.dcp import is_dcp_dir
+from .io.paths import is_dcp_dir
 from .io.write import WriteOptions, resolve_output
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
 from .pickled import module_at, rebuild_module
@@ -29,6 +28,9 @@ from .remap import (
 from .target import parse_rename, resolve_target
 from .transforms import TransformRule
 from .verify import same_bits
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["remap_checkpoint"]
 
@@ -58,7 +60,11 @@ def remap_checkpoint(
                              "checkpoints yet: `optckpt convert --to torch` it first")
         return _remap_dcp(path, target_spec, out, renames=renames, policy=policy, w=write,
                           trust_pickle=trust_pickle)
-    ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
+    # a names file or a checkpoint as the new code, nothing fused, split or sliced: the state is only re-keyed,
+    # tensors read lazily (no torch; LBFGS's flat history, permuted, is the one tensor made, then torch comes in)
+    lazy = not transforms and policy.shape_mismatch != "slice" and os.path.exists(target_spec) \
+        and not target_spec.endswith(".py")
+    ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write, lazy=lazy)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     saved_mapping = source_mapping(ck, opt, source, models, trust_pickle, target)
     rules = parse_rename(renames)
@@ -135,7 +141,7 @@ def _model_edits(ck: Checkpoint, mapping: OptimizerMapping, plan: RemapPlan, tar
 def _write_model_file(path: str, m: Any, new: dict[str, torch.Tensor], model_output: str | None, *,
                       w: WriteOptions, trust_pickle: bool) -> str:
     """A separately saved model file (``--model``), rewritten in its own layout."""
-    mck = load(path, trust_pickle=trust_pickle)
+    mck = load(path, trust_pickle=trust_pickle, lazy=True)  # its objects are replaced: none of its values is read
     mm = next(x for x in mck.models if x.path == m.path)
     out = resolve_output(path, model_output, w.in_place, replace_backup=w.replace_backup, backup=w.backup)
     return write_edits(mck, out, [(mm, new)], w=w, trust_pickle=trust_pickle)

@@ -7,20 +7,21 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import OptimizerState
 from .edit import commit_dcp, dcp_output, open_for_edit, source_mapping, write_edits
 from .errors import FormatError, MappingError, WriteError
 from .io import load
-from .io.dcp import is_dcp_dir
+from .io.paths import is_dcp_dir
 from .io.write import WriteOptions
-from .kernels import fill_tensors
 from .kinds import fresh_state_value
 from .mapping import OptimizerMapping, infer_mapping, is_lbfgs
+from .tensors import is_tensor
 from .verify import same_bits
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["reset_checkpoint", "ResetResult"]
 
@@ -67,7 +68,8 @@ def reset_checkpoint(
         mode = "zero"
     if dcp_dir:
         return _reset_dcp(path, params, out, keys=keys, mode=mode, optimizer_key=optimizer_key, w=write)
-    ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
+    # drop only deletes entries: tensors read lazily (no torch); zero makes new tensors like the saved ones
+    ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write, lazy=mode == "drop")
     mapping = source_mapping(ck, opt, source, models, trust_pickle)
     selected = _select_params(mapping, params)
     if is_lbfgs(opt):
@@ -100,15 +102,20 @@ def _reset_state(opt: OptimizerState, selected: Sequence[tuple[Any, str]], mode:
             raise MappingError(f"index {idx} has no state key {missing[0]!r} (it has: {', '.join(entry)})")
         new_state[idx] = {k: (_fresh_like(k, v, group_of.get(idx, {}), pending) if not keys or k in keys else v)
                           for k, v in entry.items()}
-    for value, tensors in pending.items():
-        fill_tensors(tensors, value)
+    if pending:
+        from .kernels import fill_tensors
+
+        for value, tensors in pending.items():
+            fill_tensors(tensors, value)
     return new_state
 
 
 def _fresh_like(key: str, v: Any, group: Mapping[str, Any], pending: dict[float, list[torch.Tensor]]) -> Any:
     """A re-initialised copy of ``v``; tensors are allocated here and filled later in batches."""
+    import torch
+
     fill = fresh_state_value(key, group)
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
         t = torch.empty_like(v)
         pending.setdefault(fill, []).append(t)
         return t
@@ -143,6 +150,8 @@ def _reset_dcp(path: str, params: Sequence[str], out: str | None, *, keys: Seque
                optimizer_key: str | None, w: WriteOptions) -> tuple[ResetResult, str | None]:
     """``reset`` on DCP: ``drop`` removes the parameters' state entries from the metadata (no byte
     of any shard is rewritten); ``zero`` writes the re-initialised tensors into one extra shard."""
+    import torch
+
     from .io.dcp import DCPTensorRef, metadata_paths, read_dcp_metadata
 
     ck = load(path)

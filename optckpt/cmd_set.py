@@ -10,7 +10,7 @@ from .checkpoint import OptimizerState
 from .edit import commit_dcp, dcp_output, open_for_edit, schedulers_of, write_edits
 from .errors import FormatError, WriteError
 from .io import load
-from .io.dcp import is_dcp_dir
+from .io.paths import is_dcp_dir
 from .io.write import WriteOptions
 from .mapping import infer_mapping
 from .verify import same_bits
@@ -41,7 +41,7 @@ def set_checkpoint(
         ck = load(path)
         opt = ck.optimizer(optimizer_key)
     else:
-        ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write)
+        ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write, lazy=True)
     sd_groups = opt.state_dict.get("param_groups", [])
     all_changes = list(changes) + [parse_set(s, sd_groups) for s in raw_sets]
     if not all_changes:

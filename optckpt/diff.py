@@ -17,20 +17,23 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, same
 from .kinds import guess_scheduler
 from .mapping import OptimizerMapping, infer_mapping
+from .tensors import RecordTensor, is_tensor, materialize
 from .verify import bit_equal
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Entry", "DiffReport", "diff_checkpoints", "compare_tensors", "SECTIONS"]
 
 SECTIONS = ("model", "optimizer", "param_groups", "scheduler", "extra")
 _CHUNK = 1 << 20
+_INLINE = 1 << 20  # tensors of fewer bytes (both sides) are compared in the calling thread
 
 
 @dataclass
@@ -93,9 +96,13 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, atol: float = 0.0, rtol
                     device: str | None = None) -> TensorDiff:
     """Max |b−a|, ‖b−a‖/‖a‖, cosine and the elements beyond ``atol + rtol·|a|`` (NaN ≠ anything but
     NaN). Bit-identical tensors cost one integer comparison pass (≈ reading both); only tensors that
-    differ get the second, numeric pass, chunked so that extra memory stays a few chunks."""
+    differ get the second, numeric pass, chunked so that extra memory stays a few chunks. Tensors read
+    lazily are compared in the files' mappings and read by torch only when they differ."""
     if a.numel() == 0 or bit_equal(a, b):
         return TensorDiff(True, 0.0, 0.0, 1.0 if a.numel() else None, 0, True)
+    import torch
+
+    a, b = materialize(a), materialize(b)
     fa, fb = a.reshape(-1), b.reshape(-1)
     n = fa.numel()
     max_abs, d2, a2, b2, ab, changed = 0.0, 0.0, 0.0, 0.0, 0.0, 0
@@ -123,6 +130,15 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, atol: float = 0.0, rtol
 
 def _digest(t: torch.Tensor) -> str:
     h = hashlib.sha256()
+    raw_view = t.contiguous_bytes() if type(t) is RecordTensor else None
+    if raw_view is not None and t.dtype.name != "bool":  # read lazily: hashed in the file's mapping
+        step = _CHUNK * 4
+        for start in range(0, len(raw_view), step):
+            h.update(raw_view[start:start + step])
+        return h.hexdigest()
+    import torch
+
+    t = materialize(t)
     flat = t.contiguous().reshape(-1)
     raw = flat.view(torch.uint8) if flat.numel() and flat.dtype != torch.bool else flat.to(torch.uint8)
     step = _CHUNK * 4
@@ -168,7 +184,7 @@ class _Lanes:
         self.pending: deque[tuple[int, Future[Entry | None], int]] = deque()
 
     def add(self, compare: Callable[[], Entry | None], nbytes: int) -> None:
-        if self.pool is None:
+        if self.pool is None or nbytes < _INLINE:  # a task per small tensor costs more than comparing it
             e = compare()
             self.progress(nbytes)
             if e is not None:
@@ -295,8 +311,8 @@ def _hp_entries(section: str, name: str, ha: Mapping[str, Any], hb: Mapping[str,
 
 
 def _same_value(x: Any, y: Any, atol: float = 0.0, rtol: float = 0.0) -> bool:
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+    if is_tensor(x) or is_tensor(y):
+        if is_tensor(x) and is_tensor(y):
             return (x.shape == y.shape and x.dtype == y.dtype
                     and compare_tensors(x, y, atol=atol, rtol=rtol).equal_within_tol)
         return False
@@ -391,7 +407,7 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
                     report.entries.append(Entry("optimizer", label + name, key, "removed", _short(ea[key]), None))
                 elif key not in ea:
                     report.entries.append(Entry("optimizer", label + name, key, "added", None, _short(eb[key])))
-                elif isinstance(ea[key], torch.Tensor) and isinstance(eb[key], torch.Tensor):
+                elif is_tensor(ea[key]) and is_tensor(eb[key]):
                     lanes.add(partial(_tensor_entry, "optimizer", label + name, key, ea[key], eb[key], atol, rtol,
                                       stats, device), ea[key].numel() * ea[key].element_size() * 2)
                 elif not _same_value(ea[key], eb[key], atol, rtol):
@@ -407,7 +423,7 @@ def _materialized(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _short(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
         return v.item() if v.numel() == 1 else f"tensor{tuple(v.shape)}"
     return v
 
@@ -517,5 +533,5 @@ def total_bytes(a: Checkpoint, b: Checkpoint) -> int:
     for ck in (a, b):
         for o in ck.optimizers:
             for entry in o.state.values():
-                n += sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
+                n += sum(v.numel() * v.element_size() for v in entry.values() if is_tensor(v))
     return n

@@ -30,9 +30,10 @@ __all__ = ["open_for_edit", "write_edits", "source_mapping", "schedulers_of", "d
 
 
 def open_for_edit(path: str, out: str | None, model: str | None, optimizer_key: str | None, trust_pickle: bool,
-                  w: WriteOptions) -> tuple[Checkpoint, OptimizerState, str | None]:
-    """Load a checkpoint to edit, check where the result may go, and pick the optimizer."""
-    ck = load(path, model=model, trust_pickle=trust_pickle)  # DCP: each command's _*_dcp variant
+                  w: WriteOptions, *, lazy: bool = False) -> tuple[Checkpoint, OptimizerState, str | None]:
+    """Load a checkpoint to edit, check where the result may go, and pick the optimizer. ``lazy``: an
+    edit that needs no tensor values (tensors as record references; torch not imported for them)."""
+    ck = load(path, model=model, trust_pickle=trust_pickle, lazy=lazy)  # DCP: each command's _*_dcp variant
     if not w.dry_run:
         out = resolve_output(path, out, w.in_place, replace_backup=w.replace_backup, backup=w.backup)
     return ck, ck.optimizer(optimizer_key), out

@@ -9,15 +9,17 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from itertools import chain, repeat
 from operator import itemgetter
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, is_module_object
 from .kinds import guess_optimizer, guess_scheduler
 from .mapping import IndexName, OptimizerMapping, infer_mapping
 from .render import jsonable
+from .tensors import is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["inspect_checkpoint", "tensor_stats"]
 
@@ -118,7 +120,7 @@ def _model_report(m: ModelState, stats: bool) -> dict[str, Any]:
 def _state_shape_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in entry.items():
-        if isinstance(v, torch.Tensor):
+        if is_tensor(v):
             out[k] = v.item() if v.ndim == 0 and v.numel() == 1 else list(v.shape)
         elif hasattr(v, "shape") and hasattr(v, "load"):  # a DCP tensor still on disk: metadata only
             out[k] = list(v.shape) if v.shape else "scalar"
@@ -185,7 +187,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
             for row, st in zip(rows, sts):
                 st = no_state if st is None else st
                 row["stats"] = {k: tensor_stats(v.load() if _on_disk(v) else v) for k, v in st.items()
-                                if (isinstance(v, torch.Tensor) or _on_disk(v)) and len(v.shape)}
+                                if (is_tensor(v) or _on_disk(v)) and len(v.shape)}
                 nonfinite += sum(s["nan"] + s["inf"] for s in row["stats"].values())
         entries.extend(rows)
     key_counts: Counter[str] = Counter()
@@ -238,7 +240,7 @@ def _drain(entries: list[IndexName]) -> Iterator[IndexName | None]:
 
 
 def _step(step: Any) -> float | None:
-    if isinstance(step, torch.Tensor) and step.numel() == 1:
+    if is_tensor(step) and step.numel() == 1:
         return float(step.item())
     if isinstance(step, (int, float)):
         return float(step)
@@ -247,7 +249,7 @@ def _step(step: Any) -> float | None:
 
 def _on_disk(v: Any) -> bool:
     """A DCP optimizer tensor still on disk (read only for ``--stats``, one at a time)."""
-    return not isinstance(v, torch.Tensor) and hasattr(v, "load") and hasattr(v, "shape")
+    return not is_tensor(v) and hasattr(v, "load") and hasattr(v, "shape")
 
 
 def _scheduler_report(s: SchedulerState) -> dict[str, Any]:
@@ -273,6 +275,8 @@ _CHUNK = 1 << 22
 def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     """min / max / mean / L2 norm and NaN / Inf counts, in chunks (bounded extra memory; tensors
     memory-mapped from a file are read into private buffers, never through the mapping)."""
+    import torch
+
     n = t.numel()
     if n == 0 or not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
                                                           torch.uint8, torch.bool)):

@@ -1,16 +1,12 @@
 """Guess which optimizer / LR scheduler class wrote a state dict, from its keys and values.
 
-Optimizer key sets come from the installed torch's constructor signatures; scheduler key sets are a
-table. Both are checked against real instances of the installed torch by the tests."""
+Optimizer key sets and defaults and scheduler key sets are tables (no torch import to name a kind),
+checked against the installed torch's signatures and real instances by the tests."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 __all__ = ["guess_optimizer", "guess_scheduler", "SCHEDULER_KEYS", "fresh_state_value", "PARAM_SHAPED_KEYS",
            "NOT_ELEMENTWISE"]
@@ -43,11 +39,52 @@ def fresh_state_value(key: str, group: Mapping[str, Any]) -> float:
     return _FRESH.get(key, 0.0)
 
 
-@functools.lru_cache(maxsize=1)
-def _optimizer_defaults() -> dict[str, dict[str, Any]]:
-    """Each torch.optim class's param-group keys and default values, read from its constructor's
-    signature (instantiating an optimizer would import torch._dynamo: seconds, for a metadata tool).
-    ``tests/test_kinds.py`` checks this against real instances of the installed torch."""
+# Each torch.optim class's param-group keys and default values, as its constructor's signature gives
+# them in torch 2.13 (a table, so that naming an optimizer needs no torch import; instantiating one would
+# also import torch._dynamo). ``tests/test_kinds.py`` reads the signatures of the installed torch and
+# compares them with this table, and the key sets with real instances: a drift fails CI.
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ASGD": {"lr": 0.01, "lambd": 0.0001, "alpha": 0.75, "t0": 1000000.0, "weight_decay": 0, "foreach": None,
+        "maximize": False, "differentiable": False, "capturable": False},
+    "Adadelta": {"lr": 1.0, "rho": 0.9, "eps": 1e-06, "weight_decay": 0, "foreach": None, "capturable": False,
+        "maximize": False, "differentiable": False},
+    "Adafactor": {"lr": 0.01, "beta2_decay": -0.8, "eps": (None, 0.001), "d": 1.0, "weight_decay": 0.0,
+        "foreach": None, "maximize": False},
+    "Adagrad": {"lr": 0.01, "lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0, "eps": 1e-10,
+        "foreach": None, "maximize": False, "differentiable": False, "fused": None},
+    "Adam": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0, "amsgrad": False, "foreach": None,
+        "maximize": False, "capturable": False, "differentiable": False, "fused": None,
+        "decoupled_weight_decay": False},
+    "AdamW": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0.01, "amsgrad": False,
+        "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None,
+        "decoupled_weight_decay": True},
+    "Adamax": {"lr": 0.002, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0, "foreach": None,
+        "maximize": False, "differentiable": False, "capturable": False},
+    "LBFGS": {"lr": 1, "max_iter": 20, "max_eval": None, "tolerance_grad": 1e-07, "tolerance_change": 1e-09,
+        "history_size": 100, "line_search_fn": None},
+    "Muon": {"lr": 0.001, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
+        "ns_coefficients": (3.4445, -4.775, 2.0315), "eps": 1e-07, "ns_steps": 5, "adjust_lr_fn": None},
+    "NAdam": {"lr": 0.002, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0, "momentum_decay": 0.004,
+        "decoupled_weight_decay": False, "foreach": None, "maximize": False, "capturable": False,
+        "differentiable": False},
+    "RAdam": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0, "decoupled_weight_decay": False,
+        "foreach": None, "maximize": False, "capturable": False, "differentiable": False},
+    "RMSprop": {"lr": 0.01, "alpha": 0.99, "eps": 1e-08, "weight_decay": 0, "momentum": 0, "centered": False,
+        "capturable": False, "foreach": None, "maximize": False, "differentiable": False},
+    "Rprop": {"lr": 0.01, "etas": (0.5, 1.2), "step_sizes": (1e-06, 50), "capturable": False, "foreach": None,
+        "maximize": False, "differentiable": False},
+    "SGD": {"lr": 0.001, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "maximize": False,
+        "foreach": None, "differentiable": False, "fused": None},
+    "SparseAdam": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-08, "maximize": False},
+}
+
+
+def optimizer_defaults_of_installed_torch() -> dict[str, dict[str, Any]]:
+    """The table above as the installed torch's constructor signatures give it (for the tests)."""
+    import inspect
+
+    import torch
+
     out: dict[str, dict[str, Any]] = {}
     for name in dir(torch.optim):
         cls = getattr(torch.optim, name)
@@ -70,7 +107,7 @@ def guess_optimizer(groups: list[Mapping[str, Any]]) -> str:
         return "?"
     keys = {k for k in groups[0] if k not in ("params", "param_names")}
     best: list[tuple[int, int, str]] = []
-    for name, defaults in _optimizer_defaults().items():
+    for name, defaults in OPTIMIZER_DEFAULTS.items():
         ref = set(defaults)
         if not ref <= keys:
             continue

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import Any, NamedTuple
 
-import torch
-
 from .align import Item, Slot, align_groups
 from .checkpoint import _FLOATING, Checkpoint, ModelState, OptimizerState
 from .kinds import PARAM_SHAPED_KEYS
+from .tensors import is_tensor
 from .validate import validate_optimizer
 
 __all__ = ["IndexName", "OptimizerMapping", "SourceNames", "Rejection", "param_shape", "infer_mapping", "is_lbfgs",
@@ -41,7 +40,7 @@ __all__ = ["IndexName", "OptimizerMapping", "SourceNames", "Rejection", "param_s
 def _tensors(entry: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """The shapes of an entry's tensors of at least one dimension (DCP tensors on disk too)."""
     return {k: tuple(v.shape) for k, v in entry.items()
-            if (isinstance(v, torch.Tensor) or (hasattr(v, "shape") and not isinstance(v, (int, float))))
+            if (is_tensor(v) or (hasattr(v, "shape") and not isinstance(v, (int, float))))
             and len(v.shape) >= 1}
 
 
@@ -67,7 +66,7 @@ def one_view(entry: Any) -> Any:
 
 def _is_object(v: Any) -> bool:
     """A value that is not plain data: a pickled object (placeholder or, trusted, the real one)."""
-    return not (v is None or isinstance(v, (torch.Tensor, int, float, str, bytes, list, tuple, dict, set))
+    return not (v is None or isinstance(v, (int, float, str, bytes, list, tuple, dict, set)) or is_tensor(v)
                 or hasattr(v, "shape"))
 
 
@@ -86,14 +85,14 @@ def _shape_and_key(entry: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, st
         return None, ""
     for k in PARAM_SHAPED_KEYS:
         v = entry.get(k)
-        if v is not None and (isinstance(v, torch.Tensor) or hasattr(v, "shape")):  # DCP tensors on disk too
+        if v is not None and (is_tensor(v) or hasattr(v, "shape")):  # DCP tensors on disk too
             shape = tuple(v.shape)
             if len(shape) != 1 or shape[0] < 2:
                 return shape, k
             richer = [s for s in _tensors(entry).values() if _numel(s) == shape[0] and len(s) >= 2 and min(s) > 1]
             return (max(richer, key=len) if len(set(richer)) == 1 else shape), k
     row, col = entry.get("row_var"), entry.get("col_var")
-    if isinstance(row, torch.Tensor) and isinstance(col, torch.Tensor) and row.ndim == col.ndim >= 2:
+    if is_tensor(row) and is_tensor(col) and row.ndim == col.ndim >= 2:
         # Adafactor factors a (..., R, C) second moment into row_var (..., R, 1) and col_var (..., 1, C)
         return (*row.shape[:-1], col.shape[-1]), "row_var"
     return None, ""

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, ModelState
 from .errors import WriteError
+from .tensors import is_torch_module
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["module_at", "rebuild_module"]
 
@@ -36,7 +38,7 @@ def module_at(ck: Checkpoint, m: ModelState) -> torch.nn.Module | None:
             node = node[key]
         else:
             return None
-    return node if isinstance(node, torch.nn.Module) else None
+    return node if is_torch_module(node) else None
 
 
 def rebuild_module(old: torch.nn.Module, template: torch.nn.Module | None, state: Mapping[str, torch.Tensor],
@@ -44,6 +46,8 @@ def rebuild_module(old: torch.nn.Module, template: torch.nn.Module | None, state
     """The new code's module (a copy of ``template``) holding ``state`` (the repaired state dict, keys
     as the new code names them), with ``old``'s flags and plain attributes; refused (one line) when
     the state does not fit the new module exactly or the module could not be pickled by its name."""
+    import torch
+
     if template is None:
         raise WriteError(f"{where}: a pickled nn.Module object is rewritten as the new code's module: "
                          "--target must be module:callable returning the module")

@@ -11,14 +11,13 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from .check import CheckReport, apply_renames, check_mapping, guess_prefix_rename, hparams_key
 from .errors import MappingError
 from .mapping import OptimizerMapping, pair_groups
 from .target import RenameRule, Target
+from .tensors import is_tensor, materialize
 from .transforms import (
     Step,
     TransformRule,
@@ -31,6 +30,9 @@ from .transforms import (
     transform_source,
 )
 from .validate import global_entries
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Policy", "Slot", "GroupPlan", "RemapPlan", "build_plan", "apply_plan", "remap_scheduler",
            "attach_lbfgs_layout", "prepare_source", "rewrite_model"]
@@ -381,12 +383,12 @@ def _remap_lbfgs(plan: RemapPlan, old_state: Mapping[Any, Any]) -> dict[int, Any
     new = dict(glob)
     for key in _LBFGS_FLAT:
         v = glob.get(key)
-        if isinstance(v, torch.Tensor) and v.numel() == sum(numels):
-            new[key] = permute_segments(v, numels, perm)
+        if is_tensor(v) and v.numel() == sum(numels):
+            new[key] = permute_segments(materialize(v), numels, perm)
     for key in _LBFGS_LISTS:
         v = glob.get(key)
         if isinstance(v, list):
-            new[key] = [permute_segments(x, numels, perm) if isinstance(x, torch.Tensor) and x.numel() == sum(numels)
+            new[key] = [permute_segments(materialize(x), numels, perm) if is_tensor(x) and x.numel() == sum(numels)
                         else x for x in v]
     return {0: new}
 

@@ -8,8 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from tabulate import tabulate
+from .tensors import is_tensor
 
 __all__ = ["SCHEMA_VERSION", "jsonable", "to_json", "table", "plural", "human_bytes", "first_rows", "render_inspect",
            "render_check", "render_plan", "render_set", "render_diff"]
@@ -44,7 +43,7 @@ def jsonable(v: Any, _seen: dict[int, Any] | None = None) -> Any:
         return v
     if isinstance(v, float):
         return v if math.isfinite(v) else str(v)
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
         if v.numel() == 1:
             return jsonable(v.item())
         return f"tensor{tuple(v.shape)}"
@@ -84,6 +83,8 @@ def escape(text: str, *, newlines: bool = True) -> str:
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
     cells = [[escape(c) if isinstance(c, str) else c for c in row] for row in rows]
+    from tabulate import tabulate  # (tables only: JSON output does without it)
+
     return tabulate(cells, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
@@ -369,6 +370,8 @@ def render_set(r: dict[str, Any]) -> str:
 def render_diff(r: dict[str, Any], *, fmt: str = "table", limit: int | None = None) -> str:
     """Summary first (counts per section and status, the biggest changes), then the details sorted
     by magnitude; ``limit`` caps the detail rows."""
+    from tabulate import tabulate
+
     tablefmt = "github" if fmt == "markdown" else "simple"
     entries = r["entries"]
     out = [f"{r['a']}  vs  {r['b']}: " + ("IDENTICAL" if r["identical"] else plural(len(entries), "difference"))]

@@ -22,12 +22,13 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import OptckptError, TargetError
 from .mapping import SourceNames
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Target", "resolve_target", "resolve_source", "from_live", "RenameRule", "parse_rename", "renames_of"]
 
@@ -176,7 +177,7 @@ def _from_checkpoint(path: str, trust_pickle: bool) -> Target:
     from .io import load
     from .mapping import infer_mapping
 
-    ck = load(path, trust_pickle=trust_pickle)
+    ck = load(path, trust_pickle=trust_pickle, lazy=True)  # names, shapes and groups: no tensor values
     shapes: dict[str, tuple[int, ...]] = {}
     for m in ck.models:
         for name, meta in m.meta.items():
@@ -243,6 +244,8 @@ def _run_user_code(spec: str) -> Any:
 def _from_callable(spec: str) -> Target:
     # User code runs with stdout pointed at stderr: whatever it prints or logs at import or call
     # time must never mix with a report (``--format json`` prints only JSON on stdout).
+    import torch
+
     with contextlib.redirect_stdout(sys.stderr):
         out = _run_user_code(spec)
     attr = spec.rpartition(":")[2]

@@ -17,13 +17,15 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import MappingError, TargetError
 from .kinds import NOT_ELEMENTWISE, fresh_state_value
 from .mapping import IndexName, OptimizerMapping
+from .tensors import is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TransformRule", "Step", "parse_transforms", "expand_rules", "transform_source", "fuse_tensors",
            "split_tensor", "slice_tensor", "slice_state", "refusal"]
@@ -132,12 +134,16 @@ def _cat_shape(shapes: Sequence[tuple[int, ...]], dim: int, what: str) -> tuple[
 
 
 def fuse_tensors(parts: Sequence[torch.Tensor], dim: int, what: str) -> torch.Tensor:
+    import torch
+
     _cat_shape([tuple(t.shape) for t in parts], dim, what)
     return torch.cat(list(parts), dim)
 
 
 def split_tensor(t: torch.Tensor, sizes: Sequence[int], dim: int) -> list[torch.Tensor]:
     """Pieces with storages of their own (a saved view would carry the whole storage)."""
+    import torch
+
     return [p.clone() for p in torch.split(t, list(sizes), dim)]
 
 
@@ -154,17 +160,19 @@ def slice_tensor(saved: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
 
 
 def _is_scalar(v: Any) -> bool:
-    return not isinstance(v, torch.Tensor) or v.dim() == 0
+    return not is_tensor(v) or v.dim() == 0
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+    import torch
+
+    if is_tensor(a) and is_tensor(b):
         return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
     return bool(a == b)
 
 
 def _copy(v: Any) -> Any:
-    return v.clone() if isinstance(v, torch.Tensor) else v
+    return v.clone() if is_tensor(v) else v
 
 
 def slice_state(entry: Mapping[str, Any], old: tuple[int, ...], new: tuple[int, ...], hparams: Mapping[str, Any],
@@ -172,6 +180,8 @@ def slice_state(entry: Mapping[str, Any], old: tuple[int, ...], new: tuple[int, 
     """A state entry for the parameter grown / shrunk from ``old`` to ``new``: each parameter-shaped
     tensor keeps the shared region, the rest starts where torch starts it (zero moments, Adagrad's
     ``sum`` at ``initial_accumulator_value``); scalar state such as ``step`` is kept."""
+    import torch
+
 
     if len(old) != len(new):
         raise MappingError(f"{name}: shape {list(old)} -> {list(new)} changes the number of dimensions: "
@@ -192,6 +202,8 @@ def slice_state(entry: Mapping[str, Any], old: tuple[int, ...], new: tuple[int, 
 
 def _fuse_entry(entries: Sequence[Mapping[str, Any] | None], shapes: Sequence[tuple[int, ...]], dim: int,
                 what: str) -> dict[str, Any] | None:
+    import torch
+
     if all(not e for e in entries):
         return None  # stateless (plain SGD, or never stepped): nothing to fuse
     if any(not e for e in entries) or any(set(e or ()) != set(entries[0] or ()) for e in entries):
@@ -200,11 +212,11 @@ def _fuse_entry(entries: Sequence[Mapping[str, Any] | None], shapes: Sequence[tu
     out: dict[str, Any] = {}
     for k in entries[0] or ():
         vals = [e[k] for e in entries if e]
-        if all(isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == s for v, s in zip(vals, shapes)):
+        if all(is_tensor(v) and v.dim() > 0 and tuple(v.shape) == s for v, s in zip(vals, shapes)):
             out[k] = torch.cat(vals, dim)
         elif all(_is_scalar(v) for v in vals):
             if not all(_same(vals[0], v) for v in vals[1:]):
-                shown = ", ".join(str(v.item() if isinstance(v, torch.Tensor) else v) for v in vals)
+                shown = ", ".join(str(v.item() if is_tensor(v) else v) for v in vals)
                 raise MappingError(f"{what}: state {k!r} differs between the parts ({shown}): they were not "
                                    "stepped together, so no fused state continues all of them")
             out[k] = _copy(vals[0])
@@ -220,7 +232,7 @@ def _split_entry(entry: Mapping[str, Any] | None, shape: tuple[int, ...], sizes:
         return [None] * len(sizes)
     pieces: list[dict[str, Any]] = [{} for _ in sizes]
     for k, v in entry.items():
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == shape:
+        if is_tensor(v) and v.dim() > 0 and tuple(v.shape) == shape:
             for p, t in zip(pieces, split_tensor(v, sizes, dim)):
                 p[k] = t
         elif _is_scalar(v):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import torch
-
 from .checkpoint import OptimizerState
 from .errors import FormatError
+from .tensors import is_tensor
 
 __all__ = ["validate_optimizer", "global_entries"]
 
@@ -50,11 +49,12 @@ def validate_optimizer(opt: OptimizerState) -> list[str]:
             continue  # a global entry: any value
         if not isinstance(entry, dict):
             raise FormatError(f"{opt.name}: state[{k!r}] is a {type(entry).__name__}, not a dict of state values")
-        junk = [key for key, v in entry.items() if not isinstance(v, _ALLOWED) and not hasattr(v, "shape")]
+        junk = [key for key, v in entry.items()
+                if not isinstance(v, _ALLOWED) and not is_tensor(v) and not hasattr(v, "shape")]
         if junk:
             warnings.append(f"{opt.name}: state[{k}] holds non-tensor values under {junk[:4]}")
     return warnings
 
 
-_ALLOWED = (torch.Tensor, int, float, bool, list, tuple, type(None))
+_ALLOWED = (int, float, bool, list, tuple, type(None))
 _PLAIN_NAMES = frozenset({"Tensor", "Parameter", "int", "float", "bool", "list", "tuple", "NoneType", "DCPTensorRef"})

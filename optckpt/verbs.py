@@ -78,7 +78,7 @@ def inspect(path: str, *, model: str | None = None, stats: bool = False, trust_p
     from .io.readguard import stable_reads
 
     with stable_reads(path, model):  # a file changed meanwhile: one error, never a SIGBUS
-        ck = io.load(path, model=model, trust_pickle=trust_pickle)
+        ck = io.load(path, model=model, trust_pickle=trust_pickle, lazy=not stats)  # no values: no torch
         return Report("inspect", inspect_checkpoint(ck, stats=stats))
 
 
@@ -95,7 +95,7 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
     from .target import parse_rename, resolve_source, resolve_target
 
     with stable_reads(path, model, target, source):  # (a target / source that is a checkpoint too)
-        ck = io.load(path, model=model, trust_pickle=trust_pickle)
+        ck = io.load(path, model=model, trust_pickle=trust_pickle, lazy=True)  # names and shapes: no values
         opt = ck.optimizer(optimizer)
         tgt = resolve_target(target, trust_pickle=trust_pickle)
         io.adopt_target_adapter(ck, tgt.module, trust_pickle=trust_pickle)
@@ -192,8 +192,8 @@ def diff(a: str, b: str, *, model_a: str | None = None, model_b: str | None = No
     from .io.readguard import stable_reads
 
     with stable_reads(a, b, model_a, model_b):
-        ca = io.load(a, model=model_a, trust_pickle=trust_pickle)
-        cb = io.load(b, model=model_b, trust_pickle=trust_pickle)
+        ca = io.load(a, model=model_a, trust_pickle=trust_pickle, lazy=True)  # torch reads only tensors that differ
+        cb = io.load(b, model=model_b, trust_pickle=trust_pickle, lazy=True)
         if progress_total is not None:
             progress_total(total_bytes(ca, cb))
         data = diff_checkpoints(ca, cb, atol=atol, rtol=rtol, only=tuple(only), params=tuple(params), stats=stats,

@@ -9,19 +9,23 @@ import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
 from .errors import WriteError
 from .io import load
 from .io.records import PROGRESS
+from .tensors import RecordTensor, has_record_tensors, is_tensor, is_torch_module, materialize
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["bit_equal", "all_bit_equal", "same_bits", "verify_output", "verify_converted"]
 
 
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     flat = t.contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.element_size() != 1 or flat.dtype != torch.uint8 else flat
 
@@ -51,10 +55,18 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     runs several times slower than one thread. Other tensors are compared as the widest integer
     words that both addresses allow (chosen for the pair, so equal tensors at differently aligned
     addresses, records inside a safetensors file, still compare equal)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
         return False
     if a.numel() == 0:
         return True
+    if type(a) is RecordTensor or type(b) is RecordTensor:  # read lazily: the bytes in the files' mappings
+        va = a.contiguous_bytes() if type(a) is RecordTensor else None
+        vb = b.contiguous_bytes() if type(b) is RecordTensor else None
+        if va is not None and vb is not None:
+            return _same_buffers(va, vb)
+        a, b = materialize(a), materialize(b)
+    import torch
+
     cmp = _memcmp()
     if (cmp and a.device.type == "cpu" and b.device.type == "cpu" and a.layout == torch.strided
             and b.layout == torch.strided and a.is_contiguous() and b.is_contiguous()
@@ -119,15 +131,17 @@ def _same_structure(a: Any, b: Any, same_record: Callable[[torch.Tensor, torch.T
     proves them), to be compared byte for byte. Modules compare by class and state dict."""
     if depth > 256:
         return False  # (a cycle through objects' attributes)
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+    if is_tensor(a) or is_tensor(b):
+        if not (is_tensor(a) and is_tensor(b)):
             return False
+        if type(a) is RecordTensor or type(b) is RecordTensor:  # compared by value: read both
+            a, b = materialize(a), materialize(b)
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
         if same_record is None or not same_record(a, b):
             pairs.append((a, b))
         return True
-    if isinstance(a, torch.nn.Module) or isinstance(b, torch.nn.Module):
+    if is_torch_module(a) or is_torch_module(b):
         # a whole pickled module (--trust-pickle): the same class, and its state by name, in order, bit for bit
         return type(a) is type(b) and _same_structure(a.state_dict(keep_vars=False), b.state_dict(keep_vars=False),
                                                       same_record, pairs)
@@ -183,8 +197,10 @@ def verify_output(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *,
         if kinds.get(relpath) == "safetensors":
             _verify_safetensors(path, intended)
             continue
-        got = load_torch_file(path, trust_pickle=trust_pickle, quiet=True).obj
         appended = single and os.path.isfile(ck.path) and os.path.samefile(path, ck.path)
+        if has_record_tensors([intended]) and _verify_lazy(path, intended, appended):
+            continue
+        got = load_torch_file(path, trust_pickle=trust_pickle, quiet=True).obj
         if not same_bits(got, intended, _same_record_in(path) if appended else None):
             raise WriteError(f"{path}: verification failed: the written file differs from what was meant "
                              "(nothing was written; the input is untouched)")
@@ -195,6 +211,67 @@ def verify_output(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any], *,
             dst = os.path.join(out, p.relpath)
             if not os.path.isfile(dst) or os.path.getsize(dst) != p.nbytes:
                 raise WriteError(f"{dst}: verification failed: copied file is missing or has another size")
+
+
+def _verify_lazy(path: str, intended: Any, appended: bool) -> bool:
+    """Verify a file written by optckpt's own pickler without torch: the new pickle read back by the
+    lazy reader is the intended object (structure, values, every tensor's record key, dtype, shape,
+    stride, offset), and every record it references holds the bytes of the record it was copied from
+    (``memcmp`` of the two files' mappings; in a file edited by appending, a record left where it was
+    is that record). False when the file was written the torch way (real tensors in it): the caller
+    then verifies it bit for bit as before."""
+    from .io.lazypickle import same_structure
+    from .io.torchfile import load_torch_file
+
+    got = load_torch_file(path, quiet=True, lazy=True).obj
+    if not has_record_tensors([got]):
+        return False
+    where = same_structure(intended, got, lambda t: t.key)
+    if where is not None:
+        raise WriteError(f"{path}: verification failed: {where} (nothing was written; the input is untouched)")
+    pairs: dict[str, tuple[RecordTensor, RecordTensor]] = {}
+    stack = [(intended, got)]
+    while stack:  # the same structure: walk both together, once per distinct record
+        a, b = stack.pop()
+        if type(a) is RecordTensor:
+            pairs.setdefault(a.key, (a, b))
+        elif isinstance(a, dict):
+            stack.extend((a[k], b[k]) for k in a)
+        elif isinstance(a, (list, tuple)):
+            stack.extend(zip(a, b))
+    tick = PROGRESS.get()
+    for a, b in pairs.values():
+        if not (appended and a.data_offset == b.data_offset) and not _same_record_bytes(a, b):
+            raise WriteError(f"{path}: verification failed: record {b.key!r} does not hold the bytes it was "
+                             "copied from (nothing was written; the input is untouched)")
+        if tick is not None:
+            tick(a.storage_nbytes)
+    return True
+
+
+def _same_record_bytes(a: RecordTensor, b: RecordTensor) -> bool:
+    """The storage bytes of two lazily read tensors are equal (``memcmp`` of the files' mappings)."""
+    n = a.storage_nbytes
+    if n != b.storage_nbytes:
+        return False
+    if n == 0:
+        return True
+    return _same_buffers(a.source.view(a.data_offset, n), b.source.view(b.data_offset, n))
+
+
+def _same_buffers(va: memoryview, vb: memoryview) -> bool:
+    """Two equally long writable byte buffers (private file mappings) hold the same bytes: ``memcmp``."""
+    n = len(va)
+    if n != len(vb):
+        return False
+    if n == 0:
+        return True
+    cmp = _memcmp()
+    if cmp:
+        pa = ctypes.addressof(ctypes.c_char.from_buffer(va))
+        pb = ctypes.addressof(ctypes.c_char.from_buffer(vb))
+        return bool(cmp(pa, pb, n) == 0)
+    return bytes(va) == bytes(vb)
 
 
 def _verify_safetensors(path: str, intended: Mapping[str, torch.Tensor]) -> None:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from optckpt.kinds import SCHEDULER_KEYS, _optimizer_defaults, guess_optimizer, guess_scheduler
+from optckpt.kinds import (
+    OPTIMIZER_DEFAULTS,
+    SCHEDULER_KEYS,
+    guess_optimizer,
+    guess_scheduler,
+    optimizer_defaults_of_installed_torch,
+)
 
 L = torch.optim.lr_scheduler
 
 
 def test_optimizer_keys_match_real_instances():
     p = torch.nn.Parameter(torch.zeros(2, 2))
-    table = _optimizer_defaults()
+    table = OPTIMIZER_DEFAULTS
+    assert table == optimizer_defaults_of_installed_torch()  # names, keys and default values
     for name, defaults in table.items():
         real = {k for k in getattr(torch.optim, name)([p]).param_groups[0] if k != "params"}
         assert set(defaults) == real, name

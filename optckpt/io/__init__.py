@@ -13,14 +13,15 @@ from typing import Any
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
 from ..kinds import PARAM_SHAPED_KEYS
-from .dcp import is_dcp_dir, load_dcp
-from .deepspeed import deepspeed_dir, deepspeed_stage0_dir, load_deepspeed
 from .discover import discover
-from .hf_order import hf_model_order
-from .peft import ADAPTER_FILES, peft_adapter_order, peft_order_from_target
+from .paths import is_dcp_dir
+from .peft import ADAPTER_FILES
 from .safepickle import PickledObject, describe, first_placeholder
-from .safetensors_io import open_safetensors, open_sharded_index
 from .torchfile import load_torch_file, sniff, unsafe_globals
+
+# Readers of directory layouts and of safetensors import torch (DCP's metadata, DeepSpeed's partitions,
+# model classes on the meta device): imported where such a checkpoint is read, so that a metadata command
+# on a torch zip file runs without torch (optckpt.tensors).
 
 __all__ = ["load", "adopt_target_adapter"]
 
@@ -35,12 +36,14 @@ _SKIP_SUFFIXES = (".lock", ".tmp")
 
 
 def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None = None,
-         trust_pickle: bool = False) -> Checkpoint:
+         trust_pickle: bool = False, lazy: bool = False) -> Checkpoint:
     """Read a checkpoint file or directory into a :class:`Checkpoint`, detecting its layout by content.
 
     ``model`` joins a separately saved model state dict (the ``model_0.pth`` + ``optimizer_0.pth``
     case). Tensors are memory-mapped, never copied into private memory, and always loaded onto the
-    CPU. Nothing is executed: ``torch.load`` runs with ``weights_only=True`` unless ``trust_pickle``."""
+    CPU. Nothing is executed: ``torch.load`` runs with ``weights_only=True`` unless ``trust_pickle``.
+    ``lazy``: tensors of torch zip files as :class:`~optckpt.tensors.RecordTensor` where the lazy
+    reader can describe them (for commands that need no tensor values: torch is not imported)."""
     p = os.fspath(path)
     try:
         st = os.stat(p)
@@ -54,26 +57,30 @@ def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
     gc.disable()  # loading builds many small containers and few cycles: no repeated scans of a growing heap
     try:
         if is_dcp_dir(p):
+            from .dcp import load_dcp
+
             ckpt = load_dcp(p)
         elif os.path.isdir(p):
-            ckpt = _load_directory(p, trust_pickle)
+            ckpt = _load_directory(p, trust_pickle, lazy)
         else:
-            ckpt = _load_file(p, trust_pickle)
+            ckpt = _load_file(p, trust_pickle, lazy)
         if model is not None:
-            _join_model(ckpt, os.fspath(model), trust_pickle)
+            _join_model(ckpt, os.fspath(model), trust_pickle, lazy)
     finally:
         if collecting:
             gc.enable()
     return ckpt
 
 
-def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
+def _load_file(path: str, trust_pickle: bool, lazy: bool = False) -> Checkpoint:
     if not os.access(path, os.R_OK):
         raise LoadError(f"{path}: permission denied")
     name = os.path.basename(path)
     kind = sniff(path)
     size = os.path.getsize(path)
     if kind == "safetensors":
+        from .safetensors_io import open_safetensors
+
         tensors, meta, extra = open_safetensors(path)
         ck = Checkpoint(path=path, layout="safetensors")
         ck.parts.append(Part(name, "safetensors", size))
@@ -81,7 +88,7 @@ def _load_file(path: str, trust_pickle: bool) -> Checkpoint:
         ck.extras.update({f"__metadata__.{k}": v for k, v in extra.items()})
         return ck
     if kind in ("zip", "legacy"):
-        loaded = load_torch_file(path, trust_pickle=trust_pickle, kind=kind)
+        loaded = load_torch_file(path, trust_pickle=trust_pickle, kind=kind, lazy=lazy)
         found = discover(loaded.obj, name)
         layout = _classify_torch(loaded.obj, found)
         ck = Checkpoint(path=path, layout=layout)
@@ -170,7 +177,10 @@ _STATE_FILES = frozenset({"pytorch_model.bin", "optimizer.pt", "optimizer.bin", 
                           "adapter_model.bin"})
 
 
-def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
+def _load_directory(path: str, trust_pickle: bool, lazy: bool = False) -> Checkpoint:
+    from .deepspeed import deepspeed_dir, deepspeed_stage0_dir, load_deepspeed
+    from .safetensors_io import open_safetensors, open_sharded_index
+
     step = deepspeed_dir(path)  # ZeRO stage 1-3: flat partitions cut back by parameter
     if step is not None:
         return load_deepspeed(path, step, trust_pickle)
@@ -221,7 +231,7 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
             ck.parts.append(Part(n, "safetensors", size))
             ck.models.append(ModelState(n, n, (), tensors, meta, order_trusted=False))
         elif kind in ("zip", "legacy"):
-            _load_dir_torch_part(ck, path, n, size, kind, trust_pickle)
+            _load_dir_torch_part(ck, path, n, size, kind, trust_pickle, lazy)
         elif kind == "json":
             ck.parts.append(Part(n, "json", size))
             if n == "trainer_state.json":
@@ -233,12 +243,16 @@ def _load_directory(path: str, trust_pickle: bool) -> Checkpoint:
     adapter = next((m for m in ck.models if m.part in ADAPTER_FILES), None)
     if ck.optimizers and adapter is not None and "adapter_config.json" in files and \
             not any(m.order_trusted for m in ck.models):
+        from .peft import peft_adapter_order
+
         order, why = peft_adapter_order(path, adapter, trust_code=trust_pickle)
         if order is not None:
             ck.models.insert(0, order)
         else:
             ck.notes.append(f"PEFT adapter names and order unknown: {why}")
     elif ck.optimizers and ck.models and not any(m.order_trusted for m in ck.models) and "config.json" in files:
+        from .hf_order import hf_model_order
+
         order, why = hf_model_order(path, trust_code=trust_pickle)
         if order is not None:
             ck.models.insert(0, order)
@@ -260,6 +274,8 @@ def adopt_target_adapter(ck: Checkpoint, module: object, *, trust_pickle: bool =
     adapter = next((m for m in ck.models if m.part in ADAPTER_FILES), None)
     if adapter is None:
         return
+    from .peft import peft_order_from_target
+
     order, why = peft_order_from_target(ck.path, adapter, module, trust_code=trust_pickle)
     at = ck.notes.index(_NO_BASE)
     if order is not None:
@@ -269,7 +285,8 @@ def adopt_target_adapter(ck: Checkpoint, module: object, *, trust_pickle: bool =
         ck.notes[at] = f"{_NO_BASE}, and the target's config cannot stand in for it: {why}"
 
 
-def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: str, trust_pickle: bool) -> None:
+def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: str, trust_pickle: bool,
+                         lazy: bool = False) -> None:
     full = os.path.join(root, name)
     auxiliary = bool(_AUXILIARY.match(name))
     if auxiliary and not trust_pickle:
@@ -279,7 +296,7 @@ def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: 
             ck.opaque.append(OpaquePart(name, size, "needs non-tensor globals", tuple(bad)))
             return
     try:
-        loaded = load_torch_file(full, trust_pickle=trust_pickle, kind=kind)
+        loaded = load_torch_file(full, trust_pickle=trust_pickle, kind=kind, lazy=lazy)
     except UnsafePickleError as e:
         if not auxiliary:
             raise
@@ -315,9 +332,9 @@ def _trainer_state_extras(path: str) -> dict[str, Any]:
     return {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def _join_model(ck: Checkpoint, model_path: str, trust_pickle: bool) -> None:
+def _join_model(ck: Checkpoint, model_path: str, trust_pickle: bool, lazy: bool = False) -> None:
     """Add the model state dict(s) of a separately saved file (``--model``) to ``ck``."""
-    other = load(model_path, trust_pickle=trust_pickle)
+    other = load(model_path, trust_pickle=trust_pickle, lazy=lazy)
     if not other.models:
         raise LoadError(f"{model_path}: --model names a file with no model state dict in it")
     for m in other.models:

@@ -54,15 +54,18 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WriteError
+from ..tensors import has_record_tensors, materialize
 from .editlock import interrupted_message, lock
+from .lazypickle import Unpicklable, dump
 from .readguard import file_mappings, offset_in
-from .records import _source_records, central_entry, local_header
+from .records import _source_records, central_entry, local_header, record_keys
 from .safepickle import pickle_module_for
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["append_version", "restore_previous", "check_previous", "versions", "verify_previous", "end_state",
            "EndState"]
@@ -133,6 +136,7 @@ def _pickle(obj: Any, key_for: Callable[[Any], str | None],
     that record's key (``key_for``); any other storage gets a new key from ``fresh_from`` on and is
     returned to be written. A record key is given to one storage only: two storages never merge.
     Returns the pickle, every key it refers to, and the new storages by key."""
+    import torch
     from torch.serialization import location_tag, normalize_storage_type
 
     ids: dict[int, str] = {}
@@ -173,6 +177,17 @@ def _pickle(obj: Any, key_for: Callable[[Any], str | None],
     buf = io.BytesIO()
     _Pickler(buf, protocol=torch.serialization.DEFAULT_PROTOCOL).dump(obj)
     return buf.getvalue(), list(ids.values()), new
+
+
+def _pickle_lazy(path: str, obj: Any, by_offset: dict[int, Any],
+                 prefix: str) -> tuple[bytes, list[str], dict[str, Any]] | None:
+    """``obj`` by optckpt's own pickler when every tensor in it is a lazily read record of ``path``
+    (then nothing new is stored); None when it holds anything else."""
+    try:
+        pickled, keys = dump(obj, record_keys(path, by_offset, prefix))
+    except Unpicklable:
+        return None
+    return pickled, keys, {}
 
 
 def _storage_view(storage: Any, keep: list[Any]) -> memoryview:
@@ -222,6 +237,9 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
     if found is None:
         raise WriteError(f"{path}: not a plain torch zip file (compressed records?); cannot append a version")
     prefix, by_offset, small = found
+    lazy = _pickle_lazy(path, obj, by_offset, prefix) if has_record_tensors([obj]) else None
+    if lazy is None:
+        obj = materialize(obj)  # (before the file's mappings are listed: the tensors' own is among them)
     ranges = file_mappings(path)
     fd = os.open(path, os.O_RDWR)
     try:
@@ -252,7 +270,10 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
             return str(info.filename[len(data_prefix):])
 
         numeric = [int(k) for k in keys if k.isdigit()]
-        pickled, referenced, new = _pickle(obj, key_for, max(numeric, default=-1) + 1)
+        if lazy is not None:  # tensors read lazily: references to this file's records, no torch
+            pickled, referenced, new = lazy
+        else:
+            pickled, referenced, new = _pickle(obj, key_for, max(numeric, default=-1) + 1)
         pos = size
         writes: list[tuple[int, Any]] = []
         central: dict[str, bytes] = {}

@@ -12,12 +12,12 @@ cannot write much deeper: its pickler recurses), and tensors that view a tiny st
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
-
 from ..errors import LoadError
+from ..tensors import RecordTensor, Size, is_tensor
 
 __all__ = ["MAX_NESTING", "check_bounds"]
 
@@ -26,7 +26,12 @@ _AMPLIFICATION = 4  # a tree walk may visit each distinct entry this many times 
 _SLACK = 1_000_000
 _LEAF_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 _MAX_EXPANDED_VIEW = 64 << 20
-_FLAT_TYPES = (list, tuple, torch.Size)
+_FLAT_TYPES: tuple[type, ...] = (list, tuple, Size)  # torch.Size joins once torch is imported (_flat_types)
+
+
+def _flat_types() -> tuple[type, ...]:
+    torch = sys.modules.get("torch")
+    return (*_FLAT_TYPES, torch.Size) if torch is not None else _FLAT_TYPES
 
 
 def _check_methods(o: dict[Any, Any], where: str) -> None:
@@ -48,8 +53,8 @@ def _children(o: Any, where: str) -> tuple[int, list[Any]] | None:
     """How many entries ``o`` holds, and those of them that are not plain scalars (None: not a
     container). Scalars are filtered by type in C (``map(type, ...)``): a list of 5 M indices costs
     one pass, not 5 M Python steps."""
-    from .safepickle import PickledObject
-
+    sp = sys.modules.get("optckpt.io.safepickle")  # no placeholder exists before that module is imported
+    placeholder = sp.PickledObject if sp is not None else ()
     if type(o) is dict:
         items: Any = [*o.keys(), *o.values()]
     elif isinstance(o, dict):  # the dict's own methods, never what an instance attribute names
@@ -59,7 +64,7 @@ def _children(o: Any, where: str) -> tuple[int, list[Any]] | None:
         items = [*o.keys(), *o.values()]
     elif isinstance(o, (list, tuple, set, frozenset)):
         items = o
-    elif isinstance(o, PickledObject):
+    elif placeholder and isinstance(o, placeholder):
         items = [o.callable, o.args, o.kwargs, *(v for _, v in o.ops)]
     else:
         return None
@@ -68,16 +73,23 @@ def _children(o: Any, where: str) -> tuple[int, list[Any]] | None:
     return len(items), [c for c in items if type(c) not in _LEAF_TYPES]
 
 
-def _check_extent(t: torch.Tensor, where: str) -> None:
+def _check_extent(t: Any, where: str) -> None:
     """A tensor whose elements overlap in memory (stride 0, an expanded view) is fine, unless reading
     it would materialise much more than its file holds: a 4-byte storage viewed as 10^9 elements."""
     nbytes = t.numel() * t.element_size()
-    if nbytes <= _MAX_EXPANDED_VIEW or t.layout != torch.strided or t.device.type == "meta":
+    if nbytes <= _MAX_EXPANDED_VIEW:
         return
-    try:
-        stored = t.untyped_storage().nbytes()
-    except (RuntimeError, NotImplementedError):
-        return
+    if type(t) is RecordTensor:
+        stored = t.storage_nbytes
+    else:
+        import torch
+
+        if t.layout != torch.strided or t.device.type == "meta":
+            return
+        try:
+            stored = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return
     if nbytes > stored + _MAX_EXPANDED_VIEW:
         raise LoadError(f"{where}: a tensor of shape {tuple(t.shape)} (strides {t.stride()}) views a "
                         f"{stored:,}-byte storage: reading it would materialise {nbytes:,} bytes "
@@ -89,9 +101,10 @@ def check_bounds(obj: Any, where: str) -> None:
     done: dict[int, tuple[int, int]] = {}  # id -> (entries under it as a tree, nesting below it)
     on_path: set[int] = set()
     keep: list[Any] = []  # objects whose ids are in ``done`` stay alive (ids are not reused)
+    flat_types = _flat_types()
     root = _children(obj, where)
     if root is None:
-        if isinstance(obj, torch.Tensor):
+        if is_tensor(obj):
             _check_extent(obj, where)
         return
     distinct = root[0]
@@ -100,10 +113,10 @@ def check_bounds(obj: Any, where: str) -> None:
     while stack:
         node, it, acc = stack[-1]
         for child in it:
-            if isinstance(child, torch.Tensor):
+            if is_tensor(child):
                 _check_extent(child, where)
                 continue
-            if type(child) in _FLAT_TYPES and set(map(type, child)) <= _LEAF_TYPES:  # params, betas, shapes
+            if type(child) in flat_types and set(map(type, child)) <= _LEAF_TYPES:  # params, betas, shapes
                 acc[0] += len(child)
                 distinct += len(child)
                 acc[1] = max(acc[1], 1)

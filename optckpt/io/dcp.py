@@ -18,7 +18,6 @@ import io
 import logging
 import os
 import pickle
-import stat
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, SchedulerState, TensorMeta
 from ..errors import LoadError, UnsafePickleError, WriteError
 from .bounds import check_bounds
-from .paths import member_path, require_regular
+from .paths import is_dcp_dir, is_regular, member_path, require_regular
 from .torchfile import check_zip_bytes
 
 __all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp", "rewrite_dcp", "commit_in_place",
@@ -96,35 +95,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafePickleError(self._path, ["(persistent id)"])
 
 
-def _is_regular(path: str) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def is_dcp_dir(path: str) -> bool:
-    """A DCP checkpoint directory: a regular ``.metadata`` file beside ``.distcp`` shards and no
-    files of other layouts (a ``.metadata`` dropped into a HF / accelerate directory does not turn
-    it into DCP)."""
-    if not os.path.isdir(path) or not _is_regular(os.path.join(path, ".metadata")):
-        return False
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return False
-    if any(n.endswith(_OTHER_LAYOUT_SUFFIXES) or n in _OTHER_LAYOUT_FILES for n in names):
-        return False
-    return any(n.endswith(".distcp") for n in names)
-
-
-_OTHER_LAYOUT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pkl", ".tar")
-_OTHER_LAYOUT_FILES = frozenset({"config.json", "trainer_state.json", "adapter_config.json"})
-
-
 def read_dcp_metadata(path: str) -> Any:
     meta_path = os.path.join(path, ".metadata")
-    if not _is_regular(meta_path):
+    if not is_regular(meta_path):
         raise LoadError(f"{meta_path}: not a regular file")
     try:
         with open(meta_path, "rb") as f:
@@ -586,7 +559,7 @@ def commit_in_place(src: str, staged: str, *, verify: Callable[[str], None] | No
     try:
         if verify is not None:
             verify(staged)
-        if os.path.lexists(bak) and not (replace_backup and _is_regular(bak)):
+        if os.path.lexists(bak) and not (replace_backup and is_regular(bak)):
             raise WriteError(f"{bak}: a previous backup is in the way; move it away or pass --replace-backup")
         for name in os.listdir(staged):
             if name.startswith(_EXTRA_PREFIX) and not os.path.lexists(os.path.join(src, name)):

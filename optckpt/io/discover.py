@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import KeyPath, ModelState, OptimizerState, SchedulerState, TensorMeta, path_str
+from ..tensors import is_tensor, is_torch_module, storage_identity
 from .safepickle import PickledObject, describe, is_module_object, module_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Found", "discover", "is_optimizer_sd", "is_scheduler_sd", "is_model_sd", "model_state_from_dict"]
 
@@ -47,7 +49,7 @@ def is_model_sd(obj: Any) -> bool:
     for k, v in obj.items():
         if not isinstance(k, str):
             return False
-        if isinstance(v, torch.Tensor):
+        if is_tensor(v):
             n_tensors += 1
         elif not k.endswith("_extra_state"):
             return False
@@ -60,12 +62,12 @@ def tied_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     tied: dict[str, str] = {}
     first: dict[tuple[Any, ...], str] = {}
     for k, t in tensors.items():
-        if t.numel() == 0 or t.device.type == "meta":  # meta tensors have no storage: no ties to see
+        if t.numel() == 0:
             continue
-        try:
-            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        except (RuntimeError, NotImplementedError):
+        storage = storage_identity(t)
+        if storage is None:  # meta tensors have no storage: no ties to see
             continue
+        ident = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
         if ident in first:
             tied[k] = first[ident]
         else:
@@ -75,7 +77,7 @@ def tied_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 def model_state_from_dict(sd: Mapping[str, Any], name: str, part: str, path: KeyPath) -> ModelState:
     """A pickled state dict: its order is the registration order; tied tensors share storage."""
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in sd.items() if is_tensor(v)}
     meta = {k: TensorMeta.of(v) for k, v in tensors.items()}
     return ModelState(name=name, part=part, path=path, tensors=tensors, meta=meta, order_trusted=True,
                       tied=tied_keys(tensors))
@@ -113,7 +115,7 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
         if is_model_sd(o):
             found.models.append(model_state_from_dict(o, name_of(path), part, path))
             return True
-        if is_module_object(o) or isinstance(o, torch.nn.Module):  # a whole pickled nn.Module, by attribute path
+        if is_module_object(o) or is_torch_module(o):  # a whole pickled nn.Module, by attribute path
             tensors = module_tensors(o) if isinstance(o, PickledObject) else o.state_dict()  # (--trust-pickle: real)
             found.models.append(model_state_from_dict(tensors, name_of(path), part, path))
             return True
@@ -125,7 +127,7 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
             for k, v in o.items():
                 if k in beside:
                     continue  # per-parameter data of a wrapped optimizer, not a model
-                if isinstance(v, (Mapping, list, tuple, PickledObject, torch.nn.Module)):
+                if isinstance(v, (Mapping, list, tuple, PickledObject)) or is_torch_module(v):
                     hit = walk(v, (*path, k), depth + 1) or hit
             if beside:
                 for opt in found.optimizers:
@@ -134,7 +136,7 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
                                           "entries keyed per parameter outside torch's 'state'")
         elif isinstance(o, (list, tuple)):
             for i, v in enumerate(o):
-                if isinstance(v, (Mapping, list, tuple, PickledObject, torch.nn.Module)):
+                if isinstance(v, (Mapping, list, tuple, PickledObject)) or is_torch_module(v):
                     hit = walk(v, (*path, i), depth + 1) or hit
         return hit
 
@@ -185,7 +187,7 @@ def _collect_top_level(obj: Any, found: Found) -> None:
             found.objects[key] = v
         if isinstance(v, _SCALARS):
             found.extras[key] = v
-        elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.ndim == 0:
+        elif is_tensor(v) and v.numel() == 1 and v.ndim == 0:
             found.extras[key] = v.item()
         elif (k,) not in claimed:
             found.other_keys[key] = summarize(v)
@@ -194,7 +196,7 @@ def _collect_top_level(obj: Any, found: Found) -> None:
 def summarize(v: Any) -> str:
     if isinstance(v, PickledObject):
         return describe(v)
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
         return f"tensor{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
     if isinstance(v, Mapping):
         return f"dict ({len(v)} keys)"

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import ModelState, TensorMeta
 from .hf_offline import model_class, offline
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["hf_model_order"]
 
 
 def hf_model_order(directory: str, *, trust_code: bool = False) -> tuple[ModelState | None, str]:
     """A model state in trusted registration order (meta tensors), or None and the reason why not."""
+    import torch
+
     path = os.path.join(directory, "config.json")
     try:
         with open(path, encoding="utf-8") as f:

@@ -8,7 +8,7 @@ import stat
 
 from ..errors import LoadError
 
-__all__ = ["member_path", "require_regular"]
+__all__ = ["member_path", "require_regular", "is_dcp_dir"]
 
 
 def member_path(root: str, rel: object, what: str) -> str:
@@ -29,3 +29,29 @@ def require_regular(path: str, what: str) -> int:
     if not stat.S_ISREG(st.st_mode):
         raise LoadError(f"{what}: {os.path.basename(path)!r} is not a regular file; refused")
     return st.st_size
+
+
+def is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_dcp_dir(path: str) -> bool:
+    """A DCP checkpoint directory: a regular ``.metadata`` file beside ``.distcp`` shards and no
+    files of other layouts (a ``.metadata`` dropped into a HF / accelerate directory does not turn
+    it into DCP)."""
+    if not os.path.isdir(path) or not is_regular(os.path.join(path, ".metadata")):
+        return False
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    if any(n.endswith(_OTHER_LAYOUT_SUFFIXES) or n in _OTHER_LAYOUT_FILES for n in names):
+        return False
+    return any(n.endswith(".distcp") for n in names)
+
+
+_OTHER_LAYOUT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pkl", ".tar")
+_OTHER_LAYOUT_FILES = frozenset({"config.json", "trainer_state.json", "adapter_config.json"})

@@ -17,12 +17,13 @@ import copy
 import json
 import os
 import sys
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import ModelState, TensorMeta
 from .hf_offline import local_source, model_class, offline
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["ADAPTER_FILES", "peft_adapter_order", "peft_order_from_target"]
 
@@ -115,6 +116,8 @@ def peft_order_from_target(directory: str, saved: ModelState, module: object, *,
 
 def _rebuild(directory: str, saved: ModelState, raw: dict[str, Any], arch: object, config: Any, adapter: str,
              peft: Any, transformers: Any, how: str) -> tuple[ModelState | None, str]:
+    import torch
+
     cls, why = model_class(transformers, arch)
     if cls is None:
         return None, f"the adapter's base model class: {why}"

@@ -26,20 +26,22 @@ a tensor with backward hooks (``torch.save`` writes them empty) is refused.
 
 from __future__ import annotations
 
+import codecs
 import gc
 import io
 import os
 import pickle
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from operator import mul
+from typing import Any, NamedTuple
 
 from ..errors import LoadError
+from ..tensors import DTYPES, STORAGE_DTYPES, DType, RecordSource, RecordTensor, Size
 from .zipscan import ZipLayout
 
-__all__ = ["NeedsPlaceholders", "fast_allowed", "read_zip_pickle"]
+__all__ = ["NeedsPlaceholders", "NeedsTorch", "fast_allowed", "lazy_allowed", "read_zip_pickle"]
 
 
 class NeedsPlaceholders(Exception):
@@ -50,7 +52,15 @@ class NeedsPlaceholders(Exception):
         self.name = name
 
 
-def _storage_dtype(storage_type: Any) -> torch.dtype:
+class NeedsTorch(Exception):
+    """The lazy reader met what it does not model (a global beyond tensors, dtypes and plain
+    containers; a tensor it cannot describe exactly): the file is read the torch way instead, which
+    decides between the allowlist, placeholders and refusal as before."""
+
+
+def _storage_dtype(storage_type: Any) -> Any:
+    import torch
+
     if storage_type is torch.UntypedStorage:
         return torch.uint8
     dtype = getattr(storage_type, "dtype", None)
@@ -60,10 +70,12 @@ def _storage_dtype(storage_type: Any) -> torch.dtype:
 
 
 def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-                       backward_hooks: Any, metadata: Any = None) -> torch.Tensor:
+                       backward_hooks: Any, metadata: Any = None) -> Any:
     """``torch._utils._rebuild_tensor_v2`` for a storage this reader mapped, in a third of its time
     (no per-tensor property lookups); anything else goes to torch's own. Backward hooks, which
     ``torch.save`` always writes empty, are refused when not."""
+    import torch
+
     if type(storage) is not torch.storage.TypedStorage:
         return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
                                                backward_hooks, metadata)
@@ -93,10 +105,11 @@ class _Unpickler(pickle.Unpickler):
     """C opcode loop; globals from the exact allowlist, storages from checked records."""
 
     def __init__(self, data: bytes, allowed: dict[tuple[str, str], Any],
-                 storage_for: Callable[[Any, str, str, int], Any]):
+                 storage_for: Callable[[Any, str, str, int], Any], lazy: bool = False):
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._allowed = allowed
         self._storage_for = storage_for
+        self._lazy = lazy
 
     def find_class(self, module: str, name: str) -> Any:
         obj = self._allowed.get((module, name))
@@ -104,6 +117,8 @@ class _Unpickler(pickle.Unpickler):
             key = NAME_MAPPING.get((module, name)) or (IMPORT_MAPPING.get(module, module), name)
             obj = self._allowed.get(key)
             if obj is None:
+                if self._lazy:
+                    raise NeedsTorch(f"{module}.{name}")
                 raise NeedsPlaceholders(f"{module}.{name}")
         return obj
 
@@ -127,6 +142,8 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
     location in ``locations`` (nothing is moved there). Raises :class:`NeedsPlaceholders`,
     :class:`LoadError` (a reference to no record, or to a record of another size), or the
     unpickler's own errors."""
+    import torch
+
     records = {e.filename: e for e in layout.entries}
     whole: list[Any] = []
     loaded: dict[str, Any] = {}
@@ -163,3 +180,128 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
         if collecting:
             gc.enable()
         torch._utils._validate_loaded_sparse_tensors()
+
+
+# ---- the lazy reader: record references, no torch ----------------------------------------------
+
+class _StorageType(NamedTuple):
+    """``torch.<Name>Storage`` / ``torch.UntypedStorage`` as the lazy reader sees it."""
+
+    name: str
+    dtype: DType | None  # None: untyped (the dtype comes with _rebuild_tensor_v3)
+
+
+class _LazyStorage(NamedTuple):
+    key: str
+    data_offset: int
+    nbytes: int
+    dtype: DType | None
+    location: str
+    type_name: str
+
+
+_INT = frozenset({int})
+
+
+def _lazy_tensor(source: RecordSource, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
+                 hooks: Any, dtype: DType | None, metadata: Any) -> RecordTensor:
+    """A tensor the lazy reader describes exactly, or :class:`NeedsTorch` (torch then reads it, and
+    refuses or accepts it as it always did). Every check is a C-level pass over the tuples: this runs
+    once per stored tensor."""
+    if type(storage) is not _LazyStorage or dtype is None or hooks or metadata or type(requires_grad) is not bool \
+            or type(offset) is not int or type(size) is not tuple or type(stride) is not tuple:
+        raise NeedsTorch("a tensor outside the plain layout")
+    if len(size) != len(stride) or offset < 0 or not set(map(type, size)) <= _INT \
+            or not set(map(type, stride)) <= _INT or (size and (min(size) < 0 or min(stride) < 0)):
+        raise NeedsTorch("a tensor view with unusual arguments")
+    itemsize = dtype.itemsize
+    if storage.nbytes % itemsize:
+        raise NeedsTorch("a storage that is no whole number of elements")
+    if 0 not in size:  # the last element it views lies inside the storage (torch's set_ checks the same):
+        last = offset + sum(map(mul, size, stride)) - sum(stride)  # offset + sum((size - 1) * stride)
+        if last >= storage.nbytes // itemsize:
+            raise NeedsTorch("a view past its storage")
+    return RecordTensor(source, storage.key, storage.data_offset, storage.nbytes, dtype, size, stride, offset,
+                        requires_grad, storage.location, storage.type_name)
+
+
+def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
+    """The lazy reader's globals: each an exact ``(module, name)`` of the safe reader's allowlist
+    (tests/test_lazy_reader.py checks that it is a subset), standing in for torch's objects."""
+
+    def v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
+           metadata: Any = None) -> RecordTensor:
+        dtype = storage.dtype if type(storage) is _LazyStorage else None
+        if type(storage) is _LazyStorage and dtype is None:
+            dtype = DTYPES["uint8"]  # an untyped storage read by _rebuild_tensor_v2: bytes, as torch does
+        return _lazy_tensor(source, storage, offset, size, stride, requires_grad, hooks, dtype, metadata)
+
+    def v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any,
+           metadata: Any = None) -> RecordTensor:
+        if type(dtype) is not DType or type(storage) is not _LazyStorage or storage.dtype is not None:
+            raise NeedsTorch("a _rebuild_tensor_v3 outside the plain layout")
+        return _lazy_tensor(source, storage, offset, size, stride, requires_grad, hooks, dtype, metadata)
+
+    def parameter(data: Any, requires_grad: Any, hooks: Any) -> RecordTensor:
+        if type(data) is not RecordTensor or data.is_parameter or type(requires_grad) is not bool or hooks:
+            raise NeedsTorch("a parameter outside the plain layout")
+        p = RecordTensor(data.source, data.key, data.data_offset, data.storage_nbytes, data.dtype, data.shape,
+                         data.stride(), data.storage_offset(), requires_grad, data.location, data.storage_type)
+        p.is_parameter = True
+        return p
+
+    table: dict[tuple[str, str], Any] = {
+        ("torch._utils", "_rebuild_tensor_v2"): v2, ("torch._utils", "_rebuild_tensor_v3"): v3,
+        ("torch._utils", "_rebuild_parameter"): parameter, ("collections", "OrderedDict"): OrderedDict,
+        ("collections", "Counter"): Counter, ("builtins", "set"): set, ("builtins", "complex"): complex,
+        ("builtins", "bytearray"): bytearray, ("_codecs", "encode"): codecs.encode, ("torch", "Size"): Size,
+        ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None),
+    }
+    for name, dt in STORAGE_DTYPES.items():
+        table[("torch", name)] = _StorageType(name, dt)
+    for name, dt in DTYPES.items():
+        table[("torch", name)] = dt
+    return table
+
+
+def lazy_allowed() -> frozenset[tuple[str, str]]:
+    """The exact globals the lazy reader accepts (for the test that they are all allowlisted)."""
+    return frozenset(_lazy_table(RecordSource("", 0)))
+
+
+def read_zip_pickle_lazy(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: str,
+                         locations: dict[str, None]) -> Any:
+    """Decode ``pickle_bytes`` as :func:`read_zip_pickle` does, with every tensor a
+    :class:`~optckpt.tensors.RecordTensor` (its checked record, view and dtype) and torch never
+    imported. Raises :class:`NeedsTorch` for anything it does not model, :class:`LoadError` as the
+    eager reader does."""
+    records = {e.filename: e for e in layout.entries}
+    source = RecordSource(os.fspath(path), layout.size)
+    loaded: dict[str, _LazyStorage] = {}
+
+    def storage_for(storage_type: Any, key: str, location: str, numel: int) -> Any:
+        st = loaded.get(key)
+        if st is not None:
+            return st
+        if type(storage_type) is not _StorageType:
+            raise NeedsTorch("a storage reference of another type")
+        nbytes = numel * (storage_type.dtype.itemsize if storage_type.dtype is not None else 1)
+        name = f"{prefix}/data/{key}"
+        rec = records.get(name)
+        if rec is None:
+            raise LoadError(f"{path}: the pickle reads storage {key!r}, which the zip does not hold")
+        if rec.file_size != nbytes:
+            raise LoadError(f"{path}: ambiguous zip structure: the pickle reads {nbytes} bytes from record "
+                            f"{name!r}, which holds {rec.file_size}")
+        locations[location] = None
+        st = loaded[key] = _LazyStorage(key, rec.data_offset, nbytes, storage_type.dtype, location,
+                                        storage_type.name)
+        return st
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _Unpickler(pickle_bytes, _lazy_table(source), storage_for, lazy=True).load()
+    finally:
+        if collecting:
+            gc.enable()

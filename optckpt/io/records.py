@@ -21,13 +21,16 @@ import sys
 import zlib
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ..tensors import RecordTensor, has_record_tensors, materialize
+from .lazypickle import Unpicklable, dump
 from .readguard import file_mappings, offset_in
 from .safepickle import pickle_module_for
 from .zipscan import ZipEntry
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["rewrite_records", "PROGRESS"]
 
@@ -105,6 +108,13 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
     if found is None:
         return False
     prefix, by_offset, small = found
+    if has_record_tensors([obj]):  # read lazily: pickled by optckpt's own pickler when it can
+        written = _rewrite_lazy(src, obj, dest, prefix, by_offset, small)
+        if written:
+            return True
+        obj = materialize(obj)  # something only torch writes: the tensors become real ones
+    import torch
+
     rec = _Recorder()
     torch.serialization._save(obj, rec, pickle_module_for(obj), torch.serialization.DEFAULT_PROTOCOL, False)
     ranges = file_mappings(src) if any(n.startswith("data/") for n, _, _ in rec.records) else [(0, 0)]
@@ -122,6 +132,49 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
                 entries.append((name, storage))
         else:
             entries.append((name, data.encode() if isinstance(data, str) else bytes(data)))
+    entries.append(("version", small.get("version", b"3\n")))
+    entries.append((".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode()))
+    _write_zip(src, dest, prefix, entries)
+    return True
+
+
+def record_keys(src: str, by_offset: dict[int, ZipEntry], prefix: str) -> Callable[[RecordTensor], str]:
+    """``key_of`` for :func:`optckpt.io.lazypickle.dump`: a tensor read lazily from ``src`` keeps its
+    record's key (the record exactly as checked: same data offset, same size); any other raises
+    :class:`Unpicklable` (the caller writes through torch)."""
+    same: dict[int, bool] = {}
+    data_prefix = f"{prefix}/data/"
+
+    def key_of(t: RecordTensor) -> str:
+        ok = same.get(id(t.source))
+        if ok is None:
+            try:
+                ok = os.path.samefile(t.source.path, src)
+            except OSError:
+                ok = False
+            same[id(t.source)] = ok
+        info = by_offset.get(t.data_offset) if ok else None
+        if info is None or info.file_size != t.storage_nbytes or info.filename != data_prefix + t.key:
+            raise Unpicklable(f"a tensor from {t.source.path} record {t.key!r}, not a record of {src}")
+        return t.key
+
+    return key_of
+
+
+def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[int, ZipEntry],
+                  small: dict[str, bytes]) -> bool:
+    """``obj`` (tensors read lazily from ``src``) written by optckpt's own pickler, every record it
+    references copied from ``src`` as it is (same key, same CRC). False when it holds anything else."""
+    key_of = record_keys(src, by_offset, prefix)
+    try:
+        pickled, keys = dump(obj, key_of)
+    except Unpicklable:
+        return False
+    by_name = {i.filename: (off, i) for off, i in by_offset.items()}
+    entries: list[tuple[str, Any]] = [("data.pkl", pickled)]
+    entries += [(r, small[r]) for r in (".format_version", ".storage_alignment", "byteorder") if r in small]
+    for key in sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+        entries.append((f"data/{key}", by_name[f"{prefix}/data/{key}"]))
     entries.append(("version", small.get("version", b"3\n")))
     entries.append((".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode()))
     _write_zip(src, dest, prefix, entries)

@@ -28,9 +28,13 @@ import types
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..tensors import is_tensor
+
+if TYPE_CHECKING:
+    import torch
+
 
 __all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "safe_load_torch", "pickle_module_for",
            "has_placeholders", "first_placeholder", "fields_of", "is_module_object", "module_tensors", "describe",
@@ -210,6 +214,8 @@ class SafeUnpickler(_PyUnpickler):
     dispatch[pickle.REDUCE[0]] = load_reduce
 
     def load_newobj(self) -> None:
+        import torch
+
         args = self.stack.pop()
         cls = self.stack.pop()
         if isinstance(cls, _PLACEHOLDERS):
@@ -240,6 +246,8 @@ class SafeUnpickler(_PyUnpickler):
             self.append(self._call(klass, tuple(args)))
 
     def load_build(self) -> None:
+        import torch
+
         state = self.stack.pop()
         inst = self.stack[-1]
         if isinstance(inst, PickledObject):
@@ -323,6 +331,8 @@ def safe_load_torch(path: str, map_location: Any, *, zip_format: bool) -> Any:
     torch's own readers do the container work (records, storages memory-mapped from the file as
     ``torch.load(mmap=True)`` maps them, byte order); TorchScript archives are refused (they would
     run code through ``torch.jit.load``)."""
+    import torch
+
     ser = torch.serialization
     if not zip_format:
         with open(path, "rb") as f, warnings.catch_warnings():
@@ -512,12 +522,12 @@ def module_tensors(obj: Any) -> dict[str, torch.Tensor]:
         seen.add(id(m))
         f = fields_of(m) or {}
         for k, v in f["_parameters"].items():
-            if isinstance(v, torch.Tensor):
+            if is_tensor(v):
                 out[prefix + str(k)] = v
         skip = f.get("_non_persistent_buffers_set")
         skip = skip if isinstance(skip, (set, frozenset)) else set()
         for k, v in f["_buffers"].items():
-            if isinstance(v, torch.Tensor) and k not in skip:
+            if is_tensor(v) and k not in skip:
                 out[prefix + str(k)] = v
         for k, sub in f["_modules"].items():
             if is_module_object(sub):
@@ -544,7 +554,7 @@ def _describe(v: Any, depth: int) -> str:
                 (", ..." if len(v.args) > 4 else "") + ")"
         f = fields_of(v)
         return f"<{v.type_name} object" + (f", {len(f)} fields>" if f is not None else ">")
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
         return f"tensor{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
     if isinstance(v, (str, bytes)):
         return repr(v[:60]) + ("..." if len(v) > 60 else "")
@@ -583,8 +593,8 @@ def same(a: Any, b: Any) -> bool:
             stack.extend((p, q, depth + 1) for p, q in zip(
                 (x.callable, x.args, x.kwargs, *(v for _, v in x.ops)),
                 (y.callable, y.args, y.kwargs, *(v for _, v in y.ops))))
-        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or not _same_tensor(x, y):
+        elif is_tensor(x) or is_tensor(y):
+            if not (is_tensor(x) and is_tensor(y)) or not _same_tensor(x, y):
                 return False
         elif isinstance(x, Mapping) and isinstance(y, Mapping):
             if type(x) is not type(y) or list(x.keys()) != list(y.keys()):
@@ -610,7 +620,12 @@ def same(a: Any, b: Any) -> bool:
     return True
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same_tensor(a: Any, b: Any) -> bool:
+    import torch
+
+    from ..tensors import materialize
+
+    a, b = materialize(a), materialize(b)
     if a.shape != b.shape or a.dtype != b.dtype or type(a) is not type(b):
         return False
     if a.numel() == 0:

@@ -11,14 +11,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..errors import LoadError, UnsafePickleError
 from .bounds import check_bounds
 from .editlock import interrupted_message
-from .reader import NeedsPlaceholders, fast_allowed, read_zip_pickle
+from .reader import NeedsPlaceholders, NeedsTorch, fast_allowed, read_zip_pickle, read_zip_pickle_lazy
 from .readguard import file_mappings, offset_in
-from .safepickle import safe_load_torch
 from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_bytes, parse_zip
 
 __all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals", "zip_infos", "zip_layout", "check_zip_bytes"]
@@ -54,6 +51,8 @@ def sniff(path: str) -> str:
 def unsafe_globals(path: str) -> list[str]:
     """Globals a ``weights_only`` load of ``path`` would refuse (reads the pickle only, runs nothing)."""
     try:
+        import torch
+
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # legacy files: not a zip; fall back to scanning the pickle opcodes
         return _scan_pickle_globals(path)
@@ -62,7 +61,7 @@ def unsafe_globals(path: str) -> list[str]:
 def _scan_pickle_globals(path: str) -> list[str]:
     """The globals a legacy pickle names beyond the weights-only rules: read by the safe reader
     (each one an inert placeholder), so the names are exact, and nothing runs."""
-    from .safepickle import PickledGlobal, walk
+    from .safepickle import PickledGlobal, safe_load_torch, walk
 
     try:
         obj = safe_load_torch(path, lambda storage, location: storage, zip_format=False)
@@ -80,7 +79,7 @@ class TorchLoad:
 
 
 def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None = None,
-                    quiet: bool = False) -> TorchLoad:
+                    quiet: bool = False, lazy: bool = False) -> TorchLoad:
     """``torch.load`` with ``weights_only=True`` (never executes code), memory-mapped when the
     file is zip-format, always onto the CPU (CUDA-saved files load on CPU-only machines).
 
@@ -89,7 +88,9 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     inert placeholder, nothing imported or run); one even that cannot read raises
     :class:`UnsafePickleError` naming them, unless ``trust_pickle`` (then full pickle, loudly). ``kind``: what
     :func:`sniff` already said of the file, so that it is not read twice; ``quiet``: no trust
-    warning (a re-read of what this process just wrote)."""
+    warning (a re-read of what this process just wrote); ``lazy``: tensors as
+    :class:`~optckpt.tensors.RecordTensor` (record references, torch not imported) where the lazy
+    reader models the whole pickle, real tensors otherwise."""
     kind = kind or sniff(path)
     if kind == "empty":
         raise LoadError(f"{path}: empty file (0 bytes): not a checkpoint")
@@ -98,6 +99,20 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     zip_format = kind == "zip"
     locations: dict[str, None] = {}
     checked = _check_zip(path) if zip_format else None
+    if checked is not None and not trust_pickle and checked.fast and lazy:
+        try:
+            obj = read_zip_pickle_lazy(path, checked.layout, checked.pickle, checked.prefix, locations)
+        except NeedsTorch:
+            locations.clear()  # read below the torch way: it accepts, reads placeholders or refuses as before
+        except (LoadError, KeyboardInterrupt):
+            raise
+        except RecursionError:
+            raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
+        except Exception as e:
+            raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
+        else:
+            check_bounds(obj, path)
+            return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True)
     if checked is not None and not trust_pickle and checked.fast:
         try:
             obj = read_zip_pickle(path, checked.layout, checked.pickle, checked.prefix, fast_allowed(), locations)
@@ -114,6 +129,8 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
             raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
         check_bounds(obj, path)
         return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True)
+    import torch
+
     check = _storage_check(path, checked.layout) if checked is not None else None
     _map = _recorder(locations, check)
 
@@ -200,6 +217,8 @@ def _storage_check(path: str, layout: ZipLayout) -> Any:
 def _load_placeholders(path: str, map_location: Any, zip_format: bool, said: list[str]) -> Any:
     """The weights-only refusal's fallback: every other global read as an inert placeholder. Only
     when even that fails are the refused globals listed (one more read of the pickle's opcodes)."""
+    from .safepickle import safe_load_torch
+
     try:
         return safe_load_torch(path, map_location, zip_format=zip_format)
     except (KeyboardInterrupt, LoadError):

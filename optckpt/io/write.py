@@ -22,16 +22,18 @@ import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
+from ..tensors import materialize
 from .append import append_version
 from .records import PROGRESS, rewrite_records
 from .safepickle import pickle_module_for
 from .torchfile import sniff
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["WriteOptions", "replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
            "temp_file", "temp_dir", "commit_file", "commit_dir", "stale_temps", "appends_in_place"]
@@ -272,6 +274,9 @@ def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) 
     dest_dir, final = os.path.dirname(tmp), os.path.basename(tmp)
     try:
         if legacy or source is None or not rewrite_records(source, obj, tmp):
+            import torch
+
+            obj = materialize(obj)
             torch.save(obj, tmp, pickle_module=pickle_module_for(obj), _use_new_zipfile_serialization=not legacy)
         _fsync_path(tmp)
     except BaseException as e:

@@ -1,0 +1,289 @@
+"""optckpt's own pickler for ``torch.save``'s ``data.pkl``, for objects read by the lazy reader.
+
+An edit that only relabels state (``set``, a ``remap`` that re-keys it) writes back the tensors it
+read, unchanged, as references to the records they came from. :func:`dump` writes such an object
+as protocol-2 opcodes of the kinds torch's pickler emits for it — a tensor as
+``torch._utils._rebuild_tensor_v2`` (``_v3`` for dtypes without a typed storage class) of a
+persistent ``("storage", <storage class>, key, location, numel)``, a parameter through
+``_rebuild_parameter``, ``OrderedDict`` with its ``_metadata``, ``torch.Size``, dtypes — with no
+torch import. Storage keys are the records' keys: the caller copies or keeps those records.
+
+Anything else (a live torch tensor, a placeholder of a pickled object, a type it does not know)
+raises :class:`Unpicklable`: the caller writes the object the torch way instead. The result is
+read back by the same lazy reader and compared with the object (:func:`same_structure`)."""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from ..tensors import DType, RecordTensor, Size
+
+__all__ = ["Unpicklable", "dump", "same_structure"]
+
+
+class Unpicklable(Exception):
+    """The object holds something this pickler does not write: use torch's."""
+
+
+_ATOMS = (type(None), bool, int, float, str)
+_BATCH = 1000
+
+
+class _Writer:
+    def __init__(self, key_of: Callable[[RecordTensor], str]):
+        self.out: list[bytes] = [b"\x80\x02"]
+        self.memo: dict[int, int] = {}  # id(obj) -> memo index
+        self.keep: list[Any] = []  # memoised objects stay alive (ids are not reused)
+        self.globals: dict[str, int] = {}
+        self.strings: dict[str, int] = {}
+        self.key_of = key_of
+        self.keys: list[str] = []  # storage keys in first-use order
+        self._seen_keys: set[str] = set()
+
+    def put(self) -> int:
+        i = len(self.memo) + len(self.globals) + len(self.strings)
+        self.out.append(b"q" + bytes((i,)) if i < 256 else b"r" + struct.pack("<I", i))
+        return i
+
+    def get(self, i: int) -> None:
+        self.out.append(b"h" + bytes((i,)) if i < 256 else b"j" + struct.pack("<I", i))
+
+    def glob(self, module: str, name: str) -> None:
+        full = f"{module}\n{name}\n"
+        i = self.globals.get(full)
+        if i is not None:
+            self.get(i)
+            return
+        self.out.append(b"c" + full.encode("ascii"))
+        self.globals[full] = self.put()
+
+    def string(self, s: str, memo: bool = False) -> None:
+        if memo:
+            i = self.strings.get(s)
+            if i is not None:
+                self.get(i)
+                return
+        b = s.encode("utf-8", "surrogatepass")
+        self.out.append(b"X" + struct.pack("<I", len(b)) + b)
+        if memo:
+            self.strings[s] = self.put()
+
+    def atom(self, v: Any) -> None:
+        t = type(v)
+        if v is None:
+            self.out.append(b"N")
+        elif t is bool:
+            self.out.append(b"\x88" if v else b"\x89")
+        elif t is int:
+            if 0 <= v < 256:
+                self.out.append(b"K" + bytes((v,)))
+            elif 0 <= v < 65536:
+                self.out.append(b"M" + struct.pack("<H", v))
+            elif -(1 << 31) <= v < (1 << 31):
+                self.out.append(b"J" + struct.pack("<i", v))
+            else:
+                n = (v.bit_length() + 8) // 8
+                raw = v.to_bytes(n, "little", signed=True)
+                if len(raw) > 255:
+                    raise Unpicklable("an integer of more than 255 bytes")
+                self.out.append(b"\x8a" + bytes((len(raw),)) + raw)
+        elif t is float:
+            self.out.append(b"G" + struct.pack(">d", v))
+        else:
+            self.string(v)
+
+    def tuple_of(self, items: Any) -> None:
+        n = len(items)
+        if n == 0:
+            self.out.append(b")")
+            return
+        if n > 3:
+            self.out.append(b"(")
+        for x in items:
+            self.save(x)
+        self.out.append(b"t" if n > 3 else (b"\x85", b"\x86", b"\x87")[n - 1])
+
+    def memoised(self, obj: Any) -> bool:
+        i = self.memo.get(id(obj))
+        if i is None:
+            return False
+        self.get(i)
+        return True
+
+    def remember(self, obj: Any) -> None:
+        self.memo[id(obj)] = self.put()
+        self.keep.append(obj)
+
+    def setitems(self, items: list[tuple[Any, Any]]) -> None:
+        for start in range(0, len(items), _BATCH):
+            chunk = items[start:start + _BATCH]
+            if len(chunk) == 1:
+                self.save(chunk[0][0])
+                self.save(chunk[0][1])
+                self.out.append(b"s")
+                continue
+            self.out.append(b"(")
+            for k, v in chunk:
+                self.save(k)
+                self.save(v)
+            self.out.append(b"u")
+
+    def save(self, obj: Any) -> None:
+        t = type(obj)
+        if t in _ATOMS:
+            self.atom(obj)
+        elif t is RecordTensor:
+            self.tensor(obj)
+        elif t is dict:
+            if self.memoised(obj):
+                return
+            self.out.append(b"}")
+            self.remember(obj)
+            self.setitems(list(obj.items()))
+        elif t is list:
+            if self.memoised(obj):
+                return
+            self.out.append(b"]")
+            self.remember(obj)
+            for start in range(0, len(obj), _BATCH):
+                chunk = obj[start:start + _BATCH]
+                if len(chunk) == 1:
+                    self.save(chunk[0])
+                    self.out.append(b"a")
+                    continue
+                self.out.append(b"(")
+                for x in chunk:
+                    self.save(x)
+                self.out.append(b"e")
+        elif t is tuple:
+            self.tuple_of(obj)
+        elif t is OrderedDict:
+            if self.memoised(obj):
+                return
+            self.glob("collections", "OrderedDict")
+            self.out.append(b")R")
+            self.remember(obj)
+            self.setitems(list(obj.items()))
+            state = getattr(obj, "__dict__", None)
+            if state:
+                self.save(dict(state))
+                self.out.append(b"b")
+        elif t is Counter:
+            if self.memoised(obj):
+                return
+            self.glob("collections", "Counter")
+            self.save(dict(obj))
+            self.out.append(b"\x85R")
+            self.remember(obj)
+        elif t is Size:
+            self.glob("torch", "Size")
+            self.tuple_of(tuple(obj))
+            self.out.append(b"\x85R")
+        elif t is DType:
+            self.glob("torch", obj.name)
+        elif t is set:
+            if self.memoised(obj):
+                return
+            self.glob("__builtin__", "set")
+            self.save(list(obj))
+            self.out.append(b"\x85R")
+            self.remember(obj)
+        elif t is complex:
+            self.glob("__builtin__", "complex")
+            self.tuple_of((obj.real, obj.imag))
+            self.out.append(b"R")
+        elif t is bytes and obj:
+            self.glob("_codecs", "encode")
+            self.tuple_of((obj.decode("latin1"), "latin1"))
+            self.out.append(b"R")
+        else:
+            raise Unpicklable(f"a value of type {t.__module__}.{t.__qualname__}")
+
+    def tensor(self, t: RecordTensor) -> None:
+        if self.memoised(t):
+            return
+        if t.is_parameter:
+            self.glob("torch._utils", "_rebuild_parameter")
+            self.out.append(b"(")
+            inner = RecordTensor(t.source, t.key, t.data_offset, t.storage_nbytes, t.dtype, t.shape, t.stride(),
+                                 t.storage_offset(), False, t.location, t.storage_type)
+            self.tensor(inner)
+            self.atom(t.requires_grad)
+            self.glob("collections", "OrderedDict")
+            self.out.append(b")Rt")
+            self.out.append(b"R")
+            self.remember(t)
+            return
+        untyped = t.storage_type == "UntypedStorage" and t.dtype.name != "uint8"
+        self.glob("torch._utils", "_rebuild_tensor_v3" if untyped else "_rebuild_tensor_v2")
+        self.out.append(b"(")
+        key = self.key_of(t)
+        if key not in self._seen_keys:
+            self._seen_keys.add(key)
+            self.keys.append(key)
+        self.out.append(b"(")  # the persistent id: ("storage", <class>, key, location, numel)
+        self.string("storage", memo=True)
+        if t.storage_type == "UntypedStorage":
+            self.glob("torch.storage", "UntypedStorage")
+            numel = t.storage_nbytes
+        else:
+            self.glob("torch", t.storage_type)
+            numel = t.storage_nbytes // t.dtype.itemsize
+        self.string(key)
+        self.string(t.location, memo=True)
+        self.atom(numel)
+        self.out.append(b"tQ")
+        self.atom(t.storage_offset())
+        self.tuple_of(tuple(t.shape))
+        self.tuple_of(tuple(t.stride()))
+        self.atom(t.requires_grad)
+        self.glob("collections", "OrderedDict")
+        self.out.append(b")R")
+        if untyped:
+            self.glob("torch", t.dtype.name)
+        self.out.append(b"tR")
+        self.remember(t)
+
+
+def dump(obj: Any, key_of: Callable[[RecordTensor], str]) -> tuple[bytes, list[str]]:
+    """``obj`` as ``data.pkl`` bytes, and the storage keys it references (in first-use order).
+    ``key_of(t)``: the key the output gives the record that ``t`` views. Raises :class:`Unpicklable`."""
+    w = _Writer(key_of)
+    w.save(obj)
+    w.out.append(b".")
+    return b"".join(w.out), w.keys
+
+
+def same_structure(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where: str = "") -> str | None:
+    """Where the object ``b`` read back from a written pickle differs from ``a``, the object written
+    (None when they agree): container types, keys and order, values, and every tensor's storage key,
+    dtype, shape, stride, offset, requires_grad and Parameter-ness."""
+    stack: list[tuple[Any, Any, str]] = [(a, b, where or "(root)")]
+    while stack:
+        x, y, at = stack.pop()
+        if type(x) is not type(y):
+            return f"{at}: {type(x).__name__} written, {type(y).__name__} read back"
+        if type(x) is RecordTensor:
+            if (key_of(x), x.dtype.name, tuple(x.shape), x.stride(), x.storage_offset(), x.requires_grad,
+                    x.is_parameter, x.storage_nbytes) != \
+                    (y.key, y.dtype.name, tuple(y.shape), y.stride(), y.storage_offset(), y.requires_grad,
+                     y.is_parameter, y.storage_nbytes):
+                return f"{at}: the tensor read back is not the one written"
+        elif isinstance(x, dict):
+            if list(x) != list(y) or getattr(x, "__dict__", None) != getattr(y, "__dict__", None):
+                return f"{at}: keys differ"
+            stack.extend((x[k], y[k], f"{at}[{k!r}]") for k in x)
+        elif isinstance(x, (list, tuple, set)):
+            if len(x) != len(y):
+                return f"{at}: lengths differ"
+            if isinstance(x, set):
+                if x != y:
+                    return f"{at}: set members differ"
+                continue
+            stack.extend((p, q, f"{at}[{i}]") for i, (p, q) in enumerate(zip(x, y)))
+        elif x != y and not (x != x and y != y):  # NaN is NaN
+            return f"{at}: {x!r} written, {y!r} read back"
+    return None

@@ -1,0 +1,350 @@
+"""The lazy reader (record references, no torch) against ``torch.load(weights_only=True)``.
+
+For every zip fixture and the generated corpus of ``test_reader_differential``: what the lazy reader
+describes without reading a tensor byte (dtype, shape, stride, storage offset, requires_grad,
+Parameter or not, which tensors share a storage) is what torch returns, and the tensors it then
+materialises are torch's bit for bit. What it does not model (numpy arrays, devices, hooks, odd
+views) sends the file to the torch-backed reader, whose verdict stands; what that reader refuses
+stays refused. Its tables agree with the installed torch, and it accepts only globals of the safe
+reader's exact allowlist. Metadata commands run without importing torch at all."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import FIXTURES, ROOT
+from test_reader_differential import _corpus_object, _fixture_files, _same
+
+from optckpt.io import torchfile
+from optckpt.io.reader import NeedsTorch, lazy_allowed, read_zip_pickle_lazy
+from optckpt.io.safepickle import allowed
+from optckpt.tensors import DTYPES, STORAGE_DTYPES, RecordTensor, Size, is_tensor, materialize
+
+
+def _lazy(path: Path) -> Any:
+    checked = torchfile._check_zip(str(path))
+    assert checked.fast
+    return read_zip_pickle_lazy(str(path), checked.layout, checked.pickle, checked.prefix, {})
+
+
+def _meta_same(lazy: Any, real: Any, where: str = "root") -> None:
+    """Every RecordTensor describes its torch counterpart exactly, before any byte is read."""
+    if type(lazy) is RecordTensor:
+        assert isinstance(real, torch.Tensor), where
+        assert lazy.dtype == real.dtype and str(lazy.dtype) == str(real.dtype), where
+        assert (tuple(lazy.shape), lazy.stride(), lazy.storage_offset(), lazy.requires_grad, lazy.numel(),
+                lazy.element_size()) == (tuple(real.shape), real.stride(), real.storage_offset(), real.requires_grad,
+                                         real.numel(), real.element_size()), where
+        assert lazy.is_parameter == isinstance(real, torch.nn.Parameter), where
+        assert lazy.storage_nbytes == real.untyped_storage().nbytes(), where
+        return
+    if isinstance(lazy, dict):
+        assert list(lazy) == list(real), where
+        for k in lazy:
+            _meta_same(lazy[k], real[k], f"{where}[{k!r}]")
+    elif isinstance(lazy, (list, tuple)):
+        assert len(lazy) == len(real), where
+        for i, (x, y) in enumerate(zip(lazy, real)):
+            _meta_same(x, y, f"{where}[{i}]")
+
+
+def _as_torch(obj: Any) -> Any:
+    """The lazy result as torch would hold it: tensors materialised, Size as torch.Size."""
+    obj = materialize(obj)
+
+    def walk(v: Any) -> Any:
+        if type(v) is Size:
+            return torch.Size(v)
+        if type(v) in (list, tuple):
+            return type(v)(walk(x) for x in v)
+        if isinstance(v, dict):
+            for k in list(v):
+                v[k] = walk(v[k])
+        return v
+
+    return walk(obj)
+
+
+def _check(path: Path) -> bool:
+    """Compare the lazy read of ``path`` with torch's; False when the lazy reader handed it on."""
+    try:
+        lazy = _lazy(path)
+    except NeedsTorch:
+        return False
+    expected = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    _meta_same(lazy, expected)
+    _same(_as_torch(lazy), expected, {}, {})
+    return True
+
+
+@pytest.mark.parametrize("path", _fixture_files(), ids=lambda p: str(p.relative_to(FIXTURES)))
+def test_every_fixture_reads_lazily_as_torch_reads_it(path: Path) -> None:
+    try:
+        torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except pickle.UnpicklingError:  # beyond torch's table: the lazy reader must hand it on
+        with pytest.raises(NeedsTorch):
+            _lazy(path)
+        return
+    _check(path)
+
+
+def test_every_fixture_torch_reads_weights_only_needs_no_torch() -> None:
+    """The lazy reader is the usual path, not the exception: every fixture that torch's weights-only
+    load reads (all but pickled objects: DeepSpeed's loss scaler, GaLore's projector, trainer args)."""
+    readable = []
+    for p in _fixture_files():
+        try:
+            torch.load(p, weights_only=True, mmap=True, map_location="cpu")
+        except pickle.UnpicklingError:
+            continue
+        readable.append(p)
+    assert len(readable) >= 25
+    assert [p for p in readable if not _check(p)] == []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_generated_corpus_reads_lazily_as_torch_reads_it(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    obj = {"payload": _corpus_object(rng, 0, []), "many": [torch.tensor(float(i)) for i in range(50)]}
+    path = tmp_path / "c.pt"
+    torch.save(obj, path)
+    if not _check(path):  # a device or another global it does not model: the eager reader's result
+        loaded = torchfile.load_torch_file(str(path), lazy=True)
+        _same(loaded.obj, torch.load(path, weights_only=True, mmap=True), {}, {})
+
+
+def test_every_dtype_and_shared_storages(tmp_path: Path) -> None:
+    base = torch.arange(12, dtype=torch.float32)
+    obj: dict[str, Any] = {"a": base, "b": base[3:7], "c": base.view(3, 4).t(), "e": torch.empty(0, 5),
+                           "z": torch.tensor(1), "tied": base, "p": torch.nn.Parameter(torch.ones(2))}
+    for name in DTYPES:
+        dt = getattr(torch, name)
+        obj[name] = torch.arange(48, dtype=torch.uint8).view(dt)  # any bytes: every dtype, even those without casts
+    path = tmp_path / "s.pt"
+    torch.save(obj, path)
+    assert _check(path)
+    lazy = _lazy(path)
+    assert lazy["a"].key == lazy["b"].key == lazy["tied"].key != lazy["e"].key
+    for name in DTYPES:
+        assert str(lazy[name].dtype) == f"torch.{name}"
+    assert lazy["z"].item() == 1 and lazy["p"].is_parameter
+
+
+def test_scalars_decode_without_torch(tmp_path: Path) -> None:
+    vals = {"f32": torch.tensor(1.5), "f64": torch.tensor(-2.25, dtype=torch.float64),
+            "f16": torch.tensor(0.5, dtype=torch.float16), "bf16": torch.tensor(3.0, dtype=torch.bfloat16),
+            "i64": torch.tensor(7), "u8": torch.tensor(200, dtype=torch.uint8), "b": torch.tensor(True),
+            "view": torch.arange(5.0)[3]}
+    path = tmp_path / "v.pt"
+    torch.save(vals, path)
+    lazy = _lazy(path)
+    for k, t in vals.items():
+        assert lazy[k].item() == t.item(), k
+
+
+def test_tables_agree_with_the_installed_torch() -> None:
+    for name, dt in DTYPES.items():
+        real = getattr(torch, name)
+        assert (dt.itemsize, dt.is_floating_point, dt.is_complex) == (real.itemsize, real.is_floating_point,
+                                                                      real.is_complex), name
+        assert dt == real and real == dt and hash(dt) == hash(str(real))
+    for name, dt in STORAGE_DTYPES.items():
+        assert getattr(torch, name).dtype == dt, name
+    assert lazy_allowed() <= set(allowed())  # nothing the safe reader's exact allowlist lacks
+
+
+def test_what_it_does_not_model_goes_to_the_torch_reader(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "n.pt"
+    torch.save({"w": torch.ones(2), "dev": torch.device("cpu"), "arr": np.arange(3)}, path)
+    with pytest.raises(NeedsTorch):
+        _lazy(path)
+    loaded = torchfile.load_torch_file(str(path), lazy=True)
+    assert isinstance(loaded.obj["w"], torch.Tensor) and not loaded.placeholders
+
+
+def test_a_refused_global_is_still_refused_or_a_placeholder(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (os.getcwd, ())
+
+    path = tmp_path / "bad.pt"
+    torch.save({"x": Evil()}, path)
+    loaded = torchfile.load_torch_file(str(path), lazy=True)
+    assert loaded.placeholders and not is_tensor(loaded.obj["x"])
+
+
+def test_a_view_past_its_storage_is_left_to_torch(tmp_path: Path) -> None:
+    """A crafted view reaching beyond its record: the lazy reader does not describe it; torch's own
+    reader refuses it as before (one line, exit 2 through the CLI)."""
+    path = tmp_path / "v.pt"
+    torch.save({"w": torch.arange(4.0)}, path)
+    checked = torchfile._check_zip(str(path))
+    pkl = checked.pickle
+    i = pkl.index(b"K\x04\x85")  # the size tuple (4,)
+    forged = pkl[:i] + b"K\x09\x85" + pkl[i + 3:]  # (9,): past the 16-byte record
+    with pytest.raises(NeedsTorch):
+        read_zip_pickle_lazy(str(path), checked.layout, forged, checked.prefix, {})
+
+
+def _no_torch(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=env)
+
+
+def test_inspect_imports_no_torch() -> None:
+    code = ("import sys, optckpt\n"
+            "r = optckpt.inspect(sys.argv[1], model=sys.argv[2])\n"
+            "assert r.data['optimizers'], r.data\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = _no_torch(code, "fixtures/seed/optimizer_0.pth", "fixtures/seed/model_0.pth")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_cli_inspect_imports_no_torch() -> None:
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "optckpt", "inspect", "fixtures/bundle.pt"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
+    assert "optckpt.cli" in imported and "torch" not in imported
+
+
+def _rewrite(src: Path, dest: Path) -> Any:
+    """``src`` read lazily and written back by optckpt's own pickler (records copied as they are)."""
+    from optckpt.io.records import _rewrite_lazy, _source_records
+
+    obj = _lazy(src)
+    found = _source_records(str(src))
+    assert found is not None
+    prefix, by_offset, small = found
+    assert _rewrite_lazy(str(src), obj, str(dest), prefix, by_offset, small)
+    return obj
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 3))
+def test_files_written_by_the_own_pickler_load_in_torch_as_written(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    obj = {"payload": _corpus_object(rng, 0, []), "many": [torch.tensor(float(i)) for i in range(50)]}
+    src, dest = tmp_path / "c.pt", tmp_path / "out.pt"
+    torch.save(obj, src)
+    try:
+        _lazy(src)
+    except NeedsTorch:
+        pytest.skip("a global the lazy reader does not model: written the torch way")
+    _rewrite(src, dest)
+    _same(torch.load(dest, weights_only=True, mmap=True), torch.load(src, weights_only=True, mmap=True), {}, {})
+    _same(torch.load(dest, weights_only=True), torch.load(src, weights_only=True), {}, {})  # plain reads too
+
+
+@pytest.mark.parametrize("path", [p for p in _fixture_files() if "zero_ckpts" not in str(p)][:30],
+                         ids=lambda p: str(p.relative_to(FIXTURES)))
+def test_fixtures_rewritten_by_the_own_pickler_load_in_torch_as_before(tmp_path: Path, path: Path) -> None:
+    try:
+        before = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        _lazy(path)
+    except (pickle.UnpicklingError, NeedsTorch):
+        pytest.skip("not lazily readable")
+    dest = tmp_path / "out.pt"
+    _rewrite(path, dest)
+    _same(torch.load(dest, weights_only=True, mmap=True, map_location="cpu"), before, {}, {})
+
+
+def test_the_written_pickle_is_read_back_as_the_object(tmp_path: Path) -> None:
+    from optckpt.io.lazypickle import dump, same_structure
+
+    base = torch.arange(6.0)
+    src = tmp_path / "s.pt"
+    torch.save({"a": base, "b": base[2:], "p": torch.nn.Parameter(torch.ones(2)), "f8": torch.zeros(4).to(
+        torch.float8_e4m3fn), "n": float("nan"), "big": 1 << 70, "neg": -5, "s": torch.Size([2, 3]),
+        "d": torch.float16, "set": {1, 2}, "c": 1 + 2j, "bytes": b"\x00\xff"}, src)
+    obj = _lazy(src)
+    data, keys = dump(obj, lambda t: t.key)
+    assert sorted(keys) == sorted({t.key for t in obj.values() if type(t) is RecordTensor})
+    dest = tmp_path / "d.pt"
+    _rewrite(src, dest)
+    assert same_structure(obj, _lazy(dest), lambda t: t.key) is None
+    obj["a"].requires_grad = True  # a difference is found
+    assert same_structure(obj, _lazy(dest), lambda t: t.key) is not None
+
+
+def test_set_check_remap_and_reset_drop_with_a_names_file_import_no_torch(tmp_path: Path) -> None:
+    import shutil
+
+    ck = tmp_path / "b.pt"
+    shutil.copy(FIXTURES / "bundle.pt", ck)
+    names = tmp_path / "names.json"
+    names.write_text('["conv2.weight", "conv2.bias", "conv.weight", "conv.bias", "bn.weight", "bn.bias", '
+                     '"classifier.weight", "classifier.bias"]')
+    code = ("import sys, optckpt\n"
+            "optckpt.set_hparams(sys.argv[1], lr=0.5, in_place=True)\n"
+            "optckpt.set_hparams(sys.argv[1], sys.argv[2], lr=0.25)\n"
+            "assert optckpt.check(sys.argv[1], sys.argv[3]).exit_code == 1\n"
+            "optckpt.remap(sys.argv[1], sys.argv[3], sys.argv[4])\n"
+            "assert optckpt.check(sys.argv[4], sys.argv[3]).exit_code == 0\n"
+            "optckpt.reset(sys.argv[4], ['bn.*'], sys.argv[5])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = _no_torch(code, str(ck), str(tmp_path / "c.pt"), str(names), str(tmp_path / "r.pt"), str(tmp_path / "z.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = torch.load(ck, weights_only=True)
+    c = torch.load(tmp_path / "c.pt", weights_only=True)
+    orig = torch.load(FIXTURES / "bundle.pt", weights_only=True)
+    assert a["optimizer"]["param_groups"][0]["lr"] == 0.5 and c["optimizer"]["param_groups"][0]["lr"] == 0.25
+    for k in orig["model"]:
+        assert torch.equal(a["model"][k], orig["model"][k]) and torch.equal(c["model"][k], orig["model"][k])
+    for i, st in orig["optimizer"]["state"].items():
+        for key, v in st.items():
+            assert torch.equal(a["optimizer"]["state"][i][key], v) and torch.equal(c["optimizer"]["state"][i][key], v)
+    r_sd = torch.load(tmp_path / "r.pt", weights_only=True)["optimizer"]
+    z_sd = torch.load(tmp_path / "z.pt", weights_only=True)["optimizer"]
+    order = [4, 5, 0, 1, 2, 3, 6, 7]  # the names file's order, in saved indices
+    for new, old in enumerate(order):
+        for key, v in orig["optimizer"]["state"][old].items():
+            assert torch.equal(r_sd["state"][new][key], v)
+    assert sorted(z_sd["state"]) == [0, 1, 2, 3, 6, 7]  # bn.weight / bn.bias (4, 5 in the new order) dropped
+
+
+def _diff_json(a: str, b: str, lazy: bool, **kw: Any) -> str:
+    from optckpt import io
+    from optckpt.diff import diff_checkpoints
+    from optckpt.render import to_json
+
+    return to_json(diff_checkpoints(io.load(a, lazy=lazy), io.load(b, lazy=lazy), **kw).as_json())
+
+
+def test_diff_reads_lazily_what_it_reads_eagerly(tmp_path: Path) -> None:
+    """The same report whether tensors are compared in the files' mappings or as torch tensors: identical
+    files, changed values (numeric figures from torch), renames found by content, --stats."""
+    src = tmp_path / "a.pt"
+    ck = torch.load(FIXTURES / "bundle.pt", weights_only=True)
+    torch.save(ck, src)
+    ck["model"]["conv.weight"] = ck["model"]["conv.weight"] + 1e-3
+    ck["model"]["renamed.bias"] = ck["model"].pop("conv.bias")
+    ck["optimizer"]["state"][2]["exp_avg"] = ck["optimizer"]["state"][2]["exp_avg"].t()  # a strided view
+    changed = tmp_path / "b.pt"
+    torch.save(ck, changed)
+    pairs = [(FIXTURES / "bundle.pt", src), (src, changed), (FIXTURES / "per_layer_lr.pth", FIXTURES / "bundle.pt")]
+    for a, b in pairs:
+        for kw in ({}, {"stats": True}, {"atol": 1e-2}):
+            assert _diff_json(str(a), str(b), True, **kw) == _diff_json(str(a), str(b), False, **kw), (a, b, kw)
+
+
+def test_diff_of_identical_files_imports_no_torch(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(FIXTURES / "bundle.pt", tmp_path / "a2.pt")
+    code = ("import sys, optckpt\n"
+            "r = optckpt.diff(sys.argv[1], sys.argv[2])\n"
+            "assert r.exit_code == 0, r.data\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = _no_torch(code, str(FIXTURES / "bundle.pt"), str(tmp_path / "a2.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
