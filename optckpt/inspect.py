@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, is_module_object
 from .kinds import guess_optimizer, guess_scheduler
-from .mapping import OptimizerMapping
+from .mapping import IndexName, OptimizerMapping
 from .render import jsonable
 from .resolve import resolve
 from .tensors import is_tensor
@@ -43,6 +46,16 @@ def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]
         from .io.readguard import forget_mappings
 
         forget_mappings()  # mappings of earlier loads in this process may have been reused since
+    collecting = gc.isenabled()
+    gc.disable()  # a row per index, all kept: cycle collections would rescan the growing report again and again
+    try:
+        return _report(ck, stats)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _report(ck: Checkpoint, stats: bool) -> dict[str, Any]:
     return {
         "path": ck.path,
         "layout": ck.layout,
@@ -122,64 +135,88 @@ def _state_shape_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping) -> dict[str, Any]:
+    """One optimizer's report: a row per index. Work per index is a few lookups: what depends on an
+    entry's contents (its state summary, keys, step) is computed once per distinct entry object, and
+    rows of one entry share its summary (a DeepSpeed file's zero-size parameters share one state dict
+    per shape: 300k rows, a few summaries)."""
     groups = o.groups
     raw_groups = o.state_dict.get("param_groups", [])
     state = o.state
-    key_counts: Counter[str] = Counter()
-    steps: list[float] = []
     nonfinite = 0
     entries = []
-    group_of = {idx: g.position for g in groups for idx in g.params}
-    known = {e.index: e for e in mapping.entries}
-    all_keys: list[Any] = []
-    # entries that hold the very same values (a DeepSpeed file's zero-size parameters share one empty
-    # piece per shape and one step) are summarised once: 300k of them would otherwise cost seconds
-    summaries: dict[tuple[Any, ...], dict[str, Any]] = {}
-    step_values: dict[int, float] = {}
+    no_state: dict[str, Any] = {}
+    summaries: dict[int, dict[str, Any]] = {}  # id(entry) -> its summary, in the order first met
+    firsts: dict[int, Mapping[str, Any]] = {}  # id(entry) -> the entry
+    times: Counter[int] = Counter()  # id(entry) -> how many indices hold it
+    in_groups = 0
+    with_state = 0
+    ambiguous = len(mapping.ambiguous)
+    entries_of = mapping.entries
+    if list(map(itemgetter(0), entries_of)) == list(chain.from_iterable(g.params for g in groups)):
+        # the mapping in group order (the usual case): each of its entries is let go once its row is made
+        # (this mapping is this report's own), so a report of 300k indices never holds both in full
+        named: Iterator[IndexName | None] = _drain(entries_of)
+        known: dict[Any, IndexName] | None = None
+    else:
+        named = iter(())
+        known = {x.index: x for x in entries_of}
     for g in groups:
-        for pos, idx in enumerate(g.params):
-            st = state.get(idx, {})
-            all_keys.extend(st)
-            step = st.get("step")
-            if is_tensor(step) and step.numel() == 1:
-                value = step_values.get(id(step))
-                if value is None:
-                    value = step_values[id(step)] = float(step.item())
-                steps.append(value)
-            elif isinstance(step, (int, float)):
-                steps.append(float(step))
-            sig = (*st, *map(id, st.values()))
-            summary = summaries.get(sig)
-            if summary is None:
-                summary = summaries[sig] = _state_shape_summary(st)
-            row: dict[str, Any] = {
-                "index": idx,
-                "group": g.position,
-                "param_name": g.param_names[pos] if g.param_names and pos < len(g.param_names) else None,
-                "inferred_name": known[idx].name if idx in known else None,
-                "candidates": list(known[idx].candidates) if idx in known and known[idx].name is None else [],
-                "evidence": known[idx].evidence if idx in known else None,
-                "state": dict(summary),
-            }
-            if stats:
+        n = len(g.params)
+        sts = list(map(state.get, g.params))  # (None: no state)
+        ids = list(map(id, sts))
+        for k, st in dict(zip(ids, sts)).items():  # each distinct entry (in the order first met) once
+            if k not in summaries:
+                st = no_state if st is None else st
+                summaries[k] = _state_shape_summary(st)
+                firsts[k] = st
+        times.update(ids)
+        in_groups += n - sts.count(None)
+        with_state += sum(map(bool, sts))
+        names = g.param_names
+        param_names = chain(names[:n], repeat(None, n - len(names))) if names else repeat(None, n)
+        rows: list[dict[str, Any]] = [{"index": idx,
+                 "group": g.position,
+                 "param_name": pn,
+                 "inferred_name": e.name if e is not None else None,
+                 "candidates": list(e.candidates) if e is not None and e.name is None else [],
+                 "evidence": e.evidence if e is not None else None,
+                 "state": summary}
+                for idx, pn, e, summary in zip(g.params, param_names,
+                                               named if known is None else map(known.get, g.params),
+                                               map(summaries.__getitem__, ids))]
+        if stats:
+            for row, st in zip(rows, sts):
+                st = no_state if st is None else st
                 row["stats"] = {k: tensor_stats(v.load() if _on_disk(v) else v) for k, v in st.items()
                                 if (is_tensor(v) or _on_disk(v)) and len(v.shape)}
                 nonfinite += sum(s["nan"] + s["inf"] for s in row["stats"].values())
-            entries.append(row)
-    key_counts.update(all_keys)
-    orphans = [k for k in state if k not in group_of]
+        entries.extend(rows)
+    key_counts: Counter[str] = Counter()
+    lo = hi = None
+    for k, first in firsts.items():  # (first met first: the same key order, and min / max, as a walk of every index)
+        for key in first:
+            key_counts[key] += times[k]
+        step = _step(first.get("step"))
+        if step is not None:
+            lo = step if lo is None or step < lo else lo
+            hi = step if hi is None or step > hi else hi
+    if in_groups == len(state):  # (validate_optimizer refuses an index listed twice)
+        orphans: list[Any] = []
+    else:
+        grouped = {idx for g in groups for idx in g.params}
+        orphans = [k for k in state if k not in grouped]
     report: dict[str, Any] = {
         "name": o.name,
         "class": guess_optimizer(raw_groups),
         "num_params": o.num_params,
-        "num_with_state": sum(1 for g in groups for i in g.params if state.get(i)),
+        "num_with_state": with_state,
         "has_param_names": bool(groups) and all(g.param_names is not None for g in groups),
         "name_evidence": mapping.evidence,
         "name_source_model": mapping.model,
-        "ambiguous": sum(e.name is None for e in mapping.entries),
+        "ambiguous": ambiguous,
         "notes": list(mapping.notes),
         "state_keys": dict(key_counts),
-        "step": [min(steps), max(steps)] if steps else None,
+        "step": [lo, hi] if lo is not None else None,
         "groups": [
             {"group": g.position, "size": len(g.params), "hparams": jsonable(g.hparams),
              "next_lr": jsonable(g.hparams.get("lr")),
@@ -192,6 +229,23 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     if stats:
         report["nonfinite_state_values"] = nonfinite
     return report
+
+
+def _drain(entries: list[IndexName]) -> Iterator[IndexName | None]:
+    """The entries in order, each dropped from ``entries`` as it is handed out (left empty)."""
+    for k in range(len(entries)):
+        e = entries[k]
+        entries[k] = None  # type: ignore[call-overload]
+        yield e
+    entries.clear()
+
+
+def _step(step: Any) -> float | None:
+    if is_tensor(step) and step.numel() == 1:
+        return float(step.item())
+    if isinstance(step, (int, float)):
+        return float(step)
+    return None
 
 
 def _on_disk(v: Any) -> bool:

@@ -25,6 +25,7 @@ import gc
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Any, NamedTuple
 
 from .align import Item, Slot, align_groups
@@ -172,23 +173,43 @@ def _items(opt: OptimizerState) -> list[list[Item]]:
     return [[Item(i, shapes[i]) for i in g.params] for g in opt.groups]
 
 
+def _distinct(entries: Any) -> dict[int, Any]:
+    """The distinct entry objects among ``entries``, by id (a DeepSpeed file's zero-size parameters
+    share one state dict per shape: 300k indices, a few entries, each read once)."""
+    return {id(e): e for e in entries}
+
+
 def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
-    """Every index's parameter shape as its state shows it (computed once per optimizer)."""
+    """Every index's parameter shape as its state shows it (computed once per optimizer, and once
+    per distinct entry object)."""
     cached = opt.__dict__.get("_shapes")  # kept beside the state dict it was computed from
     model_shapes = opt.__dict__.get("_model_shapes")  # set by infer_mapping: the checkpoint's parameter shapes
     if cached is not None and cached[0] is opt.state_dict and cached[2] is model_shapes:
         return cached[1]
-    state = {i: one_view(e) for i, e in opt.state.items()}
-    lbfgs = is_lbfgs(opt)
-    found = {i: (None, "") if lbfgs else _shape_and_key(state.get(i, {})) for g in opt.groups for i in g.params}
-    shapes = {i: s for i, (s, _) in found.items()}
-    if not lbfgs and model_shapes:
-        # a known key whose shapes are not the saved model's parameter shapes means something else in
-        # this optimizer (Nero's per-row exp_avg_sq [6, 1], Amos' scalar one, SARA's empty exp_avg):
-        # none of its shapes is evidence
-        other = {k for i, (s, k) in found.items() if s is not None and s not in model_shapes}
-        shapes = {i: None if k in other else s for i, (s, k) in found.items()}
-        _shapes_from_unknown_keys(state, shapes, model_shapes, opt.__dict__.get("_model_shape_counts"))
+    raw = opt.state
+    distinct = _distinct(raw.values())
+    views = {k: one_view(e) for k, e in distinct.items()}
+    # (the index -> view mapping handed on is the state itself unless some entry is read through)
+    state = raw if all(views[k] is e for k, e in distinct.items()) else {i: views[id(e)] for i, e in raw.items()}
+    params = list(chain.from_iterable(g.params for g in opt.groups))
+    entry_ids = list(map(id, map(state.get, params)))  # (an index without state: id(None))
+    none: tuple[tuple[int, ...] | None, str] = (None, "")
+    if is_lbfgs(opt):
+        shapes = dict.fromkeys(params)
+    else:
+        # per distinct entry (its shape and the key that gave it); C-level walks over the indices
+        used = dict(zip(entry_ids, map(state.get, params)))
+        by_entry = {k: none if e is None else _shape_and_key(e) for k, e in used.items()}
+        final = {k: s for k, (s, _) in by_entry.items()}
+        if model_shapes:
+            # a known key whose shapes are not the saved model's parameter shapes means something else in
+            # this optimizer (Nero's per-row exp_avg_sq [6, 1], Amos' scalar one, SARA's empty exp_avg):
+            # none of its shapes is evidence
+            other = {k for s, k in by_entry.values() if s is not None and s not in model_shapes}
+            final = {k: None if key in other else s for k, (s, key) in by_entry.items()}
+        shapes = dict(zip(params, map(final.__getitem__, entry_ids)))
+        if model_shapes:
+            _shapes_from_unknown_keys(state, shapes, model_shapes, opt.__dict__.get("_model_shape_counts"))
     opt.__dict__["_shapes"] = (opt.state_dict, shapes, model_shapes)
     return shapes
 
@@ -201,41 +222,48 @@ def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[
     the same key in every such entry of the optimizer (a per-parameter buffer) and every shape it
     gives is the shape of some parameter of the model saved with it (corroborated: no model, no
     inference). Factored or blockwise state (row / column factors, ``absmax`` blocks) makes the
-    largest key vary or have another size, so it gives no shape: no evidence rather than a wrong one."""
-    todo = [i for i, s in shapes.items() if s is None and isinstance(state.get(i), Mapping) and state[i]
-            and not any(_is_object(v) for v in state[i].values())]
-    picks: dict[Any, tuple[str, tuple[int, ...]]] = {}
+    largest key vary or have another size, so it gives no shape: no evidence rather than a wrong one.
+    Each distinct entry object is read once (entries shared by many indices cost a lookup each)."""
+    keys = list(shapes)
+    ids = list(map(id, map(state.get, keys)))  # each index's entry object (C-level walks, once)
+    entries = dict(zip(ids, map(state.get, keys)))
+    tensors = {k: _tensors(e) if isinstance(e, Mapping) else {} for k, e in entries.items()}
+    plain = {k for k, e in entries.items()
+             if isinstance(e, Mapping) and e and not any(_is_object(v) for v in e.values())}
+    todo = [(i, k) for i, s, k in zip(keys, shapes.values(), ids) if s is None and k in plain]
+    used = {k for _, k in todo}
     # only keys every such entry has (bitsandbytes keeps its 256-entry code books qmap1 / qmap2 on
     # 8-bit entries only: never the parameter's buffer)
-    common = set.intersection(*(set(_tensors(state[i])) for i in todo)) if todo else set()
-    for i in todo:
-        found = {k: v for k, v in _tensors(state[i]).items() if k in common}
+    common = set.intersection(*(set(tensors[k]) for k in used)) if todo else set()
+    chosen: dict[int, tuple[str, tuple[int, ...]]] = {}
+    for k in used:
+        found = {name: v for name, v in tensors[k].items() if name in common}
         if found:
-            key = max(found, key=lambda k: (_numel(found[k]), len(found[k]), k))
-            picks[i] = (key, found[key])
-    if not picks or len({k for k, _ in picks.values()}) != 1 or len(picks) != len(todo):
+            best = max(found, key=lambda x: (_numel(found[x]), len(found[x]), x))
+            chosen[k] = (best, found[best])
+    # (every check below only decides whether to return: the cheap ones, per entry, first)
+    if not chosen or len({name for name, _ in chosen.values()}) != 1 or len(chosen) != len(used):
         return
-    key = next(iter(picks.values()))[0]
-    for i, known in shapes.items():
-        entry = state.get(i)
-        if known is None or not isinstance(entry, Mapping) or not _tensors(entry):
-            continue
-        if _tensors(entry).get(key) != known:
-            return  # the key is missing where the shape is known, or has another shape there: not the
-            # parameter's buffer but a factor (GaLore's Adafactor: exp_avg_sq_row only on matrices)
-    for i, (_, shape) in picks.items():
-        if any(_numel(t) == _numel(shape) and t != shape for t in _tensors(state[i]).values()):
+    for k, (_, shape) in chosen.items():
+        if any(_numel(t) == _numel(shape) and t != shape for t in tensors[k].values()):
             return  # a same-sized tensor of another shape beside it: which is the parameter's is not shown
         if shape not in model_shapes:
             return
+    key = next(iter(chosen.values()))[0]
+    for known, k in zip(shapes.values(), ids):
+        if known is None or not tensors.get(k):
+            continue
+        if tensors[k].get(key) != known:
+            return  # the key is missing where the shape is known, or has another shape there: not the
+            # parameter's buffer but a factor (GaLore's Adafactor: exp_avg_sq_row only on matrices)
+    picks = {i: chosen[k][1] for i, k in todo}
     if model_counts is not None:
         # more indices of a shape than the model has parameters of it: a factor (RACS' row sums
         # [6] beside a [6, 4] weight), not the parameter
-        wanted = Counter(s for i, s in shapes.items() if s is not None) + Counter(s for _, s in picks.values())
+        wanted = Counter(s for s in shapes.values() if s is not None) + Counter(picks.values())
         if any(n > model_counts[s] for s, n in wanted.items()):
             return
-    for i, (_, shape) in picks.items():
-        shapes[i] = shape
+    shapes.update(picks)
 
 
 def _entries(opt: OptimizerState, names: Sequence[Sequence[tuple[str | None, tuple[str, ...]]]],
@@ -244,16 +272,14 @@ def _entries(opt: OptimizerState, names: Sequence[Sequence[tuple[str | None, tup
     shapes = _shapes(opt)
     # LBFGS keeps one global state (under the first index) that spans every parameter, in order
     everyone = is_lbfgs(opt) and any(bool(v) for v in state.values())
-    out = []
-    for g, gnames in zip(opt.groups, names):
-        for idx, (name, cands) in zip(g.params, gnames):
-            out.append(IndexName(idx, g.position, name, cands, shapes[idx], everyone or bool(state.get(idx)),
-                                 evidence))
-    return out
+    make = tuple.__new__  # IndexName(...) without its Python-level __new__ (300k entries: a third of the time)
+    return [make(IndexName, (idx, g.position, name, cands, shapes[idx], everyone or bool(state.get(idx)), evidence))
+            for g, gnames in zip(opt.groups, names) for idx, (name, cands) in zip(g.params, gnames)]
 
 
 def _exact(opt: OptimizerState, evidence: str, names: Sequence[Sequence[str]]) -> OptimizerMapping:
-    return OptimizerMapping(opt.name, evidence, _entries(opt, [[(n, (n,)) for n in g] for g in names], evidence))
+    rows = [((n, (n,)) for n in g) for g in names]  # made as consumed: no list of pairs beside the entries
+    return OptimizerMapping(opt.name, evidence, _entries(opt, rows, evidence))  # type: ignore[arg-type]
 
 
 # Buffers torch / transformers register under these names; never parameters. Excluding them turns

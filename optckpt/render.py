@@ -21,16 +21,24 @@ is removed or changes meaning; adding a field does not bump it."""
 _PLAIN = frozenset({str, int, bool, type(None)})
 
 
-def jsonable(v: Any) -> Any:
+def jsonable(v: Any, _seen: dict[int, Any] | None = None) -> Any:
     """Plain JSON data from checkpoint values (tuples → lists, 1-element tensors → numbers,
-    non-finite floats → strings, anything else → its repr)."""
+    non-finite floats → strings, anything else → its repr). ``_seen`` (id → converted): a dict met
+    again is converted once (a report's rows share their state summaries)."""
     t = type(v)
     if t in _PLAIN:
         return v
     if t is dict:  # the common containers by exact type first: a 300k-parameter report is millions of values
+        if _seen is not None:
+            done = _seen.get(id(v))
+            if done is not None:
+                return done
+            out = _seen[id(v)] = {k if type(k) is str else str(k): x if type(x) in _PLAIN else jsonable(x, _seen)
+                                  for k, x in v.items()}
+            return out
         return {k if type(k) is str else str(k): x if type(x) in _PLAIN else jsonable(x) for k, x in v.items()}
     if t is list or t is tuple:
-        return [x if type(x) in _PLAIN else jsonable(x) for x in v]
+        return [x if type(x) in _PLAIN else jsonable(x, _seen) for x in v] if v else []
     if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
         return v
     if isinstance(v, float):
@@ -40,9 +48,9 @@ def jsonable(v: Any) -> Any:
             return jsonable(v.item())
         return f"tensor{tuple(v.shape)}"
     if isinstance(v, Mapping):
-        return {str(k): jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x, _seen) for k, x in v.items()}
     if isinstance(v, (list, tuple, set, frozenset)):
-        return [jsonable(x) for x in v]
+        return [jsonable(x, _seen) for x in v]
     return repr(v)
 
 
@@ -53,7 +61,9 @@ def to_json(report: Mapping[str, Any]) -> str:
     """A command's report as JSON, ``schema_version`` first: indented for reading, except past 1 MiB,
     where it stays compact (Python's C encoder only writes compact JSON: indenting a 300k-parameter
     report would take longer than reading the checkpoint)."""
-    data = jsonable(report)
+    seen: dict[int, Any] = {}
+    data = jsonable(report, seen)
+    del seen
     data = {"schema_version": data.pop("schema_version", SCHEMA_VERSION), **data}
     text = json.dumps(data)
     return json.dumps(data, indent=2) if len(text) <= _INDENT_LIMIT else text

@@ -39,8 +39,10 @@ def validate_optimizer(opt: OptimizerState) -> list[str]:
     if orphans:
         warnings.append(f"{opt.name}: state for indices in no param group: {orphans[:8]} (ignored)")
     state = opt.state
-    if {type(e) for e in state.values()} <= {dict} and \
-            {type(v).__name__ for e in state.values() for v in e.values()} <= _PLAIN_NAMES:
+    values = list(state.values())
+    distinct = dict(zip(map(id, values), values)).values()  # each entry object once (entries may be shared)
+    if set(map(type, distinct)) <= {dict} and \
+            {type(v).__name__ for e in distinct for v in e.values()} <= _PLAIN_NAMES:
         return warnings  # the common case, checked in one pass
     for k, entry in state.items():
         if not fqn and not isinstance(k, int):

@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -123,15 +124,15 @@ def load_deepspeed(path: str, step: str, trust_pickle: bool = False) -> Checkpoi
     if "fp32_flat_groups" in zero[0]:
         stage, params, state, groups = 3, *_cut_stage3(zero, shapes, where)
     elif "single_partition_of_fp32_groups" in zero[0]:
-        stage, params, state, groups = 1, *_cut_stage12(zero, shapes, where)
+        stage, params, state, groups = 1, *_cut_stage12(zero, shapes, where, masters=False)
     else:
         raise LoadError(f"{where}: neither single_partition_of_fp32_groups nor fp32_flat_groups: "
                         "not a ZeRO stage 1-3 optimizer file")
     opt_sd = {"state": state, "param_groups": groups}
     # every value in the state is a tensor cut here or a scalar shared by the group (checked through its
     # first parameter); the names are param_shapes' strings: a walk of them all would be per-entry work
-    firsts = {group[0][0] for group in shapes if group}
-    hit = first_placeholder({"state": {k: v for k, v in state.items() if k in firsts},
+    firsts = [group.names[0] for group in shapes if group.names]
+    hit = first_placeholder({"state": {k: state[k] for k in firsts if k in state},
                              "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]})
     if hit is not None:
         raise LoadError(f"{where}: optimizer field {hit[0]} is a pickled object where plain data belongs")
@@ -178,41 +179,89 @@ def _config_stage(obj: Any) -> int | None:
     return s if isinstance(s, int) else None
 
 
-def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[list[tuple[str, tuple[int, ...]]]]:
+class _Group(NamedTuple):
+    """One group of ``param_shapes``: its names in flat order and their shapes (one tuple object per
+    distinct shape, shared: a file repeating a shape costs a list slot per parameter, not a tuple)."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+
+
+def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[_Group]:
     raw = model_sd.get("param_shapes")
     if not isinstance(raw, list) or not raw:
         raise LoadError(f"{what}: no param_shapes: cannot cut the flat ZeRO partitions by parameter")
-    out: list[list[tuple[str, tuple[int, ...]]]] = []
+    out: list[_Group] = []
     total = 0
+    unique_keys = True
     for g in raw:
         if not isinstance(g, Mapping):
             raise LoadError(f"{what}: param_shapes entry is {type(g).__name__}, not a name -> shape mapping")
         total += len(g)
         if total > _MAX_PARAMS:
             raise LoadError(f"{what}: param_shapes lists more than {_MAX_PARAMS:,} parameters; refused")
-        items = list(dict.items(g) if isinstance(g, dict) else g.items())
-        group = []
-        checked: set[Any] = set()  # torch.Size values already checked (a file repeats a few shapes many times)
-        for name, shape in items:
-            if type(name) is str and type(shape) is torch.Size and shape in checked:
-                group.append((name, tuple(shape)))
-                continue
-            dims = tuple(shape) if type(shape) in (tuple, list, torch.Size) else None
-            if type(name) is not str or dims is None or len(dims) > 64 \
-                    or not all(type(d) is int and 0 <= d < _MAX_DIM for d in dims):
-                raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(shape)} is not a shape "
-                                "(a list of non-negative integers below 2**62)")
-            if dims and min(dims) and math.prod(dims) >= _MAX_DIM:
-                raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(list(dims))} has more "
-                                "elements than any tensor can hold")
-            if type(shape) is torch.Size and len(checked) < 4096:
-                checked.add(shape)
-            group.append((name, dims))
-        out.append(group)
-    names = [nm for group in out for nm, _ in group]
-    if len(set(names)) != len(names):
+        unique_keys = unique_keys and isinstance(g, dict)
+        if isinstance(g, dict) and type(g) in (dict, OrderedDict) \
+                and set(map(type, dict.values(g))) <= {torch.Size} and set(map(type, g)) <= {str}:
+            out.append(_sizes(g, what))  # the usual file: one check per distinct shape
+            continue
+        names: list[str] = []
+        shapes: list[tuple[int, ...]] = []
+        for name, shape in (dict.items(g) if isinstance(g, dict) else list(g.items())):
+            names.append(name)
+            shapes.append(_dims(name, shape, what))
+        out.append(_Group(names, shapes))
+    if _twice(out, unique_keys):
         raise LoadError(f"{what}: param_shapes names a parameter twice")
     return out
+
+
+def _sizes(g: dict[Any, Any], what: str) -> _Group:
+    """A group of ``param_shapes`` whose names are strings and whose shapes are ``torch.Size`` (what
+    DeepSpeed writes): each distinct shape checked once, and the loaded dict made to hold one object
+    per distinct shape (equal values; a file repeating a shape 300k times held 300k objects)."""
+    names = list(g)
+    values = list(dict.values(g))
+    dims: dict[Any, tuple[int, ...]] = {}
+    for shape in dict.fromkeys(values):  # (the first object of each value: torch.Size holds ints only)
+        try:
+            dims[shape] = _dims("", shape, what)
+        except LoadError:
+            name = names[values.index(shape)]
+            _dims(name, shape, what)
+            raise
+    first = {shape: shape for shape in dims}
+    dict.update(g, zip(names, map(first.__getitem__, values)))  # (values replaced: no key added, none moved)
+    return _Group(names, list(map(dims.__getitem__, values)))
+
+
+def _dims(name: Any, shape: Any, what: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of dimensions, or a one-line error naming the entry."""
+    dims = tuple(shape) if type(shape) in (tuple, list, torch.Size) else None
+    if type(name) is not str or dims is None or len(dims) > 64 \
+            or not all(type(d) is int and 0 <= d < _MAX_DIM for d in dims):
+        raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(shape)} is not a shape "
+                        "(a list of non-negative integers below 2**62)")
+    if dims and min(dims) and math.prod(dims) >= _MAX_DIM:
+        raise LoadError(f"{what}: param_shapes entry {_short(name)}: {_short(list(dims))} has more "
+                        "elements than any tensor can hold")
+    return dims
+
+
+def _twice(groups: Sequence[_Group], unique_keys: bool) -> bool:
+    """Whether a name occurs twice. The keys of one dict are distinct already: then only the groups
+    but the largest go into a set, and the largest is looked up in it (no set of every name)."""
+    if not unique_keys:
+        names = [n for g in groups for n in g.names]
+        return len(set(names)) != len(names)
+    big = max(range(len(groups)), key=lambda i: len(groups[i].names))
+    others: set[str] = set()
+    count = 0
+    for i, g in enumerate(groups):
+        if i != big:
+            others.update(g.names)
+            count += len(g.names)
+    return len(others) != count or (bool(others) and any(n in others for n in groups[big].names))
 
 
 def _short(v: Any) -> str:
@@ -248,33 +297,65 @@ def _join(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
 
 
-def _cut(flat: torch.Tensor, shapes: Sequence[tuple[str, tuple[int, ...]]], paddings: Sequence[int],
-         what: str) -> dict[str, torch.Tensor]:
-    """Parameter tensors out of a group's flat buffer (views); every element accounted for. Declared
-    zero-size entries get one (empty, immutable) view per shape: they cost a list slot, not a tensor."""
-    vals: list[torch.Tensor | None] = [None] * len(shapes)
-    empty: dict[tuple[int, ...], torch.Tensor] = {}
+class _Pieces(NamedTuple):
+    """A flat buffer cut back per parameter: views for the parameters that hold elements (by position
+    in the group), one empty view per zero-size shape (shared by every such parameter)."""
+
+    views: dict[int, torch.Tensor]
+    empty: dict[tuple[int, ...], torch.Tensor]
+
+    def at(self, i: int, shape: tuple[int, ...]) -> torch.Tensor:
+        v = self.views.get(i)
+        return self.empty[shape] if v is None else v
+
+    def listed(self, group: _Group) -> list[torch.Tensor]:
+        return [self.at(i, shape) for i, shape in enumerate(group.shapes)]
+
+
+class _Layout(NamedTuple):
+    """Where a group's parameters lie in its flat buffer: (position, offset, numel, shape) of those
+    holding elements, and the distinct shapes of the zero-size ones (which hold only their padding)."""
+
+    real: list[tuple[int, int, int, tuple[int, ...]]]
+    zero_shapes: list[tuple[int, ...]]
+    total: int  # the flat buffer's length
+
+
+def _layout(group: _Group, paddings: Sequence[int], total: int, what: str) -> _Layout:
+    """The layout of a flat buffer of ``total`` elements (stages 1/2); every element accounted for.
+    One walk over the declared parameters, shared by the weights and every state key of the group."""
+    real: list[tuple[int, int, int, tuple[int, ...]]] = []
+    zero: dict[tuple[int, ...], None] = {}
     offset = 0
-    for i, ((name, shape), pad) in enumerate(zip(shapes, paddings)):
+    for i, (shape, pad) in enumerate(zip(group.shapes, paddings)):
         if 0 in shape:
-            v = empty.get(shape)
-            if v is None:
-                v = empty[shape] = flat[:0].view(shape)
-            vals[i] = v
+            zero[shape] = None
             offset += pad
             continue
         n = math.prod(shape)
-        if offset + n > flat.numel():
-            raise LoadError(f"{what}: flat partition of {flat.numel()} elements ends inside {name} {list(shape)}")
-        vals[i] = flat.narrow(0, offset, n).view(shape)
+        if offset + n > total:
+            raise LoadError(f"{what}: flat partition of {total} elements ends inside {group.names[i]} {list(shape)}")
+        real.append((i, offset, n, shape))
         offset += n + pad
-    if offset != flat.numel():
-        raise LoadError(f"{what}: flat partition of {flat.numel()} elements, but param_shapes account for {offset}")
-    return dict(zip([nm for nm, _ in shapes], vals))  # type: ignore[arg-type]
+    if offset != total:
+        raise LoadError(f"{what}: flat partition of {total} elements, but param_shapes account for {offset}")
+    return _Layout(real, list(zero), total)
 
 
-def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, tuple[int, ...]]]],
-                 what: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+def _cut(flat: torch.Tensor, layout: _Layout, what: str) -> _Pieces:
+    """Parameter tensors out of a group's flat buffer (views): a tensor per parameter holding elements,
+    one (empty, immutable) view per zero-size shape."""
+    if flat.numel() != layout.total:
+        raise LoadError(f"{what}: flat partition of {flat.numel()} elements, but param_shapes account for "
+                        f"{layout.total}")
+    return _Pieces({i: flat.narrow(0, off, n).view(shape) for i, off, n, shape in layout.real},
+                   {shape: flat[:0].view(shape) for shape in layout.zero_shapes})
+
+
+def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[_Group], what: str, *, masters: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The fp32 master weights by name (only checked, not kept, with ``masters=False``), the state by
+    name, the param groups (their ``params``: the names)."""
     n = len(shapes)
     params: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, Any]] = {}
@@ -298,10 +379,14 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str,
                         f"list(s) for {n} param group(s)")
     hp = _hparams(ranks[0][2], n, what) if isinstance(ranks[0][2], dict) else None
     for g, group in enumerate(shapes):
-        pads = _ints(align[g], len(group), f"{what}: param_alignment_paddings[{g}]") if isinstance(align, list) \
-            else [0] * len(group)
+        size = len(group.names)
+        pads = _ints(align[g], size, f"{what}: param_alignment_paddings[{g}]") if isinstance(align, list) \
+            else [0] * size
         where = f"{what}: group {g}"
-        params.update(_cut(_join([_tensor(fp32[g], where) for fp32, _, _ in ranks]), group, pads, where))
+        flat = _join([_tensor(fp32[g], where) for fp32, _, _ in ranks])
+        layout = _layout(group, pads, flat.numel(), where)
+        if masters:
+            params.update(zip(group.names, _cut(flat, layout, where).listed(group)))
         per_key: dict[str, list[torch.Tensor]] = {}
         scalars: dict[str, Any] = {}
         for r, (fp32, padding, base) in enumerate(ranks):
@@ -314,32 +399,29 @@ def _cut_stage12(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str,
                     per_key.setdefault(k, []).append(v[:lean])
                 elif r == 0:
                     scalars[k] = v
-        cut = {k: _cut(_join(v), group, pads, f"{where}, state {k!r}") for k, v in per_key.items()}
+        cut = {k: _cut(_join(v), layout, f"{where}, state {k!r}") for k, v in per_key.items()}
         _fill_state(state, group, scalars, cut)
         hparams = hp[g] if hp is not None else {}
-        groups.append({**{k: v for k, v in hparams.items() if k != "params"}, "params": [nm for nm, _ in group]})
+        groups.append({**{k: v for k, v in hparams.items() if k != "params"}, "params": list(group.names)})
     return params, state, groups
 
 
-def _fill_state(state: dict[str, dict[str, Any]], names: Sequence[tuple[str, tuple[int, ...]]],
-                scalars: Mapping[str, Any], cut: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Each parameter's state: its own copy of the scalar entries (``step``) and its cut pieces. The
-    zero-size parameters (nothing to update) share one copy of the scalars and their pieces (one per
-    shape), so that a file declaring many of them costs a small dict each, not tensors."""
-    shared: dict[str, Any] | None = None
-    empty: dict[tuple[int, ...], dict[str, Any]] = {}  # per shape: the state each zero-size entry copies
-    for name, shape in names:
-        if 0 in shape:
-            proto = empty.get(shape)
-            if proto is None:
-                if shared is None:
-                    shared = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
-                proto = empty[shape] = {**shared, **{k: c[name] for k, c in cut.items()}}
-            state[name] = proto.copy()
-            continue
+def _fill_state(state: dict[str, dict[str, Any]], group: _Group, scalars: Mapping[str, Any],
+                cut: Mapping[str, _Pieces]) -> None:
+    """Each parameter's state, in the group's order: its own copy of the scalar entries (``step``) and
+    its cut pieces. The zero-size parameters (nothing to update) share one state dict per shape (one
+    copy of the scalars, the shape's empty pieces), so that a file declaring many of them costs a slot
+    in ``state`` each, neither tensors nor dicts."""
+    zero = [shape for shape in dict.fromkeys(group.shapes) if 0 in shape]
+    shared = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()} if zero else {}
+    by_shape = {shape: {**shared, **{k: c.empty[shape] for k, c in cut.items()}} for shape in zero}
+    entries: list[dict[str, Any] | None] = list(map(by_shape.get, group.shapes))
+    columns = [(k, c.views) for k, c in cut.items()]
+    for i in [i for i, e in enumerate(entries) if e is None]:
         own = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}
-        own.update({k: c[name] for k, c in cut.items()})
-        state[name] = own
+        own.update({k: views[i] for k, views in columns})
+        entries[i] = own
+    state.update(zip(group.names, entries))  # type: ignore[arg-type]
 
 
 def _stage12_entry(base: Any, g: int, what: str) -> dict[str, Any]:
@@ -360,7 +442,7 @@ def _stage12_entry(base: Any, g: int, what: str) -> dict[str, Any]:
     return _dict(entry, f"{what}: group {g} state")
 
 
-def _cut_stage3(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, tuple[int, ...]]]],
+def _cut_stage3(zero: Sequence[Mapping[str, Any]], shapes: list[_Group],
                 what: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     world = len(zero)
     count = zero[0].get("partition_count")
@@ -397,36 +479,35 @@ def _cut_stage3(zero: Sequence[Mapping[str, Any]], shapes: list[list[tuple[str, 
                 elif r == 0:
                     scalars[k] = v
         keyed.append({k: _join(v) for k, v in per_key.items() if len(v) == len(subs)})
-    params = _gather3(flats, shapes, what)
-    cut = {k: _gather3([kd[k] for kd in keyed], shapes, f"{what}, state {k!r}") for k in keyed[0]
+    flat = _Group([n for g in shapes for n in g.names], [s for g in shapes for s in g.shapes])
+    params = dict(zip(flat.names, _gather3(flats, flat, what).listed(flat)))
+    cut = {k: _gather3([kd[k] for kd in keyed], flat, f"{what}, state {k!r}") for k in keyed[0]
            if all(k in kd for kd in keyed)}
     state: dict[str, dict[str, Any]] = {}
-    _fill_state(state, [p for group in shapes for p in group], scalars, cut)
-    groups = [{**{k: v for k, v in hp.items() if k != "params"}, "params": [nm for nm, _ in group]}
+    _fill_state(state, flat, scalars, cut)
+    groups = [{**{k: v for k, v in hp.items() if k != "params"}, "params": list(group.names)}
               for hp, group in zip(_hparams(base0, len(shapes), what), shapes)]
     return params, state, groups
 
 
-def _gather3(flats: Sequence[torch.Tensor], shapes: list[list[tuple[str, tuple[int, ...]]]],
-             what: str) -> dict[str, torch.Tensor]:
+def _gather3(flats: Sequence[torch.Tensor], group: _Group, what: str) -> _Pieces:
     """Stage 3: every rank holds a padded ``ceil(numel / world)`` slice of each parameter, in order."""
     world = len(flats)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[int, torch.Tensor] = {}
     empty: dict[tuple[int, ...], torch.Tensor] = {}
     offset = 0
-    for name, shape in (p for group in shapes for p in group):
+    for i, (name, shape) in enumerate(zip(group.names, group.shapes)):
         n = math.prod(shape)
         if n == 0:  # nothing on any rank: one empty view per shape
             if shape not in empty:
                 empty[shape] = flats[0][:0].view(shape)
-            out[name] = empty[shape]
             continue
         part = -(-n // world)
         if any(offset + part > f.numel() for f in flats):
             raise LoadError(f"{what}: flat partition ends inside {name} {list(shape)}")
-        out[name] = _join([f.narrow(0, offset, part) for f in flats]).narrow(0, 0, n).view(shape)
+        out[i] = _join([f.narrow(0, offset, part) for f in flats]).narrow(0, 0, n).view(shape)
         offset += part
     if any(f.numel() != offset for f in flats):
         raise LoadError(f"{what}: flat partitions of {[f.numel() for f in flats]} elements, "
                         f"but param_shapes account for {offset} per rank")
-    return out
+    return _Pieces(out, empty)
