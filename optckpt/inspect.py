@@ -150,7 +150,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     times: Counter[int] = Counter()  # id(entry) -> how many indices hold it
     in_groups = 0
     with_state = 0
-    ambiguous = len(mapping.ambiguous)
+    ambiguous = sum(e.name is None for e in mapping.entries)  # (counted here: the naming code is entered once)
     entries_of = mapping.entries
     if list(map(itemgetter(0), entries_of)) == list(chain.from_iterable(g.params for g in groups)):
         # the mapping in group order (the usual case): each of its entries is let go once its row is made
