@@ -181,7 +181,7 @@ def inspect(path: str, model_path: str | None, trust_pickle: bool, fmt: str, sta
     from .render import render_inspect
 
     r = verbs.inspect(path, model=model_path, stats=stats, trust_pickle=trust_pickle)
-    click.echo(r.to_json() if fmt == "json" else _escape(render_inspect(r.data, stats=stats), newlines=False))
+    click.echo(_json(r) if fmt == "json" else _escape(render_inspect(r.data, stats=stats), newlines=False))
 
 
 def mapping_options(f: F) -> F:
@@ -220,8 +220,14 @@ def check(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
 
     r = verbs.check(path, target_spec, model=model_path, source=source, rename=renames, optimizer=optimizer_key,
                     models=models, group_evidence=not no_group_evidence, trust_pickle=trust_pickle)
-    click.echo(r.to_json() if fmt == "json" else _escape(render_check(r.data), newlines=False))
+    click.echo(_json(r) if fmt == "json" else _escape(render_check(r.data), newlines=False))
     sys.exit(r.exit_code)
+
+
+def _json(r: Any) -> str:
+    """A report's JSON: indented for a terminal (up to 1 MiB), compact for a pipe or a file: a script
+    parses it either way, and Python writes compact JSON in C, indented JSON in Python (slower)."""
+    return str(r.to_json(indent=None if sys.stdout.isatty() else False))
 
 
 def _remember_verify_torch(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -324,7 +330,7 @@ def remap(path: str, target_spec: str, model_path: str | None, trust_pickle: boo
                         group_evidence=not no_group_evidence, optimizer=optimizer_key, models=models,
                         trust_pickle=trust_pickle)
     _note_stale(r["written"])
-    click.echo(r.to_json() if fmt == "json" else _escape(render_plan(r.data, verbose=verbose), newlines=False))
+    click.echo(_json(r) if fmt == "json" else _escape(render_plan(r.data, verbose=verbose), newlines=False))
 
 
 @cli.command()
@@ -358,7 +364,7 @@ def reset(path: str, params: tuple[str, ...], keys: str, mode: str | None, model
     written = r["written"]
     _note_stale(written)
     if fmt == "json":
-        click.echo(r.to_json())
+        click.echo(_json(r))
     else:
         what = f"keys {', '.join(r['keys'])}" if r["keys"] else "whole state entries"
         n = plural(len(r["selected"]), "parameter")
@@ -414,7 +420,7 @@ def set_cmd(path: str, groups: tuple[str, ...], params: tuple[str, ...], lr: flo
                               model=model_path, optimizer=optimizer_key, models=models or None,
                               trust_pickle=trust_pickle)
     _note_stale(r["written"])
-    click.echo(r.to_json() if fmt == "json" else _escape(render_set(r.data), newlines=False))
+    click.echo(_json(r) if fmt == "json" else _escape(render_set(r.data), newlines=False))
 
 
 @cli.command()
@@ -453,7 +459,7 @@ def diff(a: str, b: str, model_a: str | None, model_b: str | None, atol: float, 
         r = verbs.diff(a, b, model_a=model_a, model_b=model_b, atol=atol, rtol=rtol, only=only, params=params,
                        stats=stats, device=device, trust_pickle=trust_pickle, progress=bar.tick,
                        progress_total=bar.start)
-    click.echo(r.to_json() if fmt == "json" else _escape(render_diff(r.data, fmt=fmt, limit=limit), newlines=False))
+    click.echo(_json(r) if fmt == "json" else _escape(render_diff(r.data, fmt=fmt, limit=limit), newlines=False))
     sys.exit(r.exit_code)
 
 

@@ -57,14 +57,19 @@ def jsonable(v: Any, _seen: dict[int, Any] | None = None) -> Any:
 _INDENT_LIMIT = 1 << 20
 
 
-def to_json(report: Mapping[str, Any]) -> str:
+def to_json(report: Mapping[str, Any], *, indent: bool | None = None) -> str:
     """A command's report as JSON, ``schema_version`` first: indented for reading, except past 1 MiB,
     where it stays compact (Python's C encoder only writes compact JSON: indenting a 300k-parameter
-    report would take longer than reading the checkpoint)."""
+    report would take longer than reading the checkpoint); ``indent=False``: compact whatever the size
+    (the CLI's output to a pipe or file, which a script parses), ``True``: indented whatever the size."""
     seen: dict[int, Any] = {}
     data = jsonable(report, seen)
     del seen
     data = {"schema_version": data.pop("schema_version", SCHEMA_VERSION), **data}
+    if indent is False:
+        return json.dumps(data)
+    if indent:
+        return json.dumps(data, indent=2)
     text = json.dumps(data)
     return json.dumps(data, indent=2) if len(text) <= _INDENT_LIMIT else text
 

@@ -31,10 +31,11 @@ class Report:
     exit_code: int = 0  # what the CLI exits with: 0 fine / identical / safe, 1 differences found
     extras: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # rendering hints
 
-    def to_json(self) -> str:
+    def to_json(self, *, indent: bool | None = None) -> str:
+        """``--format json``'s text: indented (``indent=None``: up to 1 MiB), or compact (``False``)."""
         from .render import to_json
 
-        return to_json(self.data)
+        return to_json(self.data, indent=indent)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
