@@ -56,16 +56,6 @@ class _Recorder:
         raise RuntimeError("skip_data is not supported by the record rewriter")
 
 
-def _data_offset(f: Any, info: ZipEntry) -> int | None:
-    """Where a stored record's data starts (after its local header), or None if no header is there."""
-    f.seek(info.header_offset)
-    head = f.read(30)
-    if len(head) != 30 or head[:4] != b"PK\x03\x04":
-        return None
-    n, e = struct.unpack("<HH", head[26:30])
-    return int(info.header_offset + 30 + n + e)
-
-
 def _source_records(path: str) -> tuple[str, dict[int, ZipEntry], dict[str, bytes]] | None:
     """Prefix, data records by their data offset, and the small metadata records of the input."""
     from .torchfile import zip_infos
@@ -81,9 +71,7 @@ def _source_records(path: str) -> tuple[str, dict[int, ZipEntry], dict[str, byte
             data_rec = "/data/" in i.filename and not i.filename.endswith("serialization_id")
             if not data_rec and i.filename.rsplit("/", 1)[-1] not in _SMALL_RECORDS:
                 continue
-            at = _data_offset(f, i)
-            if at is None:
-                return None
+            at = i.data_offset  # (the parse checked each local header against its central entry)
             if data_rec:
                 by_offset[at] = i
                 continue
