@@ -172,12 +172,7 @@ class _Writer:
                 self.save(dict(state))
                 self.out.append(b"b")
         elif t is Counter:
-            if self.memoised(obj):
-                return
-            self.glob("collections", "Counter")
-            self.save(dict(obj))
-            self.out.append(b"\x85R")
-            self.remember(obj)
+            self.reduce_one(obj, "collections", "Counter", dict(obj))
         elif t is Size:
             self.glob("torch", "Size")
             self.tuple_of(tuple(obj))
@@ -185,12 +180,7 @@ class _Writer:
         elif t is DType:
             self.glob("torch", obj.name)
         elif t is set:
-            if self.memoised(obj):
-                return
-            self.glob("__builtin__", "set")
-            self.save(list(obj))
-            self.out.append(b"\x85R")
-            self.remember(obj)
+            self.reduce_one(obj, "__builtin__", "set", list(obj))
         elif t is complex:
             self.glob("__builtin__", "complex")
             self.tuple_of((obj.real, obj.imag))
@@ -201,6 +191,15 @@ class _Writer:
             self.out.append(b"R")
         else:
             raise Unpicklable(f"a value of type {t.__module__}.{t.__qualname__}")
+
+    def reduce_one(self, obj: Any, module: str, name: str, arg: Any) -> None:
+        """``module.name(arg)`` (a shared container: memoised), as pickle writes a Counter or a set."""
+        if self.memoised(obj):
+            return
+        self.glob(module, name)
+        self.save(arg)
+        self.out.append(b"\x85R")
+        self.remember(obj)
 
     def tensor(self, t: RecordTensor) -> None:
         if self.memoised(t):

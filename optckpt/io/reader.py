@@ -135,6 +135,19 @@ class _Unpickler(pickle.Unpickler):
         return self._storage_for(storage_type, key, location, numel)
 
 
+def _record(records: dict[str, Any], path: str, prefix: str, key: str, nbytes: int) -> Any:
+    """The checked record a storage reference names; it must hold exactly the bytes the pickle reads
+    (the size torch's mmap and plain reads agree on), else one line."""
+    name = f"{prefix}/data/{key}"
+    rec = records.get(name)
+    if rec is None:
+        raise LoadError(f"{path}: the pickle reads storage {key!r}, which the zip does not hold")
+    if rec.file_size != nbytes:
+        raise LoadError(f"{path}: ambiguous zip structure: the pickle reads {nbytes} bytes from record "
+                        f"{name!r}, which holds {rec.file_size}")
+    return rec
+
+
 def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: str,
                     allowed: dict[tuple[str, str], Any], locations: dict[str, None]) -> Any:
     """Decode ``pickle_bytes`` (the checked ``<prefix>/data.pkl``) of the torch zip ``path`` whose
@@ -154,13 +167,7 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
             return typed
         dtype = _storage_dtype(storage_type)
         nbytes = numel * torch._utils._element_size(dtype)
-        name = f"{prefix}/data/{key}"
-        rec = records.get(name)
-        if rec is None:
-            raise LoadError(f"{path}: the pickle reads storage {key!r}, which the zip does not hold")
-        if rec.file_size != nbytes:
-            raise LoadError(f"{path}: ambiguous zip structure: the pickle reads {nbytes} bytes from record "
-                            f"{name!r}, which holds {rec.file_size}")
+        rec = _record(records, path, prefix, key, nbytes)
         locations[location] = None
         if nbytes == 0:
             untyped = torch.UntypedStorage(0)
@@ -286,13 +293,7 @@ def read_zip_pickle_lazy(path: str, layout: ZipLayout, pickle_bytes: bytes, pref
         if type(storage_type) is not _StorageType:
             raise NeedsTorch("a storage reference of another type")
         nbytes = numel * (storage_type.dtype.itemsize if storage_type.dtype is not None else 1)
-        name = f"{prefix}/data/{key}"
-        rec = records.get(name)
-        if rec is None:
-            raise LoadError(f"{path}: the pickle reads storage {key!r}, which the zip does not hold")
-        if rec.file_size != nbytes:
-            raise LoadError(f"{path}: ambiguous zip structure: the pickle reads {nbytes} bytes from record "
-                            f"{name!r}, which holds {rec.file_size}")
+        rec = _record(records, path, prefix, key, nbytes)
         locations[location] = None
         st = loaded[key] = _LazyStorage(key, rec.data_offset, nbytes, storage_type.dtype, location,
                                         storage_type.name)
