@@ -57,4 +57,5 @@ def validate_optimizer(opt: OptimizerState) -> list[str]:
 
 
 _ALLOWED = (int, float, bool, list, tuple, type(None))
-_PLAIN_NAMES = frozenset({"Tensor", "Parameter", "int", "float", "bool", "list", "tuple", "NoneType", "DCPTensorRef"})
+_PLAIN_NAMES = frozenset({"Tensor", "Parameter", "RecordTensor", "int", "float", "bool", "list", "tuple", "NoneType",
+                          "DCPTensorRef"})
