@@ -61,10 +61,7 @@ import gc
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
-
-if TYPE_CHECKING:
-    pass
+from typing import NamedTuple
 
 __all__ = [
     "MATCHING_EDGE_BUDGET",

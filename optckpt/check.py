@@ -10,14 +10,11 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import MappingError
 from .mapping import IndexName, OptimizerMapping, settle_by_grouping
 from .target import RenameRule, Target
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["STATUSES", "RISKS", "VERDICTS", "ParamStatus", "CheckReport", "check_mapping", "apply_renames",
            "guess_prefix_rename", "rename_hints", "keep_saved_grouping", "model_only", "effective_renames",

@@ -22,13 +22,10 @@ import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import FormatError
 from .mapping import OptimizerMapping
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Change", "parse_set", "select_groups", "rewrite", "SetResult", "scheduler_changes"]
 

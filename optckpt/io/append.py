@@ -54,18 +54,14 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import WriteError
 from ..tensors import has_record_tensors, materialize
 from .editlock import interrupted_message, lock
-from .lazypickle import Unpicklable, dump
 from .readguard import file_mappings, offset_in
-from .records import _source_records, central_entry, local_header, record_keys
+from .records import _source_records, central_entry, local_header, pickle_lazily, record_order
 from .safepickle import pickle_module_for
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["append_version", "restore_previous", "check_previous", "versions", "verify_previous", "end_state",
            "EndState"]
@@ -179,17 +175,6 @@ def _pickle(obj: Any, key_for: Callable[[Any], str | None],
     return buf.getvalue(), list(ids.values()), new
 
 
-def _pickle_lazy(path: str, obj: Any, by_offset: dict[int, Any],
-                 prefix: str) -> tuple[bytes, list[str], dict[str, Any]] | None:
-    """``obj`` by optckpt's own pickler when every tensor in it is a lazily read record of ``path``
-    (then nothing new is stored); None when it holds anything else."""
-    try:
-        pickled, keys = dump(obj, record_keys(path, by_offset, prefix))
-    except Unpicklable:
-        return None
-    return pickled, keys, {}
-
-
 def _storage_view(storage: Any, keep: list[Any]) -> memoryview:
     """A CPU view of a storage's bytes (no copy for CPU storages; a copy, kept alive in ``keep``,
     for others)."""
@@ -237,7 +222,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
     if found is None:
         raise WriteError(f"{path}: not a plain torch zip file (compressed records?); cannot append a version")
     prefix, by_offset, small = found
-    lazy = _pickle_lazy(path, obj, by_offset, prefix) if has_record_tensors([obj]) else None
+    lazy = pickle_lazily(path, obj, by_offset, prefix) if has_record_tensors([obj]) else None
     if lazy is None:
         obj = materialize(obj)  # (before the file's mappings are listed: the tensors' own is among them)
     ranges = file_mappings(path)
@@ -270,8 +255,9 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
             return str(info.filename[len(data_prefix):])
 
         numeric = [int(k) for k in keys if k.isdigit()]
-        if lazy is not None:  # tensors read lazily: references to this file's records, no torch
-            pickled, referenced, new = lazy
+        if lazy is not None:  # tensors read lazily: references to this file's records, nothing new stored
+            pickled, referenced = lazy
+            new: dict[str, Any] = {}
         else:
             pickled, referenced, new = _pickle(obj, key_for, max(numeric, default=-1) + 1)
         pos = size
@@ -301,7 +287,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
         add("version", small.get("version", b"3\n"))
         add(".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode())
         order = [r for r in ("data.pkl", *_SMALL) if r in central]
-        for key in sorted(set(referenced), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+        for key in record_order(set(referenced)):
             rel = f"data/{key}"
             if rel in central:
                 order.append(rel)

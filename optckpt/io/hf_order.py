@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..checkpoint import ModelState, TensorMeta
 from .hf_offline import model_class, offline
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["hf_model_order"]
 

@@ -17,13 +17,10 @@ import copy
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..checkpoint import ModelState, TensorMeta
 from .hf_offline import local_source, model_class, offline
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["ADAPTER_FILES", "peft_adapter_order", "peft_order_from_target"]
 

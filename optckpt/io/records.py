@@ -21,16 +21,13 @@ import sys
 import zlib
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..tensors import RecordTensor, has_record_tensors, materialize
 from .lazypickle import Unpicklable, dump
 from .readguard import file_mappings, offset_in
 from .safepickle import pickle_module_for
 from .zipscan import ZipEntry
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["rewrite_records", "PROGRESS"]
 
@@ -126,10 +123,11 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
     return True
 
 
-def record_keys(src: str, by_offset: dict[int, ZipEntry], prefix: str) -> Callable[[RecordTensor], str]:
-    """``key_of`` for :func:`optckpt.io.lazypickle.dump`: a tensor read lazily from ``src`` keeps its
-    record's key (the record exactly as checked: same data offset, same size); any other raises
-    :class:`Unpicklable` (the caller writes through torch)."""
+def pickle_lazily(src: str, obj: Any, by_offset: dict[int, ZipEntry], prefix: str) -> tuple[bytes, list[str]] | None:
+    """``obj`` as ``data.pkl`` by optckpt's own pickler (:func:`optckpt.io.lazypickle.dump`) when every
+    tensor in it is a lazily read record of ``src`` (the record exactly as checked: same data offset,
+    size and key, which it keeps), with the keys it references; None when it holds anything else (the
+    caller writes through torch)."""
     same: dict[int, bool] = {}
     data_prefix = f"{prefix}/data/"
 
@@ -146,22 +144,29 @@ def record_keys(src: str, by_offset: dict[int, ZipEntry], prefix: str) -> Callab
             raise Unpicklable(f"a tensor from {t.source.path} record {t.key!r}, not a record of {src}")
         return t.key
 
-    return key_of
+    try:
+        return dump(obj, key_of)
+    except Unpicklable:
+        return None
+
+
+def record_order(keys: Any) -> list[str]:
+    """Storage keys in the order torch writes their records: numeric keys by value, then the others."""
+    return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
 
 
 def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[int, ZipEntry],
                   small: dict[str, bytes]) -> bool:
     """``obj`` (tensors read lazily from ``src``) written by optckpt's own pickler, every record it
     references copied from ``src`` as it is (same key, same CRC). False when it holds anything else."""
-    key_of = record_keys(src, by_offset, prefix)
-    try:
-        pickled, keys = dump(obj, key_of)
-    except Unpicklable:
+    done = pickle_lazily(src, obj, by_offset, prefix)
+    if done is None:
         return False
+    pickled, keys = done
     by_name = {i.filename: (off, i) for off, i in by_offset.items()}
     entries: list[tuple[str, Any]] = [("data.pkl", pickled)]
     entries += [(r, small[r]) for r in (".format_version", ".storage_alignment", "byteorder") if r in small]
-    for key in sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+    for key in record_order(keys):
         entries.append((f"data/{key}", by_name[f"{prefix}/data/{key}"]))
     entries.append(("version", small.get("version", b"3\n")))
     entries.append((".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode()))

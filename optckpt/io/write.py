@@ -22,7 +22,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..checkpoint import Checkpoint, KeyPath
 from ..errors import WriteError
@@ -31,9 +31,6 @@ from .append import append_version
 from .records import PROGRESS, rewrite_records
 from .safepickle import pickle_module_for
 from .torchfile import sniff
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["WriteOptions", "replace_at", "write_checkpoint", "resolve_output", "new_output", "atomic_torch_save",
            "temp_file", "temp_dir", "commit_file", "commit_dir", "stale_temps", "appends_in_place"]
