@@ -291,15 +291,22 @@ def materialize(obj: Any) -> Any:
     return walk(obj)
 
 
-def has_record_tensors(objs: Iterable[Any]) -> bool:
-    """Whether any :class:`RecordTensor` is inside ``objs`` (dicts, lists, tuples)."""
+def has_record_tensors(objs: Iterable[Any], *, only: bool = False) -> bool:
+    """Whether any :class:`RecordTensor` is inside ``objs`` (dicts, lists, tuples); with ``only``, also
+    no other tensor (an object our own pickler wrote, not one that torch's wrote after some tensor
+    math made real tensors)."""
+    found = False
     stack = list(objs)
     while stack:
         v = stack.pop()
         if type(v) is RecordTensor:
-            return True
-        if isinstance(v, dict):
+            if not only:
+                return True
+            found = True
+        elif isinstance(v, dict):
             stack.extend(v.values())
         elif isinstance(v, (list, tuple)):
             stack.extend(v)
-    return False
+        elif only and is_tensor(v):
+            return False
+    return found
