@@ -425,3 +425,25 @@ def test_lbfgs_remap_with_a_names_file_mixes_record_and_real_tensors(tmp_path: P
     for key in ("d", "prev_flat_grad"):
         pieces = list(torch.split(before[key], sizes))
         assert torch.equal(after[key], torch.cat(pieces[2:] + pieces[:2])), key
+
+
+def test_a_record_copied_wrong_fails_the_verification(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record whose copy differs from its source (one byte flipped after copy_file_range) is caught
+    by the verification of own-pickler output; nothing is written."""
+    import optckpt
+    from optckpt.errors import WriteError
+    from optckpt.io import records
+
+    real = records._copy_range
+
+    def corrupting(src_fd: int, dst_fd: int, src_off: int, dst_off: int, size: int) -> None:
+        real(src_fd, dst_fd, src_off, dst_off, size)
+        if size >= 16:
+            byte = os.pread(src_fd, 1, src_off + 8)
+            os.pwrite(dst_fd, bytes([byte[0] ^ 0xFF]), dst_off + 8)
+
+    monkeypatch.setattr(records, "_copy_range", corrupting)
+    out = tmp_path / "out.pt"
+    with pytest.raises(WriteError, match="verification failed"):
+        optckpt.set_hparams(str(FIXTURES / "bundle.pt"), str(out), lr=0.1)
+    assert not out.exists()
