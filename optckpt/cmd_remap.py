@@ -3,7 +3,6 @@ code, and its DCP variant (FQN renames and drops in the metadata only)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from .remap import (
     rewrite_model,
 )
 from .resolve import resolve
-from .target import parse_rename, resolve_target
+from .target import is_code, parse_rename, resolve_target
 from .transforms import TransformRule
 from .verify import same_bits
 
@@ -62,8 +61,7 @@ def remap_checkpoint(
                           trust_pickle=trust_pickle)
     # a names file or a checkpoint as the new code, nothing fused, split or sliced: the state is only re-keyed,
     # tensors read lazily (no torch; LBFGS's flat history, permuted, is the one tensor made, then torch comes in)
-    lazy = not transforms and policy.shape_mismatch != "slice" and os.path.exists(target_spec) \
-        and not target_spec.endswith(".py")
+    lazy = not transforms and policy.shape_mismatch != "slice" and not is_code(target_spec)
     ck, opt, out = open_for_edit(path, out, model, optimizer_key, trust_pickle, write, lazy=lazy)
     target = resolve_target(target_spec, trust_pickle=trust_pickle)
     claim = source_claim(ck, source, trust_pickle, target)

@@ -108,11 +108,17 @@ def from_live(module: torch.nn.Module | None, optimizer: torch.optim.Optimizer |
     return Target(spec, groups, shapes, aliases, module, optimizer, scheduler, hparams)
 
 
+def is_code(spec: str) -> bool:
+    """Whether ``spec`` names the user's code (``module:callable``, ``file.py:callable``: imported and
+    run, with torch), not a names file or a checkpoint (read as data)."""
+    return not os.path.exists(spec) or spec.endswith(".py")
+
+
 def resolve_target(spec: str, *, trust_pickle: bool = False) -> Target:
     """Turn a ``--target`` / ``--source`` string into a :class:`Target`."""
     if os.path.isfile(spec) and spec.endswith((".json", ".txt")):
         return _names_file(spec)
-    if os.path.exists(spec) and not spec.endswith(".py"):
+    if not is_code(spec):
         return _from_checkpoint(spec, trust_pickle)
     if ":" in spec:
         return _from_callable(spec)
