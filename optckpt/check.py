@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import MappingError
 from .mapping import IndexName, OptimizerMapping, settle_by_grouping
+from .render import plain_rows
 from .target import RenameRule, Target
 
 __all__ = ["STATUSES", "RISKS", "VERDICTS", "ParamStatus", "CheckReport", "check_mapping", "apply_renames",
@@ -107,7 +108,7 @@ class CheckReport:
             "safe": self.safe,
             "verdict": self.verdict,
             "counts": self.counts,
-            "params": [p.as_json() for p in _ordered(self.params)],
+            "params": plain_rows([p.as_json() for p in _ordered(self.params)]),  # (checked: to_json need not copy)
             "optimizer": self.optimizer,
             "evidence": self.evidence,
             "evidence_counts": dict(Counter(p.evidence if p.status != "ambiguous" else "uncertain"

@@ -15,9 +15,9 @@ from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
 from .io.safepickle import describe, fields_of, is_module_object
 from .kinds import guess_optimizer, guess_scheduler
 from .mapping import IndexName, OptimizerMapping
-from .render import jsonable
+from .render import jsonable, plain_rows
 from .resolve import resolve
-from .tensors import is_tensor
+from .tensors import RecordTensor, is_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -100,14 +100,17 @@ def _plain(v: Any) -> Any:
 
 def _model_report(m: ModelState, stats: bool) -> dict[str, Any]:
     dtypes = Counter(meta.dtype for meta in m.meta.values())
-    tensors = []
+    tensors: list[dict[str, Any]] = []
+    tied = m.tied
     for name, meta in m.meta.items():
         row: dict[str, Any] = {"name": name, "shape": list(meta.shape), "dtype": meta.dtype, "bytes": meta.nbytes}
-        if name in m.tied:
-            row["tied_to"] = m.tied[name]
+        if name in tied:
+            row["tied_to"] = tied[name]
         if stats:
             row["stats"] = tensor_stats(m.tensors[name])
         tensors.append(row)
+    if not stats:  # plain JSON data already (checked): to_json hands the rows on as they are
+        tensors = plain_rows(tensors)
     return {
         "name": m.name,
         "num_tensors": len(m.meta),
@@ -121,7 +124,10 @@ def _model_report(m: ModelState, stats: bool) -> dict[str, Any]:
 def _state_shape_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in entry.items():
-        if is_tensor(v):
+        if type(v) is RecordTensor:  # (the usual value, tested by type first: a summary per parameter)
+            shape = v.shape
+            out[k] = list(shape) if shape else v.item()  # (0-d: one element)
+        elif is_tensor(v):
             out[k] = v.item() if v.ndim == 0 and v.numel() == 1 else list(v.shape)
         elif hasattr(v, "shape") and hasattr(v, "load"):  # a DCP tensor still on disk: metadata only
             out[k] = list(v.shape) if v.shape else "scalar"
@@ -196,7 +202,9 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
     for k, first in firsts.items():  # (first met first: the same key order, and min / max, as a walk of every index)
         for key in first:
             key_counts[key] += times[k]
-        step = _step(first.get("step"))
+        raw = first.get("step")
+        # a 0-d record tensor's value is in its summary already (read once)
+        step = float(summaries[k]["step"]) if type(raw) is RecordTensor and not raw.shape else _step(raw)
         if step is not None:
             lo = step if lo is None or step < lo else lo
             hi = step if hi is None or step > hi else hi
@@ -223,7 +231,7 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
              "param_names": list(g.param_names) if g.param_names is not None else None}
             for g in groups
         ],
-        "entries": entries,
+        "entries": plain_rows(entries),  # (plain JSON data already, checked: to_json need not copy it)
         "orphan_state_indices": jsonable(orphans),
     }
     if stats:

@@ -31,14 +31,23 @@ from typing import Any, NamedTuple
 from .align import Item, Slot, align_groups
 from .checkpoint import _FLOATING, Checkpoint, ModelState, OptimizerState
 from .kinds import PARAM_SHAPED_KEYS
-from .tensors import is_tensor
+from .tensors import RecordTensor, is_tensor
 from .validate import validate_optimizer
 
 __all__ = ["IndexName", "OptimizerMapping", "SourceNames", "Rejection", "param_shape", "infer_mapping", "is_lbfgs",
            "pair_groups", "settle_by_grouping", "name_by_target_shapes"]
 
+# exact types that are plain data or a record tensor: never a pickled object, never a Mapping (a
+# per-value test by type alone; anything else, subclasses included, takes the general tests)
+_PLAIN_VALUES = frozenset({type(None), bool, int, float, str, bytes, list, tuple, set, RecordTensor})
+_PLAIN_OR_DICT = _PLAIN_VALUES | {dict}
+
+
 def _tensors(entry: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """The shapes of an entry's tensors of at least one dimension (DCP tensors on disk too)."""
+    if type(entry) is dict and _PLAIN_VALUES.issuperset(map(type, entry.values())):
+        # (the usual entry: record tensors and numbers; only the record tensors have a shape)
+        return {k: tuple(v.shape) for k, v in entry.items() if type(v) is RecordTensor and len(v.shape) >= 1}
     return {k: tuple(v.shape) for k, v in entry.items()
             if (is_tensor(v) or (hasattr(v, "shape") and not isinstance(v, (int, float))))
             and len(v.shape) >= 1}
@@ -58,6 +67,8 @@ def one_view(entry: Any) -> Any:
     blocks) stay as they are (no shape)."""
     if not isinstance(entry, Mapping):
         return entry
+    if type(entry) is dict and _PLAIN_VALUES.issuperset(map(type, entry.values())):
+        return entry  # no value is a Mapping
     inner = [v for v in entry.values() if isinstance(v, Mapping)]
     if len(inner) != 1:
         return entry
@@ -81,8 +92,25 @@ def _shape_and_key(entry: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, st
     [12] beside its ``mask`` [3, 4]) gives that shape: flattening is how optimizers store it.
     An entry holding a Python object (GaLore's projector) gives none: its moments live in the
     object's projected space (GaLore's ``exp_avg`` is [6, 2] for a [6, 4] weight)."""
-    if any(_is_object(v) for v in entry.values()):
+    if type(entry) is dict and _PLAIN_VALUES.issuperset(map(type, entry.values())):
+        # the usual entry (record tensors and numbers): the same rules, tested by type
+        for k in PARAM_SHAPED_KEYS:
+            v = entry.get(k)
+            if type(v) is RecordTensor:
+                shape = tuple(v.shape)
+                if len(shape) != 1 or shape[0] < 2:
+                    return shape, k
+                richer = [s for s in [tuple(x.shape) for x in entry.values() if type(x) is RecordTensor
+                                      and len(x.shape) >= 2] if _numel(s) == shape[0] and min(s) > 1]
+                return (max(richer, key=len) if len(set(richer)) == 1 else shape), k
+    elif not _PLAIN_OR_DICT.issuperset(map(type, entry.values())) and any(_is_object(v) for v in entry.values()):
         return None, ""
+    else:
+        return _general_shape_and_key(entry)
+    return _factored_shape(entry)
+
+
+def _general_shape_and_key(entry: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, str]:
     for k in PARAM_SHAPED_KEYS:
         v = entry.get(k)
         if v is not None and (is_tensor(v) or hasattr(v, "shape")):  # DCP tensors on disk too
@@ -91,6 +119,10 @@ def _shape_and_key(entry: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, st
                 return shape, k
             richer = [s for s in _tensors(entry).values() if _numel(s) == shape[0] and len(s) >= 2 and min(s) > 1]
             return (max(richer, key=len) if len(set(richer)) == 1 else shape), k
+    return _factored_shape(entry)
+
+
+def _factored_shape(entry: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, str]:
     row, col = entry.get("row_var"), entry.get("col_var")
     if is_tensor(row) and is_tensor(col) and row.ndim == col.ndim >= 2:
         # Adafactor factors a (..., R, C) second moment into row_var (..., R, 1) and col_var (..., 1, C)
@@ -224,6 +256,8 @@ def _shapes_from_unknown_keys(state: Mapping[Any, Any], shapes: dict[Any, tuple[
     inference). Factored or blockwise state (row / column factors, ``absmax`` blocks) makes the
     largest key vary or have another size, so it gives no shape: no evidence rather than a wrong one.
     Each distinct entry object is read once (entries shared by many indices cost a lookup each)."""
+    if None not in shapes.values():
+        return  # every index's shape known: nothing to infer (what follows would find nothing to do)
     keys = list(shapes)
     ids = list(map(id, map(state.get, keys)))  # each index's entry object (C-level walks, once)
     entries = dict(zip(ids, map(state.get, keys)))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
 from collections.abc import Mapping
+from itertools import chain
 from typing import Any
 
 from .tensors import is_tensor
 
-__all__ = ["SCHEMA_VERSION", "jsonable", "to_json", "table", "plural", "human_bytes", "first_rows", "render_inspect",
-           "render_check", "render_plan", "render_set", "render_diff"]
+__all__ = ["SCHEMA_VERSION", "PlainRows", "plain_rows", "jsonable", "to_json",
+           "table", "plural", "human_bytes", "first_rows", "render_inspect", "render_check",
+           "render_plan", "render_set", "render_diff"]
 
 SCHEMA_VERSION = 1
 """The version of every ``--format json`` output (schemas: ``docs/json-schema.md``). Bumped when a field
@@ -21,12 +24,52 @@ is removed or changes meaning; adding a field does not bump it."""
 _PLAIN = frozenset({str, int, bool, type(None)})
 
 
+class PlainRows(list):  # type: ignore[type-arg]
+    """A list of plain JSON data already, exactly what :func:`jsonable` would make of it (str keys;
+    str / int / bool / None / finite float values; lists and dicts of them): :func:`jsonable` hands
+    it on as it is instead of copying it value by value (a 300k-parameter report's rows). Made only
+    by :func:`plain_rows`, which checks."""
+
+    __slots__ = ()
+
+
+_LEAVES = _PLAIN | {float}
+_NESTED = _LEAVES | {list, dict}
+
+
+def _plain(values: list[Any], depth: int) -> bool:
+    """Whether ``values`` (one level of a report) are plain JSON data all the way down: a few C-level
+    passes per level (by exact type: subclasses, tuples, tensors... are not plain)."""
+    types = set(map(type, values))
+    if not types <= _NESTED:
+        return False
+    if float in types and not all(map(math.isfinite, [v for v in values if type(v) is float])):
+        return False  # (jsonable writes a non-finite float as a string)
+    below: list[Any] = []
+    if dict in types:
+        dicts = list({id(v): v for v in values if type(v) is dict}.values())  # (a shared one once)
+        if not {str}.issuperset(map(type, chain.from_iterable(dicts))):
+            return False
+        below.extend(chain.from_iterable(map(dict.values, dicts)))
+    if list in types:
+        below.extend(chain.from_iterable([v for v in values if type(v) is list]))
+    if not below:
+        return True
+    return depth > 0 and _plain(below, depth - 1)
+
+
+def plain_rows(rows: list[Any]) -> list[Any]:
+    """``rows`` as :class:`PlainRows` when they are plain JSON data already (checked, a few levels
+    deep), else as they are (:func:`jsonable` converts them)."""
+    return PlainRows(rows) if type(rows) is list and _plain(rows, 4) else rows
+
+
 def jsonable(v: Any, _seen: dict[int, Any] | None = None) -> Any:
     """Plain JSON data from checkpoint values (tuples → lists, 1-element tensors → numbers,
     non-finite floats → strings, anything else → its repr). ``_seen`` (id → converted): a dict met
     again is converted once (a report's rows share their state summaries)."""
     t = type(v)
-    if t in _PLAIN:
+    if t in _PLAIN or t is PlainRows:
         return v
     if t is dict:  # the common containers by exact type first: a 300k-parameter report is millions of values
         if _seen is not None:
@@ -62,16 +105,22 @@ def to_json(report: Mapping[str, Any], *, indent: bool | None = None) -> str:
     where it stays compact (Python's C encoder only writes compact JSON: indenting a 300k-parameter
     report would take longer than reading the checkpoint); ``indent=False``: compact whatever the size
     (the CLI's output to a pipe or file, which a script parses), ``True``: indented whatever the size."""
-    seen: dict[int, Any] = {}
-    data = jsonable(report, seen)
-    del seen
-    data = {"schema_version": data.pop("schema_version", SCHEMA_VERSION), **data}
-    if indent is False:
-        return json.dumps(data)
-    if indent:
-        return json.dumps(data, indent=2)
-    text = json.dumps(data)
-    return json.dumps(data, indent=2) if len(text) <= _INDENT_LIMIT else text
+    collecting = gc.isenabled()
+    gc.disable()  # a copy of a big report is ~1M small objects and makes no cycles: no collection rescans them
+    try:
+        seen: dict[int, Any] = {}
+        data = jsonable(report, seen)
+        del seen
+        data = {"schema_version": data.pop("schema_version", SCHEMA_VERSION), **data}
+        if indent is False:
+            return json.dumps(data)
+        if indent:
+            return json.dumps(data, indent=2)
+        text = json.dumps(data)
+        return json.dumps(data, indent=2) if len(text) <= _INDENT_LIMIT else text
+    finally:
+        if collecting:
+            gc.enable()
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
