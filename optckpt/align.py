@@ -497,10 +497,11 @@ def _align(slots: Sequence[Slot], groups: Sequence[Sequence[Item]], slot_class: 
             continue
         out: list[Assignment] = []
         first, last = group.first, group.last
+        make = tuple.__new__  # (Assignment(...) without its Python-level __new__: one per index)
         for j, it in enumerate(group.items):
             p = first[j]
             if p == last[j]:  # fast path for the common, forced case
-                out.append(Assignment(it.index, names[p], (names[p],)))
+                out.append(make(Assignment, (it.index, names[p], (names[p],))))
                 continue
             pos, start, stop = group.interval(j, n)
             cand = tuple([names[p] for p in pos[start:stop]])

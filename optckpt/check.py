@@ -64,6 +64,21 @@ class ParamStatus:
         return out
 
 
+_new = object.__new__
+
+
+def _status(name: str, status: str, source_index: int | None, target_index: int | None,
+            shape: tuple[int, ...] | None, silent: bool, crash: bool = False, candidates: tuple[str, ...] = (),
+            has_state: bool = True, risk: str = "none", evidence: str = "") -> ParamStatus:
+    """``ParamStatus(...)``, made without the frozen dataclass's per-field ``object.__setattr__`` (a
+    third of the time; one per target parameter): the same fields, in the same order, same object."""
+    p = _new(ParamStatus)
+    p.__dict__.update(name=name, status=status, source_index=source_index, target_index=target_index, shape=shape,
+                      silent=silent, crash=crash, candidates=candidates, has_state=has_state, risk=risk,
+                      evidence=evidence)
+    return p
+
+
 @dataclass
 class CheckReport:
     optimizer: str
@@ -444,25 +459,25 @@ def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[Rename
             if name in ambiguous_cands:
                 continue  # reported once, from the source side, as ambiguous
             risk = "misapplied" if by_name or received else "none"
-            params.append(ParamStatus(name, "missing", None, t, tshape, silent=received and not crash, crash=crash,
+            params.append(_status(name, "missing", None, t, tshape, silent=received and not crash, crash=crash,
                                       has_state=False, risk=risk))
             continue
         e = src[s]
         sshape = e.shape
         shape = tshape if tshape is not None else sshape
         if sshape is not None and tshape is not None and sshape != tshape:
-            params.append(ParamStatus(name, "shape_mismatch", e.index, t, shape, silent=False, crash=crash,
+            params.append(_status(name, "shape_mismatch", e.index, t, shape, silent=False, crash=crash,
                                       has_state=e.has_state, risk="misapplied", evidence=e.evidence))
         elif s == t or by_name:
-            params.append(ParamStatus(name, "ok", e.index, t, shape, silent=False, crash=False,
+            params.append(_status(name, "ok", e.index, t, shape, silent=False, crash=False,
                                       has_state=e.has_state, evidence=e.evidence))
         elif not e.has_state and not received:
             # nothing to misapply: only the group it lands in can be wrong
             risk = "none" if same_hparams(e.group, paired) else "misapplied"
-            params.append(ParamStatus(name, "moved", e.index, t, shape, silent=False, crash=False,
+            params.append(_status(name, "moved", e.index, t, shape, silent=False, crash=False,
                                       has_state=False, risk=risk, evidence=e.evidence))
         else:
-            params.append(ParamStatus(name, "moved", e.index, t, shape, silent=not crash, crash=crash,
+            params.append(_status(name, "moved", e.index, t, shape, silent=not crash, crash=crash,
                                       has_state=e.has_state, risk="misapplied", evidence=e.evidence))
     for s, e in enumerate(src):
         if e.name is None:
@@ -474,10 +489,10 @@ def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[Rename
                     not (tgt_pos[c] < len(src) and src[tgt_pos[c]].has_state)
                     and same_hparams(e.group, src[tgt_pos[c]] if tgt_pos[c] < len(src) else None)) for c in cands]
                 risk = "none" if all(fine) else ("uncertain" if any(fine) else "misapplied")
-            params.append(ParamStatus(f"<index {e.index}>", "ambiguous", e.index, None, e.shape, silent=False,
+            params.append(_status(f"<index {e.index}>", "ambiguous", e.index, None, e.shape, silent=False,
                                       candidates=cands, has_state=e.has_state, risk=risk, evidence=e.evidence))
         elif renamed[s] not in tgt_pos:
-            params.append(ParamStatus(renamed[s] or "", "unexpected", e.index, None, e.shape, silent=False,
+            params.append(_status(renamed[s] or "", "unexpected", e.index, None, e.shape, silent=False,
                                       has_state=e.has_state, risk="misapplied" if by_name or e.has_state else "none",
                                       evidence=e.evidence))
     if by_name:

@@ -25,7 +25,7 @@ import gc
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, NamedTuple
 
 from .align import Item, Slot, align_groups
@@ -202,7 +202,9 @@ class OptimizerMapping:
 
 def _items(opt: OptimizerState) -> list[list[Item]]:
     shapes = _shapes(opt)
-    return [[Item(i, shapes[i]) for i in g.params] for g in opt.groups]
+    # Item(i, shapes[i]) per index, made at C level (tuple.__new__: no Python-level __new__ per index)
+    return [list(map(tuple.__new__, repeat(Item), zip(g.params, map(shapes.__getitem__, g.params))))
+            for g in opt.groups]
 
 
 def _distinct(entries: Any) -> dict[int, Any]:
@@ -337,13 +339,14 @@ def slots_of(models: Sequence[ModelState]) -> list[Slot]:
     group once (first name). Several models (one optimizer over all of them, NeRF-style) are
     concatenated in the given order and their names qualified: ``network_fine.pts_linears.0.weight``."""
     out = []
+    make = tuple.__new__
     for m in models:
         prefix = qualifier(m) + "." if len(models) > 1 else ""
         tied = m.tied
         for name, meta in m.meta.items():
             if meta.dtype not in _FLOATING or name in tied or name[name.rfind(".") + 1:] in KNOWN_BUFFERS:
                 continue
-            out.append(Slot(prefix + name, meta.shape))
+            out.append(make(Slot, (prefix + name, meta.shape)))  # (Slot(...) without its Python-level __new__)
     return out
 
 

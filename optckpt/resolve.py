@@ -229,8 +229,8 @@ def _indices(mapping: OptimizerMapping, report: CheckReport | None) -> list[Reso
         for p in report.params:
             if p.source_index is not None:
                 status[p.source_index] = (p.status, p.target_index, p.name if p.target_index is not None else None)
-    out = []
-    for e in mapping.entries:
-        st, t, tname = status.get(e.index, ("" if report is not None else None, None, None))
-        out.append(ResolvedIndex(e.index, e.group, e.name, e.candidates, e.evidence, e.has_state, st, t, tname))
-    return out
+    none = ("" if report is not None else None, None, None)
+    get = status.get
+    make = tuple.__new__  # ResolvedIndex(...) without its Python-level __new__ (one per index)
+    return [make(ResolvedIndex, (e.index, e.group, e.name, e.candidates, e.evidence, e.has_state, *get(e.index, none)))
+            for e in mapping.entries]
