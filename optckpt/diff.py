@@ -25,7 +25,7 @@ from .kinds import guess_scheduler
 from .mapping import OptimizerMapping
 from .resolve import resolve
 from .tensors import RecordTensor, is_tensor, materialize
-from .verify import bit_equal
+from .verify import _same_buffers, bit_equal  # (memcmp of two file mappings' bytes)
 
 if TYPE_CHECKING:
     import torch
@@ -183,8 +183,43 @@ class _Lanes:
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self.depth = 4 * workers
         self.pending: deque[tuple[int, Future[Entry | None], int]] = deque()
+        # (compare, entry, nbytes, record pair): comparisons and entries waiting for a bulk comparison
+        self.queue: list[tuple[Callable[[], Entry | None] | None, Entry | None, int,
+                               tuple[RecordTensor, RecordTensor] | None]] = []
 
-    def add(self, compare: Callable[[], Entry | None], nbytes: int) -> None:
+    def entry(self, e: Entry) -> None:
+        """An entry found without comparing tensors, kept in its place among the queued comparisons."""
+        if self.queue:
+            self.queue.append((None, e, 0, None))
+        else:
+            self.report.entries.append(e)
+
+    def add(self, compare: Callable[[], Entry | None], nbytes: int,
+            records: tuple[RecordTensor, RecordTensor] | None = None) -> None:
+        """One comparison, in order. ``records``: the two tensors are record tensors of files, queued
+        and first compared in bulk (:func:`_identical`): only those whose bytes may differ are compared
+        one by one (600k tiny tensors: a few ``memcmp`` of whole runs of records, not 600k)."""
+        if records is not None or self.queue:
+            self.queue.append((compare, None, nbytes, records))
+            if len(self.queue) >= _QUEUE:
+                self.flush()
+            return
+        self._add(compare, nbytes)
+
+    def flush(self) -> None:
+        """The queued comparisons and entries, in order: pairs proven bit-identical in bulk (which
+        every comparison would find equal: no entry) only count as progress."""
+        queue, self.queue = self.queue, []
+        same = iter(_identical([r for _, _, _, r in queue if r is not None]))
+        for compare, e, nbytes, records in queue:
+            if compare is None:
+                self.report.entries.append(e)  # type: ignore[arg-type]
+            elif records is not None and next(same):
+                self.progress(nbytes)
+            else:
+                self._add(compare, nbytes)
+
+    def _add(self, compare: Callable[[], Entry | None], nbytes: int) -> None:
         if self.pool is None or nbytes < _INLINE:  # a task per small tensor costs more than comparing it
             e = compare()
             self.progress(nbytes)
@@ -203,12 +238,67 @@ class _Lanes:
 
     def close(self) -> None:
         try:
+            self.flush()
             while self.pending:
                 self._one()
         finally:
             if self.pool is not None:
                 self.pool.shutdown(cancel_futures=True)
         self.report.entries[:] = [e for e in self.report.entries if e is not None]
+
+
+_QUEUE = 1 << 16  # comparisons queued for one bulk comparison (bounded memory)
+
+
+def _records(ta: Any, tb: Any) -> tuple[RecordTensor, RecordTensor] | None:
+    """Both tensors as record tensors (not read), for the bulk comparison; None otherwise."""
+    return (ta, tb) if type(ta) is RecordTensor and type(tb) is RecordTensor else None
+
+
+def _identical(pairs: Sequence[tuple[RecordTensor, RecordTensor]]) -> list[bool]:
+    """For each pair of record tensors: proven bit-identical, i.e. the same view (shape, dtype,
+    stride, storage offset) of storages of the same size whose bytes are equal (False: not proven;
+    the pair is compared as any other). Storages are compared in runs (:func:`_equal_records`): what
+    lies between records (zip headers) is compared too, where a difference only proves less."""
+    out = [False] * len(pairs)
+    by_files: dict[tuple[int, int], list[int]] = {}
+    for i, (a, b) in enumerate(pairs):
+        if (a.storage_nbytes == b.storage_nbytes and a.shape == b.shape and a.dtype.name == b.dtype.name
+                and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()):
+            by_files.setdefault((id(a.source), id(b.source)), []).append(i)
+    for members in by_files.values():
+        sa, sb = pairs[members[0]][0].source, pairs[members[0]][1].source
+        keys = [(pairs[i][0].data_offset, pairs[i][1].data_offset, pairs[i][0].storage_nbytes) for i in members]
+        equal = _equal_records(sa, sb, sorted(set(keys)))
+        for i, key in zip(members, keys):
+            out[i] = key in equal
+    return out
+
+
+_RUN_RECORDS = 256  # records compared as one range of bytes at most (a range that differs: none proven)
+_RUN_BYTES = 1 << 24
+
+
+def _equal_records(sa: Any, sb: Any, records: list[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
+    """Which records ``(offset in a, offset in b, size)`` (sorted) are proven to hold the same bytes
+    in both files: consecutive records at one distance (b - a) are compared as one range, up to
+    ``_RUN_RECORDS`` records or ``_RUN_BYTES`` bytes (a range that differs proves none of its records:
+    they are compared one by one, as without this; ``memcmp`` stops at the first difference, so
+    files that differ everywhere cost little here)."""
+    equal: set[tuple[int, int, int]] = set()
+    lo, n = 0, len(records)
+    while lo < n:
+        start, delta = records[lo][0], records[lo][1] - records[lo][0]
+        end = start + records[lo][2]
+        hi = lo + 1
+        while (hi < n and hi - lo < _RUN_RECORDS and records[hi][1] - records[hi][0] == delta
+               and max(end, records[hi][0] + records[hi][2]) - start <= _RUN_BYTES):
+            end = max(end, records[hi][0] + records[hi][2])
+            hi += 1
+        if end == start or _same_buffers(sa.view(start, end - start), sb.view(start + delta, end - start)):
+            equal.update(records[lo:hi])
+        lo = hi
+    return equal
 
 
 def _tensor_entry(section: str, name: str, key: str | None, ta: torch.Tensor, tb: torch.Tensor, atol: float,
@@ -274,8 +364,9 @@ def _diff_models(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, params:
             if n not in set_b:
                 continue
             count += 1
-            lanes.add(partial(_tensor_entry, "model", prefix + n, None, ma.tensors[n], mb.tensors[n], atol, rtol,
-                              stats, device), ma.meta[n].nbytes + mb.meta[n].nbytes)
+            ta, tb = ma.tensors[n], mb.tensors[n]
+            lanes.add(partial(_tensor_entry, "model", prefix + n, None, ta, tb, atol, rtol, stats, device),
+                      ma.meta[n].nbytes + mb.meta[n].nbytes, _records(ta, tb))
     lanes.close()
     report.compared["model"] = count
     return renames
@@ -366,6 +457,7 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
     lanes = _Lanes(report, progress, parallel=_mapped(a, b))
     _unpaired("optimizer", a.optimizers, b.optimizers, _pair_optimizers(a, b), report)
     for oa, ob in _pair_optimizers(a, b):
+        lanes.flush()  # (the entries below come after the previous optimizer's)
         label = "" if len(a.optimizers) == 1 else f"{oa.name}:"
         ma, mb = resolve(a, oa).mapping, resolve(b, ob).mapping
         if any(e.name is None for e in (*ma.entries, *mb.entries)):
@@ -395,24 +487,25 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
                 continue
             if name not in nb:
                 if sa.get(na[name]):
-                    report.entries.append(Entry("optimizer", label + name, None, "removed", sorted(sa[na[name]]), None))
+                    lanes.entry(Entry("optimizer", label + name, None, "removed", sorted(sa[na[name]]), None))
                 continue
             if name not in na:
                 if sb.get(nb[name]):
-                    report.entries.append(Entry("optimizer", label + name, None, "added", None, sorted(sb[nb[name]])))
+                    lanes.entry(Entry("optimizer", label + name, None, "added", None, sorted(sb[nb[name]])))
                 continue
             ea, eb = _materialized(sa.get(na[name], {})), _materialized(sb.get(nb[name], {}))
             count += 1
             for key in [*ea, *[k for k in eb if k not in ea]]:
                 if key not in eb:
-                    report.entries.append(Entry("optimizer", label + name, key, "removed", _short(ea[key]), None))
+                    lanes.entry(Entry("optimizer", label + name, key, "removed", _short(ea[key]), None))
                 elif key not in ea:
-                    report.entries.append(Entry("optimizer", label + name, key, "added", None, _short(eb[key])))
+                    lanes.entry(Entry("optimizer", label + name, key, "added", None, _short(eb[key])))
                 elif is_tensor(ea[key]) and is_tensor(eb[key]):
                     lanes.add(partial(_tensor_entry, "optimizer", label + name, key, ea[key], eb[key], atol, rtol,
-                                      stats, device), ea[key].numel() * ea[key].element_size() * 2)
+                                      stats, device), ea[key].numel() * ea[key].element_size() * 2,
+                              _records(ea[key], eb[key]))
                 elif not _same_value(ea[key], eb[key], atol, rtol):
-                    report.entries.append(Entry("optimizer", label + name, key, "changed", _short(ea[key]),
+                    lanes.entry(Entry("optimizer", label + name, key, "changed", _short(ea[key]),
                                                 _short(eb[key])))
     lanes.close()
     report.compared["optimizer"] = count
@@ -420,7 +513,8 @@ def _diff_optimizers(a: Checkpoint, b: Checkpoint, atol: float, rtol: float, par
 
 def _materialized(entry: Mapping[str, Any]) -> dict[str, Any]:
     """State entry values with DCP tensors still on disk read in (one entry at a time)."""
-    return {k: (v.load() if hasattr(v, "load") and hasattr(v, "key") else v) for k, v in entry.items()}
+    return {k: v if type(v) is RecordTensor or not (hasattr(v, "load") and hasattr(v, "key")) else v.load()
+            for k, v in entry.items()}
 
 
 def _short(v: Any) -> Any:

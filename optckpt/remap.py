@@ -74,18 +74,18 @@ class RemapPlan:
         return out | ({"slice": c["slice"]} if c["slice"] else {})
 
     def as_json(self) -> dict[str, Any]:
-        from .render import jsonable
+        from .render import jsonable, plain_rows
 
         return {
             "optimizer": self.optimizer,
             "evidence": self.evidence,
             "evidence_counts": dict(self.evidence_counts),
             "summary": self.summary(),
-            "slots": [
+            "slots": plain_rows([  # (checked plain: to_json need not copy 150k rows)
                 {"target_index": s.target_index, "group": s.group, "name": s.name,
                  "source_index": s.source_index, "action": s.action}
                 for s in self.slots
-            ],
+            ]),
             "dropped": [{"source_index": i, "name": n} for i, n in self.dropped],
             "groups": [
                 {"group": g.group, "size": g.size, "hparams_from_group": g.source_group,
