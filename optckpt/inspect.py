@@ -199,9 +199,13 @@ def _optimizer_report(o: OptimizerState, stats: bool, mapping: OptimizerMapping)
         entries.extend(rows)
     key_counts: Counter[str] = Counter()
     lo = hi = None
+    if len(times) == len(firsts) and all(n == 1 for n in times.values()):  # (each entry held by one index)
+        key_counts.update(chain.from_iterable(firsts.values()))  # (C level, the same counts in the same order)
+    else:
+        for k, first in firsts.items():
+            for key in first:
+                key_counts[key] += times[k]
     for k, first in firsts.items():  # (first met first: the same key order, and min / max, as a walk of every index)
-        for key in first:
-            key_counts[key] += times[k]
         raw = first.get("step")
         # a 0-d record tensor's value is in its summary already (read once)
         step = float(summaries[k]["step"]) if type(raw) is RecordTensor and not raw.shape else _step(raw)

@@ -234,13 +234,14 @@ def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...] | None]:
         # per distinct entry (its shape and the key that gave it); C-level walks over the indices
         used = dict(zip(entry_ids, map(state.get, params)))
         by_entry = {k: none if e is None else _shape_and_key(e) for k, e in used.items()}
-        final = {k: s for k, (s, _) in by_entry.items()}
-        if model_shapes:
-            # a known key whose shapes are not the saved model's parameter shapes means something else in
-            # this optimizer (Nero's per-row exp_avg_sq [6, 1], Amos' scalar one, SARA's empty exp_avg):
-            # none of its shapes is evidence
-            other = {k for s, k in by_entry.values() if s is not None and s not in model_shapes}
+        # a known key whose shapes are not the saved model's parameter shapes means something else in
+        # this optimizer (Nero's per-row exp_avg_sq [6, 1], Amos' scalar one, SARA's empty exp_avg):
+        # none of its shapes is evidence
+        other = {k for s, k in by_entry.values() if s is not None and s not in model_shapes} if model_shapes else ()
+        if other:
             final = {k: None if key in other else s for k, (s, key) in by_entry.items()}
+        else:
+            final = {k: s for k, (s, _) in by_entry.items()}
         shapes = dict(zip(params, map(final.__getitem__, entry_ids)))
         if model_shapes:
             _shapes_from_unknown_keys(state, shapes, model_shapes, opt.__dict__.get("_model_shape_counts"))

@@ -25,10 +25,11 @@ _PLAIN = frozenset({str, int, bool, type(None)})
 
 
 class PlainRows(list):  # type: ignore[type-arg]
-    """A list of plain JSON data already, exactly what :func:`jsonable` would make of it (str keys;
-    str / int / bool / None / finite float values; lists and dicts of them): :func:`jsonable` hands
-    it on as it is instead of copying it value by value (a 300k-parameter report's rows). Made only
-    by :func:`plain_rows`, which checks."""
+    """A report's long list of rows that its producer expects to be plain JSON data already (str
+    keys; str / int / bool / None / finite float values; lists and dicts of them): :func:`jsonable`
+    checks that (a few C-level passes, :func:`_plain`) and then hands the list on as it is instead of
+    copying it value by value (a 300k-parameter report's rows); otherwise it converts it as any list.
+    Nothing is checked until JSON is asked for (a table shows 40 rows)."""
 
     __slots__ = ()
 
@@ -59,9 +60,8 @@ def _plain(values: list[Any], depth: int) -> bool:
 
 
 def plain_rows(rows: list[Any]) -> list[Any]:
-    """``rows`` as :class:`PlainRows` when they are plain JSON data already (checked, a few levels
-    deep), else as they are (:func:`jsonable` converts them)."""
-    return PlainRows(rows) if type(rows) is list and _plain(rows, 4) else rows
+    """``rows`` marked as :class:`PlainRows` (checked by :func:`jsonable` when JSON is made)."""
+    return PlainRows(rows) if type(rows) is list else rows
 
 
 def jsonable(v: Any, _seen: dict[int, Any] | None = None) -> Any:
@@ -69,8 +69,12 @@ def jsonable(v: Any, _seen: dict[int, Any] | None = None) -> Any:
     non-finite floats → strings, anything else → its repr). ``_seen`` (id → converted): a dict met
     again is converted once (a report's rows share their state summaries)."""
     t = type(v)
-    if t in _PLAIN or t is PlainRows:
+    if t in _PLAIN:
         return v
+    if t is PlainRows:
+        if _plain(v, 4):
+            return v
+        t = list  # (converted as any list)
     if t is dict:  # the common containers by exact type first: a 300k-parameter report is millions of values
         if _seen is not None:
             done = _seen.get(id(v))
