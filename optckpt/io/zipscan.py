@@ -28,12 +28,15 @@ disagree, or whose bytes are not all accounted for:
 
 from __future__ import annotations
 
+import gc
+import operator
 import os
 import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from itertools import repeat
+from typing import Any, NamedTuple
 
 __all__ = ["ZipEntry", "ZipLayout", "ZipStructureError", "ZipCorruptError", "parse_zip", "parse_fd", "parse_bytes"]
 
@@ -231,6 +234,48 @@ class _Central(NamedTuple):
 
 
 def _entries(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
+    fast = _entries_fast(rd, cd, n, cd_off)
+    return fast if fast is not None else _entries_checked(rd, cd, n, cd_off)
+
+
+def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry] | None:
+    """The common file (what torch and optckpt write: ASCII names, no zip64 field, every entry
+    stored) in column passes: one ``unpack`` an entry, each rule one C-level test over a column, each
+    local header checked by :func:`_locals_fast`. None where any rule might fail or any entry is
+    unusual: :func:`_entries_checked` then parses again, entry by entry, and names what is wrong."""
+    unpack = _CEN.unpack_from
+    size = len(cd)
+    starts: list[int] = []
+    rows: list[tuple[Any, ...]] = []
+    pos = 0
+    try:
+        for _ in range(n):
+            row = unpack(cd, pos)
+            starts.append(pos)
+            rows.append(row)
+            pos += 46 + row[10] + row[11] + row[12]
+    except struct.error:
+        return None
+    if pos != size or not rows:
+        return None
+    sigs, needs, flags, methods, crcs, csizes, usizes, nlens, disks, hoffs = (
+        tuple(map(operator.itemgetter(k), rows)) for k in (0, 2, 3, 4, 7, 8, 9, 10, 13, 16))
+    if set(sigs) != {_CEN_SIG} or max(needs) > 63 or set(methods) != {0} or csizes != usizes \
+            or not set(disks) <= {0, 0xFFFF} or any(f & _ENCRYPTED for f in set(flags)) \
+            or _U32 in usizes or _U32 in hoffs:
+        return None
+    raws = [cd[p + 46:p + 46 + k] for p, k in zip(starts, nlens)]
+    joined = b"\0".join(raws)
+    if not joined.isascii():
+        return None  # (ASCII reads the same in UTF-8 and cp437, whichever the flag says)
+    folded = joined.lower().split(b"\0") if joined.count(b"\0") == n - 1 else [r.lower() for r in raws]
+    if len(set(folded)) != n:  # names unique ignoring case (torch's lookup)
+        return None
+    names = list(map(bytes.decode, raws))
+    return _locals_fast(rd, raws, names, flags, crcs, usizes, hoffs, cd_off)
+
+
+def _entries_checked(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
     cen: list[_Central] = []
     seen: dict[str, str] = {}
     pos = 0
@@ -316,6 +361,63 @@ def _locals(rd: _Reader, cen: list[_Central], limit: int) -> list[ZipEntry]:
     return out  # type: ignore[return-value]
 
 
+def _locals_fast(rd: _Reader, raws: list[bytes], names: list[str], flags: tuple[int, ...], crcs: tuple[int, ...],
+                 sizes: tuple[int, ...], hoffs: tuple[int, ...], limit: int) -> list[ZipEntry] | None:
+    """:func:`_locals` for the common file, or None where any record is unusual. Local headers (and
+    the data descriptors torch writes after each record) are read in windows of ~1 MiB of
+    neighbouring small records; a record passes only if its local header agrees with its central
+    entry exactly as :func:`_local` requires."""
+    n = len(hoffs)
+    order: Any = range(n) if list(hoffs) == sorted(hoffs) else sorted(range(n), key=hoffs.__getitem__)
+    unpack_loc, unpack_dd = _LOC.unpack_from, _DD32.unpack_from
+    datas = [0] * n
+    ends = [0] * n
+    buf = b""
+    at = 0
+    for i in order:
+        h = hoffs[i]
+        raw = raws[i]
+        size = sizes[i]
+        if h + 30 + len(raw) > limit:
+            return None
+        off = h - at
+        need = min(h + 30 + len(raw) + 128 + size + 16, limit)  # header, usual extra, data, descriptor
+        if off < 0 or need > at + len(buf):
+            if size >= _SMALL:  # a big record: its header (and descriptor) read alone, checked by _local
+                e = _local(rd, raw, names[i], flags[i], 0, crcs[i], size, h, limit)
+                datas[i], ends[i] = e.data_offset, e.end
+                continue
+            at = h
+            buf = rd(max(0, min(h + _BATCH, limit) - h), h)
+            off = 0
+            if need > h + len(buf):
+                return None
+        sig, _, lflags, lmethod, _, _, lcrc, lcs, lus, nlen, elen = unpack_loc(buf, off)
+        f = flags[i]
+        if sig != _LOC_HDR_SIG or lmethod or (lflags ^ f) & ~0x08 or buf[off + 30:off + 30 + nlen] != raw:
+            return None
+        data = h + 30 + nlen + elen
+        end = data + size
+        if lflags & 0x08:
+            if (lcrc or lcs or lus) and (lcrc != crcs[i] or lcs != size or lus != size):
+                return None
+            d = end - at
+            if d + 16 > len(buf):
+                return None
+            dsig, dcrc, dcs, dus = unpack_dd(buf, d)
+            if dsig != _DD_SIG or dcrc != crcs[i] or dcs != size or dus != size:
+                return None
+            end += 16
+        elif lcrc != crcs[i] or lcs != size or lus != size:
+            return None
+        if end > limit or end >= _U32:
+            return None
+        datas[i] = data
+        ends[i] = end
+    new = tuple.__new__
+    return [new(ZipEntry, row) for row in zip(names, hoffs, datas, sizes, sizes, repeat(0), flags, crcs, ends)]
+
+
 def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int, size: int, hoff: int,
            limit: int) -> ZipEntry:
     """The local header of a central entry, checked against it; the record's extent."""
@@ -368,6 +470,16 @@ def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int
 
 def parse_reader(rd: _Reader, size: int) -> ZipLayout:
     """The current version's records, every structure rule above checked over the whole file."""
+    collecting = gc.isenabled()
+    gc.disable()  # millions of new acyclic tuples: the cyclic collector would rescan the growing heap
+    try:  # again and again (half the parse at 600k records)
+        return _parse_reader(rd, size)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _parse_reader(rd: _Reader, size: int) -> ZipLayout:
     current = _parse_one(rd, size)
     if current.layout.kind == "pend":
         return current.layout  # an interrupted in-place edit: the caller names it (editlock.interrupted_message)
@@ -391,6 +503,40 @@ def parse_reader(rd: _Reader, size: int) -> ZipLayout:
 def _check_coverage(rd: _Reader, size: int, chain: list[_Version]) -> None:
     """No two structures overlap (a record shared by versions is one), and every byte belongs to
     one, except zeros (under a sector) that align a version's central directory."""
+    if not _covered(rd, size, chain):
+        _coverage_error(rd, size, chain)
+
+
+def _covered(rd: _Reader, size: int, chain: list[_Version]) -> bool:
+    """The rule of :func:`_check_coverage` as C-level passes over columns of offsets; False where a
+    span overlaps or a gap is not the zeros allowed (:func:`_coverage_error` then names it)."""
+    lo: list[int] = []
+    hi: list[int] = []
+    cd_starts: set[int] = set()
+    for v in chain:
+        lay = v.layout
+        lo += map(_HOFF, lay.entries)
+        hi += map(_END, lay.entries)
+        lo += (lay.cd_offset, v.end_start)
+        hi += (lay.cd_offset + lay.cd_size, lay.size)
+        cd_starts.add(lay.cd_offset)
+    spans = sorted(dict.fromkeys(zip(lo, hi))) if len(chain) > 1 or lo != sorted(lo) else list(zip(lo, hi))
+    starts = [a for a, _ in spans]
+    stops = [0] + [b for _, b in spans]
+    if stops[-1] != size:
+        return False
+    if starts == stops[:-1]:
+        return True
+    for a, b in zip(starts, stops):  # gaps: only zeros under a sector before a central directory
+        if a != b and not (a > b and a in cd_starts and a - b < _SECTOR and _read(rd, a - b, b) == b"\0" * (a - b)):
+            return False
+    return True
+
+
+_HOFF, _END = operator.itemgetter(1), operator.itemgetter(8)
+
+
+def _coverage_error(rd: _Reader, size: int, chain: list[_Version]) -> None:
     spans: set[tuple[int, int, str]] = set()
     cd_starts: set[int] = set()
     for v in chain:
