@@ -24,6 +24,7 @@ import torch
 from conftest import FIXTURES, ROOT
 from test_reader_differential import _corpus_object, _fixture_files, _same
 
+from optckpt import io as optckpt_io
 from optckpt.io import torchfile
 from optckpt.io.reader import NeedsTorch, lazy_allowed, read_zip_pickle_lazy
 from optckpt.io.safepickle import allowed
@@ -447,3 +448,15 @@ def test_a_record_copied_wrong_fails_the_verification(tmp_path: Path, monkeypatc
     with pytest.raises(WriteError, match="verification failed"):
         optckpt.set_hparams(str(FIXTURES / "bundle.pt"), str(out), lr=0.1)
     assert not out.exists()
+
+
+def test_ties_found_from_record_references_are_the_eager_readers(tmp_path):
+    """``tied_keys`` reads a record reference's storage, offset, shape, strides and dtype directly:
+    the same ties as from the real tensors (a view of the same storage, a clone and empty tensors are
+    no ties)."""
+    w = torch.randn(4, 3)
+    sd = {"emb.weight": w, "head.weight": w, "view": w[1:], "t": w.t(), "other": w.clone(),
+          "as_half": w.half(), "empty": torch.zeros(0), "empty2": torch.zeros(0), "again": w.view(4, 3)}
+    torch.save({"model": sd}, tmp_path / "tie.pt")
+    lazy, eager = optckpt_io.load(str(tmp_path / "tie.pt"), lazy=True), optckpt_io.load(str(tmp_path / "tie.pt"))
+    assert lazy.models[0].tied == eager.models[0].tied == {"head.weight": "emb.weight", "again": "emb.weight"}
