@@ -572,11 +572,13 @@ def test_fast_parse_decides_as_the_checked_parse(bases, base, monkeypatch):
     b = bases[base].read_bytes()
     rng = random.Random(f"zip-fast-{base}")
     files = [b, *_mutants(b).values(), *(_fuzz_one(b, rng) for _ in range(150))]
-    taken = []
-    real = zipscan._entries_fast
+    taken, bulk = [], []
+    real, real_bulk = zipscan._entries_fast, zipscan._locals_bulk
     monkeypatch.setattr(zipscan, "_entries_fast", lambda *a: taken.append(real(*a)) or taken[-1])
+    monkeypatch.setattr(zipscan, "_locals_bulk", lambda *a: bulk.append(real_bulk(*a)) or bulk[-1])
     fast = [_outcome(f) for f in files]
-    assert taken[0] is not None and sum(t is not None for t in taken) >= 10  # the shortcut is taken
+    assert taken[0] is not None and sum(t is not None for t in taken) >= 10  # the shortcuts are taken
+    assert bulk[0] is True and bulk.count(False) > 0
     monkeypatch.setattr(zipscan, "_entries_fast", lambda *a: None)
     monkeypatch.setattr(zipscan, "_covered", lambda *a: False)
     checked = [_outcome(f) for f in files]

@@ -258,8 +258,8 @@ def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]
         return None
     if pos != size or not rows:
         return None
-    sigs, needs, flags, methods, crcs, csizes, usizes, nlens, disks, hoffs = (
-        tuple(map(operator.itemgetter(k), rows)) for k in (0, 2, 3, 4, 7, 8, 9, 10, 13, 16))
+    sigs, needs, flags, methods, times, dates, crcs, csizes, usizes, nlens, disks, hoffs = (
+        tuple(map(operator.itemgetter(k), rows)) for k in (0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16))
     if set(sigs) != {_CEN_SIG} or max(needs) > 63 or set(methods) != {0} or csizes != usizes \
             or not set(disks) <= {0, 0xFFFF} or any(f & _ENCRYPTED for f in set(flags)) \
             or _U32 in usizes or _U32 in hoffs:
@@ -272,7 +272,7 @@ def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]
     if len(set(folded)) != n:  # names unique ignoring case (torch's lookup)
         return None
     names = list(map(bytes.decode, raws))
-    return _locals_fast(rd, raws, names, flags, crcs, usizes, hoffs, cd_off)
+    return _locals_fast(rd, _Cols(raws, names, flags, crcs, usizes, hoffs, needs, times, dates), cd_off)
 
 
 def _entries_checked(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
@@ -361,61 +361,133 @@ def _locals(rd: _Reader, cen: list[_Central], limit: int) -> list[ZipEntry]:
     return out  # type: ignore[return-value]
 
 
-def _locals_fast(rd: _Reader, raws: list[bytes], names: list[str], flags: tuple[int, ...], crcs: tuple[int, ...],
-                 sizes: tuple[int, ...], hoffs: tuple[int, ...], limit: int) -> list[ZipEntry] | None:
-    """:func:`_locals` for the common file, or None where any record is unusual. Local headers (and
-    the data descriptors torch writes after each record) are read in windows of ~1 MiB of
-    neighbouring small records; a record passes only if its local header agrees with its central
-    entry exactly as :func:`_local` requires."""
-    n = len(hoffs)
-    order: Any = range(n) if list(hoffs) == sorted(hoffs) else sorted(range(n), key=hoffs.__getitem__)
-    unpack_loc, unpack_dd = _LOC.unpack_from, _DD32.unpack_from
+class _Cols(NamedTuple):
+    """Central directory columns of the common file (``_entries_fast``)."""
+
+    raws: list[bytes]
+    names: list[str]
+    flags: tuple[int, ...]
+    crcs: tuple[int, ...]
+    sizes: tuple[int, ...]
+    hoffs: tuple[int, ...]
+    needs: tuple[int, ...]
+    times: tuple[int, ...]
+    dates: tuple[int, ...]
+
+
+_CHUNK = 4096  # records checked by one bulk comparison
+_LOC_PACK = _LOC.pack
+_DD_PACK = _DD32.pack
+
+
+def _locals_fast(rd: _Reader, c: _Cols, limit: int) -> list[ZipEntry] | None:
+    """:func:`_locals` for the common file, or None where any record is unusual. Records that follow
+    each other (each ends where the next begins, as the coverage rule requires) are checked in chunks
+    by two byte comparisons: their local headers and names against the headers torch writes for
+    their central entries (version, time and date as there, flags with the data-descriptor bit, CRC
+    and sizes zero, the extra field filling the gap) and their data descriptors against the CRC and
+    sizes; a chunk that differs anywhere is checked record by record (:func:`_locals_run`), which
+    accepts exactly what :func:`_local` accepts."""
+    n = len(c.hoffs)
     datas = [0] * n
     ends = [0] * n
+    if list(c.hoffs) != sorted(c.hoffs):
+        if not _locals_run(rd, c, sorted(range(n), key=c.hoffs.__getitem__), limit, datas, ends):
+            return None
+    else:
+        for a in range(0, n, _CHUNK):
+            b = min(a + _CHUNK, n - 1)  # the last record: no next header to end at
+            if (b <= a or not _locals_bulk(rd, c, a, b, datas, ends)) and not _locals_run(rd, c, range(a, b), limit,
+                                                                                            datas, ends):
+                return None
+        if not _locals_run(rd, c, [n - 1], limit, datas, ends):
+            return None
+    if max(ends) > limit:
+        return None
+    new = tuple.__new__
+    return [new(ZipEntry, row) for row in zip(c.names, c.hoffs, datas, c.sizes, c.sizes, repeat(0), c.flags, c.crcs,
+                                               ends)]
+
+
+def _locals_bulk(rd: _Reader, c: _Cols, a: int, b: int, datas: list[int], ends: list[int]) -> bool:
+    """Records ``a`` to ``b - 1`` (in file order, record ``b`` after them) in two comparisons, or
+    False (nothing filled in) where they are not torch's contiguous layout or span over 8 MiB."""
+    hs = c.hoffs[a:b]
+    nexts = c.hoffs[a + 1:b + 1]
+    base = hs[0]
+    if nexts[-1] - base > 8 << 20:
+        return False
+    nl = list(map(len, c.raws[a:b]))
+    sz = c.sizes[a:b]
+    data = [x - 16 - s for x, s in zip(nexts, sz)]  # the descriptor's 16 bytes end where the next header starts
+    elens = [d - h - 30 - k for d, h, k in zip(data, hs, nl)]
+    if min(elens) < 0 or max(elens) > 0xFFFF:
+        return False
+    buf = rd(nexts[-1] - base, base)
+    if len(buf) != nexts[-1] - base:
+        return False
+    got = b"".join([buf[h - base:h - base + 30 + k] for h, k in zip(hs, nl)])
+    want = b"".join(map(bytes.__add__, map(_LOC_PACK, repeat(_LOC_HDR_SIG), c.needs[a:b],
+                                           [f | 0x08 for f in c.flags[a:b]], repeat(0), c.times[a:b], c.dates[a:b],
+                                           repeat(0), repeat(0), repeat(0), nl, elens), c.raws[a:b]))
+    if got != want:
+        return False
+    got = b"".join([buf[x - base - 16:x - base] for x in nexts])
+    if got != b"".join(map(_DD_PACK, repeat(_DD_SIG), c.crcs[a:b], sz, sz)):
+        return False
+    datas[a:b] = data
+    ends[a:b] = nexts
+    return True
+
+
+def _locals_run(rd: _Reader, c: _Cols, indices: Any, limit: int, datas: list[int], ends: list[int]) -> bool:
+    """The records ``indices`` (in file order) one by one, as :func:`_local` checks them; False at
+    the first that is unusual (the entry-by-entry parse then names it)."""
+    unpack_loc, unpack_dd = _LOC.unpack_from, _DD32.unpack_from
+    raws, sizes, hoffs, flags, crcs = c.raws, c.sizes, c.hoffs, c.flags, c.crcs
     buf = b""
     at = 0
-    for i in order:
+    for i in indices:
         h = hoffs[i]
         raw = raws[i]
         size = sizes[i]
         if h + 30 + len(raw) > limit:
-            return None
+            return False
         off = h - at
         need = min(h + 30 + len(raw) + 128 + size + 16, limit)  # header, usual extra, data, descriptor
         if off < 0 or need > at + len(buf):
             if size >= _SMALL:  # a big record: its header (and descriptor) read alone, checked by _local
-                e = _local(rd, raw, names[i], flags[i], 0, crcs[i], size, h, limit)
+                e = _local(rd, raw, c.names[i], flags[i], 0, crcs[i], size, h, limit)
                 datas[i], ends[i] = e.data_offset, e.end
                 continue
             at = h
             buf = rd(max(0, min(h + _BATCH, limit) - h), h)
             off = 0
             if need > h + len(buf):
-                return None
+                return False
         sig, _, lflags, lmethod, _, _, lcrc, lcs, lus, nlen, elen = unpack_loc(buf, off)
         f = flags[i]
         if sig != _LOC_HDR_SIG or lmethod or (lflags ^ f) & ~0x08 or buf[off + 30:off + 30 + nlen] != raw:
-            return None
+            return False
         data = h + 30 + nlen + elen
         end = data + size
         if lflags & 0x08:
             if (lcrc or lcs or lus) and (lcrc != crcs[i] or lcs != size or lus != size):
-                return None
+                return False
             d = end - at
             if d + 16 > len(buf):
-                return None
+                return False
             dsig, dcrc, dcs, dus = unpack_dd(buf, d)
             if dsig != _DD_SIG or dcrc != crcs[i] or dcs != size or dus != size:
-                return None
+                return False
             end += 16
         elif lcrc != crcs[i] or lcs != size or lus != size:
-            return None
+            return False
         if end > limit or end >= _U32:
-            return None
+            return False
         datas[i] = data
         ends[i] = end
-    new = tuple.__new__
-    return [new(ZipEntry, row) for row in zip(names, hoffs, datas, sizes, sizes, repeat(0), flags, crcs, ends)]
+    return True
 
 
 def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int, size: int, hoff: int,
