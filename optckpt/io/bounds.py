@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import LoadError
 from ..tensors import RecordTensor, Size, is_tensor
@@ -116,7 +116,7 @@ def check_bounds(obj: Any, where: str) -> None:
     while stack:
         node, it, acc = stack[-1]
         for child in it:
-            if is_tensor(child):
+            if type(child) is not dict and is_tensor(child):
                 _check_extent(child, where)
                 continue
             if type(child) in flat_types and set(map(type, child)) <= _LEAF_TYPES:  # params, betas, shapes
@@ -142,6 +142,14 @@ def check_bounds(obj: Any, where: str) -> None:
                 raise LoadError(f"{where}: containers nested deeper than {MAX_NESTING} levels: not a checkpoint; "
                                 "refused")
             distinct += grand[0]
+            if not grand[1]:  # only scalars and record tensors below (a per-parameter state): what pushing
+                done[cid] = (grand[0], 0)  # it and popping it again would account, without the round trip
+                keep.append(child)
+                acc[0] += grand[0]
+                acc[1] = max(acc[1], 1)
+                if acc[0] > _AMPLIFICATION * distinct + _SLACK:
+                    _amplified(where, acc[0], distinct)
+                continue
             on_path.add(cid)
             stack.append((child, iter(grand[1]), [grand[0], 0]))
             break
@@ -155,7 +163,10 @@ def check_bounds(obj: Any, where: str) -> None:
                 parent[0] += acc[0]
                 parent[1] = max(parent[1], acc[1] + 1)
                 if parent[0] > _AMPLIFICATION * distinct + _SLACK:
-                    raise LoadError(
-                        f"{where}: shared references make it more than {parent[0]:,} entries when walked, from "
-                        f"{distinct:,} distinct ones (limit {_AMPLIFICATION}x + {_SLACK:,}): a 'billion laughs' "
-                        "structure, not a checkpoint; refused")
+                    _amplified(where, parent[0], distinct)
+
+
+def _amplified(where: str, walked: int, distinct: int) -> NoReturn:
+    raise LoadError(f"{where}: shared references make it more than {walked:,} entries when walked, from "
+                    f"{distinct:,} distinct ones (limit {_AMPLIFICATION}x + {_SLACK:,}): a 'billion laughs' "
+                    "structure, not a checkpoint; refused")
