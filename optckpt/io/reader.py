@@ -350,6 +350,7 @@ class _LazyUnpickler(_Unpickler):
             return st
 
         self.persistent_load = persistent_load  # type: ignore[method-assign]  # (before the C init looks it up)
+        self.release = loaded.clear  # the storage table (120 MB at 600k) goes as soon as the load is done
         super().__init__(data, _lazy_table(source), storage_for, lazy=True)
 
 
@@ -364,7 +365,12 @@ def read_zip_pickle_lazy(path: str, layout: ZipLayout, pickle_bytes: bytes, pref
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _LazyUnpickler(pickle_bytes, source, records, path, prefix, locations).load()
+        unpickler = _LazyUnpickler(pickle_bytes, source, records, path, prefix, locations)
+        try:
+            return unpickler.load()
+        finally:  # (the unpickler and its closures form a cycle: the table would live until a collection)
+            unpickler.release()
+            del unpickler.persistent_load
     finally:
         if collecting:
             gc.enable()

@@ -246,23 +246,29 @@ def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]
     unpack = _CEN.unpack_from
     size = len(cd)
     starts: list[int] = []
-    rows: list[tuple[Any, ...]] = []
+    kept: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
+    needs, flags, times, dates, crcs, usizes, nlens, hoffs = kept
     pos = 0
-    try:
-        for _ in range(n):
-            row = unpack(cd, pos)
-            starts.append(pos)
-            rows.append(row)
-            pos += 46 + row[10] + row[11] + row[12]
-    except struct.error:
-        return None
-    if pos != size or not rows:
-        return None
-    sigs, needs, flags, methods, times, dates, crcs, csizes, usizes, nlens, disks, hoffs = (
-        tuple(map(operator.itemgetter(k), rows)) for k in (0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16))
-    if set(sigs) != {_CEN_SIG} or max(needs) > 63 or set(methods) != {0} or csizes != usizes \
-            or not set(disks) <= {0, 0xFFFF} or any(f & _ENCRYPTED for f in set(flags)) \
-            or _U32 in usizes or _U32 in hoffs:
+    left = n
+    while left:  # in chunks: a row of 17 fields an entry is ~350 bytes, 200 MB at 600k if all were kept
+        rows = []
+        try:
+            for _ in range(min(left, _CHUNK)):
+                row = unpack(cd, pos)
+                starts.append(pos)
+                rows.append(row)
+                pos += 46 + row[10] + row[11] + row[12]
+        except struct.error:
+            return None
+        left -= len(rows)
+        sigs, methods, csizes, disks = (list(map(operator.itemgetter(k), rows)) for k in (0, 4, 8, 13))
+        for col, k in zip(kept, (2, 3, 5, 6, 7, 9, 10, 16)):
+            col += map(operator.itemgetter(k), rows)
+        if set(sigs) != {_CEN_SIG} or set(methods) != {0} or csizes != usizes[-len(rows):] \
+                or not set(disks) <= {0, 0xFFFF}:
+            return None
+    if pos != size or not n or max(needs) > 63 or any(f & _ENCRYPTED for f in set(flags)) or _U32 in usizes \
+            or _U32 in hoffs:
         return None
     raws = [cd[p + 46:p + 46 + k] for p, k in zip(starts, nlens)]
     joined = b"\0".join(raws)
@@ -366,13 +372,13 @@ class _Cols(NamedTuple):
 
     raws: list[bytes]
     names: list[str]
-    flags: tuple[int, ...]
-    crcs: tuple[int, ...]
-    sizes: tuple[int, ...]
-    hoffs: tuple[int, ...]
-    needs: tuple[int, ...]
-    times: tuple[int, ...]
-    dates: tuple[int, ...]
+    flags: list[int]
+    crcs: list[int]
+    sizes: list[int]
+    hoffs: list[int]
+    needs: list[int]
+    times: list[int]
+    dates: list[int]
 
 
 _CHUNK = 4096  # records checked by one bulk comparison
@@ -391,7 +397,7 @@ def _locals_fast(rd: _Reader, c: _Cols, limit: int) -> list[ZipEntry] | None:
     n = len(c.hoffs)
     datas = [0] * n
     ends = [0] * n
-    if list(c.hoffs) != sorted(c.hoffs):
+    if c.hoffs != sorted(c.hoffs):
         if not _locals_run(rd, c, sorted(range(n), key=c.hoffs.__getitem__), limit, datas, ends):
             return None
     else:
