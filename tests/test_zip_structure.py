@@ -584,3 +584,28 @@ def test_fast_parse_decides_as_the_checked_parse(bases, base, monkeypatch):
     checked = [_outcome(f) for f in files]
     assert fast == checked
     assert isinstance(fast[0], zipscan.ZipLayout) and sum(isinstance(o, tuple) for o in fast) > 20
+
+
+def test_fast_parse_of_big_records_decides_as_the_checked_parse(tmp_path, monkeypatch):
+    """Records too big to read together are checked by one read at each boundary (a data
+    descriptor and the next local header side by side): on the file and on mutants of those
+    bytes, the same layout or the same error as the entry-by-entry parse."""
+    p = tmp_path / "big.pt"
+    torch.save({f"w{i}": torch.full((1 << 20,), float(i)) for i in range(4)}, p)
+    b = p.read_bytes()
+    lay = parse_zip(str(p))
+    mutants = [b]
+    for e in lay.entries[1:-1]:
+        for at in (e.header_offset + 1, e.header_offset + 8, e.header_offset + 30, e.end - 16, e.end - 9, e.end - 2):
+            m = bytearray(b)
+            m[at] ^= 0x20
+            mutants.append(bytes(m))
+    bulk = []
+    real_bulk = zipscan._locals_bulk
+    monkeypatch.setattr(zipscan, "_locals_bulk", lambda *a: bulk.append(real_bulk(*a)) or bulk[-1])
+    fast = [_outcome(f) for f in mutants]
+    assert bulk[0] is True and isinstance(fast[0], zipscan.ZipLayout)
+    assert fast[0].entries == lay.entries and sum(isinstance(o, tuple) for o in fast) > len(mutants) // 2
+    monkeypatch.setattr(zipscan, "_entries_fast", lambda *a: None)
+    monkeypatch.setattr(zipscan, "_covered", lambda *a: False)
+    assert fast == [_outcome(f) for f in mutants]

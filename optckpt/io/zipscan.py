@@ -417,29 +417,30 @@ def _locals_fast(rd: _Reader, c: _Cols, limit: int) -> list[ZipEntry] | None:
 
 def _locals_bulk(rd: _Reader, c: _Cols, a: int, b: int, datas: list[int], ends: list[int]) -> bool:
     """Records ``a`` to ``b - 1`` (in file order, record ``b`` after them) in two comparisons, or
-    False (nothing filled in) where they are not torch's contiguous layout or span over 8 MiB."""
+    False (nothing filled in) where they are not torch's contiguous layout."""
     hs = c.hoffs[a:b]
     nexts = c.hoffs[a + 1:b + 1]
     base = hs[0]
-    if nexts[-1] - base > 8 << 20:
-        return False
     nl = list(map(len, c.raws[a:b]))
     sz = c.sizes[a:b]
     data = [x - 16 - s for x, s in zip(nexts, sz)]  # the descriptor's 16 bytes end where the next header starts
     elens = [d - h - 30 - k for d, h, k in zip(data, hs, nl)]
     if min(elens) < 0 or max(elens) > 0xFFFF:
         return False
-    buf = rd(nexts[-1] - base, base)
-    if len(buf) != nexts[-1] - base:
-        return False
-    got = b"".join([buf[h - base:h - base + 30 + k] for h, k in zip(hs, nl)])
+    if nexts[-1] - base <= 8 << 20:  # small records: one read for them all
+        buf = rd(nexts[-1] - base, base)
+        if len(buf) != nexts[-1] - base:
+            return False
+        got = b"".join([buf[h - base:h - base + 30 + k] for h, k in zip(hs, nl)])
+        got_dd = b"".join([buf[x - base - 16:x - base] for x in nexts])
+    else:  # big ones: one read a boundary (a descriptor and the next header lie side by side)
+        pieces = [rd(46 + k, x - 16) for x, k in zip(nexts, map(len, c.raws[a + 1:b + 1]))]
+        got = rd(30 + nl[0], base) + b"".join([p[16:] for p in pieces[:-1]])
+        got_dd = b"".join([p[:16] for p in pieces])
     want = b"".join(map(bytes.__add__, map(_LOC_PACK, repeat(_LOC_HDR_SIG), c.needs[a:b],
                                            [f | 0x08 for f in c.flags[a:b]], repeat(0), c.times[a:b], c.dates[a:b],
                                            repeat(0), repeat(0), repeat(0), nl, elens), c.raws[a:b]))
-    if got != want:
-        return False
-    got = b"".join([buf[x - base - 16:x - base] for x in nexts])
-    if got != b"".join(map(_DD_PACK, repeat(_DD_SIG), c.crcs[a:b], sz, sz)):
+    if got != want or got_dd != b"".join(map(_DD_PACK, repeat(_DD_SIG), c.crcs[a:b], sz, sz)):
         return False
     datas[a:b] = data
     ends[a:b] = nexts
