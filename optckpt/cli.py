@@ -6,7 +6,6 @@ and shell completion load click and nothing else."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import re
 import sys
@@ -614,10 +613,6 @@ def _stale_backup(path: str) -> None:
 
 
 def main() -> None:
-    # the process runs one command and exits: no cyclic garbage collection in it (a loaded checkpoint,
-    # and a report of it, are millions of small acyclic objects each collection would rescan; what
-    # they are is freed by reference counting)
-    gc.disable()
     cli(prog_name="optckpt")
 
 

@@ -52,10 +52,10 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _no_cycle_collection(verb: _F) -> _F:
-    """``verb`` run with the cyclic garbage collector paused: a loaded checkpoint is millions of small,
-    acyclic objects, which every collection triggered by the verb's own allocations would rescan
-    (seconds on a 600k-storage file). The verb's frame, and the checkpoint with it, is gone before
-    collection resumes: nothing left to rescan but the report."""
+    """``verb`` run with the cyclic garbage collector paused: a loaded checkpoint is millions of small
+    objects, which every collection triggered by the verb's own allocations would rescan (seconds on
+    a 600k-storage file). Collection resumes once the verb's frame is gone: what the checkpoint left
+    in cycles is then freed by the next collection (not kept while the report is rendered)."""
 
     @functools.wraps(verb)
     def run(*args: Any, **kwargs: Any) -> Any:
