@@ -266,12 +266,16 @@ def effective_renames(mapping: OptimizerMapping, target: Target,
 def target_namer(target: Target, rules: Sequence[RenameRule]) -> Callable[[str], str]:
     """A checkpoint name as the target calls it: renamed, then a tied parameter's other name."""
     tgt_pos = set(target.names)
+    aliases = target.aliases
 
     def to_target(name: str) -> str:
         n = apply_renames(name, rules)
-        return n if n in tgt_pos else target.aliases.get(n, n)
+        return n if n in tgt_pos else aliases.get(n, n)
 
-    return to_target
+    def unrenamed(name: str) -> str:  # (no rule: one call a name, not two; 150k names)
+        return name if name in tgt_pos else aliases.get(name, name)
+
+    return to_target if rules else unrenamed
 
 
 def model_order(target: Target) -> list[str] | None:
