@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
+import gc
 import hashlib
 import math
 import os
@@ -614,6 +615,18 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, atol: float = 0.0, rtol: f
                      only: Sequence[str] = (), params: Sequence[str] = (), stats: bool = False,
                      device: str | None = None, progress: Callable[[int], None] | None = None) -> DiffReport:
     """Everything that differs between ``a`` and ``b`` beyond ``atol + rtol·|a|``."""
+    collecting = gc.isenabled()
+    gc.disable()  # (a few objects a tensor, no cycles: a collection meanwhile would rescan both checkpoints)
+    try:
+        return _diff(a, b, atol=atol, rtol=rtol, only=only, params=params, stats=stats, device=device,
+                     progress=progress)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _diff(a: Checkpoint, b: Checkpoint, *, atol: float, rtol: float, only: Sequence[str], params: Sequence[str],
+          stats: bool, device: str | None, progress: Callable[[int], None] | None) -> DiffReport:
     report = DiffReport(a.path, b.path)
     tick = progress or (lambda n: None)
     want = set(only) or set(SECTIONS)

@@ -11,6 +11,7 @@ again (``tests/test_naming_entries.py`` counts it)."""
 
 from __future__ import annotations
 
+import gc
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -103,6 +104,22 @@ def resolve(ck: Checkpoint, opt: OptimizerState | None = None, target: Target | 
             source: SourceNames | None = None, models: Sequence[str] | None = None,
             renames: Sequence[RenameRule] = (), transforms: Sequence[TransformRule] = (),
             policy: Policy = Policy(), plan: bool = False) -> Resolution:
+    # (~10 small objects an index, no cycles: a collection meanwhile would rescan the whole loaded
+    # checkpoint, seconds at 600k storages)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _resolve(ck, opt, target, source=source, models=models, renames=renames, transforms=transforms,
+                        policy=policy, plan=plan)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _resolve(ck: Checkpoint, opt: OptimizerState | None = None, target: Target | None = None, *,
+             source: SourceNames | None = None, models: Sequence[str] | None = None,
+             renames: Sequence[RenameRule] = (), transforms: Sequence[TransformRule] = (),
+             policy: Policy = Policy(), plan: bool = False) -> Resolution:
     """Name every index of ``opt`` (default: the checkpoint's only optimizer) and, given a ``target``,
     compare with it. ``source``: names from the old code, used only through the consistency gate;
     ``models``: the model state dicts to align with. ``plan`` (``remap``, the resume API): resolving

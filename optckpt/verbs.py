@@ -8,12 +8,10 @@ rendering. Errors are raised as :class:`optckpt.OptckptError` subclasses (the CL
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 __all__ = ["Report", "inspect", "check", "remap", "reset", "set_hparams", "diff", "convert"]
 
@@ -48,28 +46,6 @@ class Report:
         return self.exit_code == 0
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _no_cycle_collection(verb: _F) -> _F:
-    """``verb`` run with the cyclic garbage collector paused: a loaded checkpoint is millions of small
-    objects, which every collection triggered by the verb's own allocations would rescan (seconds on
-    a 600k-storage file). Collection resumes once the verb's frame is gone: what the checkpoint left
-    in cycles is then freed by the next collection (not kept while the report is rendered)."""
-
-    @functools.wraps(verb)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            return verb(*args, **kwargs)
-        finally:
-            if collecting:
-                gc.enable()
-
-    return run  # type: ignore[return-value]
-
-
 def _write(dry_run: bool, in_place: bool, verify: Verify, replace_backup: bool, backup: bool) -> Any:
     from .errors import WriteError
     from .io.write import WriteOptions
@@ -102,7 +78,6 @@ def _guarded(in_place: bool, *inputs: str | None) -> AbstractContextManager[None
     return contextlib.nullcontext() if in_place else stable_reads(*inputs)
 
 
-@_no_cycle_collection
 def inspect(path: str, *, model: str | None = None, stats: bool = False, trust_pickle: bool = False) -> Report:
     """``optckpt inspect``: what a checkpoint holds."""
     from . import io
@@ -114,7 +89,6 @@ def inspect(path: str, *, model: str | None = None, stats: bool = False, trust_p
         return Report("inspect", inspect_checkpoint(ck, stats=stats))
 
 
-@_no_cycle_collection
 def check(path: str, target: str, *, model: str | None = None, source: str | None = None,
           rename: Sequence[str] | Mapping[str, str] = (), optimizer: str | None = None,
           models: Sequence[str] | str | None = None, group_evidence: bool = True,
@@ -139,7 +113,6 @@ def check(path: str, target: str, *, model: str | None = None, source: str | Non
     return Report("check", data, 0 if data["safe"] else 1)
 
 
-@_no_cycle_collection
 def remap(path: str, target: str, output: str | None = None, *, in_place: bool = False, dry_run: bool = False,
           verify: Verify = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
           model_output: str | None = None, source: str | None = None,
@@ -165,7 +138,6 @@ def remap(path: str, target: str, output: str | None = None, *, in_place: bool =
     return Report("remap", plan.as_json() | {"written": written})
 
 
-@_no_cycle_collection
 def reset(path: str, params: Sequence[str], output: str | None = None, *, keys: Sequence[str] = (),
           mode: Literal["drop", "zero"] | None = None, in_place: bool = False, dry_run: bool = False,
           verify: Verify = True, backup: bool = False, replace_backup: bool = False, model: str | None = None,
@@ -183,7 +155,6 @@ def reset(path: str, params: Sequence[str], output: str | None = None, *, keys: 
                             "selected": [{"index": i, "name": n} for i, n in result.selected], "written": written})
 
 
-@_no_cycle_collection
 def set_hparams(path: str, output: str | None = None, *, lr: float | None = None, scale_lr: float | None = None,
                 weight_decay: float | None = None, scale_weight_decay: float | None = None,
                 set: Sequence[str] = (), groups: Sequence[str] = (), params: Sequence[str] = (),  # noqa: A002
@@ -213,7 +184,6 @@ def set_hparams(path: str, output: str | None = None, *, lr: float | None = None
                           "written": written})
 
 
-@_no_cycle_collection
 def diff(a: str, b: str, *, model_a: str | None = None, model_b: str | None = None, atol: float = 0.0,
          rtol: float = 0.0, only: Sequence[str] = (), params: Sequence[str] = (), stats: bool = False,
          device: str | None = None, trust_pickle: bool = False,
@@ -237,7 +207,6 @@ def diff(a: str, b: str, *, model_a: str | None = None, model_b: str | None = No
     return Report("diff", data, 0 if data["identical"] else 1)
 
 
-@_no_cycle_collection
 def convert(path: str, to: Literal["dcp", "torch", "safetensors"], output: str, *, model: str | None = None,
             source: str | None = None, optimizer: str | None = None, models: Sequence[str] | str | None = None,
             max_shard_size: int | None = None, trust_pickle: bool = False) -> Report:
