@@ -222,6 +222,8 @@ def test_the_cli_inspect_imports_no_torch() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
     assert "optckpt.cli" in imported and "torch" not in imported
+    # nor the writers: a file with no earlier in-place version needs no version walk
+    assert not {"optckpt.io.append", "optckpt.io.write"} & imported
 
 
 def _rewrite(src: Path, dest: Path) -> Any:
