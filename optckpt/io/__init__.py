@@ -183,7 +183,7 @@ def _load_directory(path: str, trust_pickle: bool, lazy: bool = False) -> Checkp
 
     step = deepspeed_dir(path)  # ZeRO stage 1-3: flat partitions cut back by parameter
     if step is not None:
-        return load_deepspeed(path, step, trust_pickle)
+        return load_deepspeed(path, step, trust_pickle, lazy)
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
