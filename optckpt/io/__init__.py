@@ -179,11 +179,11 @@ _STATE_FILES = frozenset({"pytorch_model.bin", "optimizer.pt", "optimizer.bin", 
 
 def _load_directory(path: str, trust_pickle: bool, lazy: bool = False) -> Checkpoint:
     from .deepspeed import deepspeed_dir, deepspeed_stage0_dir, load_deepspeed
-    from .safetensors_io import open_safetensors, open_sharded_index
 
     step = deepspeed_dir(path)  # ZeRO stage 1-3: flat partitions cut back by parameter
     if step is not None:
         return load_deepspeed(path, step, trust_pickle, lazy)
+    from .safetensors_io import open_safetensors, open_sharded_index  # (imports torch)
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
