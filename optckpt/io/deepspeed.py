@@ -236,8 +236,10 @@ def _param_shapes(model_sd: Mapping[str, Any], what: str) -> list[_Group]:
 def _sizes(g: dict[Any, Any], what: str) -> _Group:
     """A group of ``param_shapes`` whose names are strings and whose shapes are ``torch.Size`` (what
     DeepSpeed writes): each distinct shape checked once; every walk over the parameters is C-level.
-    An ``OrderedDict`` is read through ``dict``'s own views (in its order: a pickle builds it by
-    insertion and can call nothing that reorders it), ten times faster than its linked list."""
+    The loaded dict is made to hold one object per distinct shape (equal values; a file repeating a
+    shape 300k times held 300k objects: 22 MB, for 0.09 s). An ``OrderedDict`` is read through
+    ``dict``'s own views (in its order: a pickle builds it by insertion and can call nothing that
+    reorders it), ten times faster than its linked list."""
     names = list(dict.keys(g))
     values = list(dict.values(g))
     dims: dict[Any, tuple[int, ...]] = {}
@@ -248,6 +250,8 @@ def _sizes(g: dict[Any, Any], what: str) -> _Group:
             name = names[values.index(shape)]
             _dims(name, shape, what)
             raise
+    first = {shape: shape for shape in dims}
+    dict.update(g, zip(names, map(first.__getitem__, values)))  # (values replaced: no key added, none moved)
     numel = {shape: math.prod(d) for shape, d in dims.items()}
     return _Group(names, list(map(dims.__getitem__, values)), list(map(numel.__getitem__, values)),
                   list(dict.fromkeys(d for shape, d in dims.items() if numel[shape] == 0)))
