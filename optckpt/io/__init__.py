@@ -19,9 +19,10 @@ from .peft import ADAPTER_FILES
 from .safepickle import PickledObject, describe, first_placeholder
 from .torchfile import load_torch_file, sniff, unsafe_globals
 
-# Readers of directory layouts and of safetensors import torch (DCP's metadata, DeepSpeed's partitions,
-# model classes on the meta device): imported where such a checkpoint is read, so that a metadata command
-# on a torch zip file runs without torch (optckpt.tensors).
+# Readers of directory layouts and of safetensors import torch (DCP's metadata, model classes on the meta
+# device): imported where such a checkpoint is read, so that a metadata command on a torch zip file runs
+# without torch (optckpt.tensors). The DeepSpeed reader imports torch only to join a piece split between
+# ranks (or through the torch-backed readers, for files the lazy reader leaves to them).
 
 __all__ = ["load", "adopt_target_adapter"]
 
