@@ -183,6 +183,19 @@ class RecordTensor:
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
+    def view_of(self, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> RecordTensor:
+        """Another view of the same storage (element ``offset``, ``shape``, ``stride``), as torch's
+        ``as_strided`` makes it: a plain tensor (not a parameter) keeping ``requires_grad``. Raises
+        ``ValueError`` for a view reaching outside the storage (torch refuses the same)."""
+        if len(shape) != len(stride) or offset < 0 or any(s < 0 for s in shape) or any(s < 0 for s in stride):
+            raise ValueError(f"a view of shape {list(shape)}, stride {list(stride)} at {offset}")
+        if 0 not in shape:
+            last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+            if last >= self.storage_nbytes // self.dtype.itemsize:
+                raise ValueError(f"a view of shape {list(shape)} at {offset} past its storage")
+        return RecordTensor(self.source, self.key, self.data_offset, self.storage_nbytes, self.dtype, shape,
+                            stride, offset, self.requires_grad, self._location, self._storage_type)
+
     def __repr__(self) -> str:
         return f"RecordTensor({self.key!r}, {self.dtype}, shape={list(self.shape)})"
 
