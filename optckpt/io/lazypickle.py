@@ -30,6 +30,36 @@ class Unpicklable(Exception):
 
 _ATOMS = (type(None), bool, int, float, str)
 _BATCH = 1000
+_U32 = struct.Struct("<I").pack
+_INT = frozenset({int})
+_SMALL_INTS = [b"K" + bytes((i,)) for i in range(256)]
+
+
+class _NotInt(Exception):
+    pass
+
+
+def _int(v: Any) -> bytes:
+    """The opcode of an int as :meth:`_Writer.atom` writes it (ints of up to 32 bits: the others
+    there), for the fast path of tensors' offsets, shapes and strides."""
+    if type(v) is not int:
+        raise _NotInt
+    if 0 <= v < 256:
+        return _SMALL_INTS[v]
+    if 0 <= v < 65536:
+        return b"M" + struct.pack("<H", v)
+    if -(1 << 31) <= v < (1 << 31):
+        return b"J" + struct.pack("<i", v)
+    raise _NotInt
+
+
+def _ints(items: tuple[Any, ...]) -> bytes:
+    """A tuple of ints as :meth:`_Writer.tuple_of` writes it."""
+    n = len(items)
+    if n == 0:
+        return b")"
+    body = b"".join([_int(x) for x in items])
+    return b"(" + body + b"t" if n > 3 else body + (b"\x85", b"\x86", b"\x87")[n - 1]
 
 
 class _Writer:
@@ -40,6 +70,8 @@ class _Writer:
         self.globals: dict[str, int] = {}
         self.strings: dict[str, int] = {}
         self.key_of = key_of
+        self._forms: dict[tuple[str, str, str], tuple[bytes, bytes, bytes, int]] = {}
+        self._ints: dict[tuple[int, ...], bytes] = {}  # shapes / strides (of ints only) as opcodes
         self.keys: list[str] = []  # storage keys in first-use order
         self._seen_keys: set[str] = set()
 
@@ -204,6 +236,10 @@ class _Writer:
     def tensor(self, t: RecordTensor) -> None:
         if self.memoised(t):
             return
+        if not t.is_parameter:
+            form = self._forms.get((t.storage_type, t.location, t.dtype.name))
+            if form is not None and self._tensor_fast(t, form):  # this kind of tensor was written before
+                return
         if t.is_parameter:
             self.glob("torch._utils", "_rebuild_parameter")
             self.out.append(b"(")
@@ -245,6 +281,65 @@ class _Writer:
             self.glob("torch", t.dtype.name)
         self.out.append(b"tR")
         self.remember(t)
+        self._learn_form(t, untyped)
+
+    def _learn_form(self, t: RecordTensor, untyped: bool) -> None:
+        """Once a kind of tensor (storage class, location, dtype) has been written, every global and
+        string it refers to is memoised: its fixed opcodes are the same bytes for every other tensor of
+        that kind (see :meth:`_tensor_fast`)."""
+        out, self.out = self.out, []
+        try:
+            self.glob("torch._utils", "_rebuild_tensor_v3" if untyped else "_rebuild_tensor_v2")
+            self.out.append(b"((")
+            self.string("storage", memo=True)
+            if t.storage_type == "UntypedStorage":
+                self.glob("torch.storage", "UntypedStorage")
+            else:
+                self.glob("torch", t.storage_type)
+            head = b"".join(self.out)
+            self.out = []
+            self.string(t.location, memo=True)
+            mid = b"".join(self.out)
+            self.out = []
+            self.glob("collections", "OrderedDict")
+            self.out.append(b")R")
+            if untyped:
+                self.glob("torch", t.dtype.name)
+            self.out.append(b"tR")
+            tail = b"".join(self.out)
+            per = 1 if t.storage_type == "UntypedStorage" else t.dtype.itemsize
+        finally:
+            self.out = out
+        self._forms[(t.storage_type, t.location, t.dtype.name)] = (head, mid, tail, per)
+
+    def _tensor_fast(self, t: RecordTensor, form: tuple[bytes, bytes, bytes, int]) -> bool:
+        """:meth:`tensor`'s opcodes for a tensor whose kind was written before, in one piece (False:
+        a value the fast form does not cover, written by :meth:`tensor` instead)."""
+        head, mid, tail, per = form
+        grad, shape, stride = t.requires_grad, t.shape, t.stride()
+        if type(grad) is not bool or type(shape) is not tuple or type(stride) is not tuple \
+                or not set(map(type, shape)) <= _INT or not set(map(type, stride)) <= _INT:
+            return False  # (only ints reach the cache below: 2.0 == 2 would find 2's bytes)
+        ints = self._ints
+        key = self.key_of(t)
+        kb = key.encode("utf-8", "surrogatepass")
+        try:
+            sb = ints.get(shape)
+            if sb is None:
+                sb = ints[shape] = _ints(shape)
+            tb = ints.get(stride)
+            if tb is None:
+                tb = ints[stride] = _ints(stride)
+            piece = b"".join((head, b"X", _U32(len(kb)), kb, mid, _int(t.storage_nbytes // per), b"tQ",
+                              _int(t.storage_offset()), sb, tb, b"\x88" if grad else b"\x89", tail))
+        except _NotInt:
+            return False
+        if key not in self._seen_keys:
+            self._seen_keys.add(key)
+            self.keys.append(key)
+        self.out.append(piece)
+        self.remember(t)
+        return True
 
 
 def dump(obj: Any, key_of: Callable[[RecordTensor], str]) -> tuple[bytes, list[str]]:
