@@ -248,18 +248,9 @@ def _verify_lazy(path: str, intended: Any, appended: bool) -> bool:
     got = load_torch_file(path, quiet=True, lazy=True).obj
     if not has_record_tensors([got]):
         return False
-    if same_structure(intended, got, lambda t: t.key) is not None:
+    pairs: dict[str, tuple[RecordTensor, RecordTensor]] = {}  # once per distinct record
+    if same_structure(intended, got, lambda t: t.key, pairs=pairs) is not None:
         return False  # not what our pickler writes (torch's renumbers records): the bit-for-bit check decides
-    pairs: dict[str, tuple[RecordTensor, RecordTensor]] = {}
-    stack = [(intended, got)]
-    while stack:  # the same structure: walk both together, once per distinct record
-        a, b = stack.pop()
-        if type(a) is RecordTensor:
-            pairs.setdefault(a.key, (a, b))
-        elif isinstance(a, dict):
-            stack.extend((a[k], b[k]) for k in a)
-        elif isinstance(a, (list, tuple)):
-            stack.extend(zip(a, b))
     tick = PROGRESS.get()
     todo = [(a, b) for a, b in pairs.values() if not (appended and a.data_offset == b.data_offset)]
     if tick is not None and len(todo) < len(pairs):

@@ -351,33 +351,46 @@ def dump(obj: Any, key_of: Callable[[RecordTensor], str]) -> tuple[bytes, list[s
     return b"".join(w.out), w.keys
 
 
-def same_structure(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where: str = "") -> str | None:
+def same_structure(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where: str = "",
+                   pairs: dict[str, tuple[RecordTensor, RecordTensor]] | None = None) -> str | None:
     """Where the object ``b`` read back from a written pickle differs from ``a``, the object written
     (None when they agree): container types, keys and order, values, and every tensor's storage key,
-    dtype, shape, stride, offset, requires_grad and Parameter-ness."""
-    stack: list[tuple[Any, Any, str]] = [(a, b, where or "(root)")]
+    dtype, shape, stride, offset, requires_grad and Parameter-ness. ``pairs``: filled with each
+    storage key's first (written, read back) tensor pair, for the caller to compare their bytes."""
+    stack: list[tuple[Any, Any, Any]] = [(a, b, None)]  # (written, read back, (parent's path, key) or None)
     while stack:
         x, y, at = stack.pop()
         if type(x) is not type(y):
-            return f"{at}: {type(x).__name__} written, {type(y).__name__} read back"
+            return f"{_path(at, where)}: {type(x).__name__} written, {type(y).__name__} read back"
         if type(x) is RecordTensor:
             if (key_of(x), x.dtype.name, tuple(x.shape), x.stride(), x.storage_offset(), x.requires_grad,
                     x.is_parameter, x.storage_nbytes) != \
                     (y.key, y.dtype.name, tuple(y.shape), y.stride(), y.storage_offset(), y.requires_grad,
                      y.is_parameter, y.storage_nbytes):
-                return f"{at}: the tensor read back is not the one written"
+                return f"{_path(at, where)}: the tensor read back is not the one written"
+            if pairs is not None and y.key not in pairs:
+                pairs[y.key] = (x, y)
         elif isinstance(x, dict):
             if list(x) != list(y) or getattr(x, "__dict__", None) != getattr(y, "__dict__", None):
-                return f"{at}: keys differ"
-            stack.extend((x[k], y[k], f"{at}[{k!r}]") for k in x)
+                return f"{_path(at, where)}: keys differ"
+            stack.extend([(x[k], y[k], (at, k)) for k in x])
         elif isinstance(x, (list, tuple, set)):
             if len(x) != len(y):
-                return f"{at}: lengths differ"
+                return f"{_path(at, where)}: lengths differ"
             if isinstance(x, set):
                 if x != y:
-                    return f"{at}: set members differ"
+                    return f"{_path(at, where)}: set members differ"
                 continue
-            stack.extend((p, q, f"{at}[{i}]") for i, (p, q) in enumerate(zip(x, y)))
+            stack.extend([(p, q, (at, i)) for i, (p, q) in enumerate(zip(x, y))])
         elif x != y and not (x != x and y != y):  # NaN is NaN
-            return f"{at}: {x!r} written, {y!r} read back"
+            return f"{_path(at, where)}: {x!r} written, {y!r} read back"
     return None
+
+
+def _path(at: Any, where: str) -> str:
+    """The path of a node, from its (parent's path, key) chain: built only to name a difference."""
+    keys = []
+    while at is not None:
+        at, k = at
+        keys.append(k)
+    return (where or "(root)") + "".join(f"[{k!r}]" for k in reversed(keys))

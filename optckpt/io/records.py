@@ -125,13 +125,16 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
     return True
 
 
-def pickle_lazily(src: str, obj: Any, by_offset: dict[int, ZipEntry], prefix: str) -> tuple[bytes, list[str]] | None:
+def pickle_lazily(src: str, obj: Any, by_offset: dict[int, ZipEntry], prefix: str,
+                  found: dict[str, ZipEntry] | None = None) -> tuple[bytes, list[str]] | None:
     """``obj`` as ``data.pkl`` by optckpt's own pickler (:func:`optckpt.io.lazypickle.dump`) when every
     tensor in it is a lazily read record of ``src`` (the record exactly as checked: same data offset,
     size and key, which it keeps), with the keys it references; None when it holds anything else (the
-    caller writes through torch)."""
+    caller writes through torch). ``found``: filled with each referenced key's record in ``src``."""
     same: dict[int, bool] = {}
     data_prefix = f"{prefix}/data/"
+    if found is None:
+        found = {}
 
     def key_of(t: RecordTensor) -> str:
         ok = same.get(id(t.source))
@@ -144,6 +147,7 @@ def pickle_lazily(src: str, obj: Any, by_offset: dict[int, ZipEntry], prefix: st
         info = by_offset.get(t.data_offset) if ok else None
         if info is None or info.file_size != t.storage_nbytes or info.filename != data_prefix + t.key:
             raise Unpicklable(f"a tensor from {t.source.path} record {t.key!r}, not a record of {src}")
+        found[t.key] = info
         return t.key
 
     try:
@@ -161,15 +165,16 @@ def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[in
                   small: dict[str, bytes]) -> bool:
     """``obj`` (tensors read lazily from ``src``) written by optckpt's own pickler, every record it
     references copied from ``src`` as it is (same key, same CRC). False when it holds anything else."""
-    done = pickle_lazily(src, obj, by_offset, prefix)
+    found: dict[str, ZipEntry] = {}
+    done = pickle_lazily(src, obj, by_offset, prefix, found)
     if done is None:
         return False
     pickled, keys = done
-    by_name = {i.filename: (off, i) for off, i in by_offset.items()}
     entries: list[tuple[str, Any]] = [("data.pkl", pickled)]
     entries += [(r, small[r]) for r in (".format_version", ".storage_alignment", "byteorder") if r in small]
-    for key in record_order(keys):
-        entries.append((f"data/{key}", by_name[f"{prefix}/data/{key}"]))
+    # the records in the order they lie in the source (torch's: by key), so that neighbours are copied in one piece
+    ordered = sorted(found.items(), key=lambda ki: ki[1].data_offset)
+    entries += [(f"data/{key}", (info.data_offset, info)) for key, info in ordered]
     entries.append(("version", small.get("version", b"3\n")))
     entries.append((".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode()))
     _write_zip(src, dest, prefix, entries)
