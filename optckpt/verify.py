@@ -269,21 +269,23 @@ _SPAN_GAP = 4096  # records this close (local header, data descriptor between) a
 def _spans(pairs: list[tuple[RecordTensor, RecordTensor]]) -> list[list[tuple[RecordTensor, RecordTensor]]]:
     """The pairs (intended record, record read back) in groups that lie in the same order, at the same
     distance, in both files (a run of records copied in one piece): consecutive in the source, each
-    group's records at most :data:`_SPAN_GAP` bytes apart."""
-    groups: list[list[tuple[RecordTensor, RecordTensor]]] = []
-    prev: tuple[RecordTensor, RecordTensor] | None = None
-    for a, b in sorted(pairs, key=lambda p: p[0].data_offset):
-        if prev is not None:
-            pa, pb = prev
-            end = pa.data_offset + pa.storage_nbytes
-            if (a.source is pa.source and b.source is pb.source and a.storage_nbytes and pa.storage_nbytes
-                    and end <= a.data_offset <= end + _SPAN_GAP
-                    and b.data_offset - a.data_offset == pb.data_offset - pa.data_offset):
-                groups[-1].append((a, b))
-                prev = (a, b)
-                continue
-        groups.append([(a, b)])
-        prev = (a, b)
+    group's records at most :data:`_SPAN_GAP` bytes apart. (Once per record: list passes, no objects.)"""
+    if not pairs:
+        return []
+    pairs = sorted(pairs, key=lambda p: p[0].data_offset)
+    one_source = len({id(a.source) for a, _ in pairs}) == 1 and len({id(b.source) for _, b in pairs}) == 1
+    at = [a.data_offset for a, _ in pairs]
+    end = [a.data_offset + a.storage_nbytes for a, _ in pairs]
+    shift = [b.data_offset - a.data_offset for a, b in pairs]
+    joins = [end[i - 1] <= at[i] <= end[i - 1] + _SPAN_GAP and shift[i] == shift[i - 1] and end[i] > at[i]
+             and end[i - 1] > at[i - 1] for i in range(1, len(pairs))]
+    groups = [[pairs[0]]]
+    for i, join in enumerate(joins, 1):
+        a, b = pairs[i]
+        if join and (one_source or (a.source is pairs[i - 1][0].source and b.source is pairs[i - 1][1].source)):
+            groups[-1].append(pairs[i])
+        else:
+            groups.append([pairs[i]])
     return groups
 
 

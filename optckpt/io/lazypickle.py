@@ -363,10 +363,10 @@ def same_structure(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where:
         if type(x) is not type(y):
             return f"{_path(at, where)}: {type(x).__name__} written, {type(y).__name__} read back"
         if type(x) is RecordTensor:
-            if (key_of(x), x.dtype.name, tuple(x.shape), x.stride(), x.storage_offset(), x.requires_grad,
-                    x.is_parameter, x.storage_nbytes) != \
-                    (y.key, y.dtype.name, tuple(y.shape), y.stride(), y.storage_offset(), y.requires_grad,
-                     y.is_parameter, y.storage_nbytes):
+            if not (key_of(x) == y.key and x.storage_nbytes == y.storage_nbytes
+                    and x.storage_offset() == y.storage_offset() and tuple(x.shape) == tuple(y.shape)
+                    and x.stride() == y.stride() and x.dtype.name == y.dtype.name
+                    and x.requires_grad == y.requires_grad and x.is_parameter == y.is_parameter):
                 return f"{_path(at, where)}: the tensor read back is not the one written"
             if pairs is not None and y.key not in pairs:
                 pairs[y.key] = (x, y)
