@@ -157,3 +157,28 @@ def test_a_byte_wrong_inside_a_copied_run_fails_the_verification(tmp_path, monke
     with pytest.raises(WriteError, match="verification failed"):
         optckpt.set_hparams(str(src), str(out), lr=0.1)
     assert hit and not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_failed_edit_leaves_an_existing_output_as_it_was(tmp_path, monkeypatch):
+    """The output path already holds a file (the writer drops its cached pages while writing, a
+    hint): an edit whose copy is wrong fails and that file is byte for byte what it was, the only
+    file there."""
+    import hashlib
+    import os
+
+    from optckpt.errors import WriteError
+
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"an earlier output\n" * 4096)
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    real = records._copy_range
+
+    def corrupting(src_fd, dst_fd, src_off, dst_off, size):
+        real(src_fd, dst_fd, src_off, dst_off, size)
+        byte = os.pread(dst_fd, 1, dst_off + size - 1)
+        os.pwrite(dst_fd, bytes([byte[0] ^ 0x01]), dst_off + size - 1)
+
+    monkeypatch.setattr(records, "_copy_range", corrupting)
+    with pytest.raises(WriteError, match="verification failed"):
+        optckpt.set_hparams(str(FIXTURES / "bundle.pt"), str(out), lr=0.1)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before and os.listdir(tmp_path) == ["out.pt"]

@@ -503,6 +503,8 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
         if in_place and part.zip_format and appends_in_place(src):
             return _append_in_place(src, changed_parts[part.relpath], verify, backup, replace_backup, part.nbytes)
         tmp = temp_file(dest_dir, os.path.basename(out))
+        if not in_place:
+            _drop_cache_of(out, src)
         flushing = _save_part(part.kind, changed_parts[part.relpath], tmp, legacy=not part.zip_format,
                               source=ck.path, background=True)
         try:
@@ -517,6 +519,36 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
                            flushing=flushing)
     except PermissionError as e:
         raise WriteError(f"{out}: permission denied ({e.strerror or e})") from None
+
+
+def _drop_cache_of(out: str, src: str) -> None:
+    """The file about to be replaced (a regular file, no other link, not the input): its cached pages
+    dropped (``POSIX_FADV_DONTNEED``, a hint: the file is not changed) in a thread while the new one
+    is written, so that the final rename spends less time freeing them. Nothing when in doubt."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        st = os.lstat(out)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or os.path.samefile(out, src):
+            return
+        fd = os.open(out, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+
+    def drop() -> None:
+        try:
+            if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (st.st_dev, st.st_ino):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    try:
+        threading.Thread(target=drop, name="optckpt-drop-cache", daemon=True).start()
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _append_in_place(src: str, obj: Any, verify: Verify | None, backup: bool, replace_backup: bool,
