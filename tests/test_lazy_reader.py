@@ -24,6 +24,7 @@ import torch
 from conftest import FIXTURES, ROOT
 from test_reader_differential import _corpus_object, _fixture_files, _same
 
+from optckpt import io as optckpt_io
 from optckpt.io import torchfile
 from optckpt.io.reader import NeedsTorch, lazy_allowed, read_zip_pickle_lazy
 from optckpt.io.safepickle import allowed
@@ -447,3 +448,59 @@ def test_a_record_copied_wrong_fails_the_verification(tmp_path: Path, monkeypatc
     with pytest.raises(WriteError, match="verification failed"):
         optckpt.set_hparams(str(FIXTURES / "bundle.pt"), str(out), lr=0.1)
     assert not out.exists()
+
+
+def test_ties_found_from_record_references_are_the_eager_readers(tmp_path):
+    """``tied_keys`` reads a record reference's storage, offset, shape, strides and dtype directly:
+    the same ties as from the real tensors (a view of the same storage, a clone and empty tensors are
+    no ties)."""
+    w = torch.randn(4, 3)
+    sd = {"emb.weight": w, "head.weight": w, "view": w[1:], "t": w.t(), "other": w.clone(),
+          "as_half": w.half(), "empty": torch.zeros(0), "empty2": torch.zeros(0), "again": w.view(4, 3)}
+    torch.save({"model": sd}, tmp_path / "tie.pt")
+    lazy, eager = optckpt_io.load(str(tmp_path / "tie.pt"), lazy=True), optckpt_io.load(str(tmp_path / "tie.pt"))
+    assert lazy.models[0].tied == eager.models[0].tied == {"head.weight": "emb.weight", "again": "emb.weight"}
+
+
+def test_the_inlined_view_rules_decide_as_the_generic_ones():
+    """``_rebuild_tensor_v2``'s stand-in spells the view rules out for 0-, 1- and 2-d tensors: on
+    random views (bools and floats for ints, negative sizes / strides / offsets, zero sizes, views
+    reaching past the storage, expanded views over the limit, ragged storages) it accepts exactly
+    what the generic rules (``_lazy_tensor``) accept, with the same result."""
+    from collections import OrderedDict
+
+    from optckpt.io import reader
+    from optckpt.tensors import RecordSource
+
+    src = RecordSource("x.pt", 1 << 40)
+    v2 = reader._lazy_table(src)[("torch._utils", "_rebuild_tensor_v2")]
+    rng = random.Random(7)
+    ints = [0, 1, 2, 3, 5, 8, -1, True, False, 1.0, 1 << 30, 1 << 62]
+    outcomes = {"same": 0, "refused": 0}
+    for _ in range(20_000):
+        dims = rng.choice([0, 1, 2, 2, 3])
+        size = tuple(rng.choice(ints) for _ in range(dims))
+        stride = tuple(rng.choice(ints) for _ in range(dims if rng.random() < 0.9 else dims + 1))
+        offset = rng.choice([0, 0, 1, 7, -1, True, 1 << 40])
+        dtype = DTYPES[rng.choice(["float32", "uint8", "float64", "bfloat16"])]
+        nbytes = rng.choice([0, 1, 4, 6, 64, 256, 4096, 1 << 20])
+        st = tuple.__new__(reader._LazyStorage, ("k", 64, nbytes, dtype, "cpu", "FloatStorage"))
+        got: Any
+        want: Any
+        try:
+            got = v2(st, offset, size, stride, False, OrderedDict())
+        except NeedsTorch:
+            got = None
+        try:
+            want = reader._lazy_tensor(src, st, offset, size, stride, False, OrderedDict(), dtype, None)
+        except NeedsTorch:
+            want = None
+        if want is None:
+            assert got is None, (size, stride, offset, nbytes, dtype)
+            outcomes["refused"] += 1
+        else:
+            assert got is not None, (size, stride, offset, nbytes, dtype)
+            assert (got.shape, got.stride(), got.storage_offset(), got.dtype, got.storage_nbytes) == \
+                (want.shape, want.stride(), want.storage_offset(), want.dtype, want.storage_nbytes)
+            outcomes["same"] += 1
+    assert outcomes["same"] > 1000 and outcomes["refused"] > 1000, outcomes

@@ -25,6 +25,7 @@ import torch
 from conftest import FIXTURES, ROOT, invoke
 
 from optckpt.errors import LoadError
+from optckpt.io import zipscan
 from optckpt.io.torchfile import load_torch_file
 from optckpt.io.zipscan import parse_zip
 
@@ -553,3 +554,58 @@ def test_in_memory_torch_blobs_get_the_same_rules(bases):
         check_zip_bytes(packed.getvalue(), "entry")
     with pytest.raises(LoadError, match="entry: ambiguous zip structure: the zip64 locator"):
         check_zip_bytes(_nan_attack(bases["bundle"]), "entry")
+
+
+# --- the column-pass parse decides exactly as the entry-by-entry parse -----------------------------
+
+def _outcome(data: bytes) -> object:
+    try:
+        return zipscan.parse_bytes(data)
+    except (zipscan.ZipStructureError, zipscan.ZipCorruptError) as e:
+        return type(e).__name__, str(e)
+
+
+@pytest.mark.parametrize("base", ["bundle", "optimizer", "in_place"])
+def test_fast_parse_decides_as_the_checked_parse(bases, base, monkeypatch):
+    """``_entries_fast`` / ``_covered`` are shortcuts for the common file: on every mutant and fuzzed
+    file they give the layout, or the very error, that the entry-by-entry rules give."""
+    b = bases[base].read_bytes()
+    rng = random.Random(f"zip-fast-{base}")
+    files = [b, *_mutants(b).values(), *(_fuzz_one(b, rng) for _ in range(150))]
+    taken, bulk = [], []
+    real, real_bulk = zipscan._entries_fast, zipscan._locals_bulk
+    monkeypatch.setattr(zipscan, "_entries_fast", lambda *a: taken.append(real(*a)) or taken[-1])
+    monkeypatch.setattr(zipscan, "_locals_bulk", lambda *a: bulk.append(real_bulk(*a)) or bulk[-1])
+    fast = [_outcome(f) for f in files]
+    assert taken[0] is not None and sum(t is not None for t in taken) >= 10  # the shortcuts are taken
+    assert bulk[0] is True and bulk.count(False) > 0
+    monkeypatch.setattr(zipscan, "_entries_fast", lambda *a: None)
+    monkeypatch.setattr(zipscan, "_covered", lambda *a: False)
+    checked = [_outcome(f) for f in files]
+    assert fast == checked
+    assert isinstance(fast[0], zipscan.ZipLayout) and sum(isinstance(o, tuple) for o in fast) > 20
+
+
+def test_fast_parse_of_big_records_decides_as_the_checked_parse(tmp_path, monkeypatch):
+    """Records too big to read together are checked by one read at each boundary (a data
+    descriptor and the next local header side by side): on the file and on mutants of those
+    bytes, the same layout or the same error as the entry-by-entry parse."""
+    p = tmp_path / "big.pt"
+    torch.save({f"w{i}": torch.full((1 << 20,), float(i)) for i in range(4)}, p)
+    b = p.read_bytes()
+    lay = parse_zip(str(p))
+    mutants = [b]
+    for e in lay.entries[1:-1]:
+        for at in (e.header_offset + 1, e.header_offset + 8, e.header_offset + 30, e.end - 16, e.end - 9, e.end - 2):
+            m = bytearray(b)
+            m[at] ^= 0x20
+            mutants.append(bytes(m))
+    bulk = []
+    real_bulk = zipscan._locals_bulk
+    monkeypatch.setattr(zipscan, "_locals_bulk", lambda *a: bulk.append(real_bulk(*a)) or bulk[-1])
+    fast = [_outcome(f) for f in mutants]
+    assert bulk[0] is True and isinstance(fast[0], zipscan.ZipLayout)
+    assert fast[0].entries == lay.entries and sum(isinstance(o, tuple) for o in fast) > len(mutants) // 2
+    monkeypatch.setattr(zipscan, "_entries_fast", lambda *a: None)
+    monkeypatch.setattr(zipscan, "_covered", lambda *a: False)
+    assert fast == [_outcome(f) for f in mutants]

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import LoadError
 from ..tensors import RecordTensor, Size, is_tensor
 
-__all__ = ["MAX_NESTING", "check_bounds"]
+__all__ = ["MAX_EXPANDED_VIEW", "MAX_NESTING", "check_bounds"]
 
 MAX_NESTING = 256
 _AMPLIFICATION = 4  # a tree walk may visit each distinct entry this many times (plus the slack below)
 _SLACK = 1_000_000
 _LEAF_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
-_MAX_EXPANDED_VIEW = 64 << 20
+MAX_EXPANDED_VIEW = 64 << 20
+# a record tensor is a leaf here: the lazy reader checks its extent as it reads it (a view beyond its
+# storage + MAX_EXPANDED_VIEW goes to the torch reader, whose tensors are checked below)
+_LEAF_OR_RECORD = _LEAF_TYPES | {RecordTensor}
 _FLAT_TYPES: tuple[type, ...] = (list, tuple, Size)  # torch.Size joins once torch is imported (_flat_types)
 
 
@@ -68,16 +71,16 @@ def _children(o: Any, where: str) -> tuple[int, list[Any]] | None:
         items = [o.callable, o.args, o.kwargs, *(v for _, v in o.ops)]
     else:
         return None
-    if set(map(type, items)) <= _LEAF_TYPES:
+    if set(map(type, items)) <= _LEAF_OR_RECORD:
         return len(items), []
-    return len(items), [c for c in items if type(c) not in _LEAF_TYPES]
+    return len(items), [c for c in items if type(c) not in _LEAF_OR_RECORD]
 
 
 def _check_extent(t: Any, where: str) -> None:
     """A tensor whose elements overlap in memory (stride 0, an expanded view) is fine, unless reading
     it would materialise much more than its file holds: a 4-byte storage viewed as 10^9 elements."""
     nbytes = t.numel() * t.element_size()
-    if nbytes <= _MAX_EXPANDED_VIEW:
+    if nbytes <= MAX_EXPANDED_VIEW:
         return
     if type(t) is RecordTensor:
         stored = t.storage_nbytes
@@ -90,10 +93,10 @@ def _check_extent(t: Any, where: str) -> None:
             stored = t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
             return
-    if nbytes > stored + _MAX_EXPANDED_VIEW:
+    if nbytes > stored + MAX_EXPANDED_VIEW:
         raise LoadError(f"{where}: a tensor of shape {tuple(t.shape)} (strides {t.stride()}) views a "
                         f"{stored:,}-byte storage: reading it would materialise {nbytes:,} bytes "
-                        f"(limit: its storage + {_MAX_EXPANDED_VIEW >> 20} MiB); refused")
+                        f"(limit: its storage + {MAX_EXPANDED_VIEW >> 20} MiB); refused")
 
 
 def check_bounds(obj: Any, where: str) -> None:
@@ -113,7 +116,7 @@ def check_bounds(obj: Any, where: str) -> None:
     while stack:
         node, it, acc = stack[-1]
         for child in it:
-            if is_tensor(child):
+            if type(child) is not dict and is_tensor(child):
                 _check_extent(child, where)
                 continue
             if type(child) in flat_types and set(map(type, child)) <= _LEAF_TYPES:  # params, betas, shapes
@@ -139,6 +142,14 @@ def check_bounds(obj: Any, where: str) -> None:
                 raise LoadError(f"{where}: containers nested deeper than {MAX_NESTING} levels: not a checkpoint; "
                                 "refused")
             distinct += grand[0]
+            if not grand[1]:  # only scalars and record tensors below (a per-parameter state): what pushing
+                done[cid] = (grand[0], 0)  # it and popping it again would account, without the round trip
+                keep.append(child)
+                acc[0] += grand[0]
+                acc[1] = max(acc[1], 1)
+                if acc[0] > _AMPLIFICATION * distinct + _SLACK:
+                    _amplified(where, acc[0], distinct)
+                continue
             on_path.add(cid)
             stack.append((child, iter(grand[1]), [grand[0], 0]))
             break
@@ -152,7 +163,10 @@ def check_bounds(obj: Any, where: str) -> None:
                 parent[0] += acc[0]
                 parent[1] = max(parent[1], acc[1] + 1)
                 if parent[0] > _AMPLIFICATION * distinct + _SLACK:
-                    raise LoadError(
-                        f"{where}: shared references make it more than {parent[0]:,} entries when walked, from "
-                        f"{distinct:,} distinct ones (limit {_AMPLIFICATION}x + {_SLACK:,}): a 'billion laughs' "
-                        "structure, not a checkpoint; refused")
+                    _amplified(where, parent[0], distinct)
+
+
+def _amplified(where: str, walked: int, distinct: int) -> NoReturn:
+    raise LoadError(f"{where}: shared references make it more than {walked:,} entries when walked, from "
+                    f"{distinct:,} distinct ones (limit {_AMPLIFICATION}x + {_SLACK:,}): a 'billion laughs' "
+                    "structure, not a checkpoint; refused")

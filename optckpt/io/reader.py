@@ -34,11 +34,13 @@ import pickle
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from operator import mul
+from math import prod
+from operator import itemgetter, mul
 from typing import Any, NamedTuple
 
 from ..errors import LoadError
 from ..tensors import DTYPES, STORAGE_DTYPES, DType, RecordSource, RecordTensor, Size
+from .bounds import MAX_EXPANDED_VIEW
 from .zipscan import ZipLayout
 
 __all__ = ["NeedsPlaceholders", "NeedsTorch", "fast_allowed", "lazy_allowed", "read_zip_pickle"]
@@ -208,28 +210,40 @@ class _LazyStorage(NamedTuple):
 
 
 _INT = frozenset({int})
+_UINT8 = DTYPES["uint8"]
+_new = tuple.__new__
 
 
 def _lazy_tensor(source: RecordSource, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
                  hooks: Any, dtype: DType | None, metadata: Any) -> RecordTensor:
     """A tensor the lazy reader describes exactly, or :class:`NeedsTorch` (torch then reads it, and
     refuses or accepts it as it always did). Every check is a C-level pass over the tuples: this runs
-    once per stored tensor."""
+    once per stored tensor (``v2`` in :func:`_lazy_table` inlines the same checks)."""
     if type(storage) is not _LazyStorage or dtype is None or hooks or metadata or type(requires_grad) is not bool \
             or type(offset) is not int or type(size) is not tuple or type(stride) is not tuple:
         raise NeedsTorch("a tensor outside the plain layout")
-    if len(size) != len(stride) or offset < 0 or not set(map(type, size)) <= _INT \
-            or not set(map(type, stride)) <= _INT or (size and (min(size) < 0 or min(stride) < 0)):
-        raise NeedsTorch("a tensor view with unusual arguments")
-    itemsize = dtype.itemsize
-    if storage.nbytes % itemsize:
-        raise NeedsTorch("a storage that is no whole number of elements")
-    if 0 not in size:  # the last element it views lies inside the storage (torch's set_ checks the same):
-        last = offset + sum(map(mul, size, stride)) - sum(stride)  # offset + sum((size - 1) * stride)
-        if last >= storage.nbytes // itemsize:
-            raise NeedsTorch("a view past its storage")
+    _check_view(storage, offset, size, stride, dtype.itemsize)
+    if prod(size) * dtype.itemsize > storage.nbytes + MAX_EXPANDED_VIEW:
+        raise NeedsTorch("an expanded view")
     return RecordTensor(source, storage.key, storage.data_offset, storage.nbytes, dtype, size, stride, offset,
                         requires_grad, storage.location, storage.type_name)
+
+
+def _check_view(storage: _LazyStorage, offset: int, size: tuple[Any, ...], stride: tuple[Any, ...],
+                itemsize: int) -> None:
+    """Sizes and strides are non-negative ints, as many of each; the storage is whole elements; the
+    last element viewed lies inside the storage (torch's ``set_`` checks the same)."""
+    if len(size) != len(stride) or offset < 0:
+        raise NeedsTorch("a tensor view with unusual arguments")
+    if size:
+        both = size + stride
+        if not set(map(type, both)) <= _INT or min(both) < 0:
+            raise NeedsTorch("a tensor view with unusual arguments")
+    if storage.nbytes % itemsize:
+        raise NeedsTorch("a storage that is no whole number of elements")
+    if 0 not in size:  # offset + sum((size - 1) * stride) < elements in the storage
+        if offset + sum(map(mul, size, stride)) - sum(stride) >= storage.nbytes // itemsize:
+            raise NeedsTorch("a view past its storage")
 
 
 def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
@@ -238,10 +252,42 @@ def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
 
     def v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
            metadata: Any = None) -> RecordTensor:
-        dtype = storage.dtype if type(storage) is _LazyStorage else None
-        if type(storage) is _LazyStorage and dtype is None:
-            dtype = DTYPES["uint8"]  # an untyped storage read by _rebuild_tensor_v2: bytes, as torch does
-        return _lazy_tensor(source, storage, offset, size, stride, requires_grad, hooks, dtype, metadata)
+        # _lazy_tensor inlined: this runs once per stored tensor (600k times in a big Adam checkpoint)
+        if type(storage) is not _LazyStorage or hooks or metadata or type(requires_grad) is not bool \
+                or type(offset) is not int or type(size) is not tuple or type(stride) is not tuple:
+            raise NeedsTorch("a tensor outside the plain layout")
+        dtype = storage.dtype or _UINT8  # an untyped storage read by _rebuild_tensor_v2: bytes, as torch does
+        itemsize = dtype.itemsize
+        nbytes = storage.nbytes
+        # _check_view's rules, spelt out for the shapes nearly every tensor has (0, 1 and 2 dimensions:
+        # a third of the time of the generic passes over the tuples)
+        dims = len(size)
+        if dims == 2 and len(stride) == 2:
+            a, b = size
+            c, d = stride
+            ok = type(a) is int and type(b) is int and type(c) is int and type(d) is int and a >= 0 and b >= 0 \
+                and c >= 0 and d >= 0 and offset >= 0 and not nbytes % itemsize \
+                and (not a or not b or offset + (a - 1) * c + (b - 1) * d < nbytes // itemsize)
+            numel = a * b
+        elif dims == 1 and len(stride) == 1:
+            a, = size
+            c, = stride
+            ok = type(a) is int and type(c) is int and a >= 0 and c >= 0 and offset >= 0 and not nbytes % itemsize \
+                and (not a or offset + (a - 1) * c < nbytes // itemsize)
+            numel = a
+        elif not dims and not stride:
+            ok = offset >= 0 and not nbytes % itemsize and offset < nbytes // itemsize
+            numel = 1
+        else:
+            _check_view(storage, offset, size, stride, itemsize)
+            ok, numel = True, prod(size)
+        if not ok:
+            _check_view(storage, offset, size, stride, itemsize)  # (names what is wrong)
+            raise NeedsTorch("a tensor view with unusual arguments")
+        if numel * itemsize > nbytes + MAX_EXPANDED_VIEW:
+            raise NeedsTorch("an expanded view")  # (the torch reader's tensors meet bounds' extent rule)
+        return RecordTensor(source, storage.key, storage.data_offset, storage.nbytes, dtype, size, stride, offset,
+                            requires_grad, storage.location, storage.type_name)
 
     def v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any,
            metadata: Any = None) -> RecordTensor:
@@ -276,33 +322,76 @@ def lazy_allowed() -> frozenset[tuple[str, str]]:
     return frozenset(_lazy_table(RecordSource("", 0)))
 
 
+class _LazyUnpickler(_Unpickler):
+    """The unpickler with storage references resolved in one call of a closure (the C unpickler
+    calls an instance's own ``persistent_load`` function directly): a big Adam checkpoint holds
+    600k of them. What that call does not accept goes to :meth:`_Unpickler.persistent_load`, whose
+    checks and messages decide."""
+
+    def __init__(self, data: bytes, source: RecordSource, records: dict[str, Any], path: str, prefix: str,
+                 locations: dict[str, None]):
+        loaded: dict[str, _LazyStorage] = {}
+        data_dir = prefix + "/data/"
+        slow = super().persistent_load
+        get_loaded, get_record = loaded.get, records.get
+
+        def persistent_load(pid: Any) -> Any:
+            if type(pid) is tuple and len(pid) == 5:
+                tag, storage_type, key, location, numel = pid
+                if tag == "storage" and type(key) is str and type(location) is str and type(numel) is int \
+                        and numel >= 0:
+                    st = get_loaded(key)
+                    if st is not None:  # (a storage met before: whatever type the reference names, as torch)
+                        return st
+                    if type(storage_type) is _StorageType:
+                        dt = storage_type.dtype
+                        nbytes = numel * dt.itemsize if dt is not None else numel
+                        rec = get_record(data_dir + key)
+                        if rec is not None and rec.file_size == nbytes:
+                            locations[location] = None
+                            st = loaded[key] = _new(_LazyStorage, (key, rec.data_offset, nbytes, dt, location,
+                                                                   storage_type.name))
+                            return st
+            return slow(pid)
+
+        def storage_for(storage_type: Any, key: str, location: str, numel: int) -> Any:
+            st = get_loaded(key)
+            if st is not None:
+                return st
+            if type(storage_type) is not _StorageType:
+                raise NeedsTorch("a storage reference of another type")
+            nbytes = numel * (storage_type.dtype.itemsize if storage_type.dtype is not None else 1)
+            rec = _record(records, path, prefix, key, nbytes)
+            locations[location] = None
+            st = loaded[key] = _LazyStorage(key, rec.data_offset, nbytes, storage_type.dtype, location,
+                                            storage_type.name)
+            return st
+
+        self.persistent_load = persistent_load  # type: ignore[method-assign]  # (before the C init looks it up)
+        self.release = loaded.clear  # the storage table (120 MB at 600k) goes as soon as the load is done
+        super().__init__(data, _lazy_table(source), storage_for, lazy=True)
+
+
 def read_zip_pickle_lazy(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: str,
                          locations: dict[str, None]) -> Any:
     """Decode ``pickle_bytes`` as :func:`read_zip_pickle` does, with every tensor a
     :class:`~optckpt.tensors.RecordTensor` (its checked record, view and dtype) and torch never
     imported. Raises :class:`NeedsTorch` for anything it does not model, :class:`LoadError` as the
     eager reader does."""
-    records = {e.filename: e for e in layout.entries}
+    records = dict(zip(map(_FILENAME, layout.entries), layout.entries))
     source = RecordSource(os.fspath(path), layout.size)
-    loaded: dict[str, _LazyStorage] = {}
-
-    def storage_for(storage_type: Any, key: str, location: str, numel: int) -> Any:
-        st = loaded.get(key)
-        if st is not None:
-            return st
-        if type(storage_type) is not _StorageType:
-            raise NeedsTorch("a storage reference of another type")
-        nbytes = numel * (storage_type.dtype.itemsize if storage_type.dtype is not None else 1)
-        rec = _record(records, path, prefix, key, nbytes)
-        locations[location] = None
-        st = loaded[key] = _LazyStorage(key, rec.data_offset, nbytes, storage_type.dtype, location,
-                                        storage_type.name)
-        return st
-
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _Unpickler(pickle_bytes, _lazy_table(source), storage_for, lazy=True).load()
+        unpickler = _LazyUnpickler(pickle_bytes, source, records, path, prefix, locations)
+        try:
+            return unpickler.load()
+        finally:  # (the unpickler and its closures form a cycle: the table would live until a collection)
+            unpickler.release()
+            del unpickler.persistent_load
     finally:
         if collecting:
             gc.enable()
+
+
+_FILENAME = itemgetter(0)

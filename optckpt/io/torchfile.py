@@ -299,7 +299,7 @@ def _check_zip(path: str) -> _Checked:
     the pickle's bytes kept (they are what is decoded, not a second read of them)."""
     key = _file_key(path)
     layout = _parse_checked(path)
-    infos = layout.entries
+    infos = [i for i in layout.entries if "/data/" not in i.filename]  # the pickle and the small records beside
     pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
     if not pickles:
         raise LoadError(f"{path}: a zip file, but not one written by torch.save (no data.pkl)")
@@ -312,7 +312,7 @@ def _check_zip(path: str) -> _Checked:
     try:
         with open(path, "rb") as f:
             for i in infos:
-                if "/data/" not in i.filename and i.file_size <= _CRC_CHECK_LIMIT:
+                if i.file_size <= _CRC_CHECK_LIMIT:
                     f.seek(i.data_offset)
                     data = f.read(i.file_size)
                     if len(data) != i.file_size:

@@ -28,12 +28,15 @@ disagree, or whose bytes are not all accounted for:
 
 from __future__ import annotations
 
+import gc
+import operator
 import os
 import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from itertools import repeat
+from typing import Any, NamedTuple
 
 __all__ = ["ZipEntry", "ZipLayout", "ZipStructureError", "ZipCorruptError", "parse_zip", "parse_fd", "parse_bytes"]
 
@@ -231,6 +234,54 @@ class _Central(NamedTuple):
 
 
 def _entries(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
+    fast = _entries_fast(rd, cd, n, cd_off)
+    return fast if fast is not None else _entries_checked(rd, cd, n, cd_off)
+
+
+def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry] | None:
+    """The common file (what torch and optckpt write: ASCII names, no zip64 field, every entry
+    stored) in column passes: one ``unpack`` an entry, each rule one C-level test over a column, each
+    local header checked by :func:`_locals_fast`. None where any rule might fail or any entry is
+    unusual: :func:`_entries_checked` then parses again, entry by entry, and names what is wrong."""
+    unpack = _CEN.unpack_from
+    size = len(cd)
+    starts: list[int] = []
+    kept: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
+    needs, flags, times, dates, crcs, usizes, nlens, hoffs = kept
+    pos = 0
+    left = n
+    while left:  # in chunks: a row of 17 fields an entry is ~350 bytes, 200 MB at 600k if all were kept
+        rows = []
+        try:
+            for _ in range(min(left, _CHUNK)):
+                row = unpack(cd, pos)
+                starts.append(pos)
+                rows.append(row)
+                pos += 46 + row[10] + row[11] + row[12]
+        except struct.error:
+            return None
+        left -= len(rows)
+        sigs, methods, csizes, disks = (list(map(operator.itemgetter(k), rows)) for k in (0, 4, 8, 13))
+        for col, k in zip(kept, (2, 3, 5, 6, 7, 9, 10, 16)):
+            col += map(operator.itemgetter(k), rows)
+        if set(sigs) != {_CEN_SIG} or set(methods) != {0} or csizes != usizes[-len(rows):] \
+                or not set(disks) <= {0, 0xFFFF}:
+            return None
+    if pos != size or not n or max(needs) > 63 or any(f & _ENCRYPTED for f in set(flags)) or _U32 in usizes \
+            or _U32 in hoffs:
+        return None
+    raws = [cd[p + 46:p + 46 + k] for p, k in zip(starts, nlens)]
+    joined = b"\0".join(raws)
+    if not joined.isascii():
+        return None  # (ASCII reads the same in UTF-8 and cp437, whichever the flag says)
+    folded = joined.lower().split(b"\0") if joined.count(b"\0") == n - 1 else [r.lower() for r in raws]
+    if len(set(folded)) != n:  # names unique ignoring case (torch's lookup)
+        return None
+    names = list(map(bytes.decode, raws))
+    return _locals_fast(rd, _Cols(raws, names, flags, crcs, usizes, hoffs, needs, times, dates), cd_off)
+
+
+def _entries_checked(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
     cen: list[_Central] = []
     seen: dict[str, str] = {}
     pos = 0
@@ -316,6 +367,136 @@ def _locals(rd: _Reader, cen: list[_Central], limit: int) -> list[ZipEntry]:
     return out  # type: ignore[return-value]
 
 
+class _Cols(NamedTuple):
+    """Central directory columns of the common file (``_entries_fast``)."""
+
+    raws: list[bytes]
+    names: list[str]
+    flags: list[int]
+    crcs: list[int]
+    sizes: list[int]
+    hoffs: list[int]
+    needs: list[int]
+    times: list[int]
+    dates: list[int]
+
+
+_CHUNK = 4096  # records checked by one bulk comparison
+_LOC_PACK = _LOC.pack
+_DD_PACK = _DD32.pack
+
+
+def _locals_fast(rd: _Reader, c: _Cols, limit: int) -> list[ZipEntry] | None:
+    """:func:`_locals` for the common file, or None where any record is unusual. Records that follow
+    each other (each ends where the next begins, as the coverage rule requires) are checked in chunks
+    by two byte comparisons: their local headers and names against the headers torch writes for
+    their central entries (version, time and date as there, flags with the data-descriptor bit, CRC
+    and sizes zero, the extra field filling the gap) and their data descriptors against the CRC and
+    sizes; a chunk that differs anywhere is checked record by record (:func:`_locals_run`), which
+    accepts exactly what :func:`_local` accepts."""
+    n = len(c.hoffs)
+    datas = [0] * n
+    ends = [0] * n
+    if c.hoffs != sorted(c.hoffs):
+        if not _locals_run(rd, c, sorted(range(n), key=c.hoffs.__getitem__), limit, datas, ends):
+            return None
+    else:
+        for a in range(0, n, _CHUNK):
+            b = min(a + _CHUNK, n - 1)  # the last record: no next header to end at
+            if (b <= a or not _locals_bulk(rd, c, a, b, datas, ends)) and not _locals_run(rd, c, range(a, b), limit,
+                                                                                            datas, ends):
+                return None
+        if not _locals_run(rd, c, [n - 1], limit, datas, ends):
+            return None
+    if max(ends) > limit:
+        return None
+    new = tuple.__new__
+    return [new(ZipEntry, row) for row in zip(c.names, c.hoffs, datas, c.sizes, c.sizes, repeat(0), c.flags, c.crcs,
+                                               ends)]
+
+
+def _locals_bulk(rd: _Reader, c: _Cols, a: int, b: int, datas: list[int], ends: list[int]) -> bool:
+    """Records ``a`` to ``b - 1`` (in file order, record ``b`` after them) in two comparisons, or
+    False (nothing filled in) where they are not torch's contiguous layout."""
+    hs = c.hoffs[a:b]
+    nexts = c.hoffs[a + 1:b + 1]
+    base = hs[0]
+    nl = list(map(len, c.raws[a:b]))
+    sz = c.sizes[a:b]
+    data = [x - 16 - s for x, s in zip(nexts, sz)]  # the descriptor's 16 bytes end where the next header starts
+    elens = [d - h - 30 - k for d, h, k in zip(data, hs, nl)]
+    if min(elens) < 0 or max(elens) > 0xFFFF:
+        return False
+    if nexts[-1] - base <= 8 << 20:  # small records: one read for them all
+        buf = rd(nexts[-1] - base, base)
+        if len(buf) != nexts[-1] - base:
+            return False
+        got = b"".join([buf[h - base:h - base + 30 + k] for h, k in zip(hs, nl)])
+        got_dd = b"".join([buf[x - base - 16:x - base] for x in nexts])
+    else:  # big ones: one read a boundary (a descriptor and the next header lie side by side)
+        pieces = [rd(46 + k, x - 16) for x, k in zip(nexts, map(len, c.raws[a + 1:b + 1]))]
+        got = rd(30 + nl[0], base) + b"".join([p[16:] for p in pieces[:-1]])
+        got_dd = b"".join([p[:16] for p in pieces])
+    want = b"".join(map(bytes.__add__, map(_LOC_PACK, repeat(_LOC_HDR_SIG), c.needs[a:b],
+                                           [f | 0x08 for f in c.flags[a:b]], repeat(0), c.times[a:b], c.dates[a:b],
+                                           repeat(0), repeat(0), repeat(0), nl, elens), c.raws[a:b]))
+    if got != want or got_dd != b"".join(map(_DD_PACK, repeat(_DD_SIG), c.crcs[a:b], sz, sz)):
+        return False
+    datas[a:b] = data
+    ends[a:b] = nexts
+    return True
+
+
+def _locals_run(rd: _Reader, c: _Cols, indices: Any, limit: int, datas: list[int], ends: list[int]) -> bool:
+    """The records ``indices`` (in file order) one by one, as :func:`_local` checks them; False at
+    the first that is unusual (the entry-by-entry parse then names it)."""
+    unpack_loc, unpack_dd = _LOC.unpack_from, _DD32.unpack_from
+    raws, sizes, hoffs, flags, crcs = c.raws, c.sizes, c.hoffs, c.flags, c.crcs
+    buf = b""
+    at = 0
+    for i in indices:
+        h = hoffs[i]
+        raw = raws[i]
+        size = sizes[i]
+        if h + 30 + len(raw) > limit:
+            return False
+        off = h - at
+        need = min(h + 30 + len(raw) + 128 + size + 16, limit)  # header, usual extra, data, descriptor
+        if off < 0 or need > at + len(buf):
+            if size >= _SMALL:  # a big record: its header (and descriptor) read alone, checked by _local
+                e = _local(rd, raw, c.names[i], flags[i], 0, crcs[i], size, h, limit)
+                datas[i], ends[i] = e.data_offset, e.end
+                continue
+            at = h
+            buf = rd(max(0, min(h + _BATCH, limit) - h), h)
+            off = 0
+            if need > h + len(buf):
+                return False
+        sig, _, lflags, lmethod, _, _, lcrc, lcs, lus, nlen, elen = unpack_loc(buf, off)
+        f = flags[i]
+        if sig != _LOC_HDR_SIG or lmethod or (lflags ^ f) & ~0x08 or buf[off + 30:off + 30 + nlen] != raw:
+            return False
+        data = h + 30 + nlen + elen
+        end = data + size
+        if lflags & 0x08:
+            if (lcrc or lcs or lus) and (lcrc != crcs[i] or lcs != size or lus != size):
+                return False
+            d = end - at
+            if d + 16 > len(buf):
+                return False
+            dsig, dcrc, dcs, dus = unpack_dd(buf, d)
+            if dsig != _DD_SIG or dcrc != crcs[i] or dcs != size or dus != size:
+                return False
+            end += 16
+        elif lcrc != crcs[i] or lcs != size or lus != size:
+            return False
+        if end > limit or end >= _U32:
+            return False
+        datas[i] = data
+        ends[i] = end
+    return True
+
+
 def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int, size: int, hoff: int,
            limit: int) -> ZipEntry:
     """The local header of a central entry, checked against it; the record's extent."""
@@ -368,6 +549,16 @@ def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int
 
 def parse_reader(rd: _Reader, size: int) -> ZipLayout:
     """The current version's records, every structure rule above checked over the whole file."""
+    collecting = gc.isenabled()
+    gc.disable()  # millions of new acyclic tuples: the cyclic collector would rescan the growing heap
+    try:  # again and again (half the parse at 600k records)
+        return _parse_reader(rd, size)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _parse_reader(rd: _Reader, size: int) -> ZipLayout:
     current = _parse_one(rd, size)
     if current.layout.kind == "pend":
         return current.layout  # an interrupted in-place edit: the caller names it (editlock.interrupted_message)
@@ -391,6 +582,40 @@ def parse_reader(rd: _Reader, size: int) -> ZipLayout:
 def _check_coverage(rd: _Reader, size: int, chain: list[_Version]) -> None:
     """No two structures overlap (a record shared by versions is one), and every byte belongs to
     one, except zeros (under a sector) that align a version's central directory."""
+    if not _covered(rd, size, chain):
+        _coverage_error(rd, size, chain)
+
+
+def _covered(rd: _Reader, size: int, chain: list[_Version]) -> bool:
+    """The rule of :func:`_check_coverage` as C-level passes over columns of offsets; False where a
+    span overlaps or a gap is not the zeros allowed (:func:`_coverage_error` then names it)."""
+    lo: list[int] = []
+    hi: list[int] = []
+    cd_starts: set[int] = set()
+    for v in chain:
+        lay = v.layout
+        lo += map(_HOFF, lay.entries)
+        hi += map(_END, lay.entries)
+        lo += (lay.cd_offset, v.end_start)
+        hi += (lay.cd_offset + lay.cd_size, lay.size)
+        cd_starts.add(lay.cd_offset)
+    spans = sorted(dict.fromkeys(zip(lo, hi))) if len(chain) > 1 or lo != sorted(lo) else list(zip(lo, hi))
+    starts = [a for a, _ in spans]
+    stops = [0] + [b for _, b in spans]
+    if stops[-1] != size:
+        return False
+    if starts == stops[:-1]:
+        return True
+    for a, b in zip(starts, stops):  # gaps: only zeros under a sector before a central directory
+        if a != b and not (a > b and a in cd_starts and a - b < _SECTOR and _read(rd, a - b, b) == b"\0" * (a - b)):
+            return False
+    return True
+
+
+_HOFF, _END = operator.itemgetter(1), operator.itemgetter(8)
+
+
+def _coverage_error(rd: _Reader, size: int, chain: list[_Version]) -> None:
     spans: set[tuple[int, int, str]] = set()
     cd_starts: set[int] = set()
     for v in chain:
