@@ -72,6 +72,7 @@ class _Writer:
         self.key_of = key_of
         self._forms: dict[tuple[str, str, str], tuple[bytes, bytes, bytes, int]] = {}
         self._ints: dict[tuple[int, ...], bytes] = {}  # shapes / strides (of ints only) as opcodes
+        self._str_ops: dict[str, bytes] = {}  # short strings' BINUNICODE opcodes
         self.keys: list[str] = []  # storage keys in first-use order
         self._seen_keys: set[str] = set()
 
@@ -105,7 +106,17 @@ class _Writer:
 
     def atom(self, v: Any) -> None:
         t = type(v)
-        if v is None:
+        if t is str:  # (the same key strings over and over: their opcodes encoded once)
+            op = self._str_ops.get(v)
+            if op is None:
+                b = v.encode("utf-8", "surrogatepass")
+                op = b"X" + _U32(len(b)) + b
+                if len(b) <= 64:
+                    self._str_ops[v] = op
+            self.out.append(op)
+        elif t is int and 0 <= v < 256:
+            self.out.append(_SMALL_INTS[v])
+        elif v is None:
             self.out.append(b"N")
         elif t is bool:
             self.out.append(b"\x88" if v else b"\x89")
