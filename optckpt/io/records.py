@@ -402,13 +402,17 @@ def _copy_run(run: list[tuple[str, Any]], fout: Any, src_fd: int, writeback: _Wr
     return True
 
 
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+
+
 def central_entry(name: bytes, size: int, crc: int, offset: int) -> bytes:
     """The central-directory entry of a stored record whose local header is at ``offset``."""
-    z64 = size >= _Z64_LIMIT or offset >= _Z64_LIMIT
-    z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if z64 else b""
-    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if z64 else 20, 45 if z64 else 20, 0x0800,
-                       0, 0, 0x21, crc, _Z64 if z64 else size, _Z64 if z64 else size, len(name),
-                       len(z64_central), 0, 0, 0, 0, _Z64 if z64 else offset) + name + z64_central
+    if size < _Z64_LIMIT and offset < _Z64_LIMIT:  # (the common case, once per record: one precompiled pack)
+        return _CENTRAL.pack(0x02014B50, 20, 20, 0x0800, 0, 0, 0x21, crc, size, size, len(name), 0, 0, 0, 0, 0,
+                             offset) + name
+    z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset)  # zip64: the real values in an extra field
+    return _CENTRAL.pack(0x02014B50, 45, 45, 0x0800, 0, 0, 0x21, crc, _Z64, _Z64, len(name), len(z64_central),
+                         0, 0, 0, 0, _Z64) + name + z64_central
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, size: int) -> None:
