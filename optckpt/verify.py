@@ -242,10 +242,11 @@ def _verify_lazy(path: str, intended: Any, appended: bool) -> bool:
     (``memcmp`` of the two files' mappings; in a file edited by appending, a record left where it was
     is that record). False when that does not prove it (a file torch's pickler wrote, or a
     difference): the caller then verifies it bit for bit, which decides and names any difference."""
-    from .io.lazypickle import same_structure
+    from .io.lazypickle import gc_paused, same_structure
     from .io.torchfile import load_torch_file
 
-    got = load_torch_file(path, quiet=True, lazy=True).obj
+    with gc_paused():  # (a re-read beside the object written: collections would walk both, repeatedly)
+        got = load_torch_file(path, quiet=True, lazy=True).obj
     if not has_record_tensors([got]):
         return False
     pairs: dict[str, tuple[RecordTensor, RecordTensor]] = {}  # once per distinct record
@@ -255,7 +256,9 @@ def _verify_lazy(path: str, intended: Any, appended: bool) -> bool:
     todo = [(a, b) for a, b in pairs.values() if not (appended and a.data_offset == b.data_offset)]
     if tick is not None and len(todo) < len(pairs):
         tick(sum(a.storage_nbytes for a, b in pairs.values() if appended and a.data_offset == b.data_offset))
-    for group in _spans(todo):
+    with gc_paused():
+        groups = _spans(todo)
+    for group in groups:
         if not (len(group) > 1 and _same_span(group)) and not all(_same_record_bytes(a, b) for a, b in group):
             return False  # (the bit-for-bit check then names the difference)
         if tick is not None:
