@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from itertools import chain, repeat
@@ -27,7 +28,14 @@ __all__ = ["inspect_checkpoint", "tensor_stats"]
 
 def _earlier_versions(ck: Checkpoint) -> int:
     """How many earlier versions in-place edits left inside a single torch zip file (restorable)."""
-    from .errors import WriteError
+    from .errors import LoadError, WriteError
+    from .io.torchfile import zip_layout
+
+    try:
+        if not os.path.isfile(ck.path) or not zip_layout(ck.path).versions:
+            return 0  # (the parse found no chain of earlier versions: none can verify; nothing more read)
+    except (OSError, LoadError):
+        return 0
     from .io.append import versions
     from .io.write import appends_in_place
 

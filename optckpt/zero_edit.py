@@ -18,6 +18,7 @@ from .errors import FormatError, WriteError
 from .io import load
 from .io.write import WriteOptions
 from .io.zero_write import ZeroEdit, old_masters, write_zero
+from .tensors import has_record_tensors, materialize
 
 __all__ = ["write_zero_edits", "refuse_zero_lr_change"]
 
@@ -61,6 +62,8 @@ def write_zero_edits(ck: Checkpoint, out: str | None, edits: Sequence[tuple[Any,
     ZeRO checkpoint ``ck``. ``plan`` (a remap's): which saved parameter each new name comes from;
     without it every name keeps its own. What the layout forces (fresh moments sharing their group's
     step) is added to ``plan.notes`` / ``notes``."""
+    _materialize(ck)  # the flat partitions are rebuilt with torch: record references (a lazy read) become tensors
+    edits = [(where, materialize(new)) for where, new in edits]
     opt_new = next((new for where, new in edits if isinstance(where, OptimizerState)), None)
     opt = ck.optimizer()
     sd = opt_new if opt_new is not None else opt.state_dict
@@ -100,6 +103,21 @@ def write_zero_edits(ck: Checkpoint, out: str | None, edits: Sequence[tuple[Any,
     elif notes is not None:
         notes.extend(edit.notes)
     return written
+
+
+def _materialize(ck: Checkpoint) -> None:
+    """``ck`` with real tensors where a lazy read left record references (its files' objects and the
+    state cut from them): values equal, read from the same records."""
+    if not has_record_tensors([p.obj for p in ck.parts]):
+        return
+    for p in ck.parts:
+        p.obj = materialize(p.obj)
+    for o in ck.optimizers:
+        o.state_dict = materialize(o.state_dict)
+    for m in ck.models:
+        m.tensors = materialize(m.tensors)
+    for s in ck.schedulers:
+        s.state_dict = materialize(s.state_dict)
 
 
 def _verify(tmp: str, edit: ZeroEdit) -> None:

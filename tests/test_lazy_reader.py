@@ -222,6 +222,8 @@ def test_the_cli_inspect_imports_no_torch() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
     assert "optckpt.cli" in imported and "torch" not in imported
+    # nor the writers: a file with no earlier in-place version needs no version walk
+    assert not {"optckpt.io.append", "optckpt.io.write"} & imported
 
 
 def _rewrite(src: Path, dest: Path) -> Any:
@@ -504,3 +506,21 @@ def test_the_inlined_view_rules_decide_as_the_generic_ones():
                 (want.shape, want.stride(), want.storage_offset(), want.dtype, want.storage_nbytes)
             outcomes["same"] += 1
     assert outcomes["same"] > 1000 and outcomes["refused"] > 1000, outcomes
+
+
+def test_has_record_tensors_finds_them_anywhere_and_any_real_tensor_beside_them(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    from optckpt.tensors import has_record_tensors
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    rt = _lazy(tmp_path / "w.pt")["w"]
+    assert type(rt) is RecordTensor
+    deep = {"a": [1, 2.0, "x", None, (3, [OrderedDict(k=[{"z": rt}])])]}
+    assert has_record_tensors([deep]) and has_record_tensors([deep], only=True)
+    assert not has_record_tensors([{"a": [1, 2, (3, "x")], "b": OrderedDict(c=None)}])
+    assert not has_record_tensors([{"a": list(range(1000))}], only=True)
+    mixed = {"a": [rt, 1], "b": {"c": (torch.zeros(1),)}}
+    assert has_record_tensors([mixed]) and not has_record_tensors([mixed], only=True)
+    assert not has_record_tensors([[torch.zeros(1)]]) and not has_record_tensors([[torch.zeros(1)]], only=True)
+    assert has_record_tensors([[1, 2], rt], only=True)

@@ -19,9 +19,10 @@ from .peft import ADAPTER_FILES
 from .safepickle import PickledObject, describe, first_placeholder
 from .torchfile import load_torch_file, sniff, unsafe_globals
 
-# Readers of directory layouts and of safetensors import torch (DCP's metadata, DeepSpeed's partitions,
-# model classes on the meta device): imported where such a checkpoint is read, so that a metadata command
-# on a torch zip file runs without torch (optckpt.tensors).
+# Readers of directory layouts and of safetensors import torch (DCP's metadata, model classes on the meta
+# device): imported where such a checkpoint is read, so that a metadata command on a torch zip file runs
+# without torch (optckpt.tensors). The DeepSpeed reader imports torch only to join a piece split between
+# ranks (or through the torch-backed readers, for files the lazy reader leaves to them).
 
 __all__ = ["load", "adopt_target_adapter"]
 
@@ -179,11 +180,11 @@ _STATE_FILES = frozenset({"pytorch_model.bin", "optimizer.pt", "optimizer.bin", 
 
 def _load_directory(path: str, trust_pickle: bool, lazy: bool = False) -> Checkpoint:
     from .deepspeed import deepspeed_dir, deepspeed_stage0_dir, load_deepspeed
-    from .safetensors_io import open_safetensors, open_sharded_index
 
     step = deepspeed_dir(path)  # ZeRO stage 1-3: flat partitions cut back by parameter
     if step is not None:
-        return load_deepspeed(path, step, trust_pickle)
+        return load_deepspeed(path, step, trust_pickle, lazy)
+    from .safetensors_io import open_safetensors, open_sharded_index  # (imports torch)
     try:
         names = sorted(os.listdir(path))
     except OSError as e:

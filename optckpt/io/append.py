@@ -225,7 +225,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
     lazy = pickle_lazily(path, obj, by_offset, prefix) if has_record_tensors([obj]) else None
     if lazy is None:
         obj = materialize(obj)  # (before the file's mappings are listed: the tensors' own is among them)
-    ranges = file_mappings(path)
+    ranges = file_mappings(path) if lazy is None else []  # (only torch storages are found by address)
     fd = os.open(path, os.O_RDWR)
     try:
         lock(fd, path)

@@ -14,14 +14,30 @@ read back by the same lazy reader and compared with the object (:func:`same_stru
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..tensors import DType, RecordTensor, Size
 
-__all__ = ["Unpicklable", "dump", "same_structure"]
+__all__ = ["Unpicklable", "dump", "same_structure", "gc_paused"]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for a pass over a whole checkpoint's objects: such a
+    pass allocates millions of small acyclic objects (tuples, opcodes), and each collection it
+    triggers walks every object alive (600k tensors read lazily: 2x the time of the pass)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class Unpicklable(Exception):
@@ -30,6 +46,36 @@ class Unpicklable(Exception):
 
 _ATOMS = (type(None), bool, int, float, str)
 _BATCH = 1000
+_U32 = struct.Struct("<I").pack
+_INT = frozenset({int})
+_SMALL_INTS = [b"K" + bytes((i,)) for i in range(256)]
+
+
+class _NotInt(Exception):
+    pass
+
+
+def _int(v: Any) -> bytes:
+    """The opcode of an int as :meth:`_Writer.atom` writes it (ints of up to 32 bits: the others
+    there), for the fast path of tensors' offsets, shapes and strides."""
+    if type(v) is not int:
+        raise _NotInt
+    if 0 <= v < 256:
+        return _SMALL_INTS[v]
+    if 0 <= v < 65536:
+        return b"M" + struct.pack("<H", v)
+    if -(1 << 31) <= v < (1 << 31):
+        return b"J" + struct.pack("<i", v)
+    raise _NotInt
+
+
+def _ints(items: tuple[Any, ...]) -> bytes:
+    """A tuple of ints as :meth:`_Writer.tuple_of` writes it."""
+    n = len(items)
+    if n == 0:
+        return b")"
+    body = b"".join([_int(x) for x in items])
+    return b"(" + body + b"t" if n > 3 else body + (b"\x85", b"\x86", b"\x87")[n - 1]
 
 
 class _Writer:
@@ -40,6 +86,9 @@ class _Writer:
         self.globals: dict[str, int] = {}
         self.strings: dict[str, int] = {}
         self.key_of = key_of
+        self._forms: dict[tuple[str, str, str], tuple[bytes, bytes, bytes, int]] = {}
+        self._ints: dict[tuple[int, ...], bytes] = {}  # shapes / strides (of ints only) as opcodes
+        self._str_ops: dict[str, bytes] = {}  # short strings' BINUNICODE opcodes
         self.keys: list[str] = []  # storage keys in first-use order
         self._seen_keys: set[str] = set()
 
@@ -73,7 +122,17 @@ class _Writer:
 
     def atom(self, v: Any) -> None:
         t = type(v)
-        if v is None:
+        if t is str:  # (the same key strings over and over: their opcodes encoded once)
+            op = self._str_ops.get(v)
+            if op is None:
+                b = v.encode("utf-8", "surrogatepass")
+                op = b"X" + _U32(len(b)) + b
+                if len(b) <= 64:
+                    self._str_ops[v] = op
+            self.out.append(op)
+        elif t is int and 0 <= v < 256:
+            self.out.append(_SMALL_INTS[v])
+        elif v is None:
             self.out.append(b"N")
         elif t is bool:
             self.out.append(b"\x88" if v else b"\x89")
@@ -204,6 +263,10 @@ class _Writer:
     def tensor(self, t: RecordTensor) -> None:
         if self.memoised(t):
             return
+        if not t.is_parameter:
+            form = self._forms.get((t.storage_type, t.location, t.dtype.name))
+            if form is not None and self._tensor_fast(t, form):  # this kind of tensor was written before
+                return
         if t.is_parameter:
             self.glob("torch._utils", "_rebuild_parameter")
             self.out.append(b"(")
@@ -245,44 +308,123 @@ class _Writer:
             self.glob("torch", t.dtype.name)
         self.out.append(b"tR")
         self.remember(t)
+        self._learn_form(t, untyped)
+
+    def _learn_form(self, t: RecordTensor, untyped: bool) -> None:
+        """Once a kind of tensor (storage class, location, dtype) has been written, every global and
+        string it refers to is memoised: its fixed opcodes are the same bytes for every other tensor of
+        that kind (see :meth:`_tensor_fast`)."""
+        out, self.out = self.out, []
+        try:
+            self.glob("torch._utils", "_rebuild_tensor_v3" if untyped else "_rebuild_tensor_v2")
+            self.out.append(b"((")
+            self.string("storage", memo=True)
+            if t.storage_type == "UntypedStorage":
+                self.glob("torch.storage", "UntypedStorage")
+            else:
+                self.glob("torch", t.storage_type)
+            head = b"".join(self.out)
+            self.out = []
+            self.string(t.location, memo=True)
+            mid = b"".join(self.out)
+            self.out = []
+            self.glob("collections", "OrderedDict")
+            self.out.append(b")R")
+            if untyped:
+                self.glob("torch", t.dtype.name)
+            self.out.append(b"tR")
+            tail = b"".join(self.out)
+            per = 1 if t.storage_type == "UntypedStorage" else t.dtype.itemsize
+        finally:
+            self.out = out
+        self._forms[(t.storage_type, t.location, t.dtype.name)] = (head, mid, tail, per)
+
+    def _tensor_fast(self, t: RecordTensor, form: tuple[bytes, bytes, bytes, int]) -> bool:
+        """:meth:`tensor`'s opcodes for a tensor whose kind was written before, in one piece (False:
+        a value the fast form does not cover, written by :meth:`tensor` instead)."""
+        head, mid, tail, per = form
+        grad, shape, stride = t.requires_grad, t.shape, t.stride()
+        if type(grad) is not bool or type(shape) is not tuple or type(stride) is not tuple \
+                or not set(map(type, shape)) <= _INT or not set(map(type, stride)) <= _INT:
+            return False  # (only ints reach the cache below: 2.0 == 2 would find 2's bytes)
+        ints = self._ints
+        key = self.key_of(t)
+        kb = key.encode("utf-8", "surrogatepass")
+        try:
+            sb = ints.get(shape)
+            if sb is None:
+                sb = ints[shape] = _ints(shape)
+            tb = ints.get(stride)
+            if tb is None:
+                tb = ints[stride] = _ints(stride)
+            piece = b"".join((head, b"X", _U32(len(kb)), kb, mid, _int(t.storage_nbytes // per), b"tQ",
+                              _int(t.storage_offset()), sb, tb, b"\x88" if grad else b"\x89", tail))
+        except _NotInt:
+            return False
+        if key not in self._seen_keys:
+            self._seen_keys.add(key)
+            self.keys.append(key)
+        self.out.append(piece)
+        self.remember(t)
+        return True
 
 
 def dump(obj: Any, key_of: Callable[[RecordTensor], str]) -> tuple[bytes, list[str]]:
     """``obj`` as ``data.pkl`` bytes, and the storage keys it references (in first-use order).
     ``key_of(t)``: the key the output gives the record that ``t`` views. Raises :class:`Unpicklable`."""
     w = _Writer(key_of)
-    w.save(obj)
+    with gc_paused():
+        w.save(obj)
     w.out.append(b".")
     return b"".join(w.out), w.keys
 
 
-def same_structure(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where: str = "") -> str | None:
+def same_structure(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where: str = "",
+                   pairs: dict[str, tuple[RecordTensor, RecordTensor]] | None = None) -> str | None:
     """Where the object ``b`` read back from a written pickle differs from ``a``, the object written
     (None when they agree): container types, keys and order, values, and every tensor's storage key,
-    dtype, shape, stride, offset, requires_grad and Parameter-ness."""
-    stack: list[tuple[Any, Any, str]] = [(a, b, where or "(root)")]
+    dtype, shape, stride, offset, requires_grad and Parameter-ness. ``pairs``: filled with each
+    storage key's first (written, read back) tensor pair, for the caller to compare their bytes."""
+    with gc_paused():
+        return _first_difference(a, b, key_of, where, pairs)
+
+
+def _first_difference(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where: str,
+                      pairs: dict[str, tuple[RecordTensor, RecordTensor]] | None) -> str | None:
+    stack: list[tuple[Any, Any, Any]] = [(a, b, None)]  # (written, read back, (parent's path, key) or None)
     while stack:
         x, y, at = stack.pop()
         if type(x) is not type(y):
-            return f"{at}: {type(x).__name__} written, {type(y).__name__} read back"
+            return f"{_path(at, where)}: {type(x).__name__} written, {type(y).__name__} read back"
         if type(x) is RecordTensor:
-            if (key_of(x), x.dtype.name, tuple(x.shape), x.stride(), x.storage_offset(), x.requires_grad,
-                    x.is_parameter, x.storage_nbytes) != \
-                    (y.key, y.dtype.name, tuple(y.shape), y.stride(), y.storage_offset(), y.requires_grad,
-                     y.is_parameter, y.storage_nbytes):
-                return f"{at}: the tensor read back is not the one written"
+            if not (key_of(x) == y.key and x.storage_nbytes == y.storage_nbytes
+                    and x.storage_offset() == y.storage_offset() and tuple(x.shape) == tuple(y.shape)
+                    and x.stride() == y.stride() and x.dtype.name == y.dtype.name
+                    and x.requires_grad == y.requires_grad and x.is_parameter == y.is_parameter):
+                return f"{_path(at, where)}: the tensor read back is not the one written"
+            if pairs is not None and y.key not in pairs:
+                pairs[y.key] = (x, y)
         elif isinstance(x, dict):
             if list(x) != list(y) or getattr(x, "__dict__", None) != getattr(y, "__dict__", None):
-                return f"{at}: keys differ"
-            stack.extend((x[k], y[k], f"{at}[{k!r}]") for k in x)
+                return f"{_path(at, where)}: keys differ"
+            stack.extend([(x[k], y[k], (at, k)) for k in x])
         elif isinstance(x, (list, tuple, set)):
             if len(x) != len(y):
-                return f"{at}: lengths differ"
+                return f"{_path(at, where)}: lengths differ"
             if isinstance(x, set):
                 if x != y:
-                    return f"{at}: set members differ"
+                    return f"{_path(at, where)}: set members differ"
                 continue
-            stack.extend((p, q, f"{at}[{i}]") for i, (p, q) in enumerate(zip(x, y)))
+            stack.extend([(p, q, (at, i)) for i, (p, q) in enumerate(zip(x, y))])
         elif x != y and not (x != x and y != y):  # NaN is NaN
-            return f"{at}: {x!r} written, {y!r} read back"
+            return f"{_path(at, where)}: {x!r} written, {y!r} read back"
     return None
+
+
+def _path(at: Any, where: str) -> str:
+    """The path of a node, from its (parent's path, key) chain: built only to name a difference."""
+    keys = []
+    while at is not None:
+        at, k = at
+        keys.append(k)
+    return (where or "(root)") + "".join(f"[{k!r}]" for k in reversed(keys))

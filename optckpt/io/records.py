@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import random
 import struct
 import sys
+import threading
 import zlib
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -123,13 +125,16 @@ def rewrite_records(src: str, obj: Any, dest: str) -> bool:
     return True
 
 
-def pickle_lazily(src: str, obj: Any, by_offset: dict[int, ZipEntry], prefix: str) -> tuple[bytes, list[str]] | None:
+def pickle_lazily(src: str, obj: Any, by_offset: dict[int, ZipEntry], prefix: str,
+                  found: dict[str, ZipEntry] | None = None) -> tuple[bytes, list[str]] | None:
     """``obj`` as ``data.pkl`` by optckpt's own pickler (:func:`optckpt.io.lazypickle.dump`) when every
     tensor in it is a lazily read record of ``src`` (the record exactly as checked: same data offset,
     size and key, which it keeps), with the keys it references; None when it holds anything else (the
-    caller writes through torch)."""
+    caller writes through torch). ``found``: filled with each referenced key's record in ``src``."""
     same: dict[int, bool] = {}
     data_prefix = f"{prefix}/data/"
+    if found is None:
+        found = {}
 
     def key_of(t: RecordTensor) -> str:
         ok = same.get(id(t.source))
@@ -142,6 +147,7 @@ def pickle_lazily(src: str, obj: Any, by_offset: dict[int, ZipEntry], prefix: st
         info = by_offset.get(t.data_offset) if ok else None
         if info is None or info.file_size != t.storage_nbytes or info.filename != data_prefix + t.key:
             raise Unpicklable(f"a tensor from {t.source.path} record {t.key!r}, not a record of {src}")
+        found[t.key] = info
         return t.key
 
     try:
@@ -159,15 +165,16 @@ def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[in
                   small: dict[str, bytes]) -> bool:
     """``obj`` (tensors read lazily from ``src``) written by optckpt's own pickler, every record it
     references copied from ``src`` as it is (same key, same CRC). False when it holds anything else."""
-    done = pickle_lazily(src, obj, by_offset, prefix)
+    found: dict[str, ZipEntry] = {}
+    done = pickle_lazily(src, obj, by_offset, prefix, found)
     if done is None:
         return False
     pickled, keys = done
-    by_name = {i.filename: (off, i) for off, i in by_offset.items()}
     entries: list[tuple[str, Any]] = [("data.pkl", pickled)]
     entries += [(r, small[r]) for r in (".format_version", ".storage_alignment", "byteorder") if r in small]
-    for key in record_order(keys):
-        entries.append((f"data/{key}", by_name[f"{prefix}/data/{key}"]))
+    # the records in the order they lie in the source (torch's: by key), so that neighbours are copied in one piece
+    ordered = sorted(found.items(), key=lambda ki: ki[1].data_offset)
+    entries += [(f"data/{key}", (info.data_offset, info)) for key, info in ordered]
     entries.append(("version", small.get("version", b"3\n")))
     entries.append((".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode()))
     _write_zip(src, dest, prefix, entries)
@@ -179,64 +186,233 @@ def _storage_bytes(storage: Any, nbytes: int) -> bytes:
     return ctypes.string_at(storage.data_ptr(), nbytes) if nbytes else b""
 
 
+_KICK = 32 << 20  # start the writeback of what was written every this many bytes
+_SYNC_FILE_RANGE: Any = None
+
+
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or False where there is none."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        _SYNC_FILE_RANGE = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                _SYNC_FILE_RANGE = fn
+            except (OSError, AttributeError):
+                pass
+    return _SYNC_FILE_RANGE
+
+
+class _Writeback:
+    """Starts the kernel writing a file back to disk as it is written, every :data:`_KICK` bytes
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: asynchronous, it waits for nothing), so that the
+    disk works while the copy goes on and the final fsync has little left to wait for (instead of
+    the whole file's writeback starting only at the fsync). Issued from a thread of its own (it
+    allocates blocks and submits the I/O, which may wait for the device's queue) on a duplicate of
+    the descriptor, so the copy never waits for it. Only a hint: the fsync still decides."""
+
+    def __init__(self, fd: int) -> None:
+        self.done = 0
+        self._queue: queue.SimpleQueue[int | None] | None = None
+        fn = _sync_file_range()
+        if fn:
+            dup = os.dup(fd)
+            self._queue = queue.SimpleQueue()
+            try:
+                threading.Thread(target=self._run, args=(fn, dup, self._queue), name="optckpt-writeback",
+                                 daemon=True).start()
+            except BaseException:
+                os.close(dup)
+                self._queue = None
+                raise
+
+    @staticmethod
+    def _run(fn: Any, fd: int, todo: queue.SimpleQueue[int | None]) -> None:
+        start = 0
+        try:
+            while (upto := todo.get()) is not None:
+                fn(fd, start, upto - start, 2)  # SYNC_FILE_RANGE_WRITE (errors: the fsync's to report)
+                start = upto
+        finally:
+            os.close(fd)
+
+    def written(self, upto: int, *, last: bool = False) -> None:
+        if self._queue is not None and (upto - self.done >= _KICK or (last and upto > self.done)):
+            self._queue.put(upto)
+            self.done = upto
+
+    def close(self) -> None:
+        """No more kicks: the thread ends once the queued ones are issued (not waited for)."""
+        if self._queue is not None:
+            self._queue.put(None)
+            self._queue = None
+
+
+def _open_new(dest: str) -> Any:
+    """``dest`` (a new, empty temp file) opened for writing without ``O_TRUNC``: on ext4, truncating
+    a file to zero makes its ``close`` start writing the whole file back and wait for that (the
+    "replace by truncate" safeguard), which the fsync that follows does anyway."""
+    fd = os.open(dest, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+        return open(fd, "r+b")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _write_zip(src: str, dest: str, prefix: str, entries: list[tuple[str, Any]]) -> None:
     central: list[bytes] = []
     tick = PROGRESS.get()
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
+    with open(src, "rb") as fin, _open_new(dest) as fout:
         src_fd, dst_fd = fin.fileno(), fout.fileno()
-        for rel, data in entries:
-            name = f"{prefix}/{rel}".encode()
-            if isinstance(data, tuple):
-                src_off, info = data
-                size, crc = info.file_size, info.CRC
-                payload = None
-            else:
-                payload = data if isinstance(data, bytes) else _storage_bytes(data, data.nbytes())
-                size, crc = len(payload), zlib.crc32(payload)
+        writeback = _Writeback(dst_fd)
+        try:
+            _write_entries(entries, prefix, fout, src_fd, writeback, central, tick)
+        finally:
+            writeback.close()
+
+
+def _write_entries(entries: list[tuple[str, Any]], prefix: str, fout: Any, src_fd: int, writeback: _Writeback,
+                   central: list[bytes], tick: Any) -> None:
+    dst_fd = fout.fileno()
+    runs = _runs(entries, prefix)
+    k = 0
+    while k < len(entries):
+        rel, data = entries[k]
+        name = f"{prefix}/{rel}".encode()
+        stop = runs.get(k, 0)
+        if stop:
             offset = fout.tell()
-            fout.write(local_header(name, size, crc, offset))
-            if payload is not None:
-                fout.write(payload)
-            else:
-                fout.flush()
-                _copy_range(src_fd, dst_fd, src_off, fout.tell(), size)
-                fout.seek(fout.tell() + size)
-            if tick is not None:
-                tick(size)
-            central.append(central_entry(name, size, crc, offset))
-        cd_start = fout.tell()
-        for c in central:
-            fout.write(c)
-        cd_size = fout.tell() - cd_start
-        n = len(central)
-        if cd_start >= _Z64_LIMIT or n >= 0xFFFF or cd_size >= _Z64_LIMIT:
-            z64_eocd = fout.tell()
-            fout.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
-            fout.write(struct.pack("<IIQI", 0x07064B50, 0, z64_eocd, 1))
-            fout.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _Z64, _Z64, 0))
+            if _copy_run(entries[k:stop], fout, src_fd, writeback, central, tick):
+                k = stop
+                continue
+            fout.seek(offset)
+        k += 1
+        if isinstance(data, tuple):
+            src_off, info = data
+            size, crc = info.file_size, info.CRC
+            payload = None
         else:
-            fout.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))
+            payload = data if isinstance(data, bytes) else _storage_bytes(data, data.nbytes())
+            size, crc = len(payload), zlib.crc32(payload)
+        offset = fout.tell()
+        fout.write(local_header(name, size, crc, offset))
+        if payload is not None:
+            fout.write(payload)
+        else:
+            fout.flush()
+            _copy_range(src_fd, dst_fd, src_off, fout.tell(), size)
+            fout.seek(fout.tell() + size)
+            writeback.written(fout.tell())
+        if tick is not None:
+            tick(size)
+        central.append(central_entry(name, size, crc, offset))
+    cd_start = fout.tell()
+    for c in central:
+        fout.write(c)
+    cd_size = fout.tell() - cd_start
+    n = len(central)
+    if cd_start >= _Z64_LIMIT or n >= 0xFFFF or cd_size >= _Z64_LIMIT:
+        z64_eocd = fout.tell()
+        fout.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
+        fout.write(struct.pack("<IIQI", 0x07064B50, 0, z64_eocd, 1))
+        fout.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _Z64, _Z64, 0))
+    else:
+        fout.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))
+    fout.flush()
+    writeback.written(fout.tell(), last=True)
 
 
-def local_header(name: bytes, size: int, crc: int, offset: int) -> bytes:
+def local_header(name: bytes, size: int, crc: int, offset: int, *, descriptor: bool = False) -> bytes:
     """The local header of a stored record whose header starts at ``offset``, padded (an "FB" extra
-    field, as torch writes it) so that the data after it starts on a 64-byte boundary."""
+    field, as torch writes it) so that the data after it starts on a 64-byte boundary.
+    ``descriptor``: the data is followed by a data descriptor (flag bit 3; the header still gives
+    the CRC and sizes, which the descriptor repeats)."""
     z64 = size >= _Z64_LIMIT or offset >= _Z64_LIMIT
     z64_local = struct.pack("<HHQQ", 0x0001, 16, size, size) if z64 else b""
     fixed = 30 + len(name) + len(z64_local)
     pad = (-(offset + fixed + 4)) % _ALIGN
     extra = z64_local + struct.pack("<HH", 0x4246, pad) + b"\0" * pad
-    return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if z64 else 20, 0x0800, 0, 0, 0x21, crc,
-                       _Z64 if z64 else size, _Z64 if z64 else size, len(name), len(extra)) + name + extra
+    return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if z64 else 20, 0x0808 if descriptor else 0x0800, 0, 0,
+                       0x21, crc, _Z64 if z64 else size, _Z64 if z64 else size, len(name), len(extra)) + name + extra
+
+
+def _runs(entries: list[tuple[str, Any]], prefix: str) -> dict[int, int]:
+    """Runs of at least two copied records that lie one right after the other in the source, under
+    the same names (index of the first -> index after the last): :func:`_copy_run` copies each run
+    in one piece. Only below the zip64 limits (a record's data descriptor is 16 bytes there)."""
+    runs: dict[int, int] = {}
+    k = 0
+    while k < len(entries):
+        j = k
+        while j < len(entries) and _plain_copy(entries[j], prefix) and \
+                (j == k or entries[j][1][1].header_offset == entries[j - 1][1][1].end):
+            j += 1
+        if j - k >= 2:
+            runs[k] = j
+        k = max(j, k + 1)
+    return runs
+
+
+def _plain_copy(entry: tuple[str, Any], prefix: str) -> bool:
+    rel, data = entry
+    if not isinstance(data, tuple):
+        return False
+    info = data[1]
+    tail = info.end - info.data_offset - info.file_size  # its data descriptor: none, or 16 bytes
+    return (info.filename == f"{prefix}/{rel}" and tail in (0, 16) and info.end < _Z64_LIMIT
+            and info.file_size < _Z64_LIMIT and info.flag_bits & ~0x08 == 0x0800)  # (the flags we list it with)
+
+
+def _copy_run(run: list[tuple[str, Any]], fout: Any, src_fd: int, writeback: _Writeback, central: list[bytes],
+              tick: Any) -> bool:
+    """Copy records that follow one another in the source (:func:`_runs`) in one piece: the first
+    one's local header written anew (its data 64-byte aligned), then everything from its data to the
+    end of the last one copied as it is (data, data descriptors, the others' local headers), which
+    keeps every record's data aligned (the source's are, and the shift is a multiple of 64). False
+    (nothing written) where the result would pass the zip64 limits."""
+    first = run[0][1][1]
+    last = run[-1][1][1]
+    head_at = fout.tell()
+    head = local_header(first.filename.encode(), first.file_size, first.CRC, head_at,
+                        descriptor=first.end > first.data_offset + first.file_size)
+    data_at = head_at + len(head)
+    shift = data_at - first.data_offset
+    if shift % _ALIGN or last.end + shift >= _Z64_LIMIT:
+        return False
+    fout.write(head)
+    fout.flush()
+    dst_fd = fout.fileno()
+    done, total = 0, last.end - first.data_offset
+    while done < total:  # in pieces, each one's writeback started as the next is copied
+        n = min(_KICK, total - done)
+        _copy_range(src_fd, dst_fd, first.data_offset + done, data_at + done, n)
+        done += n
+        writeback.written(data_at + done)
+    fout.seek(data_at + total)
+    for i, (_, (_, info)) in enumerate(run):
+        at = head_at if i == 0 else info.header_offset + shift
+        central.append(central_entry(info.filename.encode(), info.file_size, info.CRC, at))
+        if tick is not None:
+            tick(info.file_size)
+    return True
+
+
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 
 
 def central_entry(name: bytes, size: int, crc: int, offset: int) -> bytes:
     """The central-directory entry of a stored record whose local header is at ``offset``."""
-    z64 = size >= _Z64_LIMIT or offset >= _Z64_LIMIT
-    z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if z64 else b""
-    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if z64 else 20, 45 if z64 else 20, 0x0800,
-                       0, 0, 0x21, crc, _Z64 if z64 else size, _Z64 if z64 else size, len(name),
-                       len(z64_central), 0, 0, 0, 0, _Z64 if z64 else offset) + name + z64_central
+    if size < _Z64_LIMIT and offset < _Z64_LIMIT:  # (the common case, once per record: one precompiled pack)
+        return _CENTRAL.pack(0x02014B50, 20, 20, 0x0800, 0, 0, 0x21, crc, size, size, len(name), 0, 0, 0, 0, 0,
+                             offset) + name
+    z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset)  # zip64: the real values in an extra field
+    return _CENTRAL.pack(0x02014B50, 45, 45, 0x0800, 0, 0, 0x21, crc, _Z64, _Z64, len(name), len(z64_central),
+                         0, 0, 0, 0, _Z64) + name + z64_central
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, size: int) -> None:

@@ -14,12 +14,14 @@ a hard link to the original inode: no copy, no partial backup on a full disk).""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -234,12 +236,44 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _save_part(kind: str, obj: Any, tmp: str, *, legacy: bool, source: str) -> None:
-    """Write a changed part in its own format: torch.save, or (a safetensors model file) safetensors."""
+class _Flush:
+    """The fsync of a written temp file, run in a thread (the kernel writes the file back without the
+    GIL) while the caller verifies what was written; :meth:`wait` joins it. Both must be done before
+    the temp file is renamed into place."""
+
+    def __init__(self, path: str) -> None:
+        self._error: OSError | None = None
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._thread = threading.Thread(target=self._run, name="optckpt-fsync", daemon=True)
+            self._thread.start()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _run(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            self._error = e
+
+    def wait(self) -> None:
+        """Returns once the file is on disk; raises the fsync's OSError."""
+        if self._fd >= 0:
+            self._thread.join()
+            os.close(self._fd)
+            self._fd = -1
+        if self._error is not None:
+            raise self._error
+
+
+def _save_part(kind: str, obj: Any, tmp: str, *, legacy: bool, source: str, background: bool = False) -> _Flush | None:
+    """Write a changed part in its own format: torch.save, or (a safetensors model file) safetensors.
+    ``background``: a torch file's fsync is left running (returned: the caller waits for it)."""
     if kind == "safetensors":
         _save_safetensors_like(obj, tmp, source)
-    else:
-        _save_torch(obj, tmp, legacy=legacy, source=source)
+        return None
+    return _save_torch(obj, tmp, legacy=legacy, source=source, background=background)
 
 
 def _save_safetensors_like(tensors: Mapping[str, Any], tmp: str, source: str) -> None:
@@ -261,8 +295,10 @@ def _save_safetensors_like(tensors: Mapping[str, Any], tmp: str, source: str) ->
         raise _as_write_error(e, os.path.join(dest_dir, final), "write failed") from None
 
 
-def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) -> None:
-    """torch.save ``obj`` into the (existing, empty) temp file ``tmp`` and fsync it.
+def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None,
+                background: bool = False) -> _Flush | None:
+    """torch.save ``obj`` into the (existing, empty) temp file ``tmp`` and fsync it (``background``:
+    the fsync started in a thread and returned, for the caller to verify the file meanwhile).
 
     torch writes to a *path* with its C++ writer straight from the memory-mapped input (a Python
     file object would route every record through Python ``bytes``: ~2.5x slower on big files). That
@@ -275,7 +311,10 @@ def _save_torch(obj: Any, tmp: str, *, legacy: bool, source: str | None = None) 
 
             obj = materialize(obj)
             torch.save(obj, tmp, pickle_module=pickle_module_for(obj), _use_new_zipfile_serialization=not legacy)
+        if background:
+            return _Flush(tmp)
         _fsync_path(tmp)
+        return None
     except BaseException as e:
         _unlink(tmp)
         if isinstance(e, RuntimeError) and not isinstance(e, OSError):
@@ -370,12 +409,24 @@ def _place_backup(tmp: str, src: str, replace: bool) -> None:
 
 
 def commit_file(tmp: str, out: str, *, verify: Verify | None = None, no_clobber: bool = False,
-                in_place: bool = False, replace_backup: bool = False) -> str:
+                in_place: bool = False, replace_backup: bool = False, flushing: _Flush | None = None) -> str:
     """Verify the fsynced temp file, then rename it to ``out`` (keeping a backup ``in_place``).
-    On any failure the temp file is removed and ``out`` is as it was."""
+    ``flushing``: the temp file's fsync, still running: the verification runs meanwhile, and the
+    rename waits for both. On any failure the temp file is removed and ``out`` is as it was."""
     try:
-        if verify is not None:
-            verify(tmp)
+        try:
+            if verify is not None:
+                verify(tmp)
+        except BaseException:
+            if flushing is not None:  # (its own failure is moot: the file is removed)
+                with contextlib.suppress(OSError):
+                    flushing.wait()
+            raise
+        if flushing is not None:
+            try:
+                flushing.wait()
+            except OSError as e:
+                raise WriteError(f"{out}: write failed: {e.strerror or e}") from None
         if in_place:
             _keep_backup(out, replace_backup)
         if no_clobber:
@@ -452,11 +503,52 @@ def write_checkpoint(ck: Checkpoint, out: str, changed_parts: Mapping[str, Any],
         if in_place and part.zip_format and appends_in_place(src):
             return _append_in_place(src, changed_parts[part.relpath], verify, backup, replace_backup, part.nbytes)
         tmp = temp_file(dest_dir, os.path.basename(out))
-        _save_part(part.kind, changed_parts[part.relpath], tmp, legacy=not part.zip_format, source=ck.path)
-        copy_mode(src, tmp)
-        return commit_file(tmp, out, verify=verify, in_place=in_place, replace_backup=replace_backup)
+        if not in_place:
+            _drop_cache_of(out, src)
+        flushing = _save_part(part.kind, changed_parts[part.relpath], tmp, legacy=not part.zip_format,
+                              source=ck.path, background=True)
+        try:
+            copy_mode(src, tmp)
+        except BaseException:
+            if flushing is not None:
+                with contextlib.suppress(OSError):
+                    flushing.wait()
+            _unlink(tmp)
+            raise
+        return commit_file(tmp, out, verify=verify, in_place=in_place, replace_backup=replace_backup,
+                           flushing=flushing)
     except PermissionError as e:
         raise WriteError(f"{out}: permission denied ({e.strerror or e})") from None
+
+
+def _drop_cache_of(out: str, src: str) -> None:
+    """The file about to be replaced (a regular file, no other link, not the input): its cached pages
+    dropped (``POSIX_FADV_DONTNEED``, a hint: the file is not changed) in a thread while the new one
+    is written, so that the final rename spends less time freeing them. Nothing when in doubt."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        st = os.lstat(out)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or os.path.samefile(out, src):
+            return
+        fd = os.open(out, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+
+    def drop() -> None:
+        try:
+            if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (st.st_dev, st.st_ino):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    try:
+        threading.Thread(target=drop, name="optckpt-drop-cache", daemon=True).start()
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _append_in_place(src: str, obj: Any, verify: Verify | None, backup: bool, replace_backup: bool,

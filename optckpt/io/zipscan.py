@@ -141,7 +141,7 @@ class _Version:
     end_start: int  # where this version's end records start (zip64 record, or the EOCD)
 
 
-def _parse_one(rd: _Reader, size: int) -> _Version:
+def _parse_one(rd: _Reader, size: int, known: dict[int, ZipEntry] | None = None) -> _Version:
     at = find_eocd(rd, size)
     if at is None:
         raise ZipCorruptError("no end of central directory record")
@@ -193,7 +193,7 @@ def _parse_one(rd: _Reader, size: int) -> _Version:
     if n > cd_size // 46:
         raise ZipCorruptError(f"{n} entries cannot fit a {cd_size}-byte central directory")
     cd = _read(rd, cd_size, cd_off)
-    entries = _entries(rd, cd, n, cd_off)
+    entries = _entries(rd, cd, n, cd_off, known)
     layout = ZipLayout(tuple(entries), cd_off, cd_size, size, kind, prev, ())
     return _Version(layout, end_start)
 
@@ -233,12 +233,14 @@ class _Central(NamedTuple):
     hoff: int
 
 
-def _entries(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
-    fast = _entries_fast(rd, cd, n, cd_off)
+def _entries(rd: _Reader, cd: bytes, n: int, cd_off: int, known: dict[int, ZipEntry] | None = None
+             ) -> list[ZipEntry]:
+    fast = _entries_fast(rd, cd, n, cd_off, known)
     return fast if fast is not None else _entries_checked(rd, cd, n, cd_off)
 
 
-def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry] | None:
+def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int, known: dict[int, ZipEntry] | None = None
+                  ) -> list[ZipEntry] | None:
     """The common file (what torch and optckpt write: ASCII names, no zip64 field, every entry
     stored) in column passes: one ``unpack`` an entry, each rule one C-level test over a column, each
     local header checked by :func:`_locals_fast`. None where any rule might fail or any entry is
@@ -246,8 +248,8 @@ def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]
     unpack = _CEN.unpack_from
     size = len(cd)
     starts: list[int] = []
-    kept: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
-    needs, flags, times, dates, crcs, usizes, nlens, hoffs = kept
+    kept: tuple[list[int], ...] = ([], [], [], [], [], [])
+    needs, flags, crcs, usizes, nlens, hoffs = kept
     pos = 0
     left = n
     while left:  # in chunks: a row of 17 fields an entry is ~350 bytes, 200 MB at 600k if all were kept
@@ -262,7 +264,7 @@ def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]
             return None
         left -= len(rows)
         sigs, methods, csizes, disks = (list(map(operator.itemgetter(k), rows)) for k in (0, 4, 8, 13))
-        for col, k in zip(kept, (2, 3, 5, 6, 7, 9, 10, 16)):
+        for col, k in zip(kept, (2, 3, 7, 9, 10, 16)):
             col += map(operator.itemgetter(k), rows)
         if set(sigs) != {_CEN_SIG} or set(methods) != {0} or csizes != usizes[-len(rows):] \
                 or not set(disks) <= {0, 0xFFFF}:
@@ -278,7 +280,7 @@ def _entries_fast(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]
     if len(set(folded)) != n:  # names unique ignoring case (torch's lookup)
         return None
     names = list(map(bytes.decode, raws))
-    return _locals_fast(rd, _Cols(raws, names, flags, crcs, usizes, hoffs, needs, times, dates), cd_off)
+    return _locals_fast(rd, _Cols(raws, names, flags, crcs, usizes, hoffs), cd_off, known)
 
 
 def _entries_checked(rd: _Reader, cd: bytes, n: int, cd_off: int) -> list[ZipEntry]:
@@ -376,9 +378,6 @@ class _Cols(NamedTuple):
     crcs: list[int]
     sizes: list[int]
     hoffs: list[int]
-    needs: list[int]
-    times: list[int]
-    dates: list[int]
 
 
 _CHUNK = 4096  # records checked by one bulk comparison
@@ -386,33 +385,65 @@ _LOC_PACK = _LOC.pack
 _DD_PACK = _DD32.pack
 
 
-def _locals_fast(rd: _Reader, c: _Cols, limit: int) -> list[ZipEntry] | None:
+def _locals_fast(rd: _Reader, c: _Cols, limit: int, known: dict[int, ZipEntry] | None = None
+                 ) -> list[ZipEntry] | None:
     """:func:`_locals` for the common file, or None where any record is unusual. Records that follow
     each other (each ends where the next begins, as the coverage rule requires) are checked in chunks
     by two byte comparisons: their local headers and names against the headers torch writes for
-    their central entries (version, time and date as there, flags with the data-descriptor bit, CRC
-    and sizes zero, the extra field filling the gap) and their data descriptors against the CRC and
-    sizes; a chunk that differs anywhere is checked record by record (:func:`_locals_run`), which
-    accepts exactly what :func:`_local` accepts."""
+    their central entries (flags with the data-descriptor bit, CRC and sizes zero, the extra field
+    filling the gap; version, time and date, which _local does not compare, as the chunk's first)
+    and their data descriptors against the CRC and sizes; a chunk that differs anywhere is checked
+    in halves, then record by record (:func:`_locals_run`, which accepts exactly what :func:`_local`
+    accepts). Records of an earlier version that a newer one shares (``known``) are not read again."""
     n = len(c.hoffs)
     datas = [0] * n
     ends = [0] * n
-    if c.hoffs != sorted(c.hoffs):
-        if not _locals_run(rd, c, sorted(range(n), key=c.hoffs.__getitem__), limit, datas, ends):
+    if known:  # an earlier version: records a newer one shares were checked moments ago, in this parse
+        rest = []
+        for i, (h, name, size, crc, f) in enumerate(zip(c.hoffs, c.names, c.sizes, c.crcs, c.flags)):
+            k = known.get(h)
+            if k is not None and k.filename == name and k.file_size == size and k.CRC == crc \
+                    and not (k.flag_bits ^ f) & ~0x08:  # the same local header: its check would be the same
+                datas[i], ends[i] = k.data_offset, k.end
+            else:
+                rest.append(i)
+        if not _locals_run(rd, c, sorted(rest, key=c.hoffs.__getitem__), limit, datas, ends):
             return None
-    else:
-        for a in range(0, n, _CHUNK):
-            b = min(a + _CHUNK, n - 1)  # the last record: no next header to end at
-            if (b <= a or not _locals_bulk(rd, c, a, b, datas, ends)) and not _locals_run(rd, c, range(a, b), limit,
-                                                                                            datas, ends):
-                return None
-        if not _locals_run(rd, c, [n - 1], limit, datas, ends):
+    elif c.hoffs != sorted(c.hoffs):  # (an appended directory lists the new pickle first): in file order
+        order = sorted(range(n), key=c.hoffs.__getitem__)
+        by_offset = _Cols._make(list(map(col.__getitem__, order)) for col in c)
+        sorted_datas, sorted_ends = [0] * n, [0] * n
+        if not _locals_in_order(rd, by_offset, limit, sorted_datas, sorted_ends):
             return None
+        for j, i in enumerate(order):
+            datas[i], ends[i] = sorted_datas[j], sorted_ends[j]
+    elif not _locals_in_order(rd, c, limit, datas, ends):
+        return None
     if max(ends) > limit:
         return None
     new = tuple.__new__
     return [new(ZipEntry, row) for row in zip(c.names, c.hoffs, datas, c.sizes, c.sizes, repeat(0), c.flags, c.crcs,
                                                ends)]
+
+
+def _locals_in_order(rd: _Reader, c: _Cols, limit: int, datas: list[int], ends: list[int]) -> bool:
+    """Records in file order: in chunks by :func:`_locals_bulk`; a chunk that declines (a gap: an
+    older version's directory between records, or an unusual record) in halves, three times, then
+    one by one."""
+    n = len(c.hoffs)
+
+    def span(a: int, b: int, depth: int) -> bool:  # records a .. b - 1, record b after them
+        if b <= a:
+            return True
+        if _locals_bulk(rd, c, a, b, datas, ends):
+            return True
+        if depth == 3 or b - a < 64:
+            return _locals_run(rd, c, range(a, b), limit, datas, ends)
+        m = (a + b) // 2
+        return span(a, m, depth + 1) and span(m, b, depth + 1)
+
+    return all(span(a, min(a + _CHUNK, n - 1), 0) for a in range(0, n, _CHUNK)) \
+        and _locals_run(rd, c, [n - 1], limit, datas, ends)  # the last record: no next header to end at
 
 
 def _locals_bulk(rd: _Reader, c: _Cols, a: int, b: int, datas: list[int], ends: list[int]) -> bool:
@@ -437,8 +468,13 @@ def _locals_bulk(rd: _Reader, c: _Cols, a: int, b: int, datas: list[int], ends: 
         pieces = [rd(46 + k, x - 16) for x, k in zip(nexts, map(len, c.raws[a + 1:b + 1]))]
         got = rd(30 + nl[0], base) + b"".join([p[16:] for p in pieces[:-1]])
         got_dd = b"".join([p[:16] for p in pieces])
-    want = b"".join(map(bytes.__add__, map(_LOC_PACK, repeat(_LOC_HDR_SIG), c.needs[a:b],
-                                           [f | 0x08 for f in c.flags[a:b]], repeat(0), c.times[a:b], c.dates[a:b],
+    if len(got) < 30:
+        return False
+    # version, time and date (which _local does not compare) as the first header has them: torch writes
+    # the same in every header, and its central entries agree; optckpt's appended directories need not
+    need, _, _, time, date = struct.unpack_from("<HHHHH", got, 4)
+    want = b"".join(map(bytes.__add__, map(_LOC_PACK, repeat(_LOC_HDR_SIG), repeat(need),
+                                           [f | 0x08 for f in c.flags[a:b]], repeat(0), repeat(time), repeat(date),
                                            repeat(0), repeat(0), repeat(0), nl, elens), c.raws[a:b]))
     if got != want or got_dd != b"".join(map(_DD_PACK, repeat(_DD_SIG), c.crcs[a:b], sz, sz)):
         return False
@@ -563,11 +599,13 @@ def _parse_reader(rd: _Reader, size: int) -> ZipLayout:
     if current.layout.kind == "pend":
         return current.layout  # an interrupted in-place edit: the caller names it (editlock.interrupted_message)
     chain = [current]
+    known: dict[int, ZipEntry] = {}
     while chain[-1].layout.kind == "prev" and len(chain) < _MAX_VERSIONS:
         prev = chain[-1].layout.previous_size
         assert prev is not None
+        known.update(zip(map(_HOFF, chain[-1].layout.entries), chain[-1].layout.entries))
         try:
-            v = _parse_one(rd, prev)
+            v = _parse_one(rd, prev, known)
         except (ZipStructureError, ZipCorruptError) as e:
             raise ZipStructureError(f"the earlier version noted at byte {prev}: {e}") from None
         if v.layout.kind == "pend":
