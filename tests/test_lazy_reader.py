@@ -524,3 +524,29 @@ def test_has_record_tensors_finds_them_anywhere_and_any_real_tensor_beside_them(
     assert has_record_tensors([mixed]) and not has_record_tensors([mixed], only=True)
     assert not has_record_tensors([[torch.zeros(1)]]) and not has_record_tensors([[torch.zeros(1)]], only=True)
     assert has_record_tensors([[1, 2], rt], only=True)
+
+
+def test_reading_leaves_no_cyclic_garbage() -> None:
+    """The lazy reader and the zip parse free what they built by reference counts alone: a cycle
+    through the unpickler would keep its memo (every object of the pickle) alive until a cyclic
+    collection, which commands over big checkpoints pause."""
+    import gc
+
+    from optckpt import io as oio
+
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        ck = oio.load(str(FIXTURES / "bundle.pt"), lazy=True)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+        assert not kinds & {"_LazyUnpickler", "_LazyStorage", "_Cols", "ZipEntry", "RecordTensor"}, kinds
+        assert len(gc.garbage) < 100, len(gc.garbage)
+        del ck
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()

@@ -431,19 +431,20 @@ def _locals_in_order(rd: _Reader, c: _Cols, limit: int, datas: list[int], ends: 
     older version's directory between records, or an unusual record) in halves, three times, then
     one by one."""
     n = len(c.hoffs)
-
-    def span(a: int, b: int, depth: int) -> bool:  # records a .. b - 1, record b after them
-        if b <= a:
-            return True
-        if _locals_bulk(rd, c, a, b, datas, ends):
-            return True
+    # spans (a, b, depth): records a .. b - 1, record b after them; in file order (a stack, not a
+    # recursive closure: that would be a reference cycle keeping the columns alive)
+    todo = [(a, min(a + _CHUNK, n - 1), 0) for a in range(0, n, _CHUNK)][::-1]
+    while todo:
+        a, b, depth = todo.pop()
+        if b <= a or _locals_bulk(rd, c, a, b, datas, ends):
+            continue
         if depth == 3 or b - a < 64:
-            return _locals_run(rd, c, range(a, b), limit, datas, ends)
+            if not _locals_run(rd, c, range(a, b), limit, datas, ends):
+                return False
+            continue
         m = (a + b) // 2
-        return span(a, m, depth + 1) and span(m, b, depth + 1)
-
-    return all(span(a, min(a + _CHUNK, n - 1), 0) for a in range(0, n, _CHUNK)) \
-        and _locals_run(rd, c, [n - 1], limit, datas, ends)  # the last record: no next header to end at
+        todo += ((m, b, depth + 1), (a, m, depth + 1))
+    return _locals_run(rd, c, [n - 1], limit, datas, ends)  # the last record: no next header to end at
 
 
 def _locals_bulk(rd: _Reader, c: _Cols, a: int, b: int, datas: list[int], ends: list[int]) -> bool:
