@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import FIXTURES, ROOT, run_cli
+from test_deepspeed import _plain, _Stub
 
 from optckpt.inspect import inspect_checkpoint
 from optckpt.io import load
@@ -35,27 +36,6 @@ from optckpt.tensors import RecordTensor, is_tensor, materialize
 DIRS = [FIXTURES / "zero_ckpts" / f"stage{s}" for s in (1, 2, 3)] + \
     [FIXTURES / "zero_ckpts_more" / kind / f"stage{s}" for kind in ("w2", "bf16") for s in (1, 2, 3)]
 IDS = [f"{p.parent.name}-{p.name}" for p in DIRS]
-
-
-class _Stub:
-    def __new__(cls, *a: Any, **k: Any) -> _Stub:
-        return object.__new__(cls)
-
-    def __init__(self, *a: Any, **k: Any) -> None:
-        pass
-
-    def __setstate__(self, s: Any) -> None:
-        pass
-
-
-def _plain(o: Any) -> Any:
-    if isinstance(o, _Stub):
-        return None
-    if isinstance(o, dict):
-        return type(o)((k, _plain(v)) for k, v in o.items())
-    if isinstance(o, list):
-        return [_plain(v) for v in o]
-    return o
 
 
 def _stripped(src: Path, dst: Path) -> Path:
