@@ -305,12 +305,7 @@ def _equal_records(sa: Any, sb: Any, records: list[tuple[int, int, int]]) -> set
 
 def _same_record(sa: Any, sb: Any, record: tuple[int, int, int]) -> bool:
     a, b, n = record
-    if n <= _SMALL:  # (copied and compared as bytes: cheaper than a memcmp call through ctypes)
-        return bool(sa.view(a, n).tobytes() == sb.view(b, n).tobytes())
     return _same_buffers(sa.view(a, n), sb.view(b, n))
-
-
-_SMALL = 1 << 16
 
 
 def _tensor_entry(section: str, name: str, key: str | None, ta: torch.Tensor, tb: torch.Tensor, atol: float,

@@ -314,6 +314,9 @@ def _same_record_bytes(a: RecordTensor, b: RecordTensor) -> bool:
     return _same_buffers(a.source.view(a.data_offset, n), b.source.view(b.data_offset, n))
 
 
+_SMALL = 1 << 16
+
+
 def _same_buffers(va: memoryview, vb: memoryview) -> bool:
     """Two equally long writable byte buffers (private file mappings) hold the same bytes: ``memcmp``."""
     n = len(va)
@@ -321,6 +324,8 @@ def _same_buffers(va: memoryview, vb: memoryview) -> bool:
         return False
     if n == 0:
         return True
+    if n <= _SMALL:  # copied and compared as bytes: cheaper than a memcmp call through ctypes
+        return va.tobytes() == vb.tobytes()
     cmp = _memcmp()
     if cmp:
         pa = ctypes.addressof(ctypes.c_char.from_buffer(va))

@@ -485,52 +485,19 @@ def _locals_bulk(rd: _Reader, c: _Cols, a: int, b: int, datas: list[int], ends: 
 
 
 def _locals_run(rd: _Reader, c: _Cols, indices: Any, limit: int, datas: list[int], ends: list[int]) -> bool:
-    """The records ``indices`` (in file order) one by one, as :func:`_local` checks them; False at
-    the first that is unusual (the entry-by-entry parse then names it)."""
-    unpack_loc, unpack_dd = _LOC.unpack_from, _DD32.unpack_from
-    raws, sizes, hoffs, flags, crcs = c.raws, c.sizes, c.hoffs, c.flags, c.crcs
-    buf = b""
-    at = 0
+    """The records ``indices`` (in file order) one by one, by :func:`_local` (small neighbours read
+    together, as :func:`_locals` reads them); False at the first it refuses (the entry-by-entry parse
+    then names it)."""
+    batch = _Batch(rd)
     for i in indices:
-        h = hoffs[i]
-        raw = raws[i]
-        size = sizes[i]
-        if h + 30 + len(raw) > limit:
+        h, size, raw = c.hoffs[i], c.sizes[i], c.raws[i]
+        if size < _SMALL and not (batch.at <= h and h + size + 30 + len(raw) + 152 <= batch.at + len(batch.buf)):
+            batch.load(h, max(0, min(h + _BATCH, limit) - h))
+        try:
+            e = _local(batch.get, raw, c.names[i], c.flags[i], 0, c.crcs[i], size, h, limit)
+        except (ZipStructureError, ZipCorruptError, struct.error):
             return False
-        off = h - at
-        need = min(h + 30 + len(raw) + 128 + size + 16, limit)  # header, usual extra, data, descriptor
-        if off < 0 or need > at + len(buf):
-            if size >= _SMALL:  # a big record: its header (and descriptor) read alone, checked by _local
-                e = _local(rd, raw, c.names[i], flags[i], 0, crcs[i], size, h, limit)
-                datas[i], ends[i] = e.data_offset, e.end
-                continue
-            at = h
-            buf = rd(max(0, min(h + _BATCH, limit) - h), h)
-            off = 0
-            if need > h + len(buf):
-                return False
-        sig, _, lflags, lmethod, _, _, lcrc, lcs, lus, nlen, elen = unpack_loc(buf, off)
-        f = flags[i]
-        if sig != _LOC_HDR_SIG or lmethod or (lflags ^ f) & ~0x08 or buf[off + 30:off + 30 + nlen] != raw:
-            return False
-        data = h + 30 + nlen + elen
-        end = data + size
-        if lflags & 0x08:
-            if (lcrc or lcs or lus) and (lcrc != crcs[i] or lcs != size or lus != size):
-                return False
-            d = end - at
-            if d + 16 > len(buf):
-                return False
-            dsig, dcrc, dcs, dus = unpack_dd(buf, d)
-            if dsig != _DD_SIG or dcrc != crcs[i] or dcs != size or dus != size:
-                return False
-            end += 16
-        elif lcrc != crcs[i] or lcs != size or lus != size:
-            return False
-        if end > limit or end >= _U32:
-            return False
-        datas[i] = data
-        ends[i] = end
+        datas[i], ends[i] = e.data_offset, e.end
     return True
 
 
