@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
-import gc
 import hashlib
 import math
 import os
@@ -21,6 +20,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
+from .gcpause import gc_paused
 from .io.safepickle import describe, fields_of, same
 from .kinds import guess_scheduler
 from .mapping import OptimizerMapping
@@ -610,14 +610,9 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint, *, atol: float = 0.0, rtol: f
                      only: Sequence[str] = (), params: Sequence[str] = (), stats: bool = False,
                      device: str | None = None, progress: Callable[[int], None] | None = None) -> DiffReport:
     """Everything that differs between ``a`` and ``b`` beyond ``atol + rtol·|a|``."""
-    collecting = gc.isenabled()
-    gc.disable()  # (a few objects a tensor, no cycles: a collection meanwhile would rescan both checkpoints)
-    try:
+    with gc_paused():  # (a few objects a tensor, no cycles: a collection meanwhile would rescan both checkpoints)
         return _diff(a, b, atol=atol, rtol=rtol, only=only, params=params, stats=stats, device=device,
                      progress=progress)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _diff(a: Checkpoint, b: Checkpoint, *, atol: float, rtol: float, only: Sequence[str], params: Sequence[str],

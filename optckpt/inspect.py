@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 from collections import Counter
@@ -13,6 +12,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
+from .gcpause import gc_paused
 from .io.safepickle import describe, fields_of, is_module_object
 from .kinds import guess_optimizer, guess_scheduler
 from .mapping import IndexName, OptimizerMapping
@@ -54,13 +54,8 @@ def inspect_checkpoint(ck: Checkpoint, *, stats: bool = False) -> dict[str, Any]
         from .io.readguard import forget_mappings
 
         forget_mappings()  # mappings of earlier loads in this process may have been reused since
-    collecting = gc.isenabled()
-    gc.disable()  # a row per index, all kept: cycle collections would rescan the growing report again and again
-    try:
+    with gc_paused():  # a row per index, all kept: cycle collections would rescan the growing report again and again
         return _report(ck, stats)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _report(ck: Checkpoint, stats: bool) -> dict[str, Any]:

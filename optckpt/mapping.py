@@ -21,7 +21,6 @@ Every index records the rung that named it (``IndexName.evidence``).
 from __future__ import annotations
 
 import dataclasses
-import gc
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +29,7 @@ from typing import Any, NamedTuple
 
 from .align import Item, Slot, align_groups
 from .checkpoint import _FLOATING, Checkpoint, ModelState, OptimizerState
+from .gcpause import gc_paused
 from .kinds import PARAM_SHAPED_KEYS
 from .tensors import RecordTensor, is_tensor
 from .validate import validate_optimizer
@@ -452,16 +452,11 @@ def infer_mapping(
     opt.__dict__["_model_shape_counts"] = counts
     opt.__dict__["_model_shapes"] = frozenset(counts) or None
     warnings = validate_optimizer(opt)
-    gc_was_on = gc.isenabled()
-    gc.disable()  # ~100k small objects per 100k parameters: collections would dominate the time
-    try:
+    with gc_paused():  # ~100k small objects per 100k parameters: collections would dominate the time
         mapping = _infer(ck, opt, models)
         mapping = _gate_saved_names(ck, opt, mapping, models)
         if source is not None:
             mapping = _gate(ck, opt, mapping, source)
-    finally:
-        if gc_was_on:
-            gc.enable()
     mapping.notes[:0] = warnings
     mapping.group_sizes = [len(g.params) for g in opt.groups]
     mapping.group_hparams = [dict(g.hparams) for g in opt.groups]

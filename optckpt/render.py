@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import re
@@ -10,6 +9,7 @@ from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
+from .gcpause import gc_paused
 from .tensors import is_tensor
 
 __all__ = ["SCHEMA_VERSION", "PlainRows", "plain_rows", "jsonable", "to_json",
@@ -109,9 +109,7 @@ def to_json(report: Mapping[str, Any], *, indent: bool | None = None) -> str:
     where it stays compact (Python's C encoder only writes compact JSON: indenting a 300k-parameter
     report would take longer than reading the checkpoint); ``indent=False``: compact whatever the size
     (the CLI's output to a pipe or file, which a script parses), ``True``: indented whatever the size."""
-    collecting = gc.isenabled()
-    gc.disable()  # a copy of a big report is ~1M small objects and makes no cycles: no collection rescans them
-    try:
+    with gc_paused():  # a copy of a big report is ~1M small objects and makes no cycles: no collection rescans them
         seen: dict[int, Any] = {}
         data = jsonable(report, seen)
         del seen
@@ -122,9 +120,6 @@ def to_json(report: Mapping[str, Any], *, indent: bool | None = None) -> str:
             return json.dumps(data, indent=2)
         text = json.dumps(data)
         return json.dumps(data, indent=2) if len(text) <= _INDENT_LIMIT else text
-    finally:
-        if collecting:
-            gc.enable()
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

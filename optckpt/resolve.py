@@ -11,7 +11,6 @@ again (``tests/test_naming_entries.py`` counts it)."""
 
 from __future__ import annotations
 
-import gc
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from .check import (
 )
 from .checkpoint import Checkpoint, OptimizerState
 from .errors import MappingError
+from .gcpause import gc_paused
 from .mapping import (
     OptimizerMapping,
     Rejection,
@@ -106,14 +106,9 @@ def resolve(ck: Checkpoint, opt: OptimizerState | None = None, target: Target | 
             policy: Policy = Policy(), plan: bool = False) -> Resolution:
     # (~10 small objects an index, no cycles: a collection meanwhile would rescan the whole loaded
     # checkpoint, seconds at 600k storages)
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         return _resolve(ck, opt, target, source=source, models=models, renames=renames, transforms=transforms,
                         policy=policy, plan=plan)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _resolve(ck: Checkpoint, opt: OptimizerState | None = None, target: Target | None = None, *,

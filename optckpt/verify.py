@@ -242,7 +242,8 @@ def _verify_lazy(path: str, intended: Any, appended: bool) -> bool:
     (``memcmp`` of the two files' mappings; in a file edited by appending, a record left where it was
     is that record). False when that does not prove it (a file torch's pickler wrote, or a
     difference): the caller then verifies it bit for bit, which decides and names any difference."""
-    from .io.lazypickle import gc_paused, same_structure
+    from .gcpause import gc_paused
+    from .io.lazypickle import same_structure
     from .io.torchfile import load_torch_file
 
     with gc_paused():  # (a re-read beside the object written: collections would walk both, repeatedly)

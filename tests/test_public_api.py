@@ -24,7 +24,7 @@ def test_all_is_exactly_the_public_api():
     submodules = {"checkpoint", "errors", "io", "resume", "mapping", "align", "validate", "target",
                   "transforms", "kernels", "render", "kinds", "hparams", "cli", "verbs", "verify", "edit",
                   "cmd_remap", "cmd_reset", "cmd_set", "cmd_convert", "pickled", "zero_edit", "resolve",
-                  "integrations", "tensors"}  # imported only on demand; present once a test used it
+                  "integrations", "tensors", "gcpause"}  # imported only on demand; present once a test used it
     assert (public | set(optckpt.__all__)) - submodules == EXPECTED
     # the verbs keep their names even after the same-named modules are imported
     import importlib

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -12,6 +11,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, ModelState, OpaquePart, Part, path_str
 from ..errors import LoadError, UnsafePickleError
+from ..gcpause import gc_paused
 from ..kinds import PARAM_SHAPED_KEYS
 from .discover import discover
 from .paths import is_dcp_dir
@@ -54,9 +54,7 @@ def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
         raise LoadError(f"{p}: no such file or directory") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise LoadError(f"{p}: not a regular file or directory (a FIFO, socket or device); refused")
-    collecting = gc.isenabled()
-    gc.disable()  # loading builds many small containers and few cycles: no repeated scans of a growing heap
-    try:
+    with gc_paused():  # loading builds many small containers and few cycles: no repeated scans of a growing heap
         if is_dcp_dir(p):
             from .dcp import load_dcp
 
@@ -67,9 +65,6 @@ def load(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
             ckpt = _load_file(p, trust_pickle, lazy)
         if model is not None:
             _join_model(ckpt, os.fspath(model), trust_pickle, lazy)
-    finally:
-        if collecting:
-            gc.enable()
     return ckpt
 
 

@@ -14,30 +14,15 @@ read back by the same lazy reader and compared with the object (:func:`same_stru
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+from ..gcpause import gc_paused
 from ..tensors import DType, RecordTensor, Size
 
-__all__ = ["Unpicklable", "dump", "same_structure", "gc_paused"]
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused for a pass over a whole checkpoint's objects: such a
-    pass allocates millions of small acyclic objects (tuples, opcodes), and each collection it
-    triggers walks every object alive (600k tensors read lazily: 2x the time of the pass)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+__all__ = ["Unpicklable", "dump", "same_structure"]
 
 
 class Unpicklable(Exception):

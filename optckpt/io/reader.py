@@ -27,7 +27,6 @@ a tensor with backward hooks (``torch.save`` writes them empty) is refused.
 from __future__ import annotations
 
 import codecs
-import gc
 import io
 import os
 import pickle
@@ -39,6 +38,7 @@ from operator import itemgetter, mul
 from typing import Any, NamedTuple
 
 from ..errors import LoadError
+from ..gcpause import gc_paused
 from ..tensors import DTYPES, STORAGE_DTYPES, DType, RecordSource, RecordTensor, Size
 from .bounds import MAX_EXPANDED_VIEW
 from .zipscan import ZipLayout
@@ -181,14 +181,13 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
         loaded[key] = typed
         return typed
 
-    collecting = gc.isenabled()
-    gc.disable()  # a pickle builds only new, acyclic-in-practice containers: no cycle collection while
-    try:  # it does (they would rescan the growing heap again and again: a third of the time at 300k entries)
-        return _Unpickler(pickle_bytes, allowed, storage_for).load()
-    finally:  # what torch.load does after every load: sparse tensors rebuilt above are checked here
-        if collecting:
-            gc.enable()
-        torch._utils._validate_loaded_sparse_tensors()
+    # a pickle builds only new, acyclic-in-practice containers: no cycle collection while it does (they
+    # would rescan the growing heap again and again: a third of the time at 300k entries)
+    with gc_paused():
+        try:
+            return _Unpickler(pickle_bytes, allowed, storage_for).load()
+        finally:  # what torch.load does after every load: sparse tensors rebuilt above are checked here
+            torch._utils._validate_loaded_sparse_tensors()
 
 
 # ---- the lazy reader: record references, no torch ----------------------------------------------
@@ -388,18 +387,13 @@ def read_zip_pickle_lazy(path: str, layout: ZipLayout, pickle_bytes: bytes, pref
     eager reader does."""
     records = dict(zip(map(_FILENAME, layout.entries), layout.entries))
     source = RecordSource(os.fspath(path), layout.size)
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         unpickler = _LazyUnpickler(pickle_bytes, source, records, path, prefix, locations)
         try:
             return unpickler.load()
         finally:
             unpickler.release()
             del unpickler.persistent_load
-    finally:
-        if collecting:
-            gc.enable()
 
 
 _FILENAME = itemgetter(0)

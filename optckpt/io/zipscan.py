@@ -28,7 +28,6 @@ disagree, or whose bytes are not all accounted for:
 
 from __future__ import annotations
 
-import gc
 import operator
 import os
 import re
@@ -37,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, NamedTuple
+
+from ..gcpause import gc_paused
 
 __all__ = ["ZipEntry", "ZipLayout", "ZipStructureError", "ZipCorruptError", "parse_zip", "parse_fd", "parse_bytes"]
 
@@ -553,13 +554,10 @@ def _local(rd: _Reader, raw: bytes, name: str, flags: int, method: int, crc: int
 
 def parse_reader(rd: _Reader, size: int) -> ZipLayout:
     """The current version's records, every structure rule above checked over the whole file."""
-    collecting = gc.isenabled()
-    gc.disable()  # millions of new acyclic tuples: the cyclic collector would rescan the growing heap
-    try:  # again and again (half the parse at 600k records)
+    # millions of new acyclic tuples: the cyclic collector would rescan the growing heap again and again
+    # (half the parse at 600k records)
+    with gc_paused():
         return _parse_reader(rd, size)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _parse_reader(rd: _Reader, size: int) -> ZipLayout:
