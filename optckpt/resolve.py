@@ -15,17 +15,8 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from .check import (
-    CheckReport,
-    apply_renames,
-    compare_named,
-    effective_renames,
-    guess_prefix_rename,
-    model_order,
-    target_namer,
-)
 from .checkpoint import Checkpoint, OptimizerState
 from .errors import MappingError
 from .gcpause import gc_paused
@@ -38,8 +29,11 @@ from .mapping import (
     pair_groups,
     settle_by_grouping,
 )
-from .target import RenameRule, Target
-from .transforms import Step, TransformRule, expand_rules, transform_source
+
+if TYPE_CHECKING:  # (the comparison with a target, its renames and transforms: imported where a target is given)
+    from .check import CheckReport
+    from .target import RenameRule, Target
+    from .transforms import Step, TransformRule
 
 __all__ = ["Policy", "ResolvedIndex", "Resolution", "resolve", "resolve_mapping", "prepare_source"]
 
@@ -162,7 +156,9 @@ def _transform(mapping: OptimizerMapping, state_dict: Mapping[str, Any], target:
                ) -> tuple[OptimizerMapping, dict[str, Any], list[Step]]:
     if not rules:
         return mapping, dict(state_dict), []
+    from .check import apply_renames
     from .kinds import guess_optimizer
+    from .transforms import expand_rules, transform_source
 
     eff = _transform_renames(mapping, target, renames, rules)
     saved = [apply_renames(e.name, eff) for e in mapping.entries if e.name is not None]
@@ -179,6 +175,9 @@ def _transform_renames(mapping: OptimizerMapping, target: Target, renames: Seque
     names the transforms use counted as the target's (fuse parts, split wholes)."""
     if renames:
         return list(renames)
+    from .check import guess_prefix_rename
+    from .transforms import expand_rules
+
     saved = [c for e in mapping.entries for c in e.candidates]
     known = list(target.names)
     fuses = [r for r in rules if r.kind == "fuse"]
@@ -195,6 +194,8 @@ def _compare(saved: OptimizerMapping, mapping: OptimizerMapping, sd: Mapping[str
              renames: Sequence[RenameRule], policy: Policy, plan: bool, steps: list[Step]) -> Resolution:
     """Settle by the new code's grouping, compare with the target, and record what each target
     parameter and group takes from the saved ones."""
+    from .check import compare_named, effective_renames, model_order, target_namer
+
     rules, rename_notes = effective_renames(mapping, target, renames)
     if policy.group_evidence and target.group_hparams is not None:
         mapping = settle_by_grouping(mapping, target.groups, target.shapes, target.group_hparams,
