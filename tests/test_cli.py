@@ -51,6 +51,39 @@ def test_help_version_and_completion_do_not_import_torch(args, env):
         assert "--only" in r.stdout  # the completion really answered
 
 
+_ENTRY = textwrap.dedent("""
+    import atexit, sys, threading, time
+    if sys.argv[1] == "handler":
+        atexit.register(print, "exit handler ran")
+    elif sys.argv[1] == "thread":
+        threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+    sys.argv = ["optckpt", *sys.argv[2:]]
+    from optckpt.cli import entry
+    entry()
+""")
+
+
+@pytest.mark.parametrize("mode", ["plain", "handler", "thread"])
+def test_the_program_exit_keeps_output_code_handlers_and_threads(mode, tmp_path):
+    """The program ends without the interpreter's teardown only when nothing is left to run: the whole
+    output arrives through a pipe, the exit code is the command's, a registered exit handler still
+    runs and a running thread still finishes."""
+    r = subprocess.run([sys.executable, "-c", _ENTRY, mode, "inspect", BUNDLE, "--format", "json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)  # (read without torch)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    if mode == "handler":
+        assert text.endswith("exit handler ran\n")
+        text = text[:-len("exit handler ran\n")]
+    if mode == "thread":
+        assert text.endswith("thread finished\n")
+        text = text[:-len("thread finished\n")]
+    assert json.loads(text)["optimizers"], text
+    bad = subprocess.run([sys.executable, "-c", _ENTRY, mode, "inspect", str(tmp_path / "missing.pt")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("optckpt: error: "), bad.stderr
+
+
 def test_completion_offers_every_diff_section():
     env = {"_OPTCKPT_COMPLETE": "bash_complete", "COMP_WORDS": "optckpt diff a b --only ", "COMP_CWORD": "5"}
     r = subprocess.run([sys.executable, "-m", "optckpt"], capture_output=True, text=True, cwd=ROOT,
