@@ -26,7 +26,7 @@ from .kinds import guess_scheduler
 from .mapping import OptimizerMapping
 from .resolve import resolve
 from .tensors import RecordTensor, is_tensor, materialize
-from .verify import _same_buffers, bit_equal  # (memcmp of two file mappings' bytes)
+from .verify import bit_equal, equal_records  # (memcmp of two file mappings' bytes)
 
 if TYPE_CHECKING:
     import torch
@@ -259,7 +259,7 @@ def _records(ta: Any, tb: Any) -> tuple[RecordTensor, RecordTensor] | None:
 def _identical(pairs: Sequence[tuple[RecordTensor, RecordTensor]]) -> list[bool]:
     """For each pair of record tensors: proven bit-identical, i.e. the same view (shape, dtype,
     stride, storage offset) of storages of the same size whose bytes are equal (False: not proven;
-    the pair is compared as any other). Storages are compared in runs (:func:`_equal_records`): what
+    the pair is compared as any other). Storages are compared in runs (:func:`~optckpt.verify.equal_records`): what
     lies between records (zip headers) is compared too, where a difference only proves less."""
     out = [False] * len(pairs)
     by_files: dict[tuple[int, int], list[int]] = {}
@@ -270,42 +270,10 @@ def _identical(pairs: Sequence[tuple[RecordTensor, RecordTensor]]) -> list[bool]
     for members in by_files.values():
         sa, sb = pairs[members[0]][0].source, pairs[members[0]][1].source
         keys = [(pairs[i][0].data_offset, pairs[i][1].data_offset, pairs[i][0].storage_nbytes) for i in members]
-        equal = _equal_records(sa, sb, sorted(set(keys)))
+        equal = equal_records(sa, sb, sorted(set(keys)))
         for i, key in zip(members, keys):
             out[i] = key in equal
     return out
-
-
-_RUN_RECORDS = 256  # records compared as one range of bytes at most (a range that differs: none proven)
-_RUN_BYTES = 1 << 24
-
-
-def _equal_records(sa: Any, sb: Any, records: list[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
-    """Which records ``(offset in a, offset in b, size)`` (sorted) are proven to hold the same bytes
-    in both files: consecutive records at one distance (b - a) are compared as one range, up to
-    ``_RUN_RECORDS`` records or ``_RUN_BYTES`` bytes; in a range that differs, record by record
-    (``memcmp`` stops at the first difference: files that differ everywhere cost little here)."""
-    equal: set[tuple[int, int, int]] = set()
-    lo, n = 0, len(records)
-    while lo < n:
-        start, delta = records[lo][0], records[lo][1] - records[lo][0]
-        end = start + records[lo][2]
-        hi = lo + 1
-        while (hi < n and hi - lo < _RUN_RECORDS and records[hi][1] - records[hi][0] == delta
-               and max(end, records[hi][0] + records[hi][2]) - start <= _RUN_BYTES):
-            end = max(end, records[hi][0] + records[hi][2])
-            hi += 1
-        if end == start or _same_buffers(sa.view(start, end - start), sb.view(start + delta, end - start)):
-            equal.update(records[lo:hi])
-        else:  # (what lies between records may differ: a zip header's time stamp) record by record
-            equal.update(r for r in records[lo:hi] if _same_record(sa, sb, r))
-        lo = hi
-    return equal
-
-
-def _same_record(sa: Any, sb: Any, record: tuple[int, int, int]) -> bool:
-    a, b, n = record
-    return _same_buffers(sa.view(a, n), sb.view(b, n))
 
 
 def _tensor_entry(section: str, name: str, key: str | None, ta: torch.Tensor, tb: torch.Tensor, atol: float,

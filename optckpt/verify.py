@@ -257,62 +257,52 @@ def _verify_lazy(path: str, intended: Any, appended: bool) -> bool:
     todo = [(a, b) for a, b in pairs.values() if not (appended and a.data_offset == b.data_offset)]
     if tick is not None and len(todo) < len(pairs):
         tick(sum(a.storage_nbytes for a, b in pairs.values() if appended and a.data_offset == b.data_offset))
-    with gc_paused():
-        groups = _spans(todo)
-    for group in groups:
-        if not (len(group) > 1 and _same_span(group)) and not all(_same_record_bytes(a, b) for a, b in group):
+    if any(a.storage_nbytes != b.storage_nbytes for a, b in todo):
+        return False
+    by_files: dict[tuple[int, int], list[tuple[RecordTensor, RecordTensor]]] = {}
+    for a, b in todo:
+        by_files.setdefault((id(a.source), id(b.source)), []).append((a, b))
+    for group in by_files.values():
+        records = sorted({(a.data_offset, b.data_offset, a.storage_nbytes) for a, b in group})
+        if len(equal_records(group[0][0].source, group[0][1].source, records, tick)) != len(records):
             return False  # (the bit-for-bit check then names the difference)
-        if tick is not None:
-            tick(sum(a.storage_nbytes for a, _ in group))
     return True
 
 
-_SPAN_GAP = 4096  # records this close (local header, data descriptor between) are compared as one span
+_RUN_RECORDS = 256  # records compared as one range of bytes at most (a range that differs: none proven)
+_RUN_BYTES = 1 << 24
+_RUN_GAP = 4096  # records this close (a local header, a data descriptor between) join a run
 
 
-def _spans(pairs: list[tuple[RecordTensor, RecordTensor]]) -> list[list[tuple[RecordTensor, RecordTensor]]]:
-    """The pairs (intended record, record read back) in groups that lie in the same order, at the same
-    distance, in both files (a run of records copied in one piece): consecutive in the source, each
-    group's records at most :data:`_SPAN_GAP` bytes apart. (Once per record: list passes, no objects.)"""
-    if not pairs:
-        return []
-    pairs = sorted(pairs, key=lambda p: p[0].data_offset)
-    one_source = len({id(a.source) for a, _ in pairs}) == 1 and len({id(b.source) for _, b in pairs}) == 1
-    at = [a.data_offset for a, _ in pairs]
-    end = [a.data_offset + a.storage_nbytes for a, _ in pairs]
-    shift = [b.data_offset - a.data_offset for a, b in pairs]
-    joins = [end[i - 1] <= at[i] <= end[i - 1] + _SPAN_GAP and shift[i] == shift[i - 1] and end[i] > at[i]
-             and end[i - 1] > at[i - 1] for i in range(1, len(pairs))]
-    groups = [[pairs[0]]]
-    for i, join in enumerate(joins, 1):
-        a, b = pairs[i]
-        if join and (one_source or (a.source is pairs[i - 1][0].source and b.source is pairs[i - 1][1].source)):
-            groups[-1].append(pairs[i])
+def equal_records(sa: Any, sb: Any, records: list[tuple[int, int, int]],
+                  tick: Callable[[int], None] | None = None) -> set[tuple[int, int, int]]:
+    """Which records ``(offset in a, offset in b, size)`` (sorted, distinct) hold the same bytes in the
+    files ``sa`` and ``sb`` (:class:`~optckpt.tensors.RecordSource`): consecutive records at one
+    distance (b - a), at most :data:`_RUN_GAP` bytes apart, are compared as one range of up to
+    :data:`_RUN_RECORDS` records and :data:`_RUN_BYTES` bytes (a record copied in one piece with its
+    neighbours, or two files written alike, costs one ``memcmp``); in a range that differs (what lies
+    between records, a zip header's time stamp, may), record by record. ``memcmp`` stops at the first
+    difference: files that differ everywhere cost little. ``tick``: called with each range's record bytes."""
+    equal: set[tuple[int, int, int]] = set()
+    lo, n = 0, len(records)
+    while lo < n:
+        start, delta = records[lo][0], records[lo][1] - records[lo][0]
+        end = start + records[lo][2]
+        hi = lo + 1
+        while hi < n and hi - lo < _RUN_RECORDS and records[hi][1] - records[hi][0] == delta:
+            at, size = records[hi][0], records[hi][2]
+            if at > end + _RUN_GAP or max(end, at + size) - start > _RUN_BYTES:
+                break
+            end = max(end, at + size)
+            hi += 1
+        if end == start or _same_buffers(sa.view(start, end - start), sb.view(start + delta, end - start)):
+            equal.update(records[lo:hi])
         else:
-            groups.append([pairs[i]])
-    return groups
-
-
-def _same_span(group: list[tuple[RecordTensor, RecordTensor]]) -> bool:
-    """Every record of the group equal to its copy, by one ``memcmp`` from the first record's data to
-    the last one's end in both files (the bytes between, local headers and data descriptors, compared
-    too: False where they differ, and the records are then compared one by one)."""
-    a0, b0 = group[0]
-    a1, _ = group[-1]
-    start, n = a0.data_offset, a1.data_offset + a1.storage_nbytes - a0.data_offset
-    if any(a.storage_nbytes != b.storage_nbytes for a, b in group):
-        return False
-    return _same_buffers(a0.source.view(start, n), b0.source.view(b0.data_offset, n))
-
-
-def _same_record_bytes(a: RecordTensor, b: RecordTensor) -> bool:
-    """The storage bytes of two lazily read tensors are equal (``memcmp`` of the files' mappings)."""
-    n = a.storage_nbytes
-    if n != b.storage_nbytes:
-        return False
-    if n == 0:
-        return True
-    return _same_buffers(a.source.view(a.data_offset, n), b.source.view(b.data_offset, n))
+            equal.update(r for r in records[lo:hi] if _same_buffers(sa.view(r[0], r[2]), sb.view(r[1], r[2])))
+        if tick is not None:
+            tick(sum(r[2] for r in records[lo:hi]))
+        lo = hi
+    return equal
 
 
 _SMALL = 1 << 16
