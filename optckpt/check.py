@@ -458,13 +458,16 @@ def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[Rename
         crash = not by_name and (
             paired is not None and paired.shape is not None and tshape is not None and paired.shape != tshape
         )
+        # a row claims that plain loading misapplies silently only where the target's shape is known (a names
+        # file gives none): its state may as well crash the first step
+        shapes_known = tshape is not None
         s = src_pos.get(name)
         if s is None:
             if name in ambiguous_cands:
                 continue  # reported once, from the source side, as ambiguous
             risk = "misapplied" if by_name or received else "none"
-            params.append(_status(name, "missing", None, t, tshape, silent=received and not crash, crash=crash,
-                                      has_state=False, risk=risk))
+            params.append(_status(name, "missing", None, t, tshape, silent=received and not crash and shapes_known,
+                                  crash=crash, has_state=False, risk=risk))
             continue
         e = src[s]
         sshape = e.shape
@@ -481,7 +484,7 @@ def _compare(mapping: OptimizerMapping, target: Target, renames: Sequence[Rename
             params.append(_status(name, "moved", e.index, t, shape, silent=False, crash=False,
                                       has_state=False, risk=risk, evidence=e.evidence))
         else:
-            params.append(_status(name, "moved", e.index, t, shape, silent=not crash, crash=crash,
+            params.append(_status(name, "moved", e.index, t, shape, silent=shapes_known and not crash, crash=crash,
                                       has_state=e.has_state, risk="misapplied", evidence=e.evidence))
     for s, e in enumerate(src):
         if e.name is None:

@@ -336,6 +336,25 @@ def test_names_file_target(tmp_path):
     assert r.exit_code == 0, r.stdout + r.stderr
 
 
+def test_a_names_file_claims_neither_a_crash_nor_a_silent_misapplication(tmp_path):
+    """A names file gives no shapes: every moved row is misapplied, none claims that the shapes coincide
+    (SILENT) or differ (CRASH); the same reordering from code, whose shapes are known, crashes. Before,
+    the names file's rows said SILENT ("shapes coincide") where each one in truth crashes."""
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["linear2.weight", "linear2.bias", "linear1.weight", "linear1.bias"]))
+    common = (str(FIXTURES / "seed" / "optimizer_0.pth"), "--model", str(FIXTURES / "seed" / "model_0.pth"))
+    from_names = json.loads(invoke("check", *common, "--target", str(names), "--format", "json").stdout)
+    from_code = json.loads(invoke("check", *common, "--target", str(FIXTURES / "models.py") + ":build_model2",
+                                  "--format", "json").stdout)
+    assert from_names["verdict"] == from_code["verdict"] == "would_misapply"
+    moved = [p for p in from_names["params"] if p["status"] == "moved"]
+    assert len(moved) == 4
+    assert all(not p["silent"] and not p["crash"] and p["risk"] == "misapplied" for p in moved), moved
+    assert all(p["crash"] and not p["silent"] for p in from_code["params"] if p["status"] == "moved")
+    table = invoke("check", *common, "--target", str(names)).stdout
+    assert "SILENT" not in table and "CRASH" not in table and table.count("shapes unknown") == 4, table
+
+
 def test_bad_target_is_exit_2(tmp_path):
     for spec in ["nonexistent_module_xyz:build", str(FIXTURES / "models.py") + ":nope", "garbage"]:
         r = invoke("check", str(FIXTURES / "bundle.pt"), "--target", spec)
