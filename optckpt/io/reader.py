@@ -482,15 +482,16 @@ class _LazyPlaceholderUnpickler(SafeUnpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def _records_inside(objs: list[PickledObject]) -> bool:
-    """Whether a :class:`RecordTensor` is reachable from the placeholder objects ``objs`` (each object
-    visited once): the writers turn record references into tensors only outside placeholders."""
+def _lazy_values_inside(objs: list[PickledObject]) -> bool:
+    """Whether a :class:`RecordTensor`, :class:`Size` or :class:`DType` is reachable from the
+    placeholder objects ``objs`` (each object visited once): the writers turn the lazy reader's
+    stand-ins into torch's objects only outside placeholders (:func:`~optckpt.tensors.materialize`)."""
     seen: set[int] = set()
     stack: list[Any] = list(objs)
     while stack:
         o = stack.pop()
         t = type(o)
-        if t is RecordTensor:
+        if t in _STAND_INS:
             return True
         if t in _LEAVES or id(o) in seen:
             continue
@@ -507,6 +508,7 @@ def _records_inside(objs: list[PickledObject]) -> bool:
 
 
 _LEAVES = frozenset({str, bytes, int, float, bool, complex, type(None), PickledGlobal})
+_STAND_INS = frozenset({RecordTensor, Size, DType})
 
 
 def read_zip_pickle_placeholders(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: str,
@@ -516,8 +518,8 @@ def read_zip_pickle_placeholders(path: str, layout: ZipLayout, pickle_bytes: byt
     torch never imported: for a file the lazy reader left only because of such a global
     (:class:`NeedsGlobal`). Raises :class:`NeedsTorch` where the torch way may read it otherwise,
     also when it holds no placeholder after all (numpy's globals stopped the lazy reader: the torch
-    way reads it without placeholders) or a record tensor inside a placeholder (the writers
-    materialise tensors only outside them); :class:`LoadError` as the lazy reader does; the safe
+    way reads it without placeholders) or a record tensor, Size or dtype inside a placeholder (the
+    writers materialise those only outside them); :class:`LoadError` as the lazy reader does; the safe
     reader's own errors."""
     records = dict(zip(map(_FILENAME, layout.entries), layout.entries))
     source = RecordSource(os.fspath(path), layout.size)
@@ -527,8 +529,8 @@ def read_zip_pickle_placeholders(path: str, layout: ZipLayout, pickle_bytes: byt
             obj = unpickler.load()
             if not unpickler._globals:
                 raise NeedsTorch("no placeholder")
-            if _records_inside(unpickler.made):
-                raise NeedsTorch("a tensor inside a pickled object")
+            if _lazy_values_inside(unpickler.made):
+                raise NeedsTorch("a tensor, Size or dtype inside a pickled object")
             return obj
         finally:
             unpickler.release()
