@@ -18,6 +18,14 @@ Here the same pickle runs through Python's C ``pickle.Unpickler`` with two hooks
 So the bytes whose CRC the parse checked are the bytes decoded (no second read of ``data.pkl``),
 and every tensor comes from a record of the directory that was checked.
 
+The lazy reader (:func:`read_zip_pickle_lazy`) runs the same C loop with torch's objects replaced
+by stand-ins (record references, :class:`~optckpt.tensors.DType`, :class:`~optckpt.tensors.Size`):
+torch is not imported. A file it stops at only because of a global outside its table (DeepSpeed's
+loss scaler, a ``Namespace`` of arguments) is read from the same checked bytes by the lazy
+placeholder reader (:func:`read_zip_pickle_placeholders`): the safe reader's pure-Python opcode loop
+(:class:`~optckpt.io.safepickle.SafeUnpickler`: every such global an inert placeholder) over the same
+stand-ins, torch still not imported; what torch's allowlist might read otherwise goes to torch.
+
 The C loop differs from torch's weights-only loop on opcodes torch's never emits for a tensor or
 a container (``BUILD`` on a tensor, ``INST`` / ``OBJ``, extension codes): they can only build
 objects of allowlisted types, and the result is checked like any other (:func:`_check_result`):
@@ -475,7 +483,7 @@ class _LazyPlaceholderUnpickler(SafeUnpickler):
             self._made_last()
 
     def load_build(self) -> None:
-        if type(self.stack[-2]) is RecordTensor:  # torch sets a tensor's state (set_ / __setstate__)
+        if len(self.stack) > 1 and type(self.stack[-2]) is RecordTensor:  # torch sets a tensor's state
             raise NeedsTorch("BUILD on a tensor")
         super().load_build()
 
