@@ -368,3 +368,30 @@ def test_a_storage_reference_to_no_record_is_refused_in_one_line(tmp_path: Path)
 
     with pytest.raises(LoadError, match="does not hold"):
         read_zip_pickle_placeholders(str(path), checked.layout, pkl, checked.prefix, {})
+
+
+def test_the_placeholder_read_leaves_no_cyclic_garbage() -> None:
+    """Both passes (the C one that stops at the global, the placeholder one) free what they built by
+    reference counts: no cycle keeps an unpickler's memo alive until a cyclic collection."""
+    import gc
+
+    path = str(FIXTURES / "zero_ckpts" / "stage2" / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torchfile.load_torch_file(path, lazy=True)  # (first-use imports and caches)
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        got = torchfile.load_torch_file(path, lazy=True)
+        assert got.placeholders and not _has_torch_tensors(got.obj)
+        del got
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+        assert not kinds & {"_LazyUnpickler", "_LazyPlaceholderUnpickler", "_LazyStorage", "RecordTensor",
+                            "PickledObject"}, kinds
+        assert len(gc.garbage) < 50, len(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()
