@@ -3,23 +3,27 @@
 and ``optckpt check`` against it.
 
     python benchmarks/bench_deepspeed.py [--entries 300000] [--repeats 1] [--tmpdir DIR] [--keep]
-                                         [--deepspeed-objects]
+                                         [--deepspeed-objects] [--only WORDS]
+
+``check names.json``: against the names the checkpoint holds (a names file per param group: what an
+unchanged model expects; no model code, so no torch import for the target).
 
 The checkpoint is the committed stage-2 fixture (``fixtures/zero_ckpts/stage2``, written by DeepSpeed
 itself) with ``n`` entries ``empty.i: torch.Size([0, 4])`` added to group 0 of ``param_shapes`` and
 matching zero paddings to ``param_alignment_paddings`` (what the tests' ``_zero_size`` does). The
 optimizer file pickles DeepSpeed objects; they are read here with inert stand-ins (DeepSpeed is not
-needed) and the file is written back without them (both files then read by the lazy reader: torch is
-not imported), or, with ``--deepspeed-objects``, written back as they were read (as in a real file:
-the optimizer file is then read the torch way, inert placeholders). Peak RSS is the child's ``ru_maxrss`` (whole
-process: interpreter, imports, work), as ``/usr/bin/time -v`` reports it. The checkpoint is built in a
-process of its own: Linux carries the parent's high-water mark at ``fork`` into the child's
-``ru_maxrss``, so a parent that had imported torch and built 300k entries (~390 MB) would floor every
-measurement at its own size; this parent stays at ~15 MB."""
+needed) and the file is written back without them, or, with ``--deepspeed-objects``, written back as
+they were read (as in a real file). Both are read without torch: the first by the lazy reader, the
+second by the lazy placeholder reader (inert placeholders). Peak RSS is the child's ``ru_maxrss``
+(whole process: interpreter, imports, work), as ``/usr/bin/time -v`` reports it. The checkpoint is
+built in a process of its own: Linux carries the parent's high-water mark at ``fork`` into the
+child's ``ru_maxrss``, so a parent that had imported torch and built 300k entries (~390 MB) would floor
+every measurement at its own size; this parent stays at ~15 MB."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import shutil
@@ -84,6 +88,8 @@ def build(dst: Path, n: int, keep_objects: bool = False) -> Path:
     for i in range(n):
         sd["param_shapes"][0][f"empty.{i}"] = torch.Size([0, 4])
     torch.save(sd, model)
+    # the names the checkpoint holds, per param group in optimizer order (an unchanged model's names file)
+    (dst / "names.json").write_text(json.dumps([list(g) for g in sd["param_shapes"]]))
     if keep_objects:
         sys.path.insert(0, str(ROOT))
         from optckpt.io.safepickle import pickle_module_for
@@ -109,6 +115,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--deepspeed-objects", action="store_true",
                     help="keep DeepSpeed's pickled objects in the optimizer file (as a real file has them)")
+    ap.add_argument("--only", default="", help="run only the commands whose label contains one of these "
+                    "comma-separated words (e.g. 'table,names')")
     ap.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)  # (the child that builds)
     a = ap.parse_args()
     if a.build_only:
@@ -125,9 +133,13 @@ def main() -> None:
             "inspect (table)": ["inspect", str(d), "--format", "table"],
             "inspect --format json": ["inspect", str(d), "--format", "json"],
             "check --format json": ["check", str(d), "--target", f"{d / 'models.py'}:build", "--format", "json"],
+            "check names.json": ["check", str(d), "--target", str(d / "names.json"), "--format", "json"],
         }
         print(f"{'command':<24} {'wall s':>8} {'cpu s':>7} {'peak RSS MB':>12} {'exit':>5} {'stdout MB':>10}")
+        words = [w for w in a.only.split(",") if w]
         for label, args in commands.items():
+            if words and not any(w in label for w in words):
+                continue
             for _ in range(a.repeats):
                 wall, cpu, rss, code, nout = run_one(args, tmp)
                 print(f"{label:<24} {wall:>8.2f} {cpu:>7.2f} {rss:>12.0f} {code:>5} {nout / 1e6:>10.1f}", flush=True)

@@ -271,37 +271,55 @@ def storage_identity(t: Any) -> Any:
 
 
 def materialize(obj: Any) -> Any:
-    """``obj`` with every :class:`RecordTensor` inside dicts, lists and tuples replaced by its real
-    tensor (one per shared storage view, as the eager reader gives). Containers are rebuilt only where
-    something changed; their types are kept."""
+    """``obj`` as the eager reader gives it: every :class:`RecordTensor` inside dicts, lists and tuples
+    replaced by its real tensor, every :class:`Size` by a ``torch.Size`` and every :class:`DType` by
+    the torch dtype (what torch's pickler then writes as torch does). One result per object: what the
+    read shares (a storage view, a container) stays shared. Containers are rebuilt only where something
+    changed; their types are kept."""
     memo: dict[int, Any] = {}
 
     def walk(v: Any) -> Any:
-        if type(v) is RecordTensor:
-            out = memo.get(id(v))
-            if out is None:
-                out = memo[id(v)] = v.materialize()
+        t = type(v)
+        if t in _KEPT:
+            return v
+        out = memo.get(id(v))
+        if out is not None:
             return out
-        if isinstance(v, dict):
+        if t is RecordTensor:
+            out = v.materialize()
+        elif t is Size:
+            import torch
+
+            out = torch.Size(v)
+        elif t is DType:
+            out = v.torch()
+        elif isinstance(v, dict):
             new = {k: walk(x) for k, x in v.items()}
             if all(new[k] is v[k] for k in v):
-                return v
-            rebuilt = type(v)() if type(v) is not dict else {}
-            try:
-                rebuilt.update(new)
-            except TypeError:
-                rebuilt = new
-            for a, val in getattr(v, "__dict__", {}).items():
-                setattr(rebuilt, a, val)
-            return rebuilt
-        if isinstance(v, (list, tuple)):
+                out = v
+            else:
+                out = type(v)() if type(v) is not dict else {}
+                try:
+                    out.update(new)
+                except TypeError:
+                    out = new
+                for a, val in getattr(v, "__dict__", {}).items():
+                    setattr(out, a, val)
+        elif isinstance(v, (list, tuple)):
             items = [walk(x) for x in v]
             if all(a is b for a, b in zip(items, v)):
-                return v
-            return type(v)(items) if type(v) in (list, tuple) else items
-        return v
+                out = v
+            else:
+                out = type(v)(items) if type(v) in (list, tuple) else items
+        else:
+            return v
+        memo[id(v)] = out
+        return out
 
     return walk(obj)
+
+
+_KEPT = frozenset({str, bytes, int, float, bool, complex, type(None)})
 
 
 def has_record_tensors(objs: Iterable[Any], *, only: bool = False) -> bool:

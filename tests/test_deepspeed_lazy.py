@@ -6,9 +6,10 @@ the same records. What they describe (names, order, dtype, shape, requires_grad)
 read gives, and their values, once materialised, are the eager read's bit for bit, on every committed
 ZeRO fixture (stages 1-3, one and two ranks, bf16). A piece split between two ranks' partitions is
 joined by torch (the only tensor math of the read). The committed optimizer files pickle DeepSpeed's
-own objects, which send them to the torch-backed reader (inert placeholders); copies without them
-are read without importing torch at all. Edits of a lazily read directory write what the same edit of
-an eagerly read one writes."""
+own objects: the lazy placeholder reader reads them (inert placeholders, record references, no torch)
+but stage 3's, whose flat groups go to torch (``_rebuild_from_type_v2``); copies without those objects
+are read by the lazy reader itself. Edits of a lazily read directory write what the same edit of an
+eagerly read one writes."""
 
 from __future__ import annotations
 
@@ -101,10 +102,14 @@ def _compare(d: Path) -> tuple[Any, Any]:
 @pytest.mark.parametrize("d", DIRS, ids=IDS)
 def test_lazy_read_of_the_committed_fixtures_equals_the_eager_read(d):
     lazy, _ = _compare(d)
-    # the model states file (param_shapes, module) is read lazily; DeepSpeed's objects in the optimizer
-    # files send those to the torch-backed reader (placeholders)
+    # the model states file (param_shapes, module) is read lazily, and so are the optimizer files with
+    # DeepSpeed's objects in them (inert placeholders) but stage 3's (its flat groups: torch's)
     model_part = next(p for p in lazy.parts if "model_states" in p.relpath)
     assert _records(model_part.obj) and not any(isinstance(t, torch.Tensor) for t in model_part.obj["module"].values())
+    for p in lazy.parts:
+        if "optim_states" in p.relpath:
+            assert bool(_records(p.obj)) == (d.name != "stage3"), p.relpath
+            assert any(isinstance(t, torch.Tensor) for t in _flat_values(p.obj)) == (d.name == "stage3"), p.relpath
 
 
 @pytest.mark.parametrize("d", DIRS, ids=IDS)

@@ -18,6 +18,14 @@ Here the same pickle runs through Python's C ``pickle.Unpickler`` with two hooks
 So the bytes whose CRC the parse checked are the bytes decoded (no second read of ``data.pkl``),
 and every tensor comes from a record of the directory that was checked.
 
+The lazy reader (:func:`read_zip_pickle_lazy`) runs the same C loop with torch's objects replaced
+by stand-ins (record references, :class:`~optckpt.tensors.DType`, :class:`~optckpt.tensors.Size`):
+torch is not imported. A file it stops at only because of a global outside its table (DeepSpeed's
+loss scaler, a ``Namespace`` of arguments) is read from the same checked bytes by the lazy
+placeholder reader (:func:`read_zip_pickle_placeholders`): the safe reader's pure-Python opcode loop
+(:class:`~optckpt.io.safepickle.SafeUnpickler`: every such global an inert placeholder) over the same
+stand-ins, torch still not imported; what torch's allowlist might read otherwise goes to torch.
+
 The C loop differs from torch's weights-only loop on opcodes torch's never emits for a tensor or
 a container (``BUILD`` on a tensor, ``INST`` / ``OBJ``, extension codes): they can only build
 objects of allowlisted types, and the result is checked like any other (:func:`_check_result`):
@@ -41,9 +49,11 @@ from ..errors import LoadError
 from ..gcpause import gc_paused
 from ..tensors import DTYPES, STORAGE_DTYPES, DType, RecordSource, RecordTensor, Size
 from .bounds import MAX_EXPANDED_VIEW
+from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, numpy_allowed
 from .zipscan import ZipLayout
 
-__all__ = ["NeedsPlaceholders", "NeedsTorch", "fast_allowed", "lazy_allowed", "read_zip_pickle"]
+__all__ = ["NeedsGlobal", "NeedsPlaceholders", "NeedsTorch", "fast_allowed", "lazy_allowed", "read_zip_pickle",
+           "read_zip_pickle_lazy", "read_zip_pickle_placeholders"]
 
 
 class NeedsPlaceholders(Exception):
@@ -58,6 +68,11 @@ class NeedsTorch(Exception):
     """The lazy reader met what it does not model (a global beyond tensors, dtypes and plain
     containers; a tensor it cannot describe exactly): the file is read the torch way instead, which
     decides between the allowlist, placeholders and refusal as before."""
+
+
+class NeedsGlobal(NeedsTorch):
+    """The lazy read stopped at a global outside its table, and at nothing else before it: the lazy
+    placeholder reader (:func:`read_zip_pickle_placeholders`) may read the file without torch."""
 
 
 def _storage_dtype(storage_type: Any) -> Any:
@@ -120,21 +135,27 @@ class _Unpickler(pickle.Unpickler):
             obj = self._allowed.get(key)
             if obj is None:
                 if self._lazy:
-                    raise NeedsTorch(f"{module}.{name}")
+                    raise NeedsGlobal(f"{module}.{name}")
                 raise NeedsPlaceholders(f"{module}.{name}")
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is not tuple or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {str(pid)[:80]}")
-        _, storage_type, key, location, numel = pid
-        if type(key) is bytes:
-            key = key.decode("ascii")
-        if type(location) is bytes:
-            location = location.decode("ascii")
-        if type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
-            raise pickle.UnpicklingError(f"malformed storage reference {str(pid)[:80]}")
-        return self._storage_for(storage_type, key, location, numel)
+        return _checked_reference(pid, self._storage_for)
+
+
+def _checked_reference(pid: Any, storage_for: Callable[[Any, str, str, int], Any]) -> Any:
+    """A persistent id as torch writes a storage reference, ``("storage", <storage class>, key,
+    location, numel)``, resolved by ``storage_for``; anything else is refused."""
+    if type(pid) is not tuple or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
+        raise pickle.UnpicklingError(f"unsupported persistent id {str(pid)[:80]}")
+    _, storage_type, key, location, numel = pid
+    if type(key) is bytes:
+        key = key.decode("ascii")
+    if type(location) is bytes:
+        location = location.decode("ascii")
+    if type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
+        raise pickle.UnpicklingError(f"malformed storage reference {str(pid)[:80]}")
+    return storage_for(storage_type, key, location, numel)
 
 
 def _record(records: dict[str, Any], path: str, prefix: str, key: str, nbytes: int) -> Any:
@@ -321,70 +342,75 @@ def lazy_allowed() -> frozenset[tuple[str, str]]:
     return frozenset(_lazy_table(RecordSource("", 0)))
 
 
+def _lazy_references(records: dict[str, Any], path: str, prefix: str,
+                     locations: dict[str, None]) -> tuple[Callable[[Any], Any], Callable[[], None]]:
+    """The lazy readers' ``persistent_load``: a storage reference resolved to a
+    :class:`_LazyStorage` of the checked record it names, in one call of a closure for the usual
+    reference (a big Adam checkpoint holds 600k of them); what that call does not accept goes to
+    :func:`_checked_reference`, whose checks and messages decide. And the ``release`` that empties
+    the storage table when the load ends."""
+    loaded: dict[str, _LazyStorage] = {}
+    data_dir = prefix + "/data/"
+    get_loaded, get_record = loaded.get, records.get
+
+    def persistent_load(pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 5:
+            tag, storage_type, key, location, numel = pid
+            if tag == "storage" and type(key) is str and type(location) is str and type(numel) is int \
+                    and numel >= 0:
+                st = get_loaded(key)
+                if st is not None:  # (a storage met before: whatever type the reference names, as torch)
+                    return st
+                if type(storage_type) is _StorageType:
+                    dt = storage_type.dtype
+                    nbytes = numel * dt.itemsize if dt is not None else numel
+                    rec = get_record(data_dir + key)
+                    if rec is not None and rec.file_size == nbytes:
+                        locations[location] = None
+                        st = loaded[key] = _new(_LazyStorage, (key, rec.data_offset, nbytes, dt, location,
+                                                               storage_type.name))
+                        return st
+        return _checked_reference(pid, storage_for)
+
+    def storage_for(storage_type: Any, key: str, location: str, numel: int) -> Any:
+        st = get_loaded(key)
+        if st is not None:
+            return st
+        if type(storage_type) is not _StorageType:
+            raise NeedsTorch("a storage reference of another type")
+        nbytes = numel * (storage_type.dtype.itemsize if storage_type.dtype is not None else 1)
+        rec = _record(records, path, prefix, key, nbytes)
+        locations[location] = None
+        st = loaded[key] = _LazyStorage(key, rec.data_offset, nbytes, storage_type.dtype, location,
+                                        storage_type.name)
+        return st
+
+    return persistent_load, loaded.clear
+
+
 class _LazyUnpickler(_Unpickler):
-    """The unpickler with storage references resolved in one call of a closure (the C unpickler
-    calls an instance's own ``persistent_load`` function directly): a big Adam checkpoint holds
-    600k of them. What that call does not accept goes to :meth:`_Unpickler.persistent_load`, whose
-    checks and messages decide."""
+    """The unpickler with storage references resolved by :func:`_lazy_references` (the C unpickler
+    calls an instance's own ``persistent_load`` function directly). Nothing it holds refers back to
+    it: the unpickler, its memo (every object of the pickle) and the storage table go when the load
+    ends, not at a cyclic collection."""
 
     def __init__(self, data: bytes, source: RecordSource, records: dict[str, Any], path: str, prefix: str,
                  locations: dict[str, None]):
-        loaded: dict[str, _LazyStorage] = {}
-        data_dir = prefix + "/data/"
-        slow: list[Any] = []  # the checked path, a bound method of this unpickler: dropped by release()
-        get_loaded, get_record = loaded.get, records.get
+        persistent_load, self.release = _lazy_references(records, path, prefix, locations)
+        self.persistent_load = persistent_load  # type: ignore[method-assign,assignment]  # (before the C init)
+        super().__init__(data, _lazy_table(source), _refuse_storage, lazy=True)
 
-        def persistent_load(pid: Any) -> Any:
-            if type(pid) is tuple and len(pid) == 5:
-                tag, storage_type, key, location, numel = pid
-                if tag == "storage" and type(key) is str and type(location) is str and type(numel) is int \
-                        and numel >= 0:
-                    st = get_loaded(key)
-                    if st is not None:  # (a storage met before: whatever type the reference names, as torch)
-                        return st
-                    if type(storage_type) is _StorageType:
-                        dt = storage_type.dtype
-                        nbytes = numel * dt.itemsize if dt is not None else numel
-                        rec = get_record(data_dir + key)
-                        if rec is not None and rec.file_size == nbytes:
-                            locations[location] = None
-                            st = loaded[key] = _new(_LazyStorage, (key, rec.data_offset, nbytes, dt, location,
-                                                                   storage_type.name))
-                            return st
-            return slow[0](pid)
 
-        def storage_for(storage_type: Any, key: str, location: str, numel: int) -> Any:
-            st = get_loaded(key)
-            if st is not None:
-                return st
-            if type(storage_type) is not _StorageType:
-                raise NeedsTorch("a storage reference of another type")
-            nbytes = numel * (storage_type.dtype.itemsize if storage_type.dtype is not None else 1)
-            rec = _record(records, path, prefix, key, nbytes)
-            locations[location] = None
-            st = loaded[key] = _LazyStorage(key, rec.data_offset, nbytes, storage_type.dtype, location,
-                                            storage_type.name)
-            return st
-
-        def release() -> None:
-            """Break the cycle unpickler -> persistent_load -> checked path -> unpickler (the C unpickler
-            keeps its own reference to the function): without it the unpickler, its memo (every object
-            of the pickle, 2.4M at 600k storages) and the storage table live until a cyclic collection."""
-            loaded.clear()
-            slow.clear()
-
-        self.persistent_load = persistent_load  # type: ignore[method-assign]  # (before the C init looks it up)
-        self.release = release
-        super().__init__(data, _lazy_table(source), storage_for, lazy=True)
-        slow.append(super().persistent_load)
+def _refuse_storage(storage_type: Any, key: str, location: str, numel: int) -> Any:
+    raise AssertionError("the lazy unpickler resolves storages itself")  # (never: its persistent_load does)
 
 
 def read_zip_pickle_lazy(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: str,
                          locations: dict[str, None]) -> Any:
     """Decode ``pickle_bytes`` as :func:`read_zip_pickle` does, with every tensor a
     :class:`~optckpt.tensors.RecordTensor` (its checked record, view and dtype) and torch never
-    imported. Raises :class:`NeedsTorch` for anything it does not model, :class:`LoadError` as the
-    eager reader does."""
+    imported. Raises :class:`NeedsTorch` for anything it does not model (:class:`NeedsGlobal` when a
+    global outside its table stopped it), :class:`LoadError` as the eager reader does."""
     records = dict(zip(map(_FILENAME, layout.entries), layout.entries))
     source = RecordSource(os.fspath(path), layout.size)
     with gc_paused():
@@ -394,6 +420,129 @@ def read_zip_pickle_lazy(path: str, layout: ZipLayout, pickle_bytes: bytes, pref
         finally:
             unpickler.release()
             del unpickler.persistent_load
+
+
+# ---- the lazy placeholder reader: record references and inert placeholders, no torch ------------
+
+class _LazyPlaceholderUnpickler(SafeUnpickler):
+    """The safe reader's opcode loop (pure Python: nothing imported, nothing called outside the exact
+    allowlist, every other global an inert :class:`PickledGlobal`) over the lazy reader's table:
+    tensors are :class:`~optckpt.tensors.RecordTensor` of the checked records, by the same rules.
+
+    What the torch-backed placeholder reader would decide otherwise goes to it (:class:`NeedsTorch`):
+    a ``torch.*`` global outside the lazy table (torch's allowlist may hold it: a device, a sparse or
+    subclassed tensor), a tensor the lazy reader does not describe, ``BUILD`` on a tensor."""
+
+    dispatch: dict[int, Any] = dict(SafeUnpickler.dispatch)
+
+    def __init__(self, data: bytes, source: RecordSource, records: dict[str, Any], path: str, prefix: str,
+                 locations: dict[str, None]):
+        super().__init__(io.BytesIO(data), table=_lazy_table(source), encoding="utf-8")
+        self.persistent_load, self.release = _lazy_references(records, path, prefix, locations)
+        self.made: list[PickledObject] = []  # every placeholder object built, for the check after the load
+        self._numpy = False
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = self._py3_key(module, name)
+        if key not in self._allowed:
+            for m in {module, key[0]}:
+                if m == "torch" or m.startswith("torch."):
+                    raise NeedsTorch(f"{module}.{name}")
+                if not self._numpy and (m == "numpy" or m.startswith("numpy.")):
+                    self._numpy = True  # (as the safe reader: numpy's constructors, when numpy is installed)
+                    extra = numpy_allowed()
+                    self._allowed.update(extra)
+                    self._allowed_ids.update(map(id, extra.values()))
+        return super().find_class(module, name)
+
+    def _call(self, func: Any, args: Any) -> Any:
+        out = super()._call(func, args)
+        if type(out) is PickledObject:
+            self.made.append(out)
+        return out
+
+    def _made_last(self) -> None:
+        if self.stack and type(self.stack[-1]) is PickledObject:
+            self.made.append(self.stack[-1])
+
+    def load_newobj(self) -> None:
+        super().load_newobj()
+        self._made_last()
+
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self) -> None:
+        super().load_newobj_ex()
+        self._made_last()
+
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def _instantiate(self, klass: Any, args: list[Any]) -> None:
+        super()._instantiate(klass, args)
+        if isinstance(klass, (PickledGlobal, PickledObject)):  # (built directly, not through _call)
+            self._made_last()
+
+    def load_build(self) -> None:
+        if len(self.stack) > 1 and type(self.stack[-2]) is RecordTensor:  # torch sets a tensor's state
+            raise NeedsTorch("BUILD on a tensor")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _lazy_values_inside(objs: list[PickledObject]) -> bool:
+    """Whether a :class:`RecordTensor`, :class:`Size` or :class:`DType` is reachable from the
+    placeholder objects ``objs`` (each object visited once): the writers turn the lazy reader's
+    stand-ins into torch's objects only outside placeholders (:func:`~optckpt.tensors.materialize`)."""
+    seen: set[int] = set()
+    stack: list[Any] = list(objs)
+    while stack:
+        o = stack.pop()
+        t = type(o)
+        if t in _STAND_INS:
+            return True
+        if t in _LEAVES or id(o) in seen:
+            continue
+        seen.add(id(o))
+        if t is PickledObject:
+            stack += (o.callable, o.args, o.kwargs)
+            stack += [v for _, v in o.ops]
+        elif isinstance(o, dict):
+            stack += dict.keys(o)
+            stack += dict.values(o)
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack += o
+    return False
+
+
+_LEAVES = frozenset({str, bytes, int, float, bool, complex, type(None), PickledGlobal})
+_STAND_INS = frozenset({RecordTensor, Size, DType})
+
+
+def read_zip_pickle_placeholders(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: str,
+                                 locations: dict[str, None]) -> Any:
+    """Decode ``pickle_bytes`` as the torch-backed placeholder reader does (every global outside the
+    allowlist an inert placeholder), with tensors as :func:`read_zip_pickle_lazy` gives them and
+    torch never imported: for a file the lazy reader left only because of such a global
+    (:class:`NeedsGlobal`). Raises :class:`NeedsTorch` where the torch way may read it otherwise,
+    also when it holds no placeholder after all (numpy's globals stopped the lazy reader: the torch
+    way reads it without placeholders) or a record tensor, Size or dtype inside a placeholder (the
+    writers materialise those only outside them); :class:`LoadError` as the lazy reader does; the safe
+    reader's own errors."""
+    records = dict(zip(map(_FILENAME, layout.entries), layout.entries))
+    source = RecordSource(os.fspath(path), layout.size)
+    with gc_paused():
+        unpickler = _LazyPlaceholderUnpickler(pickle_bytes, source, records, path, prefix, locations)
+        try:
+            obj = unpickler.load()
+            if not unpickler._globals:
+                raise NeedsTorch("no placeholder")
+            if _lazy_values_inside(unpickler.made):
+                raise NeedsTorch("a tensor, Size or dtype inside a pickled object")
+            return obj
+        finally:
+            unpickler.release()
+            del unpickler.persistent_load, unpickler.made
 
 
 _FILENAME = itemgetter(0)

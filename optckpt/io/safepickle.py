@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     import torch
 
 
-__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "safe_load_torch", "pickle_module_for",
-           "has_placeholders", "first_placeholder", "fields_of", "is_module_object", "module_tensors", "describe",
-           "same", "walk", "MAX_DEPTH"]
+__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "numpy_allowed", "safe_load_torch",
+           "pickle_module_for", "has_placeholders", "first_placeholder", "fields_of", "is_module_object",
+           "module_tensors", "describe", "same", "walk", "MAX_DEPTH"]
 
 MAX_DEPTH = 64
 _COPYREG_WRAPPERS = {("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("copyreg", "_reconstructor")}
@@ -148,18 +148,25 @@ def allowed() -> dict[tuple[str, str], Any]:
     for full, obj in _get_allowed_globals().items():
         module, _, name = full.rpartition(".")
         out[(module, name)] = obj
+    out.update(numpy_allowed())
+    allowed.cache = out  # type: ignore[attr-defined]
+    return out
+
+
+def numpy_allowed() -> dict[tuple[str, str], Any]:
+    """The numpy part of :func:`allowed`: array, dtype and scalar constructors (empty without numpy;
+    importing numpy imports no torch)."""
+    out: dict[tuple[str, str], Any] = {}
     try:
         import numpy as np
-
-        multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray  # type: ignore[attr-defined]
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            out[(mod, "_reconstruct")] = multiarray._reconstruct
-            out[(mod, "scalar")] = multiarray.scalar
-        out[("numpy", "ndarray")] = np.ndarray
-        out[("numpy", "dtype")] = np.dtype
     except ImportError:
-        pass
-    allowed.cache = out  # type: ignore[attr-defined]
+        return out
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray  # type: ignore[attr-defined]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out[(mod, "_reconstruct")] = multiarray._reconstruct
+        out[(mod, "scalar")] = multiarray.scalar
+    out[("numpy", "ndarray")] = np.ndarray
+    out[("numpy", "dtype")] = np.dtype
     return out
 
 
@@ -174,25 +181,34 @@ _PyPickler: Any = pickle._Pickler  # type: ignore[attr-defined]
 
 
 class SafeUnpickler(_PyUnpickler):
-    """``pickle``'s own opcode loop with every opcode that imports, calls or mutates replaced."""
+    """``pickle``'s own opcode loop with every opcode that imports, calls or mutates replaced.
+
+    ``table``: the exact allowlist (default :func:`allowed`, torch's weights-only set and numpy's
+    constructors); the lazy reader passes its own, whose objects stand in for torch's."""
 
     dispatch: dict[int, Any] = dict(_PyUnpickler.dispatch)
 
-    def __init__(self, file: Any, **kwargs: Any):
+    def __init__(self, file: Any, *, table: dict[tuple[str, str], Any] | None = None, **kwargs: Any):
         super().__init__(file, **kwargs)
         self._globals: dict[tuple[str, str], PickledGlobal] = {}
-        self._allowed = allowed()
+        self._allowed = allowed() if table is None else table
         self._allowed_ids = {id(v) for v in self._allowed.values()}
 
-    def find_class(self, module: str, name: str) -> Any:
+    def _py3_key(self, module: str, name: str) -> tuple[str, str]:
+        """``(module, name)`` as Python 3 spells it: protocol 0-2 pickles may use Python 2 names,
+        which pickle maps (no import)."""
         key = (module, name)
-        if self.proto < 3 and self.fix_imports:  # python 2 names, as pickle maps them (no import)
+        if self.proto < 3 and self.fix_imports:
             from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 
             if key in NAME_MAPPING:
                 key = NAME_MAPPING[key]
             elif module in IMPORT_MAPPING:
                 key = (IMPORT_MAPPING[module], name)
+        return key
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = self._py3_key(module, name)
         if key in self._allowed:
             return self._allowed[key]
         ref = self._globals.get((module, name))
@@ -214,13 +230,12 @@ class SafeUnpickler(_PyUnpickler):
     dispatch[pickle.REDUCE[0]] = load_reduce
 
     def load_newobj(self) -> None:
-        import torch
-
+        torch = sys.modules.get("torch")  # (not imported: no object of the pickle is a torch type)
         args = self.stack.pop()
         cls = self.stack.pop()
         if isinstance(cls, _PLACEHOLDERS):
             self.append(PickledObject(cls, args, "newobj"))
-        elif cls is torch.nn.Parameter:
+        elif torch is not None and cls is torch.nn.Parameter:
             self.append(torch.nn.Parameter(*args))
         elif id(cls) in self._allowed_ids and isinstance(cls, type):
             self.append(cls.__new__(cls, *args))
@@ -246,15 +261,14 @@ class SafeUnpickler(_PyUnpickler):
             self.append(self._call(klass, tuple(args)))
 
     def load_build(self) -> None:
-        import torch
-
+        torch = sys.modules.get("torch")  # (not imported: no object of the pickle is a torch type)
         state = self.stack.pop()
         inst = self.stack[-1]
         if isinstance(inst, PickledObject):
             inst.ops.append(("build", state))
-        elif type(inst) is torch.Tensor:
+        elif torch is not None and type(inst) is torch.Tensor:
             inst.set_(*state)
-        elif type(inst) is torch.nn.Parameter:
+        elif torch is not None and type(inst) is torch.nn.Parameter:
             inst.__setstate__(state)
         elif type(inst) is OrderedDict:
             inst.__dict__.update(state)

@@ -14,7 +14,15 @@ from typing import Any
 from ..errors import LoadError, UnsafePickleError
 from .bounds import check_bounds
 from .editlock import interrupted_message
-from .reader import NeedsPlaceholders, NeedsTorch, fast_allowed, read_zip_pickle, read_zip_pickle_lazy
+from .reader import (
+    NeedsGlobal,
+    NeedsPlaceholders,
+    NeedsTorch,
+    fast_allowed,
+    read_zip_pickle,
+    read_zip_pickle_lazy,
+    read_zip_pickle_placeholders,
+)
 from .readguard import file_mappings, offset_in
 from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_bytes, parse_zip
 
@@ -100,19 +108,9 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     locations: dict[str, None] = {}
     checked = _check_zip(path) if zip_format else None
     if checked is not None and not trust_pickle and checked.fast and lazy:
-        try:
-            obj = read_zip_pickle_lazy(path, checked.layout, checked.pickle, checked.prefix, locations)
-        except NeedsTorch:
-            locations.clear()  # read below the torch way: it accepts, reads placeholders or refuses as before
-        except (LoadError, KeyboardInterrupt):
-            raise
-        except RecursionError:
-            raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
-        except Exception as e:
-            raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
-        else:
-            check_bounds(obj, path)
-            return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True)
+        done = _read_lazily(path, checked, locations)
+        if done is not None:
+            return done
     if checked is not None and not trust_pickle and checked.fast:
         try:
             obj = read_zip_pickle(path, checked.layout, checked.pickle, checked.prefix, fast_allowed(), locations)
@@ -170,6 +168,36 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     check_bounds(obj, path)
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format,
                      placeholders=refused is not None)
+
+
+def _read_lazily(path: str, checked: _Checked, locations: dict[str, None]) -> TorchLoad | None:
+    """The file read by the lazy reader; one that names a global outside its table, by the lazy
+    placeholder reader (inert placeholders, torch not imported either). None: neither models it, and
+    the torch way reads it (accepts, reads placeholders or refuses as before)."""
+    placeholders = False
+    try:
+        obj = read_zip_pickle_lazy(path, checked.layout, checked.pickle, checked.prefix, locations)
+    except NeedsGlobal:
+        locations.clear()
+        try:  # the same checked bytes again, through the safe reader's opcode loop
+            obj = read_zip_pickle_placeholders(path, checked.layout, checked.pickle, checked.prefix, locations)
+        except (LoadError, KeyboardInterrupt):
+            raise
+        except Exception:  # NeedsTorch, or what the safe reader refuses: the torch way's verdict and message
+            locations.clear()
+            return None
+        placeholders = True
+    except NeedsTorch:
+        locations.clear()
+        return None
+    except (LoadError, KeyboardInterrupt):
+        raise
+    except RecursionError:
+        raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
+    except Exception as e:
+        raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
+    check_bounds(obj, path)
+    return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True, placeholders=placeholders)
 
 
 def _recorder(locations: dict[str, None], check: Any) -> Any:
