@@ -248,6 +248,31 @@ def test_sigkill_after_every_write(setup, name):
     assert all(o == "old" for o in outcomes[:first_new]) and all(o == "new" for o in outcomes[first_new:]), outcomes
 
 
+def test_pending_end_records_are_named_by_what_became_of_them(tmp_path):
+    """A read that saw an edit's end records pending: if that edit has finished by the time the lock is
+    looked at (it released it), the message is "another edit", not "interrupted" (six concurrent edits
+    met this race); still pending with nobody holding the lock, it is an interrupted edit to restore."""
+    from conftest import invoke
+
+    from optckpt.io.editlock import interrupted_message
+
+    p = tmp_path / "ck.pt"
+    _checkpoint(p)
+    before = p.stat().st_size
+    assert invoke("set", str(p), "--lr", "0.3", "--in-place").exit_code == 0
+    size = p.stat().st_size
+    finished = interrupted_message(str(p), before, size)
+    assert "another optckpt edit wrote this file in place while this one was reading it" in finished, finished
+    data = bytearray(p.read_bytes())
+    at = data.rindex(b"optckpt-prev:")
+    data[at:at + 13] = b"optckpt-pend:"  # the same end records as step 1 leaves them: killed before step 3
+    p.write_bytes(bytes(data))
+    killed = interrupted_message(str(p), before, size)
+    assert "was interrupted" in killed and f"optckpt restore {p}" in killed, killed
+    r = invoke("inspect", str(p))
+    assert r.exit_code == 2 and "was interrupted" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_a_second_in_place_writer_is_refused_while_one_appends(tmp_path):
     import fcntl
 

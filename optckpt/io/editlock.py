@@ -48,10 +48,31 @@ def being_edited(path: str) -> bool:
 
 
 def interrupted_message(path: str, previous_size: int | None, size: int) -> str:
-    """What to tell of a file whose end records are "pending": an edit still running in another
-    process (it holds the edit lock: the same one line as a second edit gets), or one killed midway."""
+    """What to tell of a file whose end records were "pending" when it was read (``size`` bytes): an
+    edit still running in another process (it holds the edit lock: the same one line as a second edit
+    gets), one that finished between that read and this look (its end records no longer pending: it
+    released the lock), or one killed midway (still pending, nobody holding the lock)."""
     if being_edited(path):
         return f"{path}: another optckpt edit is writing this file in place; nothing changed"
+    if not _still_pending(path, size) or being_edited(path):  # (the second look: an edit that began meanwhile)
+        return (f"{path}: another optckpt edit wrote this file in place while this one was reading it; nothing "
+                "changed, run the command again")
     return (f"{path}: an in-place edit of this file was interrupted ({size - (previous_size or 0)} "
             f"unfinished bytes at its end; torch still loads the previous version); run "
             f"`optckpt restore {path}` to remove them")
+
+
+_PENDING = b"optckpt-pend:"
+
+
+def _still_pending(path: str, size: int) -> bool:
+    """The file is still ``size`` bytes long and its end record's comment (the file's last bytes, fixed
+    length) still says "pending": an edit's last step rewrites exactly those bytes."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return False
+            f.seek(max(0, size - 128))
+            return _PENDING in f.read(128)
+    except OSError:
+        return False
