@@ -271,6 +271,15 @@ def test_pending_end_records_are_named_by_what_became_of_them(tmp_path):
     assert "was interrupted" in killed and f"optckpt restore {p}" in killed, killed
     r = invoke("inspect", str(p))
     assert r.exit_code == 2 and "was interrupted" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    import fcntl
+
+    fd = os.open(p, os.O_RDWR)
+    try:  # the lock held: by another edit, or by this process's own append (which then knows it was a killed one)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert "another optckpt edit is writing" in interrupted_message(str(p), before, size)
+        assert "was interrupted" in interrupted_message(str(p), before, size, locked=True)
+    finally:
+        os.close(fd)
 
 
 def test_a_second_in_place_writer_is_refused_while_one_appends(tmp_path):

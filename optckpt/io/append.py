@@ -240,7 +240,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
         if state is None:
             raise WriteError(f"{path}: no zip end record found; cannot append a version")
         if state.kind == "pend":
-            raise WriteError(interrupted_message(path, state.previous_size, size))
+            raise WriteError(interrupted_message(path, state.previous_size, size, locked=True))
         data_prefix = f"{prefix}/data/"
         keys = {info.filename[len(data_prefix):]: (off, info) for off, info in by_offset.items()
                 if info.filename.startswith(data_prefix)}

@@ -47,16 +47,18 @@ def being_edited(path: str) -> bool:
     return False
 
 
-def interrupted_message(path: str, previous_size: int | None, size: int) -> str:
+def interrupted_message(path: str, previous_size: int | None, size: int, *, locked: bool = False) -> str:
     """What to tell of a file whose end records were "pending" when it was read (``size`` bytes): an
     edit still running in another process (it holds the edit lock: the same one line as a second edit
     gets), one that finished between that read and this look (its end records no longer pending: it
-    released the lock), or one killed midway (still pending, nobody holding the lock)."""
-    if being_edited(path):
-        return f"{path}: another optckpt edit is writing this file in place; nothing changed"
-    if not _still_pending(path, size) or being_edited(path):  # (the second look: an edit that began meanwhile)
-        return (f"{path}: another optckpt edit wrote this file in place while this one was reading it; nothing "
-                "changed, run the command again")
+    released the lock), or one killed midway (still pending, nobody holding the lock). ``locked``: this
+    process holds the lock itself (no other edit can be running: the pending records are a killed one's)."""
+    if not locked:
+        if being_edited(path):
+            return f"{path}: another optckpt edit is writing this file in place; nothing changed"
+        if not _still_pending(path, size) or being_edited(path):  # (the second look: an edit begun meanwhile)
+            return (f"{path}: another optckpt edit wrote this file in place while this one was reading it; "
+                    "nothing changed, run the command again")
     return (f"{path}: an in-place edit of this file was interrupted ({size - (previous_size or 0)} "
             f"unfinished bytes at its end; torch still loads the previous version); run "
             f"`optckpt restore {path}` to remove them")
