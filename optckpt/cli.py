@@ -628,15 +628,19 @@ def entry() -> None:
 
 def _exit(e: SystemExit) -> None:
     """Leave as ``sys.exit`` would, without the interpreter's teardown when it has nothing left to do:
-    no exit handlers registered, no other thread running and torch not imported (torch and a user's
-    ``--target`` code may register handlers). Freeing every module one by one is ~10 ms of a 0.1 s
-    ``inspect``; the output is flushed first, and where flushing fails the ordinary exit reports it."""
+    no exit handlers registered, no other thread running, torch not imported (torch and a user's
+    ``--target`` code may register handlers) and no other program around this one (``python -m
+    cProfile -m optckpt``, ``pdb``: they work after it returns). Freeing every module one by one is
+    ~10 ms of a 0.1 s ``inspect``; the output is flushed first, and where flushing fails the ordinary
+    exit reports it."""
     import atexit
 
     threading = sys.modules.get("threading")
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     code = e.code
     if "torch" in sys.modules or (threading is not None and threading.active_count() > 1) \
-            or getattr(atexit, "_ncallbacks", lambda: 1)() or not (code is None or type(code) is int):
+            or getattr(atexit, "_ncallbacks", lambda: 1)() or not (code is None or type(code) is int) \
+            or (spec is not None and spec.name != "optckpt.__main__"):
         raise e
     try:
         sys.stdout.flush()

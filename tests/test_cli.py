@@ -84,6 +84,15 @@ def test_the_program_exit_keeps_output_code_handlers_and_threads(mode, tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("optckpt: error: "), bad.stderr
 
 
+def test_a_program_around_optckpt_still_runs_after_it():
+    """``python -m cProfile -m optckpt`` prints its profile: the program's quick exit is only for optckpt
+    run as itself."""
+    r = subprocess.run([sys.executable, "-m", "cProfile", "-m", "optckpt", "inspect", BUNDLE, "--format", "json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "function calls" in r.stdout and '"optimizers"' in r.stdout, r.stdout[-2000:]
+
+
 def test_completion_offers_every_diff_section():
     env = {"_OPTCKPT_COMPLETE": "bash_complete", "COMP_WORDS": "optckpt diff a b --only ", "COMP_CWORD": "5"}
     r = subprocess.run([sys.executable, "-m", "optckpt"], capture_output=True, text=True, cwd=ROOT,
