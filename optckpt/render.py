@@ -344,8 +344,10 @@ def render_check(r: dict[str, Any]) -> str:
             what += ": CRASH (plain load pairs it with state of another shape)"
         elif p["status"] in ("moved", "missing") and p["silent"]:
             what += ": SILENT (plain load gives it another parameter's state; shapes coincide)"
-        elif p["status"] in ("moved", "missing") and p.get("risk") == "misapplied" and p.get("has_state", True):
-            what += ": plain load misapplies its state (shapes unknown: at the first step or silently)"
+        elif p.get("risk") == "misapplied" and (p["status"] == "missing" or (
+                p["status"] == "moved" and p.get("has_state", True))):  # (a missing one receives another's)
+            what += (": plain load gives it another parameter's state" if p["status"] == "missing" else
+                     ": plain load misapplies its state") + " (shapes unknown: at the first step or silently)"
         elif p["status"] in ("moved", "ambiguous") and not p.get("has_state", True):
             what += ": no state" + (", harmless" if p.get("risk") == "none" else (
                 ", lands in a group with other hyperparameters" if p.get("risk") == "misapplied" else
