@@ -49,7 +49,7 @@ from ..errors import LoadError
 from ..gcpause import gc_paused
 from ..tensors import DTYPES, STORAGE_DTYPES, DType, RecordSource, RecordTensor, Size
 from .bounds import MAX_EXPANDED_VIEW
-from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, numpy_allowed
+from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, numpy_allowed, walk
 from .zipscan import ZipLayout
 
 __all__ = ["NeedsGlobal", "NeedsPlaceholders", "NeedsTorch", "fast_allowed", "lazy_allowed", "read_zip_pickle",
@@ -492,30 +492,12 @@ class _LazyPlaceholderUnpickler(SafeUnpickler):
 
 def _lazy_values_inside(objs: list[PickledObject]) -> bool:
     """Whether a :class:`RecordTensor`, :class:`Size` or :class:`DType` is reachable from the
-    placeholder objects ``objs`` (each object visited once): the writers turn the lazy reader's
-    stand-ins into torch's objects only outside placeholders (:func:`~optckpt.tensors.materialize`)."""
-    seen: set[int] = set()
-    stack: list[Any] = list(objs)
-    while stack:
-        o = stack.pop()
-        t = type(o)
-        if t in _STAND_INS:
-            return True
-        if t in _LEAVES or id(o) in seen:
-            continue
-        seen.add(id(o))
-        if t is PickledObject:
-            stack += (o.callable, o.args, o.kwargs)
-            stack += [v for _, v in o.ops]
-        elif isinstance(o, dict):
-            stack += dict.keys(o)
-            stack += dict.values(o)
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            stack += o
-    return False
+    placeholder objects ``objs`` (:func:`~optckpt.io.safepickle.walk`: each object once): the writers
+    turn the lazy reader's stand-ins into torch's objects only outside placeholders
+    (:func:`~optckpt.tensors.materialize`)."""
+    return any(type(o) in _STAND_INS for o in walk(objs))
 
 
-_LEAVES = frozenset({str, bytes, int, float, bool, complex, type(None), PickledGlobal})
 _STAND_INS = frozenset({RecordTensor, Size, DType})
 
 
