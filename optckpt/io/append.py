@@ -62,12 +62,12 @@ from .editlock import interrupted_message, lock
 from .readguard import file_mappings, offset_in
 from .records import _source_records, central_entry, local_header, pickle_lazily, record_order
 from .safepickle import pickle_module_for
+from .zipscan import _PEND, _PREV  # (the end-record comments the parse reads)
 
 __all__ = ["append_version", "restore_previous", "check_previous", "versions", "verify_previous", "end_state",
            "EndState"]
 
 _SECTOR = 512  # the end records are written inside one sector (so inside one page)
-_PREV, _PEND = b"optckpt-prev:", b"optckpt-pend:"
 _COMMENT_LEN = len(_PREV) + 20 + len(":crc32=") + 8
 _LEGACY_COMMENT_LEN = len(_PREV) + 20  # written before the appended bytes' CRC was recorded
 _END_LEN = 56 + 20 + 22 + _COMMENT_LEN  # zip64 EOCD record + zip64 locator + EOCD + comment

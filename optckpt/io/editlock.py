@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from ..errors import WriteError
+from .zipscan import _PEND  # (the end-record comment an edit's first step writes)
 
 __all__ = ["lock", "being_edited", "interrupted_message"]
 
@@ -64,8 +65,6 @@ def interrupted_message(path: str, previous_size: int | None, size: int, *, lock
             f"`optckpt restore {path}` to remove them")
 
 
-_PENDING = b"optckpt-pend:"
-
 
 def _still_pending(path: str, size: int) -> bool:
     """The file is still ``size`` bytes long and its end record's comment (the file's last bytes, fixed
@@ -75,6 +74,6 @@ def _still_pending(path: str, size: int) -> bool:
             if os.fstat(f.fileno()).st_size != size:
                 return False
             f.seek(max(0, size - 128))
-            return _PENDING in f.read(128)
+            return _PEND in f.read(128)
     except OSError:
         return False
