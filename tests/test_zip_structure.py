@@ -586,6 +586,49 @@ def test_fast_parse_decides_as_the_checked_parse(bases, base, monkeypatch):
     assert isinstance(fast[0], zipscan.ZipLayout) and sum(isinstance(o, tuple) for o in fast) > 20
 
 
+@pytest.mark.parametrize("base", ["bundle", "optimizer", "in_place"])
+def test_central_directory_split_gives_the_walks_columns_or_declines(bases, base):
+    """The bulk read of the central directory (one split at the entry signature, strided field
+    columns) is a shortcut of the entry-by-entry walk: on the file, its mutants and fuzzed copies it
+    gives exactly the walk's columns, or declines."""
+    b = bases[base].read_bytes()
+    _, _, _, cd_off, cd_size = _tail(b)
+    n = len(_cd_entries(b, cd_off, cd_size))
+    rng = random.Random(f"central-split-{base}")
+    files = [b, *_mutants(b).values(), *(_fuzz_one(b, rng) for _ in range(200))]
+    outcomes = []
+    for f in files:
+        cd = f[cd_off:cd_off + cd_size]
+        split = zipscan._central_split(cd, n)
+        if split is not None:
+            assert split == zipscan._central_walk(cd, n)
+        outcomes.append(split is not None)
+    assert outcomes[0] and False in outcomes
+
+
+def test_a_record_name_holding_the_entry_signature_is_read_by_the_walk(tmp_path):
+    """A name that holds the central entry's signature splits the directory into more pieces than
+    entries: the bulk read declines and the walk reads every name exactly."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"a": torch.arange(4.0)}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    p = tmp_path / "sig.pt"
+    with zipfile.ZipFile(p, "w") as out:
+        for i in src.infolist():
+            out.writestr(i.filename, src.read(i))
+        out.writestr("archive/extra/PK\x01\x02PK\x01\x02", b"x" * 7)
+    b = p.read_bytes()
+    eocd = b.rfind(b"PK\x05\x06")
+    n, cd_size, cd_off = struct.unpack("<HII", b[eocd + 10:eocd + 20])
+    assert zipscan._central_split(b[cd_off:cd_off + cd_size], n) is None
+    names = [e.filename for e in parse_zip(str(p)).entries]
+    assert names == [i.filename for i in zipfile.ZipFile(p).infolist()]
+    assert "archive/extra/PK\x01\x02PK\x01\x02" in names
+
+
 def test_fast_parse_of_big_records_decides_as_the_checked_parse(tmp_path, monkeypatch):
     """Records too big to read together are checked by one read at each boundary (a data
     descriptor and the next local header side by side): on the file and on mutants of those
