@@ -18,6 +18,7 @@ import os
 import struct
 import sys
 from collections.abc import Iterable
+from operator import mul
 from typing import Any, TypeGuard
 
 __all__ = ["DType", "DTYPES", "STORAGE_DTYPES", "RecordTensor", "RecordSource", "Size", "is_tensor",
@@ -132,10 +133,28 @@ class RecordSource:
         return st
 
 
+def view_inside(offset: Any, shape: tuple[Any, ...], stride: tuple[Any, ...], elements: int) -> bool:
+    """Whether element ``offset``, ``shape`` and ``stride`` are a view that torch's ``set_`` accepts on a
+    storage of ``elements`` elements: ints (not bools), none negative, as many strides as sizes, and the
+    last element viewed inside the storage (an empty view: anywhere). The lazy reader's rule for what it
+    reads, and :meth:`RecordTensor.view_of`'s for what it makes."""
+    if type(offset) is not int or offset < 0 or len(shape) != len(stride):
+        return False
+    both = (*shape, *stride)
+    if both and (not set(map(type, both)) <= _INT or min(both) < 0):
+        return False
+    return 0 in shape or offset + sum(map(mul, shape, stride)) - sum(stride) < elements
+
+
+_INT = frozenset({int})
+
+
 class RecordTensor:
     """A tensor saved in a checked record of a torch zip file, not read: its storage (the record's
     name, data offset and size in bytes), the view on it (element offset, shape, stride) and dtype.
-    Two of them share a storage when their ``key`` is the same (tied weights, views)."""
+    Two of them share a storage when their ``key`` is the same (tied weights, views). Its offset, shape
+    and stride are ints and ``requires_grad`` a bool: the lazy reader and :meth:`view_of` make no
+    other (optckpt's pickler writes a tensor's geometry from a cache keyed by them, where 2.0 == 2)."""
 
     __slots__ = ("source", "key", "data_offset", "storage_nbytes", "dtype", "shape", "_stride", "_offset",
                  "requires_grad", "is_parameter", "_location", "_storage_type")
@@ -186,15 +205,12 @@ class RecordTensor:
     def view_of(self, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> RecordTensor:
         """Another view of the same storage (element ``offset``, ``shape``, ``stride``), as torch's
         ``as_strided`` makes it: a plain tensor (not a parameter) keeping ``requires_grad``. Raises
-        ``ValueError`` for a view reaching outside the storage (torch refuses the same)."""
-        if len(shape) != len(stride) or offset < 0 or any(s < 0 for s in shape) or any(s < 0 for s in stride):
-            raise ValueError(f"a view of shape {list(shape)}, stride {list(stride)} at {offset}")
-        if 0 not in shape:
-            last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
-            if last >= self.storage_nbytes // self.dtype.itemsize:
-                raise ValueError(f"a view of shape {list(shape)} at {offset} past its storage")
-        return RecordTensor(self.source, self.key, self.data_offset, self.storage_nbytes, self.dtype, shape,
-                            stride, offset, self.requires_grad, self._location, self._storage_type)
+        ``ValueError`` for a view that is not one of ints reaching no further than the storage (torch
+        refuses the same)."""
+        if not view_inside(offset, shape, stride, self.storage_nbytes // self.dtype.itemsize):
+            raise ValueError(f"a view of shape {list(shape)}, stride {list(stride)} at {offset} outside its storage")
+        return RecordTensor(self.source, self.key, self.data_offset, self.storage_nbytes, self.dtype, tuple(shape),
+                            tuple(stride), offset, self.requires_grad, self._location, self._storage_type)
 
     def __repr__(self) -> str:
         return f"RecordTensor({self.key!r}, {self.dtype}, shape={list(self.shape)})"

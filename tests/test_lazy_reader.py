@@ -550,3 +550,31 @@ def test_reading_leaves_no_cyclic_garbage() -> None:
         gc.garbage.clear()
         if was:
             gc.enable()
+
+
+def test_view_rule_agrees_with_torchs_set_():
+    """``view_inside`` (the lazy reader's rule for the views it reads, ``RecordTensor.view_of``'s for
+    those it makes) accepts exactly the int views torch's ``set_`` accepts on a 6-element storage that
+    cannot grow (as a memory-mapped file's), and no view of floats or bools (torch's weights-only
+    reader gives those to its own code)."""
+    from optckpt.tensors import view_inside
+
+    storage = torch.frombuffer(bytearray(24), dtype=torch.float32).untyped_storage()
+    assert not storage.resizable()
+    cases = 0
+    for offset in (0, 1, 5, 6, 7):
+        for shape in ((), (0,), (1,), (2,), (3,), (6,), (7,), (2, 3), (3, 2), (2, 0), (1, 1, 6)):
+            for stride in {(), (1,), (2,), (0,), (3, 1), (1, 2), (2, 1), (0, 1), (6, 6, 1), (1, 1)}:
+                if len(stride) != len(shape):
+                    continue
+                try:
+                    torch.empty(0).set_(storage, offset, shape, stride)
+                    ok = True
+                except RuntimeError:
+                    ok = False
+                assert view_inside(offset, shape, stride, 6) == ok, (offset, shape, stride)
+                cases += 1
+    assert cases > 60
+    assert not view_inside(0, (2.0,), (1,), 6) and not view_inside(0, (True,), (1,), 6)
+    assert not view_inside(0, (2,), (-1,), 6) and not view_inside(-1, (1,), (1,), 6)
+    assert not view_inside(0.0, (2,), (1,), 6) and not view_inside(0, (2,), (1, 1), 6)

@@ -42,12 +42,12 @@ from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from math import prod
-from operator import itemgetter, mul
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from ..errors import LoadError
 from ..gcpause import gc_paused
-from ..tensors import DTYPES, STORAGE_DTYPES, DType, RecordSource, RecordTensor, Size
+from ..tensors import DTYPES, STORAGE_DTYPES, DType, RecordSource, RecordTensor, Size, view_inside
 from .bounds import MAX_EXPANDED_VIEW
 from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, numpy_allowed, walk
 from .zipscan import ZipLayout
@@ -229,7 +229,6 @@ class _LazyStorage(NamedTuple):
     type_name: str
 
 
-_INT = frozenset({int})
 _UINT8 = DTYPES["uint8"]
 _new = tuple.__new__
 
@@ -251,19 +250,12 @@ def _lazy_tensor(source: RecordSource, storage: Any, offset: Any, size: Any, str
 
 def _check_view(storage: _LazyStorage, offset: int, size: tuple[Any, ...], stride: tuple[Any, ...],
                 itemsize: int) -> None:
-    """Sizes and strides are non-negative ints, as many of each; the storage is whole elements; the
-    last element viewed lies inside the storage (torch's ``set_`` checks the same)."""
-    if len(size) != len(stride) or offset < 0:
-        raise NeedsTorch("a tensor view with unusual arguments")
-    if size:
-        both = size + stride
-        if not set(map(type, both)) <= _INT or min(both) < 0:
-            raise NeedsTorch("a tensor view with unusual arguments")
+    """The storage is whole elements, and the view one torch's ``set_`` accepts on it
+    (:func:`~optckpt.tensors.view_inside`)."""
     if storage.nbytes % itemsize:
         raise NeedsTorch("a storage that is no whole number of elements")
-    if 0 not in size:  # offset + sum((size - 1) * stride) < elements in the storage
-        if offset + sum(map(mul, size, stride)) - sum(stride) >= storage.nbytes // itemsize:
-            raise NeedsTorch("a view past its storage")
+    if not view_inside(offset, size, stride, storage.nbytes // itemsize):
+        raise NeedsTorch("a tensor view with unusual arguments, or past its storage")
 
 
 def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
