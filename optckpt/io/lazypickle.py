@@ -29,7 +29,7 @@ class Unpicklable(Exception):
     """The object holds something this pickler does not write: use torch's."""
 
 
-_ATOMS = (type(None), bool, int, float, str)
+_ATOMS = frozenset({type(None), bool, int, float, str})
 _BATCH = 1000
 _U32 = struct.Struct("<I").pack
 _INT = frozenset({int})
@@ -71,11 +71,13 @@ class _Writer:
         self.globals: dict[str, int] = {}
         self.strings: dict[str, int] = {}
         self.key_of = key_of
-        self._forms: dict[tuple[str, str, str], tuple[bytes, bytes, bytes, int]] = {}
+        self._forms: dict[tuple[str, str, DType], tuple[bytes, bytes, bytes, int]] = {}
         self._ints: dict[tuple[int, ...], bytes] = {}  # shapes / strides (of ints only) as opcodes
+        # (shape, stride, offset, storage bytes, requires_grad, bytes an element) -> the opcodes from the
+        # storage's numel to requires_grad (see _tensor_fast): a model's tensors share a few geometries
+        self._geometries: dict[tuple[Any, ...], bytes] = {}
         self._str_ops: dict[str, bytes] = {}  # short strings' BINUNICODE opcodes
-        self.keys: list[str] = []  # storage keys in first-use order
-        self._seen_keys: set[str] = set()
+        self.used: list[str] = []  # storage keys as written, repeats included (first-use order: dump)
 
     def put(self) -> int:
         i = len(self.memo) + len(self.globals) + len(self.strings)
@@ -246,10 +248,12 @@ class _Writer:
         self.remember(obj)
 
     def tensor(self, t: RecordTensor) -> None:
-        if self.memoised(t):
+        i = self.memo.get(id(t))
+        if i is not None:
+            self.get(i)
             return
         if not t.is_parameter:
-            form = self._forms.get((t.storage_type, t.location, t.dtype.name))
+            form = self._forms.get((t._storage_type, t._location, t.dtype))
             if form is not None and self._tensor_fast(t, form):  # this kind of tensor was written before
                 return
         if t.is_parameter:
@@ -268,9 +272,7 @@ class _Writer:
         self.glob("torch._utils", "_rebuild_tensor_v3" if untyped else "_rebuild_tensor_v2")
         self.out.append(b"(")
         key = self.key_of(t)
-        if key not in self._seen_keys:
-            self._seen_keys.add(key)
-            self.keys.append(key)
+        self.used.append(key)
         self.out.append(b"(")  # the persistent id: ("storage", <class>, key, location, numel)
         self.string("storage", memo=True)
         if t.storage_type == "UntypedStorage":
@@ -322,19 +324,38 @@ class _Writer:
             per = 1 if t.storage_type == "UntypedStorage" else t.dtype.itemsize
         finally:
             self.out = out
-        self._forms[(t.storage_type, t.location, t.dtype.name)] = (head, mid, tail, per)
+        self._forms[(t.storage_type, t.location, t.dtype)] = (head, mid, tail, per)
 
     def _tensor_fast(self, t: RecordTensor, form: tuple[bytes, bytes, bytes, int]) -> bool:
         """:meth:`tensor`'s opcodes for a tensor whose kind was written before, in one piece (False:
-        a value the fast form does not cover, written by :meth:`tensor` instead)."""
+        a value the fast form does not cover, written by :meth:`tensor` instead). The opcodes of its
+        geometry (storage numel, offset, shape, stride, requires_grad) are made once per distinct
+        geometry: for a key of ints only (2.0 == 2 would find 2's bytes), checked when it is made."""
         head, mid, tail, per = form
-        grad, shape, stride = t.requires_grad, t.shape, t.stride()
-        if type(grad) is not bool or type(shape) is not tuple or type(stride) is not tuple \
-                or not set(map(type, shape)) <= _INT or not set(map(type, stride)) <= _INT:
-            return False  # (only ints reach the cache below: 2.0 == 2 would find 2's bytes)
-        ints = self._ints
+        at = (t.shape, t._stride, t._offset, t.storage_nbytes, t.requires_grad, per)
+        geometry = self._geometries.get(at)
+        if geometry is None:
+            geometry = self._geometry(*at)
+            if geometry is None:
+                return False
+            self._geometries[at] = geometry
         key = self.key_of(t)
         kb = key.encode("utf-8", "surrogatepass")
+        i = len(self.memo) + len(self.globals) + len(self.strings)
+        self.out.append(b"".join((head, b"X", _U32(len(kb)), kb, mid, geometry, tail,
+                                  b"q" + bytes((i,)) if i < 256 else b"r" + _U32(i))))
+        self.memo[id(t)] = i
+        self.keep.append(t)
+        self.used.append(key)
+        return True
+
+    def _geometry(self, shape: Any, stride: Any, offset: Any, nbytes: int, grad: Any, per: int) -> bytes | None:
+        """The opcodes of a tensor's storage numel, offset, shape, stride and requires_grad, or None
+        where any of them is not the exact type the fast form writes."""
+        if type(grad) is not bool or type(shape) is not tuple or type(stride) is not tuple \
+                or not set(map(type, (*shape, *stride, offset))) <= _INT:
+            return None
+        ints = self._ints
         try:
             sb = ints.get(shape)
             if sb is None:
@@ -342,16 +363,9 @@ class _Writer:
             tb = ints.get(stride)
             if tb is None:
                 tb = ints[stride] = _ints(stride)
-            piece = b"".join((head, b"X", _U32(len(kb)), kb, mid, _int(t.storage_nbytes // per), b"tQ",
-                              _int(t.storage_offset()), sb, tb, b"\x88" if grad else b"\x89", tail))
+            return b"".join((_int(nbytes // per), b"tQ", _int(offset), sb, tb, b"\x88" if grad else b"\x89"))
         except _NotInt:
-            return False
-        if key not in self._seen_keys:
-            self._seen_keys.add(key)
-            self.keys.append(key)
-        self.out.append(piece)
-        self.remember(t)
-        return True
+            return None
 
 
 def dump(obj: Any, key_of: Callable[[RecordTensor], str]) -> tuple[bytes, list[str]]:
@@ -361,7 +375,7 @@ def dump(obj: Any, key_of: Callable[[RecordTensor], str]) -> tuple[bytes, list[s
     with gc_paused():
         w.save(obj)
     w.out.append(b".")
-    return b"".join(w.out), w.keys
+    return b"".join(w.out), list(dict.fromkeys(w.used))
 
 
 def same_structure(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where: str = "",
