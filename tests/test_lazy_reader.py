@@ -578,3 +578,36 @@ def test_view_rule_agrees_with_torchs_set_():
     assert not view_inside(0, (2.0,), (1,), 6) and not view_inside(0, (True,), (1,), 6)
     assert not view_inside(0, (2,), (-1,), 6) and not view_inside(-1, (1,), (1,), 6)
     assert not view_inside(0.0, (2,), (1,), 6) and not view_inside(0, (2,), (1, 1), 6)
+
+
+@pytest.mark.parametrize("field", ["key", "storage_nbytes", "_offset", "shape", "_stride", "dtype", "requires_grad",
+                                   "is_parameter"])
+def test_every_tensor_field_that_differs_is_named_where_it_is(tmp_path: Path, field: str) -> None:
+    """The verification's structure comparison finds a tensor read back that differs in any one field,
+    in a state entry (compared in place) as in a list (compared from the stack), and names its path."""
+    import copy
+
+    from optckpt.io.lazypickle import same_structure
+    from optckpt.tensors import DTYPES
+
+    src = tmp_path / "s.pt"
+    torch.save({"state": {0: {"exp_avg": torch.ones(2, 3), "step": torch.tensor(1.0)}},
+                "rows": [torch.zeros(4), torch.ones(2)]}, src)
+    got = _lazy(src)
+    for path in (("state", 0, "exp_avg"), ("rows", 1)):
+        written = copy.copy(got)
+        written["state"] = {0: dict(got["state"][0])}
+        written["rows"] = list(got["rows"])
+        holder = written[path[0]] if len(path) == 2 else written[path[0]][path[1]]
+        t = holder[path[-1]]
+        other = RecordTensor(t.source, t.key, t.data_offset, t.storage_nbytes, t.dtype, t.shape, t.stride(),
+                             t.storage_offset(), t.requires_grad, t.location, t.storage_type)
+        other.is_parameter = t.is_parameter
+        changed = {"key": "99", "storage_nbytes": t.storage_nbytes + 4, "_offset": 1, "shape": (3, 2) if t.ndim == 2
+                   else (1,), "_stride": (1, 2) if t.ndim == 2 else (2,), "dtype": DTYPES["float16"],
+                   "requires_grad": True, "is_parameter": True}[field]
+        setattr(other, field, changed)
+        holder[path[-1]] = other
+        assert same_structure(got, got, lambda x: x.key) is None
+        said = same_structure(written, got, lambda x: x.key)
+        assert said is not None and said.startswith("(root)" + "".join(f"[{k!r}]" for k in path)), said

@@ -388,6 +388,14 @@ def same_structure(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where:
         return _first_difference(a, b, key_of, where, pairs)
 
 
+def _same_tensor(x: RecordTensor, y: RecordTensor, key_of: Callable[[RecordTensor], str]) -> bool:
+    """The written tensor ``x`` and the one read back ``y`` agree on storage key and size, offset, shape,
+    stride, dtype, requires_grad and Parameter-ness."""
+    return (x.storage_nbytes == y.storage_nbytes and x._offset == y._offset and tuple(x.shape) == tuple(y.shape)
+            and x._stride == y._stride and (x.dtype is y.dtype or x.dtype.name == y.dtype.name)
+            and x.requires_grad == y.requires_grad and x.is_parameter == y.is_parameter and key_of(x) == y.key)
+
+
 def _first_difference(a: Any, b: Any, key_of: Callable[[RecordTensor], str], where: str,
                       pairs: dict[str, tuple[RecordTensor, RecordTensor]] | None) -> str | None:
     stack: list[tuple[Any, Any, Any]] = [(a, b, None)]  # (written, read back, (parent's path, key) or None)
@@ -396,17 +404,22 @@ def _first_difference(a: Any, b: Any, key_of: Callable[[RecordTensor], str], whe
         if type(x) is not type(y):
             return f"{_path(at, where)}: {type(x).__name__} written, {type(y).__name__} read back"
         if type(x) is RecordTensor:
-            if not (key_of(x) == y.key and x.storage_nbytes == y.storage_nbytes
-                    and x.storage_offset() == y.storage_offset() and tuple(x.shape) == tuple(y.shape)
-                    and x.stride() == y.stride() and x.dtype.name == y.dtype.name
-                    and x.requires_grad == y.requires_grad and x.is_parameter == y.is_parameter):
+            if not _same_tensor(x, y, key_of):
                 return f"{_path(at, where)}: the tensor read back is not the one written"
             if pairs is not None and y.key not in pairs:
                 pairs[y.key] = (x, y)
         elif isinstance(x, dict):
             if list(x) != list(y) or getattr(x, "__dict__", None) != getattr(y, "__dict__", None):
                 return f"{_path(at, where)}: keys differ"
-            stack.extend([(x[k], y[k], (at, k)) for k in x])
+            for k, v in x.items():  # (tensors, a state entry's usual values, compared here: no stack entry each)
+                w = y[k]
+                if type(v) is RecordTensor and type(w) is RecordTensor:
+                    if not _same_tensor(v, w, key_of):
+                        return f"{_path((at, k), where)}: the tensor read back is not the one written"
+                    if pairs is not None and w.key not in pairs:
+                        pairs[w.key] = (v, w)
+                else:
+                    stack.append((v, w, (at, k)))
         elif isinstance(x, (list, tuple, set)):
             if len(x) != len(y):
                 return f"{_path(at, where)}: lengths differ"
