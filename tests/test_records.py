@@ -8,6 +8,8 @@ import zipfile
 import pytest
 import torch
 from conftest import FIXTURES, invoke
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optckpt
 from optckpt.io import records
@@ -182,3 +184,20 @@ def test_a_failed_edit_leaves_an_existing_output_as_it_was(tmp_path, monkeypatch
     with pytest.raises(WriteError, match="verification failed"):
         optckpt.set_hparams(str(FIXTURES / "bundle.pt"), str(out), lr=0.1)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before and os.listdir(tmp_path) == ["out.pt"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 10**12).map(str), st.integers(0, 999).map(lambda i: f"{i:04d}"),
+                          st.text("0123456789²٣abc_", min_size=1, max_size=6))))
+def test_record_order_is_numeric_keys_by_value_then_the_others(keys: list[str]) -> None:
+    """Records in torch's order: keys of ASCII digits by value (equal values as strings), then every
+    other key as a string (a Unicode digit such as '²' among them: it is no record number)."""
+    from optckpt.io.records import record_order
+
+    def numeric(k: str) -> bool:
+        return all("0" <= c <= "9" for c in k)
+
+    want = sorted((k for k in keys if numeric(k)), key=lambda k: (int(k), k))
+    want += sorted(k for k in keys if not numeric(k))
+    assert record_order(keys) == want
+    assert record_order(set(keys)) == [k for k in dict.fromkeys(want) if k in set(keys)]

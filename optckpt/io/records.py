@@ -157,8 +157,15 @@ def pickle_lazily(src: str, obj: Any, by_offset: dict[int, ZipEntry], prefix: st
 
 
 def record_order(keys: Any) -> list[str]:
-    """Storage keys in the order torch writes their records: numeric keys by value, then the others."""
-    return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    """Storage keys in the order torch writes their records: numeric keys (ASCII digits) by value, equal
+    values as strings ("07" before "7"), then the others as strings. (Two C-level sorts of the numeric
+    keys: a sort keyed by a Python function costs 3 s at 600k keys.)"""
+    keys = list(keys)
+    numeric = [k for k in keys if k.isascii() and k.isdigit()]
+    rest = [] if len(numeric) == len(keys) else sorted(k for k in keys if not (k.isascii() and k.isdigit()))
+    numeric.sort()
+    numeric.sort(key=int)  # (stable: equal values stay in string order)
+    return numeric + rest
 
 
 def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[int, ZipEntry],
