@@ -36,7 +36,7 @@ import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Any, NamedTuple
 
 from ..gcpause import gc_paused
@@ -458,14 +458,7 @@ def _locals_fast(rd: _Reader, c: _Cols, limit: int, known: dict[int, ZipEntry] |
     datas = [0] * n
     ends = [0] * n
     if known:  # an earlier version: records a newer one shares were checked moments ago, in this parse
-        rest = []
-        for i, (h, name, size, crc, f) in enumerate(zip(c.hoffs, c.names, c.sizes, c.crcs, c.flags)):
-            k = known.get(h)
-            if k is not None and k.filename == name and k.file_size == size and k.CRC == crc \
-                    and not (k.flag_bits ^ f) & ~0x08:  # the same local header: its check would be the same
-                datas[i], ends[i] = k.data_offset, k.end
-            else:
-                rest.append(i)
+        rest = _known_records(c, known, datas, ends)
         if not _locals_run(rd, c, sorted(rest, key=c.hoffs.__getitem__), limit, datas, ends):
             return None
     elif c.hoffs != sorted(c.hoffs):  # (an appended directory lists the new pickle first): in file order
@@ -483,6 +476,24 @@ def _locals_fast(rd: _Reader, c: _Cols, limit: int, known: dict[int, ZipEntry] |
     new = tuple.__new__
     return [new(ZipEntry, row) for row in zip(c.names, c.hoffs, datas, c.sizes, c.sizes, repeat(0), c.flags, c.crcs,
                                                ends)]
+
+
+def _known_records(c: _Cols, known: dict[int, ZipEntry], datas: list[int], ends: list[int]) -> list[int]:
+    """The records of an earlier version that a newer version does not share (the same local header:
+    offset, name, size, CRC, flags but the data-descriptor bit), by C-level passes over the columns;
+    the data offsets and ends of the shared ones are filled in (those of the others are the caller's)."""
+    ks = list(map(known.get, c.hoffs, repeat(_UNKNOWN)))
+    same = map(operator.eq, map(_SHARED, ks), zip(c.names, c.sizes, c.crcs))
+    flags = map(operator.eq, map(operator.or_, map(_FLAG_BITS, ks), repeat(0x08)),
+                map(operator.or_, c.flags, repeat(0x08)))
+    datas[:] = map(_DATA, ks)
+    ends[:] = map(_END, ks)
+    return list(compress(range(len(ks)), map(operator.not_, map(operator.and_, same, flags))))
+
+
+_UNKNOWN = ZipEntry("", -1, 0, -1, -1, 0, 0, -1, 0)  # (no record's: a size of -1)
+_SHARED = operator.itemgetter(0, 3, 7)  # ZipEntry: filename, file_size, CRC
+_FLAG_BITS, _DATA = operator.itemgetter(6), operator.itemgetter(2)
 
 
 def _locals_in_order(rd: _Reader, c: _Cols, limit: int, datas: list[int], ends: list[int]) -> bool:
