@@ -289,7 +289,7 @@ def _field(fixed: bytes, n: int, at: int, width: int) -> list[int]:
 
 def _central_split(cd: bytes, n: int) -> _Columns | None:
     """The directory's (names, versions needed, flags, CRCs, sizes, header offsets) from one split at
-    the entry signature and one bulk unpack of the fixed fields, where that split is exactly the
+    the entry signature and a strided copy a field of the fixed parts, where that split is exactly the
     ``n`` entries: each piece as long as its own name, extra and comment lengths say, every entry
     stored with no disk number (a signature inside a name makes more pieces: None, and
     :func:`_central_walk` walks the entries instead)."""
