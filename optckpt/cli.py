@@ -619,7 +619,11 @@ def main() -> None:
 
 def entry() -> None:
     """The ``optckpt`` program (the console script, ``python -m optckpt``): :func:`main`, then the
-    process ends (in-process callers of :func:`main` get its ``SystemExit``)."""
+    process ends (in-process callers of :func:`main` get its ``SystemExit``). What the command's passes
+    over a checkpoint allocate is kept out of later cyclic collections (:func:`freeze_after_passes`)."""
+    from .gcpause import freeze_after_passes
+
+    freeze_after_passes()
     try:
         main()
     except SystemExit as e:

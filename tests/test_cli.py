@@ -84,6 +84,33 @@ def test_the_program_exit_keeps_output_code_handlers_and_threads(mode, tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("optckpt: error: "), bad.stderr
 
 
+_FROZEN = textwrap.dedent("""
+    import atexit, gc, sys
+    sys.argv = ["optckpt", *sys.argv[1:]]
+    if sys.argv[1] == "api":
+        import optckpt
+        optckpt.load(sys.argv[2])
+        print("frozen", gc.get_freeze_count())
+    else:
+        atexit.register(lambda: print("frozen", gc.get_freeze_count()))  # (the ordinary exit: the handler runs)
+        from optckpt.cli import entry
+        entry()
+""")
+
+
+def test_the_program_freezes_what_its_passes_allocate_and_the_api_does_not():
+    """The ``optckpt`` program moves what a pass over the checkpoint allocated out of reach of later
+    collections (they would walk all of it again after each pass); a resume script calling the API
+    keeps the ordinary collection, nothing of its process frozen."""
+    prog = subprocess.run([sys.executable, "-c", _FROZEN, "inspect", BUNDLE, "--format", "json"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    api = subprocess.run([sys.executable, "-c", _FROZEN, "api", BUNDLE], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert prog.returncode == 0 and api.returncode == 0, prog.stderr + api.stderr
+    assert int(prog.stdout.split()[-1]) > 1000, prog.stdout[-200:]
+    assert api.stdout.split() == ["frozen", "0"], api.stdout
+
+
 def test_a_program_around_optckpt_still_runs_after_it():
     """``python -m cProfile -m optckpt`` prints its profile: the program's quick exit is only for optckpt
     run as itself."""
