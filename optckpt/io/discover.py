@@ -105,53 +105,56 @@ def discover(obj: Any, part: str, *, name_prefix: str = "") -> Found:
     """Walk dicts, lists and tuples; every state dict found is named by its key path
     (prefixed by ``name_prefix``, e.g. the file name inside a directory checkpoint)."""
     found = Found()
-
-    def name_of(path: KeyPath) -> str:
-        p = path_str(path)
-        if name_prefix:
-            return f"{name_prefix}:{p}" if p else name_prefix
-        return p or "(root)"
-
-    def walk(o: Any, path: KeyPath, depth: int) -> bool:
-        """Returns whether anything was found under ``o``."""
-        if is_optimizer_sd(o):
-            found.optimizers.append(OptimizerState(name_of(path), part, path, o))
-            return True
-        if is_scheduler_sd(o):
-            found.schedulers.append(SchedulerState(name_of(path), part, path, o))
-            return True
-        if is_model_sd(o):
-            found.models.append(model_state_from_dict(o, name_of(path), part, path))
-            return True
-        if is_module_object(o) or is_torch_module(o):  # a whole pickled nn.Module, by attribute path
-            tensors = module_tensors(o) if isinstance(o, PickledObject) else o.state_dict()  # (--trust-pickle: real)
-            found.models.append(model_state_from_dict(tensors, name_of(path), part, path))
-            return True
-        if depth >= _MAX_DEPTH:
-            return False
-        hit = False
-        if isinstance(o, Mapping):
-            beside = _per_parameter_siblings(o)
-            for k, v in o.items():
-                if k in beside:
-                    continue  # per-parameter data of a wrapped optimizer, not a model
-                if isinstance(v, (Mapping, list, tuple, PickledObject)) or is_torch_module(v):
-                    hit = walk(v, (*path, k), depth + 1) or hit
-            if beside:
-                for opt in found.optimizers:
-                    if opt.path[:-1] == path:
-                        opt.overridden = (f"{path_str(opt.path)} sits beside {', '.join(map(repr, beside))}, "
-                                          "entries keyed per parameter outside torch's 'state'")
-        elif isinstance(o, (list, tuple)):
-            for i, v in enumerate(o):
-                if isinstance(v, (Mapping, list, tuple, PickledObject)) or is_torch_module(v):
-                    hit = walk(v, (*path, i), depth + 1) or hit
-        return hit
-
-    walk(obj, (), 0)
+    _walk(obj, (), 0, found, part, name_prefix)
     _collect_top_level(obj, found)
     _order_models(found)
     return found
+
+
+def _name_of(path: KeyPath, name_prefix: str) -> str:
+    p = path_str(path)
+    if name_prefix:
+        return f"{name_prefix}:{p}" if p else name_prefix
+    return p or "(root)"
+
+
+def _walk(o: Any, path: KeyPath, depth: int, found: Found, part: str, prefix: str) -> bool:
+    """:func:`discover`'s walk below ``o``: whether anything was found there. (A module-level function:
+    a recursive closure refers to itself, a cycle that would keep everything found alive until a
+    cyclic collection, which the ``optckpt`` program does not run.)"""
+    if is_optimizer_sd(o):
+        found.optimizers.append(OptimizerState(_name_of(path, prefix), part, path, o))
+        return True
+    if is_scheduler_sd(o):
+        found.schedulers.append(SchedulerState(_name_of(path, prefix), part, path, o))
+        return True
+    if is_model_sd(o):
+        found.models.append(model_state_from_dict(o, _name_of(path, prefix), part, path))
+        return True
+    if is_module_object(o) or is_torch_module(o):  # a whole pickled nn.Module, by attribute path
+        tensors = module_tensors(o) if isinstance(o, PickledObject) else o.state_dict()  # (--trust-pickle: real)
+        found.models.append(model_state_from_dict(tensors, _name_of(path, prefix), part, path))
+        return True
+    if depth >= _MAX_DEPTH:
+        return False
+    hit = False
+    if isinstance(o, Mapping):
+        beside = _per_parameter_siblings(o)
+        for k, v in o.items():
+            if k in beside:
+                continue  # per-parameter data of a wrapped optimizer, not a model
+            if isinstance(v, (Mapping, list, tuple, PickledObject)) or is_torch_module(v):
+                hit = _walk(v, (*path, k), depth + 1, found, part, prefix) or hit
+        if beside:
+            for opt in found.optimizers:
+                if opt.path[:-1] == path:
+                    opt.overridden = (f"{path_str(opt.path)} sits beside {', '.join(map(repr, beside))}, "
+                                      "entries keyed per parameter outside torch's 'state'")
+    elif isinstance(o, (list, tuple)):
+        for i, v in enumerate(o):
+            if isinstance(v, (Mapping, list, tuple, PickledObject)) or is_torch_module(v):
+                hit = _walk(v, (*path, i), depth + 1, found, part, prefix) or hit
+    return hit
 
 
 def _per_parameter_siblings(o: Mapping[Any, Any]) -> list[Any]:
