@@ -6,19 +6,7 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
-__all__ = ["gc_paused", "freeze_after_passes"]
-
-_freeze = False
-
-
-def freeze_after_passes() -> None:
-    """For the ``optckpt`` program (one command, then the process ends): what each pass allocated is
-    moved to the collector's permanent generation when the pass ends (``gc.freeze``), not collected.
-    A checkpoint's objects live until the exit anyway, and the first collection after a pass would
-    walk every one of them (1-2 s a pass at 600k stored tensors, several passes a command). Library
-    callers (a resume script) keep the ordinary collection: nothing of theirs is frozen."""
-    global _freeze
-    _freeze = True
+__all__ = ["gc_paused"]
 
 
 @contextlib.contextmanager
@@ -31,7 +19,5 @@ def gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
-        if _freeze:
-            gc.freeze()
         if was:
             gc.enable()
