@@ -14,6 +14,7 @@ records, the input not mapped); the caller then uses ``torch.save``."""
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import queue
 import random
@@ -168,6 +169,9 @@ def record_order(keys: Any) -> list[str]:
     return numeric + rest
 
 
+_DATA_OFFSET = operator.itemgetter(2)  # ZipEntry.data_offset
+
+
 def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[int, ZipEntry],
                   small: dict[str, bytes]) -> bool:
     """``obj`` (tensors read lazily from ``src``) written by optckpt's own pickler, every record it
@@ -180,8 +184,10 @@ def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[in
     entries: list[tuple[str, Any]] = [("data.pkl", pickled)]
     entries += [(r, small[r]) for r in (".format_version", ".storage_alignment", "byteorder") if r in small]
     # the records in the order they lie in the source (torch's: by key), so that neighbours are copied in one piece
-    ordered = sorted(found.items(), key=lambda ki: ki[1].data_offset)
-    entries += [(f"data/{key}", (info.data_offset, info)) for key, info in ordered]
+    # (by C-level passes: data offsets are distinct, so the sort compares them only)
+    ordered = sorted(zip(map(_DATA_OFFSET, found.values()), found.keys(), found.values()))
+    offsets, names, infos = zip(*ordered) if ordered else ((), (), ())
+    entries += zip(map("data/".__add__, names), zip(offsets, infos))
     entries.append(("version", small.get("version", b"3\n")))
     entries.append((".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode()))
     _write_zip(src, dest, prefix, entries)
