@@ -292,9 +292,20 @@ def materialize(obj: Any) -> Any:
     the torch dtype (what torch's pickler then writes as torch does). One result per object: what the
     read shares (a storage view, a container) stays shared. Containers are rebuilt only where something
     changed; their types are kept."""
-    memo: dict[int, Any] = {}
+    return _Materialize()(obj)
 
-    def walk(v: Any) -> Any:
+
+class _Materialize:
+    """:func:`materialize`'s walk, one result per object (an instance, not a recursive closure: that
+    would refer to itself, a cycle keeping every tensor it made alive until a cyclic collection)."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self) -> None:
+        self.memo: dict[int, Any] = {}
+
+    def __call__(self, v: Any) -> Any:
+        walk, memo = self, self.memo
         t = type(v)
         if t in _KEPT:
             return v
@@ -332,7 +343,6 @@ def materialize(obj: Any) -> Any:
         memo[id(v)] = out
         return out
 
-    return walk(obj)
 
 
 _KEPT = frozenset({str, bytes, int, float, bool, complex, type(None)})

@@ -163,15 +163,10 @@ def _pickle(obj: Any, key_for: Callable[[Any], str | None],
         fake = getattr(o, "_fake_device", None)
         return ("storage", storage_type, key, str(fake) if fake is not None else location_tag(storage), numel)
 
-    module = pickle_module_for(obj)
-
-    class _Pickler(module.Pickler):  # type: ignore[name-defined,misc]
-        def persistent_id(self, o: Any) -> Any:
-            return persistent_id(o)
-
-
     buf = io.BytesIO()
-    _Pickler(buf, protocol=torch.serialization.DEFAULT_PROTOCOL).dump(obj)
+    pickler = pickle_module_for(obj).Pickler(buf, protocol=torch.serialization.DEFAULT_PROTOCOL)
+    pickler.persistent_id = persistent_id  # (no class a call: a class is a cycle, keeping the storages met alive)
+    pickler.dump(obj)
     return buf.getvalue(), list(ids.values()), new
 
 

@@ -528,27 +528,28 @@ def module_tensors(obj: Any) -> dict[str, torch.Tensor]:
     """A pickled module's ``state_dict()`` contents by attribute path (``model.0.conv.weight``), in
     ``state_dict`` order; a submodule shared by several parents is listed once, under its first path."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-
-    def walk(m: Any, prefix: str, depth: int) -> None:
-        if id(m) in seen or depth > MAX_DEPTH:
-            return
-        seen.add(id(m))
-        f = fields_of(m) or {}
-        for k, v in f["_parameters"].items():
-            if is_tensor(v):
-                out[prefix + str(k)] = v
-        skip = f.get("_non_persistent_buffers_set")
-        skip = skip if isinstance(skip, (set, frozenset)) else set()
-        for k, v in f["_buffers"].items():
-            if is_tensor(v) and k not in skip:
-                out[prefix + str(k)] = v
-        for k, sub in f["_modules"].items():
-            if is_module_object(sub):
-                walk(sub, f"{prefix}{k}.", depth + 1)
-
-    walk(obj, "", 0)
+    _module_walk(obj, "", 0, out, set())
     return out
+
+
+def _module_walk(m: Any, prefix: str, depth: int, out: dict[str, Any], seen: set[int]) -> None:
+    """:func:`module_tensors` below the module ``m`` (a module-level function: a recursive closure
+    refers to itself, a cycle that keeps what it found alive until a cyclic collection)."""
+    if id(m) in seen or depth > MAX_DEPTH:
+        return
+    seen.add(id(m))
+    f = fields_of(m) or {}
+    for k, v in f["_parameters"].items():
+        if is_tensor(v):
+            out[prefix + str(k)] = v
+    skip = f.get("_non_persistent_buffers_set")
+    skip = skip if isinstance(skip, (set, frozenset)) else set()
+    for k, v in f["_buffers"].items():
+        if is_tensor(v) and k not in skip:
+            out[prefix + str(k)] = v
+    for k, sub in f["_modules"].items():
+        if is_module_object(sub):
+            _module_walk(sub, f"{prefix}{k}.", depth + 1, out, seen)
 
 
 def describe(v: Any, budget: int = 160) -> str:
