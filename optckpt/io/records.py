@@ -170,6 +170,7 @@ def record_order(keys: Any) -> list[str]:
 
 
 _DATA_OFFSET = operator.itemgetter(2)  # ZipEntry.data_offset
+_KEY, _OFFSET_AND_ENTRY = operator.itemgetter(1), operator.itemgetter(0, 2)  # of (data offset, key, ZipEntry)
 
 
 def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[int, ZipEntry],
@@ -186,8 +187,7 @@ def _rewrite_lazy(src: str, obj: Any, dest: str, prefix: str, by_offset: dict[in
     # the records in the order they lie in the source (torch's: by key), so that neighbours are copied in one piece
     # (by C-level passes: data offsets are distinct, so the sort compares them only)
     ordered = sorted(zip(map(_DATA_OFFSET, found.values()), found.keys(), found.values()))
-    offsets, names, infos = zip(*ordered) if ordered else ((), (), ())
-    entries += zip(map("data/".__add__, names), zip(offsets, infos))
+    entries += zip(map("data/".__add__, map(_KEY, ordered)), map(_OFFSET_AND_ENTRY, ordered))
     entries.append(("version", small.get("version", b"3\n")))
     entries.append((".data/serialization_id", "".join(random.choice("0123456789") for _ in range(40)).encode()))
     _write_zip(src, dest, prefix, entries)
