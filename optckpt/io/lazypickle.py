@@ -330,7 +330,9 @@ class _Writer:
         """:meth:`tensor`'s opcodes for a tensor whose kind was written before, in one piece (False:
         a value the fast form does not cover, written by :meth:`tensor` instead). The opcodes of its
         geometry (storage numel, offset, shape, stride, requires_grad) are made once per distinct
-        geometry: for a key of ints only (2.0 == 2 would find 2's bytes), checked when it is made."""
+        geometry. (2.0 == 2 would find 2's entry: the cache relies on a record tensor's geometry being
+        ints and a bool, which the lazy reader and ``view_of`` make sure of; another type is refused
+        where its entry would be made.)"""
         head, mid, tail, per = form
         at = (t.shape, t._stride, t._offset, t.storage_nbytes, t.requires_grad, per)
         geometry = self._geometries.get(at)
