@@ -123,7 +123,7 @@ def select_groups(groups: Sequence[Mapping[str, Any]], mapping: OptimizerMapping
     all match a glob. A glob covering part of a group is refused: a group has one lr."""
     chosen: set[int] = set()
     for sel in group_sel:
-        if sel.isdigit() and int(sel) < len(groups):
+        if sel.isascii() and sel.isdigit() and int(sel) < len(groups):
             chosen.add(int(sel))
             continue
         hits = [i for i, g in enumerate(groups) if g.get("name") == sel]

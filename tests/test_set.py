@@ -213,3 +213,9 @@ def test_several_optimizers_are_addressable(tmp_path):
     assert r.exit_code == 0, r.stderr
     ck = torch.load(tmp_path / "l.ckpt", weights_only=True)
     assert ck["lr_schedulers"][0]["base_lrs"] == [0.0005]
+
+
+def test_a_group_selected_by_a_unicode_digit_is_no_index(tmp_path):
+    """``--group ²``: '²' is a digit to ``str.isdigit`` but no group index; one line naming it, exit 2."""
+    r = invoke("set", str(FIXTURES / "bundle.pt"), "--group", "\u00b2", "--lr", "0.1", "-o", str(tmp_path / "o.pt"))
+    assert r.exit_code == 2 and "--group \u00b2: no group with that index or name" in r.stderr, r.stderr
