@@ -520,6 +520,34 @@ def test_a_plain_zipfile_written_checkpoint_is_read(tmp_path):
     assert _contract(p) == "same"
 
 
+@pytest.mark.parametrize("extra", [None, "data/\u00b2"])
+def test_a_plain_zipfile_written_checkpoint_is_edited_in_place_and_restored(tmp_path, extra):
+    """A checkpoint re-packed by Python's ``zipfile`` (records without the UTF-8 flag; one record named by
+    a Unicode digit, which ``int()`` refuses) is edited in place like torch's own files: the records listed
+    again keep their own flags (listed with optckpt's, the file's own check refused the result), the
+    edit reads back in torch, and ``restore`` gives back the very bytes."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    params = [torch.nn.Parameter(torch.ones(3))]
+    torch.save({"model": {"w": params[0].detach()}, "optimizer": torch.optim.SGD(params, lr=0.1).state_dict()}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    p = tmp_path / "plain.pt"
+    with zipfile.ZipFile(p, "w") as out:
+        for i in src.infolist():
+            out.writestr(i.filename, src.read(i))
+        if extra:
+            out.writestr(src.infolist()[0].filename.split("/")[0] + "/" + extra, b"\0" * 4)
+    before = p.read_bytes()
+    r = invoke("set", str(p), "--lr", "0.5", "--in-place")
+    assert r.exit_code == 0, r.stderr
+    assert torch.load(p, weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 0.5
+    r = invoke("restore", str(p))
+    assert r.exit_code == 0, r.stderr
+    assert p.read_bytes() == before
+
+
 def test_an_interrupted_in_place_edit_is_named(tmp_path):
     """Step 1 of an in-place edit done (a hole, then "pending" end records pointing at the old
     directory): refused with the way out, not as an ambiguous structure."""

@@ -249,7 +249,7 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
                 return None
             return str(info.filename[len(data_prefix):])
 
-        numeric = [int(k) for k in keys if k.isdigit()]
+        numeric = [int(k) for k in keys if k.isascii() and k.isdigit()]  # (not "²": a digit int() refuses)
         if lazy is not None:  # tensors read lazily: references to this file's records, nothing new stored
             pickled, referenced = lazy
             new: dict[str, Any] = {}
@@ -289,7 +289,10 @@ def append_version(path: str, obj: Any, *, verify: Callable[[str], None] | None 
             elif key in keys:
                 off, info = keys[key]
                 order.append(rel)
-                central[rel] = central_entry(info.filename.encode(), info.file_size, info.CRC, info.header_offset)
+                # (its own flags, but the data-descriptor bit, which the directory need not repeat: its local
+                # header stays as it is; torch's records: 0x0800, as optckpt has always listed them)
+                central[rel] = central_entry(info.filename.encode(), info.file_size, info.CRC, info.header_offset,
+                                             info.flag_bits & ~0x08)
             else:
                 raise WriteError(f"{path}: internal: the new pickle names record data/{key}, which is nowhere")
         order += ["version", ".data/serialization_id"]
@@ -449,12 +452,15 @@ def verify_previous(fd: int, size: int) -> int:
     if len(infos) != state.entries:
         raise _Unverified("its central directory does not hold the records its end records count")
     cd = os.pread(fd, state.cd_size, state.cd_offset)
-    if cd != b"".join(central_entry(i.filename.encode(), i.file_size, i.CRC, i.header_offset) for i in infos):
+    if cd != b"".join(central_entry(i.filename.encode(), i.file_size, i.CRC, i.header_offset, i.flag_bits)
+                      for i in infos):
         raise _Unverified("its central directory is not one optckpt writes")
-    kept = {(i.filename, i.header_offset, i.file_size, i.CRC) for i in old_infos}
+    kept = {(i.filename, i.header_offset, i.file_size, i.CRC, i.flag_bits & ~0x08) for i in old_infos}
     new = sorted((i for i in infos if i.header_offset >= prev), key=lambda i: i.header_offset)
-    for i in infos:
-        if i.header_offset < prev and (i.filename, i.header_offset, i.file_size, i.CRC) not in kept:
+    if any(i.flag_bits != 0x0800 for i in new):
+        raise _Unverified("its central directory is not one optckpt writes")
+    for i in infos:  # (a record listed again: as the earlier version lists it, its flags but the descriptor bit)
+        if i.header_offset < prev and (i.filename, i.header_offset, i.file_size, i.CRC, i.flag_bits) not in kept:
             raise _Unverified(f"record {i.filename!r} points into the earlier version at a record it does not have")
     if not any(i.filename.endswith("/data.pkl") for i in new):
         raise _Unverified("the appended bytes hold no new data.pkl")

@@ -418,13 +418,14 @@ def _copy_run(run: list[tuple[str, Any]], fout: Any, src_fd: int, writeback: _Wr
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 
 
-def central_entry(name: bytes, size: int, crc: int, offset: int) -> bytes:
-    """The central-directory entry of a stored record whose local header is at ``offset``."""
+def central_entry(name: bytes, size: int, crc: int, offset: int, flags: int = 0x0800) -> bytes:
+    """The central-directory entry of a stored record whose local header is at ``offset``. ``flags``: its
+    general-purpose bits (optckpt's records: UTF-8 names; a record listed again where it lies: its own)."""
     if size < _Z64_LIMIT and offset < _Z64_LIMIT:  # (the common case, once per record: one precompiled pack)
-        return _CENTRAL.pack(0x02014B50, 20, 20, 0x0800, 0, 0, 0x21, crc, size, size, len(name), 0, 0, 0, 0, 0,
+        return _CENTRAL.pack(0x02014B50, 20, 20, flags, 0, 0, 0x21, crc, size, size, len(name), 0, 0, 0, 0, 0,
                              offset) + name
     z64_central = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset)  # zip64: the real values in an extra field
-    return _CENTRAL.pack(0x02014B50, 45, 45, 0x0800, 0, 0, 0x21, crc, _Z64, _Z64, len(name), len(z64_central),
+    return _CENTRAL.pack(0x02014B50, 45, 45, flags, 0, 0, 0x21, crc, _Z64, _Z64, len(name), len(z64_central),
                          0, 0, 0, 0, _Z64) + name + z64_central
 
 
