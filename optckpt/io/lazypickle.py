@@ -248,9 +248,7 @@ class _Writer:
         self.remember(obj)
 
     def tensor(self, t: RecordTensor) -> None:
-        i = self.memo.get(id(t))
-        if i is not None:
-            self.get(i)
+        if self.memoised(t):
             return
         if not t.is_parameter:
             form = self._forms.get((t._storage_type, t._location, t.dtype))
@@ -343,11 +341,8 @@ class _Writer:
             self._geometries[at] = geometry
         key = self.key_of(t)
         kb = key.encode("utf-8", "surrogatepass")
-        i = len(self.memo) + len(self.globals) + len(self.strings)
-        self.out.append(b"".join((head, b"X", _U32(len(kb)), kb, mid, geometry, tail,
-                                  b"q" + bytes((i,)) if i < 256 else b"r" + _U32(i))))
-        self.memo[id(t)] = i
-        self.keep.append(t)
+        self.out.append(b"".join((head, b"X", _U32(len(kb)), kb, mid, geometry, tail)))
+        self.remember(t)
         self.used.append(key)
         return True
 

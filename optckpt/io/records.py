@@ -169,7 +169,7 @@ def record_order(keys: Any) -> list[str]:
     return numeric + rest
 
 
-_DATA_OFFSET = operator.itemgetter(2)  # ZipEntry.data_offset
+_DATA_OFFSET = operator.attrgetter("data_offset")  # (of a ZipEntry)
 _KEY, _OFFSET_AND_ENTRY = operator.itemgetter(1), operator.itemgetter(0, 2)  # of (data offset, key, ZipEntry)
 
 
