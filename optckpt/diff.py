@@ -26,7 +26,7 @@ from .kinds import guess_scheduler
 from .mapping import OptimizerMapping
 from .resolve import resolve
 from .tensors import RecordTensor, is_tensor, materialize
-from .verify import bit_equal, equal_records  # (memcmp of two file mappings' bytes)
+from .verify import bit_equal, equal_pairs  # (memcmp of two file mappings' bytes)
 
 if TYPE_CHECKING:
     import torch
@@ -259,20 +259,15 @@ def _records(ta: Any, tb: Any) -> tuple[RecordTensor, RecordTensor] | None:
 def _identical(pairs: Sequence[tuple[RecordTensor, RecordTensor]]) -> list[bool]:
     """For each pair of record tensors: proven bit-identical, i.e. the same view (shape, dtype,
     stride, storage offset) of storages of the same size whose bytes are equal (False: not proven;
-    the pair is compared as any other). Storages are compared in runs (:func:`~optckpt.verify.equal_records`): what
+    the pair is compared as any other). Storages are compared in runs (:func:`~optckpt.verify.equal_pairs`): what
     lies between records (zip headers) is compared too, where a difference only proves less."""
+    same_view = [i for i, (a, b) in enumerate(pairs)
+                 if a.storage_nbytes == b.storage_nbytes and a.shape == b.shape and a.dtype.name == b.dtype.name
+                 and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()]
     out = [False] * len(pairs)
-    by_files: dict[tuple[int, int], list[int]] = {}
-    for i, (a, b) in enumerate(pairs):
-        if (a.storage_nbytes == b.storage_nbytes and a.shape == b.shape and a.dtype.name == b.dtype.name
-                and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()):
-            by_files.setdefault((id(a.source), id(b.source)), []).append(i)
-    for members in by_files.values():
-        sa, sb = pairs[members[0]][0].source, pairs[members[0]][1].source
-        keys = [(pairs[i][0].data_offset, pairs[i][1].data_offset, pairs[i][0].storage_nbytes) for i in members]
-        equal = equal_records(sa, sb, sorted(set(keys)))
-        for i, key in zip(members, keys):
-            out[i] = key in equal
+    proven = equal_pairs([pairs[i][0] for i in same_view], [pairs[i][1] for i in same_view])
+    for i, ok in zip(same_view, proven):
+        out[i] = ok
     return out
 
 

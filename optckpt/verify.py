@@ -260,29 +260,38 @@ def _verify_lazy(path: str, intended: Any, appended: bool) -> bool:
     if same_structure(intended, got, lambda t: t.key, pairs=pairs) is not None:
         return False  # not what our pickler writes (torch's renumbers records): the bit-for-bit check decides
     tick = PROGRESS.get()
-    # (C-level passes over the pairs: a 600k-tensor file has 600k of them)
     written, read = list(map(_FIRST, pairs.values())), list(map(_SECOND, pairs.values()))
+    left = list(map(operator.eq, map(_AT, written), map(_AT, read))) if appended else []  # (records left in place)
+    if any(left):
+        if tick is not None:
+            tick(sum(compress(map(_NBYTES, written), left)))
+        keep = list(map(operator.not_, left))
+        written, read = list(compress(written, keep)), list(compress(read, keep))
+    return all(equal_pairs(written, read, tick))  # (False: the bit-for-bit check then names the difference)
+
+
+def equal_pairs(written: Sequence[RecordTensor], read: Sequence[RecordTensor],
+                tick: Callable[[int], None] | None = None) -> list[bool]:
+    """For each pair ``(written[i], read[i])`` of record tensors: whether their storages are proven to
+    hold the same bytes (the same size, and :func:`equal_records` over the records of each pair of
+    files, in runs). By C-level passes over the pairs: a 600k-tensor file has 600k of them."""
     at_a, at_b, sizes = list(map(_AT, written)), list(map(_AT, read)), list(map(_NBYTES, written))
-    if sizes != list(map(_NBYTES, read)):
-        return False
-    left = list(map(operator.eq, at_a, at_b)) if appended else [False] * len(sizes)  # (a record left where it was)
-    if tick is not None and any(left):
-        tick(sum(compress(sizes, left)))
-    keep = list(map(operator.not_, left))
-    sources = set(zip(map(id, map(_SOURCE, compress(written, keep))), map(id, map(_SOURCE, compress(read, keep)))))
-    if len(sources) > 1:  # (records of several files: one comparison of runs each)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in compress(range(len(sizes)), keep):
-            groups.setdefault((id(written[i].source), id(read[i].source)), []).append(i)
-        chosen = list(groups.values())
-    else:
-        chosen = [list(compress(range(len(sizes)), keep))] if sources else []
-    for idx in chosen:
-        records = sorted(set(zip(map(at_a.__getitem__, idx), map(at_b.__getitem__, idx), map(sizes.__getitem__, idx))))
-        first = idx[0]
-        if len(equal_records(written[first].source, read[first].source, records, tick)) != len(records):
-            return False  # (the bit-for-bit check then names the difference)
-    return True
+    out = list(map(operator.eq, sizes, map(_NBYTES, read)))  # (another size: not proven)
+    files = list(zip(map(id, map(_SOURCE, written)), map(id, map(_SOURCE, read))))
+    groups: dict[tuple[int, int], list[int]] = {}
+    if len(set(files)) == 1:
+        groups[files[0]] = list(compress(range(len(out)), out))
+    else:  # (records of several files: one comparison of runs each)
+        for i in compress(range(len(out)), out):
+            groups.setdefault(files[i], []).append(i)
+    for idx in groups.values():
+        if not idx:
+            continue
+        keys = list(zip(map(at_a.__getitem__, idx), map(at_b.__getitem__, idx), map(sizes.__getitem__, idx)))
+        equal = equal_records(written[idx[0]].source, read[idx[0]].source, sorted(set(keys)), tick)
+        for i, ok in zip(idx, map(equal.__contains__, keys)):
+            out[i] = ok
+    return out
 
 
 _RUN_RECORDS = 256  # records compared as one range of bytes at most (a range that differs: none proven)
