@@ -65,7 +65,6 @@ def interrupted_message(path: str, previous_size: int | None, size: int, *, lock
             f"`optckpt restore {path}` to remove them")
 
 
-
 def _still_pending(path: str, size: int) -> bool:
     """The file is still ``size`` bytes long and its end record's comment (the file's last bytes, fixed
     length) still says "pending": an edit's last step rewrites exactly those bytes."""
