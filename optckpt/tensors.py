@@ -21,8 +21,15 @@ from collections.abc import Iterable
 from operator import mul
 from typing import Any, TypeGuard
 
-__all__ = ["DType", "DTYPES", "STORAGE_DTYPES", "RecordTensor", "RecordSource", "Size", "is_tensor",
+__all__ = ["DType", "DTYPES", "STORAGE_DTYPES", "NeedsTorch", "RecordTensor", "RecordSource", "Size", "is_tensor",
            "is_torch_module", "storage_identity", "materialize", "has_record_tensors"]
+
+
+class NeedsTorch(Exception):
+    """The lazy reader met what it does not model (a global beyond tensors, dtypes and plain
+    containers; a tensor it cannot describe exactly; a pickled state for one of its stand-ins): the
+    file is read the torch way instead, which decides between the allowlist, placeholders and
+    refusal as before."""
 
 
 class Size(tuple):  # type: ignore[type-arg]
@@ -61,6 +68,23 @@ class DType:
         import torch
 
         return getattr(torch, self.name)
+
+    # One object per dtype, shared by every read in the process: never changed, never copied. A pickle
+    # that sets a state on one (BUILD on ``torch.float32``: ``itemsize`` 1 for every later read) goes
+    # to torch, whose loader refuses it.
+    def __setattr__(self, name: str, value: Any) -> None:
+        if hasattr(self, "_fmt"):
+            raise AttributeError(f"torch.{self.name} is read-only")
+        object.__setattr__(self, name, value)
+
+    def __setstate__(self, state: Any) -> None:
+        raise NeedsTorch("a pickled state for a dtype")
+
+    def __copy__(self) -> DType:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> DType:
+        return self
 
 
 def _table() -> dict[str, DType]:
@@ -166,6 +190,20 @@ class RecordTensor:
         self.dtype, self.shape, self._stride, self._offset = dtype, shape, stride, offset
         self.requires_grad, self.is_parameter = requires_grad, False
         self._location, self._storage_type = location, storage_type
+
+    def __setstate__(self, state: Any) -> None:
+        """A pickle's BUILD on a tensor (``torch.save`` writes none): torch's loader decides what its
+        state means; the lazy reader never lets a pickle set a record reference's fields."""
+        raise NeedsTorch("BUILD on a tensor")
+
+    def __copy__(self) -> RecordTensor:
+        t = RecordTensor(self.source, self.key, self.data_offset, self.storage_nbytes, self.dtype, self.shape,
+                         self._stride, self._offset, self.requires_grad, self._location, self._storage_type)
+        t.is_parameter = self.is_parameter
+        return t
+
+    def __deepcopy__(self, memo: Any) -> RecordTensor:
+        return self.__copy__()  # (the file's record, read-only: copies share it, as they share the file)
 
     def numel(self) -> int:
         n = 1

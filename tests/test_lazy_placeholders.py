@@ -27,7 +27,7 @@ import torch
 from conftest import FIXTURES, ROOT, invoke
 from test_lazy_reader import _as_torch
 from test_reader_differential import _fixture_files
-from test_security_placeholders import _global, _splice, _str
+from test_security_placeholders import SLOT, _global, _splice, _str
 
 from optckpt.io import torchfile
 from optckpt.io.reader import NeedsGlobal, NeedsTorch, lazy_allowed, read_zip_pickle_lazy, read_zip_pickle_placeholders
@@ -355,6 +355,118 @@ def test_what_the_torch_way_may_read_otherwise_goes_to_it(tmp_path: Path) -> Non
     checked = torchfile._check_zip(str(spliced))
     with pytest.raises(NeedsTorch, match="BUILD"):
         read_zip_pickle_placeholders(str(spliced), checked.layout, checked.pickle, checked.prefix, {})
+
+
+def _build_after(path: Path, out: Path, target: bytes, state: bytes) -> None:
+    """``path`` with the pickled string SLOT replaced by ``target`` (opcodes pushing an object),
+    ``state`` (opcodes pushing a state) and BUILD: the object, its state set, in SLOT's place."""
+    _splice(path, out, target + state + b"b", legacy=False)
+
+
+def _tensor_slot(path: Path) -> bytes:
+    """Opcodes fetching the memoised tensor of a ``{"w": tensor, "x": SLOT}`` file again."""
+    ops = list(pickletools.genops(torchfile._check_zip(str(path)).pickle))
+    reduces = [i for i, (op, _, _) in enumerate(ops) if op.name == "REDUCE"]
+    put = ops[reduces[1] + 1]  # the tensor's memo slot (the first REDUCE builds its hooks' OrderedDict)
+    assert put[0].name == "BINPUT"
+    return b"h" + bytes([put[1]])
+
+
+def test_a_pickled_state_never_changes_a_stand_in(tmp_path: Path) -> None:
+    """BUILD with a slot state (``(None, {name: value})``) on the lazy reader's stand-ins: on a
+    record tensor it would point the tensor at other bytes of the file (the local header at byte 0),
+    on a dtype it would change that dtype for every later read in the process (float32's itemsize 1).
+    Both go to torch, whose loader refuses them: one line, exit 2; the dtype is untouched."""
+    from optckpt.errors import LoadError
+    from optckpt.tensors import DTYPES
+
+    clean = tmp_path / "clean.pt"
+    torch.save({"w": torch.ones(2), "x": SLOT}, clean)
+    slot_state = b"N}X\x0b\x00\x00\x00data_offsetK\x00sX\x0e\x00\x00\x00storage_nbytesM\x00\x10s\x86"
+    cases = {"tensor": (_tensor_slot(clean), slot_state),
+             "dtype": (b"ctorch\nfloat32\n", b"N}X\x08\x00\x00\x00itemsizeK\x01s\x86")}
+    for name, (target, state) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        _build_after(clean, path, target, state)
+        with pytest.raises(Exception):
+            torch.load(path, weights_only=True)
+        checked = torchfile._check_zip(str(path))
+        with pytest.raises(NeedsTorch):
+            read_zip_pickle_lazy(str(path), checked.layout, checked.pickle, checked.prefix, {})
+        with pytest.raises(LoadError):
+            torchfile.load_torch_file(str(path), lazy=True)
+        r = invoke("inspect", str(path))
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert DTYPES["float32"].itemsize == 4 and DTYPES["float32"]._fmt == "f"
+    got = torchfile.load_torch_file(str(clean), lazy=True).obj["w"]  # later reads: as before
+    assert type(got) is RecordTensor and got.storage_nbytes == 8 and got.dtype.itemsize == 4
+    assert got.materialize().tolist() == [1.0, 1.0]
+
+
+def test_a_pickled_state_for_a_tensor_or_storage_torch_built_is_refused(tmp_path: Path) -> None:
+    """The torch-backed C reader (what reads a file the lazy reader leaves to torch, and every
+    ``lazy=False`` load): BUILD on a tensor it made (``Tensor.__setstate__``'s legacy forms: hooks and
+    ``requires_grad`` set, the data swapped for another tensor's) or on a storage (its dtype changed
+    before a tensor is made of it). torch's weights-only loader refuses each; so does optckpt, in one
+    line, whichever reader it starts with."""
+    from optckpt.errors import LoadError
+
+    clean = tmp_path / "clean.pt"
+    torch.save({"w": torch.ones(2), "v": torch.zeros(2), "x": SLOT}, clean)
+    hooks = b"ccollections\nOrderedDict\n)RK\x01X\x01\x00\x00\x00zs"
+    files = {}
+    for name, state in {"hooks": b"\x89N" + hooks + b"\x87",
+                        "grad_only": b"\x88NN\x87",
+                        "data_swap": b"(h" + bytes([_memo_of(clean, 3)]) + b"NN\x89Nt"}.items():
+        files[name] = tmp_path / f"{name}.pt"
+        _build_after(clean, files[name], _tensor_slot(clean), state)
+    # a storage's dtype changed between its reference and the tensor made of it
+    files["storage"] = tmp_path / "storage.pt"
+    pkl = torchfile._check_zip(str(clean)).pickle
+    i = pkl.index(b"Q")  # the first BINPERSID
+    spliced = pkl[:i + 1] + b"N}X\x05\x00\x00\x00dtypectorch\nfloat64\ns\x86b" + pkl[i + 1:]
+    with zipfile.ZipFile(clean) as zin, zipfile.ZipFile(files["storage"], "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, spliced if info.filename.endswith("data.pkl") else zin.read(info))
+    for name, path in files.items():
+        with pytest.raises(Exception):
+            torch.load(path, weights_only=True)
+        for lazy in (True, False):
+            with pytest.raises(LoadError, match="refused|corrupt"):
+                torchfile.load_torch_file(str(path), lazy=lazy)
+        r = invoke("inspect", str(path))
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+    assert torchfile.load_torch_file(str(clean), lazy=False).obj["w"].tolist() == [1.0, 1.0]
+
+
+def _memo_of(path: Path, k: int) -> int:
+    """The memo slot of the ``k``-th REDUCE's result in ``path``'s pickle."""
+    ops = list(pickletools.genops(torchfile._check_zip(str(path)).pickle))
+    reduces = [i for i, (op, _, _) in enumerate(ops) if op.name == "REDUCE"]
+    assert ops[reduces[k] + 1][0].name == "BINPUT"
+    return ops[reduces[k] + 1][1]
+
+
+def test_stand_ins_copy_as_values() -> None:
+    """A dtype is one object (copies are it, and it cannot be changed); a record tensor copies as
+    another reference to the same record, also once its file is mapped (a deepcopy of a scheduler
+    state holding one)."""
+    import copy
+
+    from optckpt.tensors import DTYPES
+
+    f32 = DTYPES["float32"]
+    assert copy.copy(f32) is f32 and copy.deepcopy({"d": f32})["d"] is f32
+    with pytest.raises(AttributeError):
+        f32.itemsize = 1
+    got = torchfile.load_torch_file(str(FIXTURES / "bundle.pt"), lazy=True).obj
+    t = next(v for v in got["model"].values() if type(v) is RecordTensor)
+    t.item() if t.numel() == 1 else t.source.view(t.data_offset, 1)  # (the file mapped)
+    u = copy.deepcopy({"t": t})["t"]
+    assert u is not t and type(u) is RecordTensor
+    assert (u.key, u.data_offset, u.shape, u.stride(), u.dtype, u.source) == (t.key, t.data_offset, t.shape,
+                                                                              t.stride(), t.dtype, t.source)
+    assert torch.equal(u.materialize(), t.materialize())
 
 
 def test_a_storage_reference_to_no_record_is_refused_in_one_line(tmp_path: Path) -> None:

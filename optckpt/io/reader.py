@@ -27,9 +27,12 @@ placeholder reader (:func:`read_zip_pickle_placeholders`): the safe reader's pur
 stand-ins, torch still not imported; what torch's allowlist might read otherwise goes to torch.
 
 The C loop differs from torch's weights-only loop on opcodes torch's never emits for a tensor or
-a container (``BUILD`` on a tensor, ``INST`` / ``OBJ``, extension codes): they can only build
-objects of allowlisted types, and the result is checked like any other (:func:`_check_result`):
-a tensor with backward hooks (``torch.save`` writes them empty) is refused.
+a container (``BUILD``, ``INST`` / ``OBJ``, extension codes): they can only build objects of
+allowlisted types, and ``BUILD`` can set no state torch's loader would not: on the lazy reader's
+stand-ins (a record tensor, a dtype shared by every read) it goes to torch (``__setstate__`` raises
+:class:`~optckpt.tensors.NeedsTorch`), and a tensor or storage the torch-backed loop made and the
+pickle changed afterwards is refused (:func:`_check_unbuilt`), as is a tensor with backward hooks
+(``torch.save`` writes them empty).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from typing import Any, NamedTuple
 
 from ..errors import LoadError
 from ..gcpause import gc_paused
-from ..tensors import DTYPES, STORAGE_DTYPES, DType, RecordSource, RecordTensor, Size, view_inside
+from ..tensors import DTYPES, STORAGE_DTYPES, DType, NeedsTorch, RecordSource, RecordTensor, Size, view_inside
 from .bounds import MAX_EXPANDED_VIEW
 from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, numpy_allowed, walk
 from .zipscan import ZipLayout
@@ -62,12 +65,6 @@ class NeedsPlaceholders(Exception):
     def __init__(self, name: str):
         super().__init__(name)
         self.name = name
-
-
-class NeedsTorch(Exception):
-    """The lazy reader met what it does not model (a global beyond tensors, dtypes and plain
-    containers; a tensor it cannot describe exactly): the file is read the torch way instead, which
-    decides between the allowlist, placeholders and refusal as before."""
 
 
 class NeedsGlobal(NeedsTorch):
@@ -182,12 +179,12 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
 
     records = {e.filename: e for e in layout.entries}
     whole: list[Any] = []
-    loaded: dict[str, Any] = {}
+    loaded: dict[str, tuple[Any, tuple[Any, Any, set[str]]]] = {}  # key -> (storage, what it was made with)
 
     def storage_for(storage_type: Any, key: str, location: str, numel: int) -> Any:
-        typed = loaded.get(key)
-        if typed is not None:
-            return typed
+        made = loaded.get(key)
+        if made is not None:
+            return made[0]
         dtype = _storage_dtype(storage_type)
         nbytes = numel * torch._utils._element_size(dtype)
         rec = _record(records, path, prefix, key, nbytes)
@@ -199,16 +196,46 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
                 whole.append(torch.UntypedStorage.from_file(os.fspath(path), False, layout.size))
             untyped = whole[0][rec.data_offset:rec.data_offset + nbytes]
         typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-        loaded[key] = typed
+        loaded[key] = (typed, (typed.dtype, typed._untyped_storage, set(vars(typed))))
         return typed
 
+    built: list[tuple[Any, ...]] = []  # each tensor rebuilt here, as it was made
+    if allowed.get(("torch._utils", "_rebuild_tensor_v2")) is _rebuild_tensor_v2:
+        def rebuild(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
+                    backward_hooks: Any, metadata: Any = None) -> Any:
+            t = _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata)
+            if type(t) is torch.Tensor:
+                built.append((t, t.requires_grad, t.untyped_storage().data_ptr(), t.storage_offset(), t.size(),
+                              t.stride()))
+            return t
+
+        allowed = {**allowed, ("torch._utils", "_rebuild_tensor_v2"): rebuild}
     # a pickle builds only new, acyclic-in-practice containers: no cycle collection while it does (they
     # would rescan the growing heap again and again: a third of the time at 300k entries)
     with gc_paused():
         try:
-            return _Unpickler(pickle_bytes, allowed, storage_for).load()
+            obj = _Unpickler(pickle_bytes, allowed, storage_for).load()
         finally:  # what torch.load does after every load: sparse tensors rebuilt above are checked here
             torch._utils._validate_loaded_sparse_tensors()
+        _check_unbuilt(path, built, loaded)
+    return obj
+
+
+def _check_unbuilt(path: str, built: list[tuple[Any, ...]], loaded: dict[str, Any]) -> None:
+    """No tensor or storage this reader made was given a state by the pickle afterwards. The C
+    unpickler's BUILD calls ``Tensor.__setstate__`` (whose legacy forms swap a tensor's data, set its
+    ``requires_grad`` and backward hooks) or updates a storage's attributes (its dtype, its bytes);
+    torch's weights-only loader only calls ``set_`` on a tensor and refuses the rest. ``torch.save``
+    writes no BUILD for either: such a file is refused."""
+    for t, requires_grad, ptr, offset, size, stride in built:
+        if t._backward_hooks is not None or t.requires_grad is not requires_grad or t.storage_offset() != offset \
+                or t.size() != size or t.stride() != stride or t.untyped_storage().data_ptr() != ptr:
+            raise LoadError(f"{path}: the pickle sets the state of a tensor after building it (torch.save writes "
+                            "no such thing): not a checkpoint; refused")
+    for typed, (dtype, untyped, names) in loaded.values():
+        if typed.dtype is not dtype or typed._untyped_storage is not untyped or vars(typed).keys() != names:
+            raise LoadError(f"{path}: the pickle sets the state of a storage (torch.save writes no such thing): "
+                            "not a checkpoint; refused")
 
 
 # ---- the lazy reader: record references, no torch ----------------------------------------------
