@@ -447,6 +447,57 @@ def _memo_of(path: Path, k: int) -> int:
     return ops[reduces[k] + 1][1]
 
 
+def test_a_pickled_state_for_a_class_or_function_is_put_back_and_refused(tmp_path: Path) -> None:
+    """BUILD on a global the pickle named: ``collections.Counter`` (a method replaced for the whole
+    process), optckpt's ``Size``, torch's ``_rebuild_parameter`` (its defaults). The C readers
+    hand out the real objects, and the C loop's BUILD sets their state; torch's loader refuses it.
+    Every such change is put back and the file refused in one line, by either reader."""
+    import collections
+
+    from optckpt.errors import LoadError
+    from optckpt.tensors import Size
+
+    clean = tmp_path / "clean.pt"
+    torch.save({"w": torch.ones(2), "x": SLOT}, clean)
+    before = {"counter": collections.Counter.most_common, "size": dict(vars(Size)),
+              "defaults": torch._utils._rebuild_parameter.__defaults__}
+    cases = {
+        "counter": b"ccollections\nCounter\nN}X\x0b\x00\x00\x00most_commonK\x07s\x86b",
+        "size": b"ctorch\nSize\nN}X\x07\x00\x00\x00__len__ccollections\nOrderedDict\ns\x86b",
+        "defaults": b"ctorch._utils\n_rebuild_parameter\nN}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b",
+    }
+    for name, payload in cases.items():
+        path = tmp_path / f"{name}.pt"
+        _splice(clean, path, payload, legacy=False)
+        with pytest.raises(Exception):
+            torch.load(path, weights_only=True)
+        for lazy in (True, False):
+            with pytest.raises(LoadError, match="refused|immutable type"):  # (torch.Size: a C type)
+                torchfile.load_torch_file(str(path), lazy=lazy)
+            assert collections.Counter.most_common is before["counter"]
+            assert dict(vars(Size)) == before["size"]
+            assert torch._utils._rebuild_parameter.__defaults__ is before["defaults"]
+        r = invoke("inspect", str(path))
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+    assert collections.Counter("aab").most_common(1) == [("a", 2)]
+
+
+def test_dcp_metadata_cannot_change_its_classes(tmp_path: Path) -> None:
+    """The DCP metadata reader (a C unpickler over DCP's dataclasses): BUILD on the ``Metadata``
+    class itself is put back and refused."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from optckpt.errors import LoadError
+    from optckpt.io.dcp import read_dcp_metadata
+
+    before = dict(vars(Metadata))
+    (tmp_path / ".metadata").write_bytes(b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n"
+                                         b"N}X\x0c\x00\x00\x00storage_dataK\x01s\x86b.")
+    with pytest.raises(LoadError, match="refused"):
+        read_dcp_metadata(str(tmp_path))
+    assert dict(vars(Metadata)) == before
+
+
 def test_stand_ins_copy_as_values() -> None:
     """A dtype is one object (copies are it, and it cannot be changed); a record tensor copies as
     another reference to the same record, also once its file is mapped (a deepcopy of a scheduler

@@ -205,7 +205,7 @@ def _pickle_bytes_with(opcodes: bytes) -> bytes:
 ], ids=["os.system", "eval", "torch.load", "near-name", "getattr"])
 def test_every_other_global_stops_the_fast_reader(body: bytes) -> None:
     with pytest.raises(NeedsPlaceholders):
-        _Unpickler(_pickle_bytes_with(body), fast_allowed(), lambda *a: None).load()
+        _Unpickler(_pickle_bytes_with(body), fast_allowed(), lambda *a: None, "f.pt").checked_load()
 
 
 def test_backward_hooks_in_a_tensor_pickle_are_refused(tmp_path: Path) -> None:

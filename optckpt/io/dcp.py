@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, SchedulerState, TensorMeta
 from ..errors import LoadError, UnsafePickleError, WriteError
 from .bounds import check_bounds
+from .globals_guard import Globals
 from .paths import is_dcp_dir, is_regular, member_path, require_regular
 from .torchfile import check_zip_bytes
 
@@ -82,14 +83,25 @@ class _MetadataUnpickler(pickle.Unpickler):
     def __init__(self, f: Any, path: str):
         super().__init__(f)
         self._path = path
+        self._globals = Globals()  # (BUILD on a class it hands out: put back, and the file refused)
 
     def find_class(self, module: str, name: str) -> Any:
         obj = metadata_globals().get((module, name))
         if obj is not None:
+            self._globals.note(obj, f"{module}.{name}")
             return obj
         if module == "torch" and name.isidentifier() and isinstance(vars(torch).get(name), _TORCH_VALUE_TYPES):
             return vars(torch)[name]
         raise UnsafePickleError(self._path, [f"{module}.{name}"])
+
+    def checked_load(self) -> Any:
+        try:
+            return self.load()
+        finally:
+            changed = self._globals.put_back()
+            if changed:
+                raise LoadError(f"{self._path}: the pickle sets the state of {changed[0]} (it would change it for "
+                                "the whole process): not DCP metadata; refused")
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError(self._path, ["(persistent id)"])
@@ -101,8 +113,8 @@ def read_dcp_metadata(path: str) -> Any:
         raise LoadError(f"{meta_path}: not a regular file")
     try:
         with open(meta_path, "rb") as f:
-            md = _MetadataUnpickler(f, meta_path).load()
-    except UnsafePickleError:
+            md = _MetadataUnpickler(f, meta_path).checked_load()
+    except (UnsafePickleError, LoadError):
         raise
     except RecursionError:
         raise LoadError(f"{meta_path}: nested too deeply to be DCP metadata") from None
@@ -594,7 +606,7 @@ def commit_in_place(src: str, staged: str, *, verify: Callable[[str], None] | No
 def _storage_of(meta_path: str) -> Iterator[Any]:
     try:
         with open(meta_path, "rb") as f:
-            md = _MetadataUnpickler(f, meta_path).load()
+            md = _MetadataUnpickler(f, meta_path).checked_load()
     except Exception:
         return
     yield from (md.storage_data.values() if isinstance(md.storage_data, Mapping) else ())

@@ -52,6 +52,7 @@ from ..errors import LoadError
 from ..gcpause import gc_paused
 from ..tensors import DTYPES, STORAGE_DTYPES, DType, NeedsTorch, RecordSource, RecordTensor, Size, view_inside
 from .bounds import MAX_EXPANDED_VIEW
+from .globals_guard import Globals
 from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, numpy_allowed, walk
 from .zipscan import ZipLayout
 
@@ -116,14 +117,17 @@ def fast_allowed() -> dict[tuple[str, str], Any]:
 
 
 class _Unpickler(pickle.Unpickler):
-    """C opcode loop; globals from the exact allowlist, storages from checked records."""
+    """C opcode loop; globals from the exact allowlist (each class and function kept as it was:
+    :mod:`~optckpt.io.globals_guard`), storages from checked records."""
 
     def __init__(self, data: bytes, allowed: dict[tuple[str, str], Any],
-                 storage_for: Callable[[Any, str, str, int], Any], lazy: bool = False):
+                 storage_for: Callable[[Any, str, str, int], Any], path: str, lazy: bool = False):
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._allowed = allowed
         self._storage_for = storage_for
         self._lazy = lazy
+        self._path = path
+        self._globals = Globals()
 
     def find_class(self, module: str, name: str) -> Any:
         obj = self._allowed.get((module, name))
@@ -134,10 +138,22 @@ class _Unpickler(pickle.Unpickler):
                 if self._lazy:
                     raise NeedsGlobal(f"{module}.{name}")
                 raise NeedsPlaceholders(f"{module}.{name}")
+        self._globals.note(obj, f"{module}.{name}")
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
         return _checked_reference(pid, self._storage_for)
+
+    def checked_load(self) -> Any:
+        """``load()``; then (also when it failed) every class and function the pickle named is as it
+        was, else put back and the file refused."""
+        try:
+            return self.load()
+        finally:
+            changed = self._globals.put_back()
+            if changed:
+                raise LoadError(f"{self._path}: the pickle sets the state of {changed[0]} (torch.save writes no "
+                                "such thing; it would change it for the whole process): not a checkpoint; refused")
 
 
 def _checked_reference(pid: Any, storage_for: Callable[[Any, str, str, int], Any]) -> Any:
@@ -214,7 +230,7 @@ def read_zip_pickle(path: str, layout: ZipLayout, pickle_bytes: bytes, prefix: s
     # would rescan the growing heap again and again: a third of the time at 300k entries)
     with gc_paused():
         try:
-            obj = _Unpickler(pickle_bytes, allowed, storage_for).load()
+            obj = _Unpickler(pickle_bytes, allowed, storage_for, path).checked_load()
         finally:  # what torch.load does after every load: sparse tensors rebuilt above are checked here
             torch._utils._validate_loaded_sparse_tensors()
         _check_unbuilt(path, built, loaded)
@@ -417,7 +433,7 @@ class _LazyUnpickler(_Unpickler):
                  locations: dict[str, None]):
         persistent_load, self.release = _lazy_references(records, path, prefix, locations)
         self.persistent_load = persistent_load  # type: ignore[method-assign,assignment]  # (before the C init)
-        super().__init__(data, _lazy_table(source), _refuse_storage, lazy=True)
+        super().__init__(data, _lazy_table(source), _refuse_storage, path, lazy=True)
 
 
 def _refuse_storage(storage_type: Any, key: str, location: str, numel: int) -> Any:
@@ -435,7 +451,7 @@ def read_zip_pickle_lazy(path: str, layout: ZipLayout, pickle_bytes: bytes, pref
     with gc_paused():
         unpickler = _LazyUnpickler(pickle_bytes, source, records, path, prefix, locations)
         try:
-            return unpickler.load()
+            return unpickler.checked_load()
         finally:
             unpickler.release()
             del unpickler.persistent_load
