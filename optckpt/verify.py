@@ -305,10 +305,12 @@ def equal_records(sa: Any, sb: Any, records: list[tuple[int, int, int]],
     files ``sa`` and ``sb`` (:class:`~optckpt.tensors.RecordSource`): consecutive records at one
     distance (b - a), at most :data:`_RUN_GAP` bytes apart, are compared as one range of up to
     :data:`_RUN_RECORDS` records and :data:`_RUN_BYTES` bytes (a record copied in one piece with its
-    neighbours, or two files written alike, costs one ``memcmp``); in a range that differs (what lies
-    between records, a zip header's time stamp, may), record by record. ``memcmp`` stops at the first
+    neighbours, or two files written alike, costs one ``memcmp``). Small records of a range that
+    differs (what lies between them may: a zip header naming another archive, a time stamp) or alone
+    in theirs are compared by :func:`_equal_joined`; big ones one by one. ``memcmp`` stops at the first
     difference: files that differ everywhere cost little. ``tick``: called with each range's record bytes."""
     equal: set[tuple[int, int, int]] = set()
+    small: list[tuple[int, int, int]] = []  # records left to compare by their bytes alone
     lo, n = 0, len(records)
     while lo < n:
         start, delta = records[lo][0], records[lo][1] - records[lo][0]
@@ -320,14 +322,48 @@ def equal_records(sa: Any, sb: Any, records: list[tuple[int, int, int]],
                 break
             end = max(end, at + size)
             hi += 1
-        if end == start or _same_buffers(sa.view(start, end - start), sb.view(start + delta, end - start)):
+        if end == start or (hi - lo > 1 and _same_buffers(sa.view(start, end - start),
+                                                           sb.view(start + delta, end - start))):
             equal.update(records[lo:hi])
         else:
-            equal.update(r for r in records[lo:hi] if _same_buffers(sa.view(r[0], r[2]), sb.view(r[1], r[2])))
+            for r in records[lo:hi]:
+                if r[2] <= _SMALL:
+                    small.append(r)
+                elif _same_buffers(sa.view(r[0], r[2]), sb.view(r[1], r[2])):
+                    equal.add(r)
         if tick is not None:
             tick(sum(r[2] for r in records[lo:hi]))
         lo = hi
+    equal.update(_equal_joined(sa, sb, small))
     return equal
+
+
+def _equal_joined(sa: Any, sb: Any, records: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Which small records ``(offset in a, offset in b, size)`` hold the same bytes: up to
+    :data:`_RUN_RECORDS` of them (and :data:`_RUN_BYTES`) at a time, their bytes joined on each side
+    and compared at once (each pair is of one size, so the joined bytes are equal exactly when every
+    pair is), in halves where they differ. 600k records of two files whose headers differ (another
+    archive name) cost ~2,300 comparisons, not 600k."""
+    if not records:
+        return []
+    ma, mb = sa.view(0, sa.size), sb.view(0, sb.size)
+    out: list[tuple[int, int, int]] = []
+    i = 0
+    while i < len(records):
+        j, total = i, 0
+        while j < len(records) and j - i < _RUN_RECORDS and (j == i or total + records[j][2] <= _RUN_BYTES):
+            total += records[j][2]
+            j += 1
+        todo = [records[i:j]]
+        while todo:
+            part = todo.pop()
+            if b"".join([ma[a:a + k] for a, _, k in part]) == b"".join([mb[b:b + k] for _, b, k in part]):
+                out += part
+            elif len(part) > 1:
+                m = len(part) // 2
+                todo += (part[m:], part[:m])
+        i = j
+    return out
 
 
 _SMALL = 1 << 16
