@@ -11,12 +11,14 @@ import ctypes
 import fnmatch
 import hashlib
 import math
+import operator
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, ModelState, OptimizerState, SchedulerState
@@ -25,7 +27,7 @@ from .io.safepickle import describe, fields_of, same
 from .kinds import guess_scheduler
 from .mapping import OptimizerMapping
 from .resolve import resolve
-from .tensors import RecordTensor, is_tensor, materialize
+from .tensors import RecordTensor, is_tensor, materialize, view_key
 from .verify import bit_equal, equal_pairs  # (memcmp of two file mappings' bytes)
 
 if TYPE_CHECKING:
@@ -261,14 +263,16 @@ def _identical(pairs: Sequence[tuple[RecordTensor, RecordTensor]]) -> list[bool]
     stride, storage offset) of storages of the same size whose bytes are equal (False: not proven;
     the pair is compared as any other). Storages are compared in runs (:func:`~optckpt.verify.equal_pairs`): what
     lies between records (zip headers) is compared too, where a difference only proves less."""
-    same_view = [i for i, (a, b) in enumerate(pairs)
-                 if a.storage_nbytes == b.storage_nbytes and a.shape == b.shape and a.dtype.name == b.dtype.name
-                 and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()]
+    firsts, seconds = list(map(_FIRST, pairs)), list(map(_SECOND, pairs))
+    same_view = list(compress(range(len(pairs)), map(operator.eq, map(view_key, firsts), map(view_key, seconds))))
     out = [False] * len(pairs)
-    proven = equal_pairs([pairs[i][0] for i in same_view], [pairs[i][1] for i in same_view])
-    for i, ok in zip(same_view, proven):
-        out[i] = ok
+    proven = equal_pairs(list(map(firsts.__getitem__, same_view)), list(map(seconds.__getitem__, same_view)))
+    for i in compress(same_view, proven):
+        out[i] = True
     return out
+
+
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _tensor_entry(section: str, name: str, key: str | None, ta: torch.Tensor, tb: torch.Tensor, atol: float,
