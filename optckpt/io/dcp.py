@@ -27,7 +27,7 @@ import torch
 from ..checkpoint import Checkpoint, ModelState, OptimizerState, Part, SchedulerState, TensorMeta
 from ..errors import LoadError, UnsafePickleError, WriteError
 from .bounds import check_bounds
-from .globals_guard import Globals
+from .globals_guard import Globals, load_keeping
 from .paths import is_dcp_dir, is_regular, member_path, require_regular
 from .torchfile import check_zip_bytes
 
@@ -95,13 +95,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafePickleError(self._path, [f"{module}.{name}"])
 
     def checked_load(self) -> Any:
-        try:
-            return self.load()
-        finally:
-            changed = self._globals.put_back()
-            if changed:
-                raise LoadError(f"{self._path}: the pickle sets the state of {changed[0]} (it would change it for "
-                                "the whole process): not DCP metadata; refused")
+        return load_keeping(self, self._globals, lambda name: LoadError(
+            f"{self._path}: the pickle sets the state of {name} (it would change it for the whole process): not DCP "
+            "metadata; refused"))
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError(self._path, ["(persistent id)"])

@@ -12,10 +12,11 @@ then refuses the file."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import FunctionType
 from typing import Any
 
-__all__ = ["Globals"]
+__all__ = ["Globals", "load_keeping"]
 
 
 class Globals:
@@ -35,6 +36,17 @@ class Globals:
         changed = [name for obj, name, state in self._named.values() if _put_back(obj, state)]
         self._named.clear()
         return changed
+
+
+def load_keeping(unpickler: Any, named: Globals, refusal: Callable[[str], Exception]) -> Any:
+    """``unpickler.load()``; then (also when it failed) every class and function ``named`` noted as it
+    was: else put back, and ``refusal(name of the first changed)`` raised."""
+    try:
+        return unpickler.load()
+    finally:
+        changed = named.put_back()
+        if changed:
+            raise refusal(changed[0])
 
 
 def _state_of(obj: Any) -> tuple[Any, ...]:

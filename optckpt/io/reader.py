@@ -52,7 +52,7 @@ from ..errors import LoadError
 from ..gcpause import gc_paused
 from ..tensors import DTYPES, STORAGE_DTYPES, DType, NeedsTorch, RecordSource, RecordTensor, Size, view_inside
 from .bounds import MAX_EXPANDED_VIEW
-from .globals_guard import Globals
+from .globals_guard import Globals, load_keeping
 from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, numpy_allowed, walk
 from .zipscan import ZipLayout
 
@@ -145,15 +145,10 @@ class _Unpickler(pickle.Unpickler):
         return _checked_reference(pid, self._storage_for)
 
     def checked_load(self) -> Any:
-        """``load()``; then (also when it failed) every class and function the pickle named is as it
-        was, else put back and the file refused."""
-        try:
-            return self.load()
-        finally:
-            changed = self._globals.put_back()
-            if changed:
-                raise LoadError(f"{self._path}: the pickle sets the state of {changed[0]} (torch.save writes no "
-                                "such thing; it would change it for the whole process): not a checkpoint; refused")
+        """``load()``, every class and function the pickle named kept as it was (else the file refused)."""
+        return load_keeping(self, self._globals, lambda name: LoadError(
+            f"{self._path}: the pickle sets the state of {name} (torch.save writes no such thing; it would change it "
+            "for the whole process): not a checkpoint; refused"))
 
 
 def _checked_reference(pid: Any, storage_for: Callable[[Any, str, str, int], Any]) -> Any:
