@@ -201,6 +201,28 @@ def test_a_view_past_its_storage_is_left_to_torch(tmp_path: Path) -> None:
         read_zip_pickle_lazy(str(path), checked.layout, forged, checked.prefix, {})
 
 
+def test_a_load_keeps_one_tuple_a_shape_and_stride(tmp_path: Path) -> None:
+    """A parameter and its Adam moments share their shape and stride tuples after a lazy read (the
+    pickle's own copies go with the load); a shape of bools or floats that equals an int shape is
+    not taken for it (compared only once checked: still left to torch)."""
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "a.pt"
+    torch.save({"model": m.state_dict(), "optimizer": opt.state_dict()}, path)
+    got = torchfile.load_torch_file(str(path), lazy=True).obj
+    w, state = got["model"]["weight"], got["optimizer"]["state"][0]
+    assert w.shape == (2, 3) and state["exp_avg"].shape is w.shape and state["exp_avg_sq"].shape is w.shape
+    assert state["exp_avg"].stride() is w.stride()
+    checked = torchfile._check_zip(str(path))
+    i = checked.pickle.index(b"K\x02K\x03\x86")  # the weight's size (2, 3)
+    for forged in (b"\x88K\x03\x86", b"G@\x00\x00\x00\x00\x00\x00\x00K\x03\x86"):  # (True, 3), (2.0, 3)
+        pkl = checked.pickle[:i] + forged + checked.pickle[i + 5:]
+        with pytest.raises(NeedsTorch):
+            read_zip_pickle_lazy(str(path), checked.layout, pkl, checked.prefix, {})
+
+
 def _no_torch(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,

@@ -300,6 +300,8 @@ def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
     """The lazy reader's globals: each an exact ``(module, name)`` of the safe reader's allowlist
     (tests/test_lazy_reader.py checks that it is a subset), standing in for torch's objects."""
 
+    same_tuple = {}.setdefault  # (this load's shapes and strides)
+
     def v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
            metadata: Any = None) -> RecordTensor:
         # _lazy_tensor inlined: this runs once per stored tensor (600k times in a big Adam checkpoint)
@@ -336,8 +338,10 @@ def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
             raise NeedsTorch("a tensor view with unusual arguments")
         if numel * itemsize > nbytes + MAX_EXPANDED_VIEW:
             raise NeedsTorch("an expanded view")  # (the torch reader's tensors meet bounds' extent rule)
-        return RecordTensor(source, storage.key, storage.data_offset, storage.nbytes, dtype, size, stride, offset,
-                            requires_grad, storage.location, storage.type_name)
+        # one tuple for each shape and each stride (checked: ints only, so equal means the same): a parameter
+        # and its moments share them, and the pickle's own copies go with the load (~80 MB at 600k tensors)
+        return RecordTensor(source, storage.key, storage.data_offset, storage.nbytes, dtype, same_tuple(size, size),
+                            same_tuple(stride, stride), offset, requires_grad, storage.location, storage.type_name)
 
     def v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any,
            metadata: Any = None) -> RecordTensor:
