@@ -12,6 +12,7 @@ import zipfile
 import pytest
 import torch
 from conftest import FIXTURES, invoke
+from test_security_placeholders import SLOT, _splice
 
 GOOD = FIXTURES / "bundle.pt"
 TARGET = str(FIXTURES / "models.py") + ":build_cnn"
@@ -146,4 +147,43 @@ def test_many_single_parameter_groups_still_work(tmp_path):
     r = invoke("diff", str(tmp_path / "groups.pt"), str(tmp_path / "groups.pt"))
     assert r.exit_code == 0, r.stderr
     r = invoke("set", str(tmp_path / "groups.pt"), "--group", "7", "--lr", "0.5", "-o", str(tmp_path / "o.pt"))
+    assert r.exit_code == 0, r.stderr
+
+
+def _with_counted(tmp_path, name: str, payload: bytes):
+    """The bundle with one more entry whose value is ``payload`` (raw opcodes: an allowlisted
+    constructor called with a count)."""
+    clean = tmp_path / f"{name}_clean.pt"
+    torch.save({**_good(), "x": SLOT}, clean)
+    path = tmp_path / f"{name}.pt"
+    _splice(clean, path, payload, legacy=False)
+    return path
+
+
+@pytest.mark.parametrize("name,payload,needle", [
+    # bytearray(2**30): a gigabyte of zeros written during the load, from a 20-byte pickle
+    ("bytearray", b"c__builtin__\nbytearray\nJ" + struct.pack("<i", 1 << 30) + b"\x85R", "a bytearray made from int"),
+    # torch.Tensor(2e9): 8 GB of uninitialised memory that remap would write and diff compare
+    ("tensor", b"ctorch\nTensor\nJ" + struct.pack("<i", 2_000_000_000) + b"\x85R", "memory made from a count"),
+    ("storage", b"ctorch.storage\nTypedStorage\nJ" + struct.pack("<i", 2_000_000_000) + b"\x85R",
+     "memory made from a count"),
+])
+def test_memory_made_from_a_count_is_refused(tmp_path, name, payload, needle):
+    """Allowlisted constructors given a count (torch's loader calls them as given): work no longer
+    bounded by the file. Refused by every command in one line; numpy arrays and bytearrays pickled
+    as data still read."""
+    path = _with_counted(tmp_path, name, payload)
+    assert path.stat().st_size < 50_000
+    _refused_everywhere(path, tmp_path, needle)
+
+
+def test_numpy_arrays_made_from_a_count_are_refused_and_real_ones_read(tmp_path):
+    np = pytest.importorskip("numpy")
+    path = _with_counted(tmp_path, "ndarray", b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+                                              b"J" + struct.pack("<i", 2_000_000_000) + b"\x85C\x01b\x87R")
+    r = invoke("inspect", str(path))
+    assert r.exit_code == 2 and "memory made from a count" in r.stderr, r.stderr
+    real = tmp_path / "real.pt"
+    torch.save({**_good(), "arr": np.arange(1000.0), "ba": bytearray(b"abc" * 100)}, real)
+    r = invoke("inspect", str(real))
     assert r.exit_code == 0, r.stderr

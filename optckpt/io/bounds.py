@@ -99,16 +99,66 @@ def _check_extent(t: Any, where: str) -> None:
                         f"(limit: its storage + {MAX_EXPANDED_VIEW >> 20} MiB); refused")
 
 
-def check_bounds(obj: Any, where: str) -> None:
-    """Raise :class:`LoadError` if walking ``obj`` as a tree would not be bounded by its size."""
+class _Memory:
+    """The bytes of the distinct storages and arrays a load made, against what its file can hold.
+    A file's records hold at most its size; anything else a pickle can only make from a count (an
+    allowlisted constructor: ``torch.Tensor(2**31)``, ``UntypedStorage(n)``, numpy's
+    ``_reconstruct(ndarray, (n,), ...)``), memory not bounded by the file: refused past its size again
+    (+ :data:`MAX_EXPANDED_VIEW`)."""
+
+    __slots__ = ("where", "limit", "seen", "total")
+
+    def __init__(self, where: str, file_size: int):
+        self.where, self.limit = where, 2 * file_size + MAX_EXPANDED_VIEW
+        self.seen: set[tuple[int, int]] = set()
+        self.total = 0
+
+    def add(self, o: Any) -> None:
+        if type(o) is RecordTensor:
+            return  # (its record: bytes of the file)
+        torch = sys.modules.get("torch")
+        np = sys.modules.get("numpy")
+        if torch is not None and isinstance(o, torch.Tensor):
+            if o.layout != torch.strided or o.device.type == "meta":
+                return
+            try:
+                st = o.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                return
+            key, n = (st.data_ptr(), st.nbytes()), st.nbytes()
+        elif torch is not None and isinstance(o, (torch.UntypedStorage, torch.storage.TypedStorage)):
+            if o.device.type == "meta":
+                return
+            key, n = (o.data_ptr(), o.nbytes()), o.nbytes()
+        elif np is not None and type(o) is np.ndarray:
+            key, n = (o.__array_interface__["data"][0], o.nbytes), o.nbytes
+        else:
+            return
+        if n and key not in self.seen:
+            self.seen.add(key)
+            self.total += n
+            if self.total > self.limit:
+                raise LoadError(f"{self.where}: its tensors, storages and arrays take {self.total:,} bytes, more than "
+                                f"twice the file's {(self.limit - MAX_EXPANDED_VIEW) // 2:,} (+"
+                                f"{MAX_EXPANDED_VIEW >> 20} MiB): memory made from a count, not read from the file; "
+                                "refused")
+
+
+def check_bounds(obj: Any, where: str, file_size: int | None = None) -> None:
+    """Raise :class:`LoadError` if walking ``obj`` as a tree would not be bounded by its size, or
+    (``file_size``: the file it was read from) its tensors, storages and arrays by that file's
+    (:class:`_Memory`)."""
     done: dict[int, tuple[int, int]] = {}  # id -> (entries under it as a tree, nesting below it)
     on_path: set[int] = set()
     keep: list[Any] = []  # objects whose ids are in ``done`` stay alive (ids are not reused)
     flat_types = _flat_types()
+    memory = _Memory(where, file_size) if file_size is not None else None
     root = _children(obj, where)
     if root is None:
         if is_tensor(obj):
             _check_extent(obj, where)
+        if memory is not None:
+            memory.add(obj)
         return
     distinct = root[0]
     stack: list[tuple[Any, Iterator[Any], list[int]]] = [(obj, iter(root[1]), [root[0], 0])]
@@ -118,6 +168,8 @@ def check_bounds(obj: Any, where: str) -> None:
         for child in it:
             if type(child) is not dict and is_tensor(child):
                 _check_extent(child, where)
+                if memory is not None:
+                    memory.add(child)
                 continue
             if type(child) in flat_types and set(map(type, child)) <= _LEAF_TYPES:  # params, betas, shapes
                 acc[0] += len(child)
@@ -137,6 +189,8 @@ def check_bounds(obj: Any, where: str) -> None:
                 raise LoadError(f"{where}: a container holds itself (a reference cycle): not a checkpoint; refused")
             grand = _children(child, where)
             if grand is None:
+                if memory is not None:
+                    memory.add(child)
                 continue
             if len(stack) >= MAX_NESTING:
                 raise LoadError(f"{where}: containers nested deeper than {MAX_NESTING} levels: not a checkpoint; "

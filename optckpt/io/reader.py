@@ -53,7 +53,7 @@ from ..gcpause import gc_paused
 from ..tensors import DTYPES, STORAGE_DTYPES, DType, NeedsTorch, RecordSource, RecordTensor, Size, view_inside
 from .bounds import MAX_EXPANDED_VIEW
 from .globals_guard import Globals, load_keeping
-from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, numpy_allowed, walk
+from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, bounded_bytearray, numpy_allowed, walk
 from .zipscan import ZipLayout
 
 __all__ = ["NeedsGlobal", "NeedsPlaceholders", "NeedsTorch", "fast_allowed", "lazy_allowed", "read_zip_pickle",
@@ -361,7 +361,7 @@ def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_tensor_v2"): v2, ("torch._utils", "_rebuild_tensor_v3"): v3,
         ("torch._utils", "_rebuild_parameter"): parameter, ("collections", "OrderedDict"): OrderedDict,
         ("collections", "Counter"): Counter, ("builtins", "set"): set, ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray, ("_codecs", "encode"): codecs.encode, ("torch", "Size"): Size,
+        ("builtins", "bytearray"): bounded_bytearray, ("_codecs", "encode"): codecs.encode, ("torch", "Size"): Size,
         ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None),
     }
     for name, dt in STORAGE_DTYPES.items():

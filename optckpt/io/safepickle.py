@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 
-__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "numpy_allowed", "safe_load_torch",
+__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "bounded_bytearray", "numpy_allowed", "safe_load_torch",
            "pickle_module_for", "has_placeholders", "first_placeholder", "fields_of", "is_module_object",
            "module_tensors", "describe", "same", "walk", "MAX_DEPTH"]
 
@@ -149,8 +149,20 @@ def allowed() -> dict[tuple[str, str], Any]:
         module, _, name = full.rpartition(".")
         out[(module, name)] = obj
     out.update(numpy_allowed())
+    if ("builtins", "bytearray") in out:
+        out[("builtins", "bytearray")] = bounded_bytearray
     allowed.cache = out  # type: ignore[attr-defined]
     return out
+
+
+def bounded_bytearray(*args: Any) -> bytearray:
+    """``bytearray`` as a pickle makes one (from bytes, or a str and its encoding: what pickle writes;
+    a list of ints), never from a count: ``bytearray(2**31)`` would fill 2 GB with zeros for a 20-byte
+    pickle, work no longer bounded by the file (torch's loader calls it as given)."""
+    if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
+        raise pickle.UnpicklingError(f"a bytearray made from {type(args[0]).__name__} (a count, not bytes of the "
+                                     "file)")
+    return bytearray(*args)
 
 
 def numpy_allowed() -> dict[tuple[str, str], Any]:

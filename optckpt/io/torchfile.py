@@ -117,7 +117,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
         except NeedsPlaceholders as e:  # a global outside the allowlist: the inert-placeholder reader
             locations.clear()
             obj = _load_placeholders(path, _recorder(locations, None), True, [e.name])
-            check_bounds(obj, path)
+            check_bounds(obj, path, os.path.getsize(path))
             return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True, placeholders=True)
         except (LoadError, KeyboardInterrupt):
             raise
@@ -125,7 +125,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
             raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
         except Exception as e:  # the C unpickler reports a malformed pickle with many types
             raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
-        check_bounds(obj, path)
+        check_bounds(obj, path, os.path.getsize(path))
         return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True)
     import torch
 
@@ -165,7 +165,7 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
     if refused is not None:  # outside the handler: the refused attempt (and its file mapping) is released
         locations.clear()
         obj = _load_placeholders(path, _map, zip_format, refused)  # each refused global an inert placeholder
-    check_bounds(obj, path)
+    check_bounds(obj, path, os.path.getsize(path))
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=zip_format,
                      placeholders=refused is not None)
 
@@ -196,7 +196,7 @@ def _read_lazily(path: str, checked: _Checked, locations: dict[str, None]) -> To
         raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
     except Exception as e:
         raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
-    check_bounds(obj, path)
+    check_bounds(obj, path, os.path.getsize(path))
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True, placeholders=placeholders)
 
 
