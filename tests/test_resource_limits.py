@@ -187,3 +187,14 @@ def test_numpy_arrays_made_from_a_count_are_refused_and_real_ones_read(tmp_path)
     torch.save({**_good(), "arr": np.arange(1000.0), "ba": bytearray(b"abc" * 100)}, real)
     r = invoke("inspect", str(real))
     assert r.exit_code == 0, r.stderr
+
+
+def test_a_bytearray_torch_makes_from_a_count_is_refused_after_its_load(tmp_path):
+    """A legacy (pre-1.6) file is read by torch's own loader, which calls ``bytearray(n)`` as asked: the
+    memory is spent during that load (not prevented), and the file is refused after it, in one line."""
+    clean = tmp_path / "clean.pt"
+    torch.save({**_good(), "x": SLOT}, clean, _use_new_zipfile_serialization=False)
+    path = tmp_path / "legacy.pt"
+    _splice(clean, path, b"c__builtin__\nbytearray\nJ" + struct.pack("<i", 1 << 27) + b"\x85R", legacy=True)
+    r = invoke("inspect", str(path))
+    assert r.exit_code == 2 and "memory made from a count" in r.stderr, r.stderr

@@ -103,8 +103,8 @@ class _Memory:
     """The bytes of the distinct storages and arrays a load made, against what its file can hold.
     A file's records hold at most its size; anything else a pickle can only make from a count (an
     allowlisted constructor: ``torch.Tensor(2**31)``, ``UntypedStorage(n)``, numpy's
-    ``_reconstruct(ndarray, (n,), ...)``), memory not bounded by the file: refused past its size again
-    (+ :data:`MAX_EXPANDED_VIEW`)."""
+    ``_reconstruct(ndarray, (n,), ...)``, ``bytearray(n)`` where torch's own loader reads the file),
+    memory not bounded by the file: refused past its size again (+ :data:`MAX_EXPANDED_VIEW`)."""
 
     __slots__ = ("where", "limit", "seen", "total")
 
@@ -132,6 +132,8 @@ class _Memory:
             key, n = (o.data_ptr(), o.nbytes()), o.nbytes()
         elif np is not None and type(o) is np.ndarray:
             key, n = (o.__array_interface__["data"][0], o.nbytes), o.nbytes
+        elif type(o) is bytearray:  # (torch's own loader, for files it reads, makes one from a count as asked)
+            key, n = (id(o), len(o)), len(o)
         else:
             return
         if n and key not in self.seen:
