@@ -177,7 +177,7 @@ def _planner(results: dict[str, Any], refused: list[LoadError], path: str) -> An
             try:
                 check_zip_bytes(value.getvalue(), f"{path} (DCP entry {fqn})")
                 results[fqn] = torch.load(value, weights_only=True)
-                check_bounds(results[fqn], f"{path} (DCP entry {fqn})")
+                check_bounds(results[fqn], f"{path} (DCP entry {fqn})", len(value.getvalue()))
             except LoadError as e:
                 refused.append(e)
                 raise
