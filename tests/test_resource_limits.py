@@ -163,9 +163,9 @@ def _with_counted(tmp_path, name: str, payload: bytes):
 @pytest.mark.parametrize("name,payload,needle", [
     # bytearray(2**30): a gigabyte of zeros written during the load, from a 20-byte pickle
     ("bytearray", b"c__builtin__\nbytearray\nJ" + struct.pack("<i", 1 << 30) + b"\x85R", "a bytearray made from int"),
-    # torch.Tensor(2e9): 8 GB of uninitialised memory that remap would write and diff compare
-    ("tensor", b"ctorch\nTensor\nJ" + struct.pack("<i", 2_000_000_000) + b"\x85R", "memory made from a count"),
-    ("storage", b"ctorch.storage\nTypedStorage\nJ" + struct.pack("<i", 2_000_000_000) + b"\x85R",
+    # torch.Tensor(2**26): 256 MB of uninitialised memory (of 2e9: 8 GB) that remap would write and diff compare
+    ("tensor", b"ctorch\nTensor\nJ" + struct.pack("<i", 1 << 26) + b"\x85R", "memory made from a count"),
+    ("storage", b"ctorch.storage\nTypedStorage\nJ" + struct.pack("<i", 1 << 26) + b"\x85R",
      "memory made from a count"),
 ])
 def test_memory_made_from_a_count_is_refused(tmp_path, name, payload, needle):
@@ -180,9 +180,12 @@ def test_memory_made_from_a_count_is_refused(tmp_path, name, payload, needle):
 def test_numpy_arrays_made_from_a_count_are_refused_and_real_ones_read(tmp_path):
     np = pytest.importorskip("numpy")
     path = _with_counted(tmp_path, "ndarray", b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
-                                              b"J" + struct.pack("<i", 2_000_000_000) + b"\x85C\x01b\x87R")
+                                              b"J" + struct.pack("<i", 1 << 26) + b"\x85C\x01b\x87R")
     r = invoke("inspect", str(path))
-    assert r.exit_code == 2 and "memory made from a count" in r.stderr, r.stderr
+    assert r.exit_code == 2 and "numpy's _reconstruct" in r.stderr, r.stderr
+    path = _with_counted(tmp_path, "ndarray2", b"cnumpy\nndarray\nJ" + struct.pack("<i", 1 << 26) + b"\x85\x85R")
+    r = invoke("inspect", str(path))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     real = tmp_path / "real.pt"
     torch.save({**_good(), "arr": np.arange(1000.0), "ba": bytearray(b"abc" * 100)}, real)
     r = invoke("inspect", str(real))
@@ -198,3 +201,42 @@ def test_a_bytearray_torch_makes_from_a_count_is_refused_after_its_load(tmp_path
     _splice(clean, path, b"c__builtin__\nbytearray\nJ" + struct.pack("<i", 1 << 27) + b"\x85R", legacy=True)
     r = invoke("inspect", str(path))
     assert r.exit_code == 2 and "memory made from a count" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("payload,needle", [
+    # a count-made CPU tensor converted to float64 during the load (16 GB written by torch's own function)
+    (b"ctorch._utils\n_rebuild_device_tensor_from_cpu_tensor\n(ctorch\nTensor\nJ" + struct.pack("<i", 1 << 26)
+     + b"\x85Rctorch\nfloat64\nX\x03\x00\x00\x00cpu\x89tR", "another dtype"),
+    # the same without the conversion: nothing copied, the budget refuses it after the load
+    (b"ctorch._utils\n_rebuild_device_tensor_from_cpu_tensor\n(ctorch\nTensor\nJ" + struct.pack("<i", 1 << 26)
+     + b"\x85Rctorch\nfloat32\nX\x03\x00\x00\x00cpu\x89tR", "memory made from a count"),
+])
+def test_device_tensors_made_from_a_count_are_refused(tmp_path, payload, needle):
+    path = _with_counted(tmp_path, "device", payload)
+    r = invoke("inspect", str(path))
+    assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_device_tensor_saved_through_numpy_reads_on_the_cpu(tmp_path):
+    """What torch writes for a tensor of a storage-less device (XLA): its CPU copy as a numpy array
+    (bfloat16 as float32) and the dtype to rebuild; read onto the CPU as the bfloat16 tensor."""
+    np = pytest.importorskip("numpy")
+    arr = np.arange(6, dtype=np.float32)
+    head = b"ctorch._utils\n_rebuild_device_tensor_from_numpy\n("
+    clean = tmp_path / "clean.pt"
+    torch.save({**_good(), "arr": arr, "x": SLOT}, clean)
+    data = torch.load(clean, weights_only=False)
+    assert np.array_equal(data["arr"], arr)
+    import pickletools
+    from optckpt.io import torchfile
+    ops = list(pickletools.genops(torchfile._check_zip(str(clean)).pickle))
+    i = next(k for k, (op, arg, _) in enumerate(ops) if op.name == "GLOBAL" and arg.endswith(" _reconstruct"))
+    t3 = next(k for k in range(i, len(ops)) if ops[k][0].name == "TUPLE3")  # (ndarray, (0,), b"b")
+    j = next(k for k in range(t3, len(ops)) if ops[k][0].name == "REDUCE")  # the array, then its memo slot
+    slot = ops[j + 1]
+    assert slot[0].name in ("BINPUT", "LONG_BINPUT")
+    get = b"h" + bytes([slot[1]]) if slot[1] < 256 else b"j" + struct.pack("<I", slot[1])
+    path = tmp_path / "xla.pt"
+    _splice(clean, path, head + get + b"ctorch\nbfloat16\nX\x05\x00\x00\x00xla:0\x89tR", legacy=False)
+    got = torchfile.load_torch_file(str(path), lazy=True).obj["x"]
+    assert got.dtype == torch.bfloat16 and got.device.type == "cpu" and got.tolist() == list(range(6))

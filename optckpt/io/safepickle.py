@@ -149,8 +149,12 @@ def allowed() -> dict[tuple[str, str], Any]:
         module, _, name = full.rpartition(".")
         out[(module, name)] = obj
     out.update(numpy_allowed())
-    if ("builtins", "bytearray") in out:
-        out[("builtins", "bytearray")] = bounded_bytearray
+    for key, bounded in ((("builtins", "bytearray"), bounded_bytearray),
+                         (("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"), _device_from_cpu_tensor),
+                         (("torch._utils", "_rebuild_device_tensor_from_numpy"), _device_from_numpy),
+                         (("torch._utils", "_rebuild_xla_tensor"), _device_from_numpy)):
+        if key in out:  # (the same work, bounded by the file)
+            out[key] = bounded
     allowed.cache = out  # type: ignore[attr-defined]
     return out
 
@@ -175,11 +179,65 @@ def numpy_allowed() -> dict[tuple[str, str], Any]:
         return out
     multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray  # type: ignore[attr-defined]
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out[(mod, "_reconstruct")] = multiarray._reconstruct
+        out[(mod, "_reconstruct")] = _empty_array
         out[(mod, "scalar")] = multiarray.scalar
-    out[("numpy", "ndarray")] = np.ndarray
+    out[("numpy", "ndarray")] = NDARRAY
     out[("numpy", "dtype")] = np.dtype
     return out
+
+
+class _ArrayType:
+    """What a pickle's ``numpy.ndarray`` stands for here: the type :func:`_empty_array` makes, and
+    nothing callable (``ndarray((n,))`` would make ``n`` bytes the file does not hold)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+NDARRAY = _ArrayType()
+
+
+def _empty_array(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's ``_reconstruct`` as numpy's pickles call it: an empty ``ndarray`` (shape ``(0,)``) that
+    ``BUILD`` then fills with the bytes of the pickle; any other shape is memory made from a count."""
+    import numpy as np
+
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray  # type: ignore[attr-defined]
+    if subtype is not NDARRAY or type(shape) is not tuple or not set(map(type, shape)) <= {int} or 0 not in shape:
+        raise pickle.UnpicklingError(f"numpy's _reconstruct of {describe(subtype)} with shape {str(shape)[:40]} (numpy "
+                                     "pickles an empty array, then its bytes)")
+    return multiarray._reconstruct(np.ndarray, shape, dtype)
+
+
+def _device_from_cpu_tensor(data: Any, dtype: Any, device: Any, requires_grad: Any) -> Any:
+    """``torch._utils._rebuild_device_tensor_from_cpu_tensor`` onto the CPU (where optckpt reads every
+    tensor): a tensor of a storage-less device (XLA, MTIA) saved as its CPU copy, of that copy's dtype
+    (torch writes no other: a conversion, or a move, would fill memory the file does not hold)."""
+    import torch
+
+    if type(data) is not torch.Tensor or data.dtype != dtype or type(requires_grad) is not bool:
+        raise pickle.UnpicklingError("a device tensor rebuilt in another dtype than its saved CPU copy")
+    data.requires_grad = requires_grad
+    return data
+
+
+def _device_from_numpy(data: Any, dtype: Any, device: Any, requires_grad: Any) -> Any:
+    """``torch._utils._rebuild_device_tensor_from_numpy`` onto the CPU: the saved array as a tensor,
+    converted only to a dtype no wider than the array's (torch saves bfloat16 as float32 arrays)."""
+    import numpy as np
+    import torch
+
+    if type(data) is not np.ndarray or not isinstance(dtype, torch.dtype) or type(requires_grad) is not bool:
+        raise pickle.UnpicklingError("a device tensor rebuilt from something other than an array")
+    t = torch.from_numpy(data)
+    if t.dtype != dtype:
+        if dtype.itemsize > t.element_size():
+            raise pickle.UnpicklingError(f"a device tensor widened from {t.dtype} to {dtype}")
+        t = t.to(dtype=dtype)
+    t.requires_grad = requires_grad
+    return t
 
 
 def _buildable(inst: Any) -> bool:
