@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     import torch
 
 
-__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "bounded_bytearray", "numpy_allowed", "safe_load_torch",
-           "pickle_module_for", "has_placeholders", "first_placeholder", "fields_of", "is_module_object",
-           "module_tensors", "describe", "same", "walk", "MAX_DEPTH"]
+__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "bounded_bytearray", "numpy_allowed",
+           "safe_load_torch", "pickle_module_for", "has_placeholders", "first_placeholder", "fields_of",
+           "is_module_object", "module_tensors", "describe", "same", "walk", "MAX_DEPTH"]
 
 MAX_DEPTH = 64
 _COPYREG_WRAPPERS = {("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("copyreg", "_reconstructor")}
@@ -177,7 +177,7 @@ def numpy_allowed() -> dict[tuple[str, str], Any]:
         import numpy as np
     except ImportError:
         return out
-    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray  # type: ignore[attr-defined]
+    multiarray = _multiarray(np)
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         out[(mod, "_reconstruct")] = _empty_array
         out[(mod, "scalar")] = multiarray.scalar
@@ -204,11 +204,15 @@ def _empty_array(subtype: Any, shape: Any, dtype: Any) -> Any:
     ``BUILD`` then fills with the bytes of the pickle; any other shape is memory made from a count."""
     import numpy as np
 
-    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray  # type: ignore[attr-defined]
     if subtype is not NDARRAY or type(shape) is not tuple or not set(map(type, shape)) <= {int} or 0 not in shape:
         raise pickle.UnpicklingError(f"numpy's _reconstruct of {describe(subtype)} with shape {str(shape)[:40]} (numpy "
                                      "pickles an empty array, then its bytes)")
-    return multiarray._reconstruct(np.ndarray, shape, dtype)
+    return _multiarray(np)._reconstruct(np.ndarray, shape, dtype)
+
+
+def _multiarray(np: Any) -> Any:
+    """numpy's ``multiarray`` module (``numpy._core`` since numpy 2, ``numpy.core`` before)."""
+    return getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
 
 
 def _device_from_cpu_tensor(data: Any, dtype: Any, device: Any, requires_grad: Any) -> Any:
