@@ -231,8 +231,11 @@ def _torch_read_back(path: str) -> Any:
 
     import torch
 
+    from .io.safepickle import torch_table_bounded
+
     try:
-        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        with torch_table_bounded():
+            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError:
         return None
 

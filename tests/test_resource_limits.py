@@ -192,15 +192,17 @@ def test_numpy_arrays_made_from_a_count_are_refused_and_real_ones_read(tmp_path)
     assert r.exit_code == 0, r.stderr
 
 
-def test_a_bytearray_torch_makes_from_a_count_is_refused_after_its_load(tmp_path):
-    """A legacy (pre-1.6) file is read by torch's own loader, which calls ``bytearray(n)`` as asked: the
-    memory is spent during that load (not prevented), and the file is refused after it, in one line."""
+def test_a_bytearray_torch_would_make_from_a_count_is_refused_before_it_is_made(tmp_path):
+    """A legacy (pre-1.6) file is read by torch's own loader, which calls ``bytearray(n)`` as asked;
+    optckpt runs it with the bounded constructor (:func:`~optckpt.io.safepickle.torch_table_bounded`):
+    refused in one line before the memory is filled (the test's 128 MiB would otherwise be spent)."""
     clean = tmp_path / "clean.pt"
     torch.save({**_good(), "x": SLOT}, clean, _use_new_zipfile_serialization=False)
     path = tmp_path / "legacy.pt"
     _splice(clean, path, b"c__builtin__\nbytearray\nJ" + struct.pack("<i", 1 << 27) + b"\x85R", legacy=True)
     r = invoke("inspect", str(path))
-    assert r.exit_code == 2 and "memory made from a count" in r.stderr, r.stderr
+    assert r.exit_code == 2 and "a bytearray made from int" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("payload,needle", [
@@ -228,6 +230,7 @@ def test_a_device_tensor_saved_through_numpy_reads_on_the_cpu(tmp_path):
     data = torch.load(clean, weights_only=False)
     assert np.array_equal(data["arr"], arr)
     import pickletools
+
     from optckpt.io import torchfile
     ops = list(pickletools.genops(torchfile._check_zip(str(clean)).pickle))
     i = next(k for k, (op, arg, _) in enumerate(ops) if op.name == "GLOBAL" and arg.endswith(" _reconstruct"))
@@ -240,3 +243,59 @@ def test_a_device_tensor_saved_through_numpy_reads_on_the_cpu(tmp_path):
     _splice(clean, path, head + get + b"ctorch\nbfloat16\nX\x05\x00\x00\x00xla:0\x89tR", legacy=False)
     got = torchfile.load_torch_file(str(path), lazy=True).obj["x"]
     assert got.dtype == torch.bfloat16 and got.device.type == "cpu" and got.tolist() == list(range(6))
+
+
+def _encoded(text: str, encoding: str, errors: str | None = None) -> bytes:
+    """``_codecs.encode(text, encoding[, errors])`` as raw opcodes (pickle writes bytes this way before
+    protocol 3, with ``latin1``)."""
+    def s(v: str) -> bytes:
+        b = v.encode()
+        return b"X" + struct.pack("<I", len(b)) + b
+    return b"c_codecs\nencode\n(" + s(text) + s(encoding) + (s(errors) if errors else b"") + b"tR"
+
+
+# ~1 ms a character in punycode's encoder: 3,000 of them cost seconds, a 1 MB pickle hours
+_SLOW = "".join(chr(0x100 + (i * 7919) % 5000) for i in range(3000))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("payload", [
+    _encoded(_SLOW, "punycode"),
+    _encoded("abc", "latin1", "backslashreplace"),  # an error handler: whatever a library registered under the name
+    b"c__builtin__\nbytearray\n(X" + struct.pack("<I", len(_SLOW.encode())) + _SLOW.encode()
+    + b"X\x08\x00\x00\x00punycodetR",
+])
+def test_codecs_other_than_what_pickle_writes_are_refused_before_they_run(tmp_path, payload, legacy):
+    """``_codecs.encode`` and ``bytearray(str, encoding)`` are in torch's allowlist for the bytes pickle
+    writes as latin-1 text; any codec name was looked up (an ``encodings`` module imported by the
+    file's say) and run: punycode's encoder takes ~1 ms a character (torch's loader alike). Refused in
+    one line by optckpt's readers and, where optckpt calls torch's loader (legacy files), by it too."""
+    clean = tmp_path / "clean.pt"
+    torch.save({**_good(), "x": SLOT}, clean, _use_new_zipfile_serialization=not legacy)
+    path = tmp_path / "codec.pt"
+    _splice(clean, path, payload, legacy=legacy)
+    r = invoke("inspect", str(path))
+    assert r.exit_code == 2 and "refused" in r.stderr and "_codecs.encode with" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bytes_pickled_as_latin1_text_still_read(tmp_path):
+    """What pickle writes for bytes and bytearrays before protocol 3 (torch.save's protocol 2) reads as
+    before, in every reader: the lazy one, the torch-backed ones, torch's own (legacy files)."""
+    import pickle as pkl
+
+    import torch._weights_only_unpickler as wou
+
+    from optckpt.io import load
+    table = wou._get_allowed_globals
+    payload = bytes(range(256)) * 4
+    for legacy in (False, True):
+        p = tmp_path / f"bytes_{legacy}.pt"
+        torch.save({**_good(), "raw": payload, "arr": bytearray(payload)}, p, _use_new_zipfile_serialization=not legacy)
+        data = p.read_bytes()
+        assert b"_codecs\nencode" in data or b"_codecs\x94" in data or legacy, "protocol 2 writes bytes as latin-1 text"
+        for lazy in (False, True):
+            obj = load(p, lazy=lazy).parts[0].obj
+            assert obj["raw"] == payload and obj["arr"] == bytearray(payload)
+    assert pkl.loads(pkl.dumps(payload, protocol=2)) == payload
+    assert wou._get_allowed_globals is table  # (torch's table swapped for its loads only)

@@ -29,6 +29,7 @@ from ..errors import LoadError, UnsafePickleError, WriteError
 from .bounds import check_bounds
 from .globals_guard import Globals, load_keeping
 from .paths import is_dcp_dir, is_regular, member_path, require_regular
+from .safepickle import torch_table_bounded
 from .torchfile import check_zip_bytes
 
 __all__ = ["is_dcp_dir", "load_dcp", "read_dcp_metadata", "save_dcp", "rewrite_dcp", "commit_in_place",
@@ -176,7 +177,8 @@ def _planner(results: dict[str, Any], refused: list[LoadError], path: str) -> An
             fqn = read_item.dest_index.fqn
             try:
                 check_zip_bytes(value.getvalue(), f"{path} (DCP entry {fqn})")
-                results[fqn] = torch.load(value, weights_only=True)
+                with torch_table_bounded():
+                    results[fqn] = torch.load(value, weights_only=True)
                 check_bounds(results[fqn], f"{path} (DCP entry {fqn})", len(value.getvalue()))
             except LoadError as e:
                 refused.append(e)

@@ -37,7 +37,6 @@ pickle changed afterwards is refused (:func:`_check_unbuilt`), as is a tensor wi
 
 from __future__ import annotations
 
-import codecs
 import io
 import os
 import pickle
@@ -53,7 +52,15 @@ from ..gcpause import gc_paused
 from ..tensors import DTYPES, STORAGE_DTYPES, DType, NeedsTorch, RecordSource, RecordTensor, Size, view_inside
 from .bounds import MAX_EXPANDED_VIEW
 from .globals_guard import Globals, load_keeping
-from .safepickle import PickledGlobal, PickledObject, SafeUnpickler, bounded_bytearray, numpy_allowed, walk
+from .safepickle import (
+    PickledGlobal,
+    PickledObject,
+    SafeUnpickler,
+    bounded_bytearray,
+    bounded_encode,
+    numpy_allowed,
+    walk,
+)
 from .zipscan import ZipLayout
 
 __all__ = ["NeedsGlobal", "NeedsPlaceholders", "NeedsTorch", "fast_allowed", "lazy_allowed", "read_zip_pickle",
@@ -300,7 +307,7 @@ def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
     """The lazy reader's globals: each an exact ``(module, name)`` of the safe reader's allowlist
     (tests/test_lazy_reader.py checks that it is a subset), standing in for torch's objects."""
 
-    same_tuple = {}.setdefault  # (this load's shapes and strides)
+    same_tuple = dict[tuple[int, ...], tuple[int, ...]]().setdefault  # (this load's shapes and strides)
 
     def v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
            metadata: Any = None) -> RecordTensor:
@@ -361,7 +368,7 @@ def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_tensor_v2"): v2, ("torch._utils", "_rebuild_tensor_v3"): v3,
         ("torch._utils", "_rebuild_parameter"): parameter, ("collections", "OrderedDict"): OrderedDict,
         ("collections", "Counter"): Counter, ("builtins", "set"): set, ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bounded_bytearray, ("_codecs", "encode"): codecs.encode, ("torch", "Size"): Size,
+        ("builtins", "bytearray"): bounded_bytearray, ("_codecs", "encode"): bounded_encode, ("torch", "Size"): Size,
         ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None),
     }
     for name, dt in STORAGE_DTYPES.items():

@@ -36,12 +36,18 @@ if TYPE_CHECKING:
     import torch
 
 
-__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "bounded_bytearray", "numpy_allowed",
-           "safe_load_torch", "pickle_module_for", "has_placeholders", "first_placeholder", "fields_of",
-           "is_module_object", "module_tensors", "describe", "same", "walk", "MAX_DEPTH"]
+__all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "bounded_bytearray", "bounded_encode",
+           "numpy_allowed", "torch_table_bounded", "Unbounded", "safe_load_torch", "pickle_module_for",
+           "has_placeholders", "first_placeholder", "fields_of", "is_module_object", "module_tensors", "describe",
+           "same", "walk", "MAX_DEPTH"]
 
 MAX_DEPTH = 64
 _COPYREG_WRAPPERS = {("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("copyreg", "_reconstructor")}
+
+
+class Unbounded(pickle.UnpicklingError):
+    """An allowlisted constructor asked for what the file's bytes do not bound (memory from a count, a
+    codec other than pickle's): refused as it is called, before the work is done."""
 
 
 class PickledGlobal:
@@ -149,7 +155,7 @@ def allowed() -> dict[tuple[str, str], Any]:
         module, _, name = full.rpartition(".")
         out[(module, name)] = obj
     out.update(numpy_allowed())
-    for key, bounded in ((("builtins", "bytearray"), bounded_bytearray),
+    for key, bounded in ((("builtins", "bytearray"), bounded_bytearray), (("_codecs", "encode"), bounded_encode),
                          (("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"), _device_from_cpu_tensor),
                          (("torch._utils", "_rebuild_device_tensor_from_numpy"), _device_from_numpy),
                          (("torch._utils", "_rebuild_xla_tensor"), _device_from_numpy)):
@@ -162,11 +168,63 @@ def allowed() -> dict[tuple[str, str], Any]:
 def bounded_bytearray(*args: Any) -> bytearray:
     """``bytearray`` as a pickle makes one (from bytes, or a str and its encoding: what pickle writes;
     a list of ints), never from a count: ``bytearray(2**31)`` would fill 2 GB with zeros for a 20-byte
-    pickle, work no longer bounded by the file (torch's loader calls it as given)."""
+    pickle, work no longer bounded by the file (torch's loader calls it as given). A str is encoded
+    only as :func:`bounded_encode` encodes it."""
     if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
-        raise pickle.UnpicklingError(f"a bytearray made from {type(args[0]).__name__} (a count, not bytes of the "
+        raise Unbounded(f"a bytearray made from {type(args[0]).__name__} (a count, not bytes of the "
                                      "file)")
+    if len(args) > 1:
+        return bytearray(bounded_encode(*args))
     return bytearray(*args)
+
+
+# what pickle's protocols 0-2 write for bytes (``_codecs.encode(s, "latin1")``), and the default
+_ENCODINGS = frozenset({"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "utf-8", "utf8", "utf_8"})
+
+
+def bounded_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode`` as a pickle uses it: a str encoded as latin-1 (what pickle writes for bytes
+    before protocol 3) or UTF-8, strictly. Any other codec name is refused before it is looked up:
+    looking it up imports the ``encodings`` module of that name, some codecs take far more than linear
+    time (``punycode``: ~1 ms a character, a 30 KB pickle held ``inspect`` for 10 s, torch's loader
+    alike), and an ``errors`` name runs whatever handler some library registered under it."""
+    if type(encoding) is not str or encoding.lower() not in _ENCODINGS:
+        raise Unbounded(f"_codecs.encode with encoding {str(encoding)[:40]!r} (pickle writes bytes as latin-1 text; "
+                        "any other codec is refused)")
+    if type(errors) is not str or errors != "strict":
+        raise Unbounded(f"_codecs.encode with error handler {str(errors)[:40]!r} (pickle writes none; refused)")
+    if type(obj) is not str:
+        raise Unbounded(f"_codecs.encode of {type(obj).__name__} (pickle encodes text)")
+    return obj.encode(encoding.lower())
+
+
+def torch_table_bounded() -> Any:
+    """A context in which torch's own weights-only loader (where optckpt still calls it: legacy
+    files, big-endian ones, DCP's byte entries, ``--verify torch``) makes bytes and bytearrays only as
+    optckpt's readers do (:func:`bounded_encode`, :func:`bounded_bytearray`): its table of allowed
+    globals, looked up on every ``GLOBAL`` and ``REDUCE``, is swapped for a copy with those two for
+    the load. Stricter only for pickles no pickler writes; a torch without that table is left as it is."""
+    import contextlib
+
+    import torch._weights_only_unpickler as wou
+
+    @contextlib.contextmanager
+    def swapped() -> Iterator[None]:
+        original = getattr(wou, "_get_allowed_globals", None)
+        if original is None:
+            yield
+            return
+        table = dict(original())
+        for name, bounded in (("_codecs.encode", bounded_encode), ("builtins.bytearray", bounded_bytearray)):
+            if name in table:
+                table[name] = bounded
+        setattr(wou, "_get_allowed_globals", lambda: table)  # noqa: B010  (a module attribute mypy types as cached)
+        try:
+            yield
+        finally:
+            setattr(wou, "_get_allowed_globals", original)  # noqa: B010
+
+    return swapped()
 
 
 def numpy_allowed() -> dict[tuple[str, str], Any]:
@@ -205,7 +263,7 @@ def _empty_array(subtype: Any, shape: Any, dtype: Any) -> Any:
     import numpy as np
 
     if subtype is not NDARRAY or type(shape) is not tuple or not set(map(type, shape)) <= {int} or 0 not in shape:
-        raise pickle.UnpicklingError(f"numpy's _reconstruct of {describe(subtype)} with shape {str(shape)[:40]} (numpy "
+        raise Unbounded(f"numpy's _reconstruct of {describe(subtype)} with shape {str(shape)[:40]} (numpy "
                                      "pickles an empty array, then its bytes)")
     return _multiarray(np)._reconstruct(np.ndarray, shape, dtype)
 
@@ -222,7 +280,7 @@ def _device_from_cpu_tensor(data: Any, dtype: Any, device: Any, requires_grad: A
     import torch
 
     if type(data) is not torch.Tensor or data.dtype != dtype or type(requires_grad) is not bool:
-        raise pickle.UnpicklingError("a device tensor rebuilt in another dtype than its saved CPU copy")
+        raise Unbounded("a device tensor rebuilt in another dtype than its saved CPU copy")
     data.requires_grad = requires_grad
     return data
 
@@ -234,11 +292,11 @@ def _device_from_numpy(data: Any, dtype: Any, device: Any, requires_grad: Any) -
     import torch
 
     if type(data) is not np.ndarray or not isinstance(dtype, torch.dtype) or type(requires_grad) is not bool:
-        raise pickle.UnpicklingError("a device tensor rebuilt from something other than an array")
+        raise Unbounded("a device tensor rebuilt from something other than an array")
     t = torch.from_numpy(data)
     if t.dtype != dtype:
         if dtype.itemsize > t.element_size():
-            raise pickle.UnpicklingError(f"a device tensor widened from {t.dtype} to {dtype}")
+            raise Unbounded(f"a device tensor widened from {t.dtype} to {dtype}")
         t = t.to(dtype=dtype)
     t.requires_grad = requires_grad
     return t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -24,6 +25,7 @@ from .reader import (
     read_zip_pickle_placeholders,
 )
 from .readguard import file_mappings, offset_in
+from .safepickle import Unbounded, torch_table_bounded
 from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_bytes, parse_zip
 
 __all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals", "zip_infos", "zip_layout", "check_zip_bytes"]
@@ -121,6 +123,8 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
             return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True, placeholders=True)
         except (LoadError, KeyboardInterrupt):
             raise
+        except Unbounded as e:
+            raise _unbounded(path, e) from None
         except RecursionError:
             raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
         except Exception as e:  # the C unpickler reports a malformed pickle with many types
@@ -144,12 +148,8 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
             cwd = os.getcwd()
             if cwd not in sys.path:
                 sys.path.insert(0, cwd)
-        obj = torch.load(
-            path,
-            map_location=_map,
-            weights_only=not trust_pickle,
-            mmap=zip_format,
-        )
+        with contextlib.nullcontext() if trust_pickle else torch_table_bounded():
+            obj = torch.load(path, map_location=_map, weights_only=not trust_pickle, mmap=zip_format)
     except ModuleNotFoundError as e:  # (only under --trust-pickle: the safe reader imports nothing)
         raise LoadError(f"{path}: its pickled objects need the module {e.name!r}, which is not importable from "
                         f"{os.getcwd()}: run optckpt from the training code's directory or set PYTHONPATH") from None
@@ -193,12 +193,18 @@ def _read_lazily(path: str, checked: _Checked, locations: dict[str, None]) -> To
         return None
     except (LoadError, KeyboardInterrupt):
         raise
+    except Unbounded as e:
+        raise _unbounded(path, e) from None
     except RecursionError:
         raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
     except Exception as e:
         raise LoadError(f"{path}: corrupt pickle: {_first_line(e)}") from None
     check_bounds(obj, path, os.path.getsize(path))
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True, placeholders=placeholders)
+
+
+def _unbounded(path: str, e: Unbounded) -> LoadError:
+    return LoadError(f"{path}: {_first_line(e)}: work the file does not bound; refused")
 
 
 def _recorder(locations: dict[str, None], check: Any) -> Any:
@@ -252,6 +258,8 @@ def _load_placeholders(path: str, map_location: Any, zip_format: bool, said: lis
         return safe_load_torch(path, map_location, zip_format=zip_format)
     except (KeyboardInterrupt, LoadError):
         raise
+    except Unbounded as e:  # (torch's loader, which reads the file first, says only that it refused)
+        raise _unbounded(path, e) from None
     except RecursionError:
         raise UnsafePickleError(path, unsafe_globals(path) or said, "nested too deeply to read safely") from None
     except Exception as e:
