@@ -58,6 +58,7 @@ from .safepickle import (
     SafeUnpickler,
     bounded_bytearray,
     bounded_encode,
+    empty_bytes,
     numpy_allowed,
     walk,
 )
@@ -117,7 +118,9 @@ def fast_allowed() -> dict[tuple[str, str], Any]:
     if cached is None:
         from .safepickle import allowed
 
-        cached = dict(allowed())
+        # (no numpy: the C loop would run BUILD on its dtypes and arrays unchecked; such a file goes to
+        # the safe reader, which checks them: safepickle.check_numpy_state)
+        cached = {k: v for k, v in allowed().items() if k[0] != "numpy" and not k[0].startswith("numpy.")}
         cached[("torch._utils", "_rebuild_tensor_v2")] = _rebuild_tensor_v2
         fast_allowed.cache = cached  # type: ignore[attr-defined]
     return cached
@@ -368,7 +371,8 @@ def _lazy_table(source: RecordSource) -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_tensor_v2"): v2, ("torch._utils", "_rebuild_tensor_v3"): v3,
         ("torch._utils", "_rebuild_parameter"): parameter, ("collections", "OrderedDict"): OrderedDict,
         ("collections", "Counter"): Counter, ("builtins", "set"): set, ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bounded_bytearray, ("_codecs", "encode"): bounded_encode, ("torch", "Size"): Size,
+        ("builtins", "bytearray"): bounded_bytearray, ("_codecs", "encode"): bounded_encode,
+        ("builtins", "bytes"): empty_bytes, ("torch", "Size"): Size,
         ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None),
     }
     for name, dt in STORAGE_DTYPES.items():

@@ -37,17 +37,31 @@ if TYPE_CHECKING:
 
 
 __all__ = ["PickledGlobal", "PickledObject", "SafeUnpickler", "allowed", "bounded_bytearray", "bounded_encode",
-           "numpy_allowed", "torch_table_bounded", "Unbounded", "safe_load_torch", "pickle_module_for",
-           "has_placeholders", "first_placeholder", "fields_of", "is_module_object", "module_tensors", "describe",
-           "same", "walk", "MAX_DEPTH"]
+           "empty_bytes", "numpy_allowed", "torch_table_bounded", "Refused", "Unbounded", "NotNumpys",
+           "safe_load_torch", "pickle_module_for", "has_placeholders", "first_placeholder", "fields_of",
+           "is_module_object", "module_tensors", "describe", "same", "walk", "MAX_DEPTH"]
 
 MAX_DEPTH = 64
 _COPYREG_WRAPPERS = {("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("copyreg", "_reconstructor")}
 
 
-class Unbounded(pickle.UnpicklingError):
-    """An allowlisted constructor asked for what the file's bytes do not bound (memory from a count, a
-    codec other than pickle's): refused as it is called, before the work is done."""
+class Refused(pickle.UnpicklingError):
+    """An allowlisted constructor called as no pickler calls it: refused as it is called, before it
+    does anything. ``verdict``: what the one-line error says of it."""
+
+    verdict = "refused"
+
+
+class Unbounded(Refused):
+    """Asked for what the file's bytes do not bound (memory from a count, a codec other than pickle's)."""
+
+    verdict = "work the file does not bound; refused"
+
+
+class NotNumpys(Refused):
+    """A numpy dtype, array or scalar numpy's pickles never make (numpy's C code trusts them)."""
+
+    verdict = "not what numpy pickles (unsafe for numpy to read); refused"
 
 
 class PickledGlobal:
@@ -155,6 +169,7 @@ def allowed() -> dict[tuple[str, str], Any]:
         module, _, name = full.rpartition(".")
         out[(module, name)] = obj
     out.update(numpy_allowed())
+    out[("builtins", "bytes")] = empty_bytes
     for key, bounded in ((("builtins", "bytearray"), bounded_bytearray), (("_codecs", "encode"), bounded_encode),
                          (("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"), _device_from_cpu_tensor),
                          (("torch._utils", "_rebuild_device_tensor_from_numpy"), _device_from_numpy),
@@ -176,6 +191,15 @@ def bounded_bytearray(*args: Any) -> bytearray:
     if len(args) > 1:
         return bytearray(bounded_encode(*args))
     return bytearray(*args)
+
+
+def empty_bytes(*args: Any) -> bytes:
+    """``bytes()``: what pickle writes for ``b""`` before protocol 3 (other bytes go through
+    :func:`bounded_encode`), an empty numpy array's data among them. Nothing else: ``bytes(n)`` is n
+    zero bytes from a count (torch's allowlist has no ``bytes``: it refuses even ``b""``)."""
+    if args:
+        raise Unbounded(f"bytes made from {type(args[0]).__name__} (pickle writes only bytes() this way)")
+    return b""
 
 
 # what pickle's protocols 0-2 write for bytes (``_codecs.encode(s, "latin1")``), and the default
@@ -232,16 +256,62 @@ def numpy_allowed() -> dict[tuple[str, str], Any]:
     importing numpy imports no torch)."""
     out: dict[tuple[str, str], Any] = {}
     try:
-        import numpy as np
+        import numpy  # noqa: F401  (the constructors below import it again when called)
     except ImportError:
         return out
-    multiarray = _multiarray(np)
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         out[(mod, "_reconstruct")] = _empty_array
-        out[(mod, "scalar")] = multiarray.scalar
+        out[(mod, "scalar")] = _scalar
     out[("numpy", "ndarray")] = NDARRAY
-    out[("numpy", "dtype")] = np.dtype
+    out[("numpy", "dtype")] = _new_dtype
     return out
+
+
+# numpy's objects are memory-safe only as numpy's own pickles make them. Its C code trusts a dtype's
+# pickled state (field offsets past the item, an object field whose flags say "no objects": the
+# bytes of the file then read as object pointers, a crash or worse at the first repr or hash), and
+# ``scalar(dtype)`` with no bytes makes such pointers itself. So: a dtype is always a new one (never
+# numpy's shared float64, which a BUILD would change for the whole process), its BUILD only the
+# state numpy writes for it (no fields, flags or sizes of another layout: structured dtypes are not
+# read), a scalar only from its bytes, and these reach only the pure-Python reader, whose BUILD
+# checks them (:func:`check_numpy_state`), never the C unpickler, which calls ``__setstate__`` as given.
+
+def _new_dtype(spec: Any, align: Any = False, copy: Any = True) -> Any:
+    """``numpy.dtype(spec, align, copy)`` as numpy's pickles call it, always a new object."""
+    import numpy as np
+
+    if type(spec) is not str or type(align) is not bool or type(copy) is not bool:
+        raise NotNumpys(f"numpy.dtype({str(spec)[:40]!r}, ...) (numpy pickles a dtype by its code)")
+    return np.dtype(spec, align, True)
+
+
+def _scalar(*args: Any) -> Any:
+    """numpy's ``scalar(dtype, data)`` as numpy pickles a scalar: a dtype and the scalar's bytes (a
+    list where the dtype holds objects); without them numpy makes the scalar from nothing."""
+    import numpy as np
+
+    if len(args) != 2 or not isinstance(args[0], np.dtype) or type(args[1]) is not (list if args[0].hasobject
+                                                                                     else bytes):
+        raise NotNumpys(f"a numpy scalar made from ({', '.join(describe(a) for a in args)[:120]})")
+    return _multiarray(np).scalar(*args)
+
+
+def check_numpy_state(inst: Any, state: Any) -> None:
+    """Refuse a ``BUILD`` of a numpy dtype or array that numpy's pickles never write: a dtype's state
+    must be the one numpy writes for that dtype (its byte order aside), an array's must name a dtype
+    and hold bytes (or, for objects, a list)."""
+    import numpy as np
+
+    if isinstance(inst, np.dtype):
+        if type(state) is tuple and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            same = inst.newbyteorder(state[1]) if state[1] in ("<", ">") else inst
+            if same.__reduce__()[2] == state:
+                return
+        raise NotNumpys(f"a numpy dtype ({inst}) given a state numpy does not write for it (fields, sizes or flags "
+                        "of another layout; structured dtypes are not read)")
+    if type(state) is not tuple or len(state) != 5 or not isinstance(state[2], np.dtype) \
+            or type(state[4]) is not (list if state[2].hasobject else bytes):
+        raise NotNumpys("a numpy array given a state numpy does not write (a dtype, then its bytes)")
 
 
 class _ArrayType:
@@ -405,6 +475,7 @@ class SafeUnpickler(_PyUnpickler):
         elif type(inst) is OrderedDict:
             inst.__dict__.update(state)
         elif _buildable(inst):
+            check_numpy_state(inst, state)
             inst.__setstate__(state)
         else:
             raise pickle.UnpicklingError(f"refusing to set the state of {describe(inst)}")

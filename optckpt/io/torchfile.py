@@ -25,7 +25,7 @@ from .reader import (
     read_zip_pickle_placeholders,
 )
 from .readguard import file_mappings, offset_in
-from .safepickle import Unbounded, torch_table_bounded
+from .safepickle import Refused, has_placeholders, torch_table_bounded
 from .zipscan import ZipCorruptError, ZipEntry, ZipLayout, ZipStructureError, parse_bytes, parse_zip
 
 __all__ = ["sniff", "TorchLoad", "load_torch_file", "unsafe_globals", "zip_infos", "zip_layout", "check_zip_bytes"]
@@ -120,11 +120,13 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, kind: str | None =
             locations.clear()
             obj = _load_placeholders(path, _recorder(locations, None), True, [e.name])
             check_bounds(obj, path, os.path.getsize(path))
-            return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True, placeholders=True)
+            # (numpy's globals send a file here too: the safe reader checks their BUILD; it may hold no placeholder)
+            return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True,
+                             placeholders=has_placeholders(obj))
         except (LoadError, KeyboardInterrupt):
             raise
-        except Unbounded as e:
-            raise _unbounded(path, e) from None
+        except Refused as e:
+            raise _refused(path, e) from None
         except RecursionError:
             raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
         except Exception as e:  # the C unpickler reports a malformed pickle with many types
@@ -193,8 +195,8 @@ def _read_lazily(path: str, checked: _Checked, locations: dict[str, None]) -> To
         return None
     except (LoadError, KeyboardInterrupt):
         raise
-    except Unbounded as e:
-        raise _unbounded(path, e) from None
+    except Refused as e:
+        raise _refused(path, e) from None
     except RecursionError:
         raise LoadError(f"{path}: corrupt pickle: nested too deeply to read") from None
     except Exception as e:
@@ -203,8 +205,8 @@ def _read_lazily(path: str, checked: _Checked, locations: dict[str, None]) -> To
     return TorchLoad(obj=obj, saved_locations=tuple(locations), zip_format=True, placeholders=placeholders)
 
 
-def _unbounded(path: str, e: Unbounded) -> LoadError:
-    return LoadError(f"{path}: {_first_line(e)}: work the file does not bound; refused")
+def _refused(path: str, e: Refused) -> LoadError:
+    return LoadError(f"{path}: {_first_line(e)}: {e.verdict}")
 
 
 def _recorder(locations: dict[str, None], check: Any) -> Any:
@@ -258,8 +260,8 @@ def _load_placeholders(path: str, map_location: Any, zip_format: bool, said: lis
         return safe_load_torch(path, map_location, zip_format=zip_format)
     except (KeyboardInterrupt, LoadError):
         raise
-    except Unbounded as e:  # (torch's loader, which reads the file first, says only that it refused)
-        raise _unbounded(path, e) from None
+    except Refused as e:  # (torch's loader, which reads the file first, says only that it refused)
+        raise _refused(path, e) from None
     except RecursionError:
         raise UnsafePickleError(path, unsafe_globals(path) or said, "nested too deeply to read safely") from None
     except Exception as e:
