@@ -189,8 +189,7 @@ def bounded_bytearray(*args: Any) -> bytearray:
     pickle, work no longer bounded by the file (torch's loader calls it as given). A str is encoded
     only as :func:`bounded_encode` encodes it."""
     if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
-        raise Unbounded(f"a bytearray made from {type(args[0]).__name__} (a count, not bytes of the "
-                                     "file)")
+        raise Unbounded(f"a bytearray made from {type(args[0]).__name__} (a count, not bytes of the file)")
     if len(args) > 1:
         return bytearray(bounded_encode(*args))
     return bytearray(*args)
@@ -258,10 +257,11 @@ def bounded_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") ->
 
 def torch_table_bounded() -> Any:
     """A context in which torch's own weights-only loader (where optckpt still calls it: legacy
-    files, big-endian ones, DCP's byte entries, ``--verify torch``) makes bytes and bytearrays only as
-    optckpt's readers do (:func:`bounded_encode`, :func:`bounded_bytearray`): its table of allowed
-    globals, looked up on every ``GLOBAL`` and ``REDUCE``, is swapped for a copy with those two for
-    the load. Stricter only for pickles no pickler writes; a torch without that table is left as it is."""
+    files, big-endian ones, DCP's byte entries, ``--verify torch``) makes bytes, bytearrays and
+    containers only as optckpt's readers do (:func:`bounded_encode`, :func:`bounded_bytearray`,
+    :func:`_made_from`): its table of allowed globals, looked up on every ``GLOBAL`` and ``REDUCE``, is
+    swapped for a copy with those for the load. Stricter only for pickles no pickler writes; a torch
+    without that table is left as it is."""
     import contextlib
 
     import torch._weights_only_unpickler as wou
@@ -368,8 +368,8 @@ def _empty_array(subtype: Any, shape: Any, dtype: Any) -> Any:
     import numpy as np
 
     if subtype is not NDARRAY or type(shape) is not tuple or not set(map(type, shape)) <= {int} or 0 not in shape:
-        raise Unbounded(f"numpy's _reconstruct of {describe(subtype)} with shape {str(shape)[:40]} (numpy "
-                                     "pickles an empty array, then its bytes)")
+        raise Unbounded(f"numpy's _reconstruct of {describe(subtype)} with shape {str(shape)[:40]} (numpy pickles "
+                        "an empty array, then its bytes)")
     return _multiarray(np)._reconstruct(np.ndarray, shape, dtype)
 
 
