@@ -20,6 +20,7 @@ walk over placeholders (display, equality, model discovery) visits each object o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -170,17 +171,31 @@ def allowed() -> dict[tuple[str, str], Any]:
         out[(module, name)] = obj
     out.update(numpy_allowed())
     out[("builtins", "bytes")] = empty_bytes
-    for key, made in _containers().items():
-        if key in out:
-            out[key] = made
-    for key, bounded in ((("builtins", "bytearray"), bounded_bytearray), (("_codecs", "encode"), bounded_encode),
-                         (("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"), _device_from_cpu_tensor),
-                         (("torch._utils", "_rebuild_device_tensor_from_numpy"), _device_from_numpy),
-                         (("torch._utils", "_rebuild_xla_tensor"), _device_from_numpy)):
+    for key, bounded in _bounded().items():
         if key in out:  # (the same work, bounded by the file)
             out[key] = bounded
     allowed.cache = out  # type: ignore[attr-defined]
     return out
+
+
+def _bounded() -> dict[tuple[str, str], Any]:
+    """torch's allowlisted constructors as optckpt calls them, each bounded by the file (the safe
+    reader's table and, for its loads, torch's own: :func:`torch_table_bounded`)."""
+    cached = getattr(_bounded, "cache", None)
+    if cached is not None:
+        return cached
+    import torch
+
+    _bounded.cache = {  # type: ignore[attr-defined]
+        ("builtins", "bytearray"): bounded_bytearray, ("_codecs", "encode"): bounded_encode,
+        ("builtins", "set"): _made_from(set, "set", (list, tuple)),
+        ("collections", "Counter"): _made_from(Counter, "Counter", (dict,)),
+        ("collections", "OrderedDict"): _made_from(OrderedDict, "OrderedDict", (list, tuple, dict)),
+        ("torch", "Size"): _made_from(torch.Size, "torch.Size", (tuple, list)),
+        ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _device_from_cpu_tensor,
+        ("torch._utils", "_rebuild_device_tensor_from_numpy"): _device_from_numpy,
+        ("torch._utils", "_rebuild_xla_tensor"): _device_from_numpy}
+    return _bounded.cache  # type: ignore[attr-defined]
 
 
 def bounded_bytearray(*args: Any) -> bytearray:
@@ -209,21 +224,6 @@ def _made_from(cls: Any, name: str, accepted: tuple[type, ...]) -> Any:
 
     make.__qualname__ = make.__name__ = name
     return make
-
-
-def _containers() -> dict[tuple[str, str], Any]:
-    """The bounded container constructors, for the safe reader's table and torch's (:func:`torch_table_bounded`)."""
-    cached = getattr(_containers, "cache", None)
-    if cached is not None:
-        return cached
-    import torch
-
-    _containers.cache = {  # type: ignore[attr-defined]
-        ("builtins", "set"): _made_from(set, "set", (list, tuple)),
-        ("collections", "Counter"): _made_from(Counter, "Counter", (dict,)),
-        ("collections", "OrderedDict"): _made_from(OrderedDict, "OrderedDict", (list, tuple, dict)),
-        ("torch", "Size"): _made_from(torch.Size, "torch.Size", (tuple, list))}
-    return _containers.cache  # type: ignore[attr-defined]
 
 
 def empty_bytes(*args: Any) -> bytes:
@@ -255,35 +255,28 @@ def bounded_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") ->
     return obj.encode(encoding.lower())
 
 
-def torch_table_bounded() -> Any:
+@contextlib.contextmanager
+def torch_table_bounded() -> Iterator[None]:
     """A context in which torch's own weights-only loader (where optckpt still calls it: legacy
-    files, big-endian ones, DCP's byte entries, ``--verify torch``) makes bytes, bytearrays and
-    containers only as optckpt's readers do (:func:`bounded_encode`, :func:`bounded_bytearray`,
-    :func:`_made_from`): its table of allowed globals, looked up on every ``GLOBAL`` and ``REDUCE``, is
-    swapped for a copy with those for the load. Stricter only for pickles no pickler writes; a torch
-    without that table is left as it is."""
-    import contextlib
-
+    files, big-endian ones, DCP's byte entries, ``--verify torch``) calls its allowlisted constructors
+    as optckpt's readers do (:func:`_bounded`): its table of allowed globals, looked up on every
+    ``GLOBAL`` and ``REDUCE``, is swapped for a copy with those for the load. Stricter only for
+    pickles no pickler writes; a torch without that table is left as it is."""
     import torch._weights_only_unpickler as wou
 
-    @contextlib.contextmanager
-    def swapped() -> Iterator[None]:
-        original = getattr(wou, "_get_allowed_globals", None)
-        if original is None:
-            yield
-            return
-        table = dict(original())
-        for name, bounded in (("_codecs.encode", bounded_encode), ("builtins.bytearray", bounded_bytearray),
-                              *((".".join(k), v) for k, v in _containers().items())):
-            if name in table:
-                table[name] = bounded
-        setattr(wou, "_get_allowed_globals", lambda: table)  # noqa: B010  (a module attribute mypy types as cached)
-        try:
-            yield
-        finally:
-            setattr(wou, "_get_allowed_globals", original)  # noqa: B010
-
-    return swapped()
+    original = getattr(wou, "_get_allowed_globals", None)
+    if original is None:
+        yield
+        return
+    table = dict(original())
+    for (module, name), bounded in _bounded().items():
+        if f"{module}.{name}" in table:
+            table[f"{module}.{name}"] = bounded
+    setattr(wou, "_get_allowed_globals", lambda: table)  # noqa: B010  (a module attribute mypy types as cached)
+    try:
+        yield
+    finally:
+        setattr(wou, "_get_allowed_globals", original)  # noqa: B010
 
 
 def numpy_allowed() -> dict[tuple[str, str], Any]:
