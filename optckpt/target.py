@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import OptckptError, TargetError
+from .io.jsonfile import loads as loads_json
 from .mapping import SourceNames
 
 if TYPE_CHECKING:
@@ -149,8 +149,8 @@ def _names_file(path: str) -> Target:
         names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         return Target(path, _checked_names(path, [names]))
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
+        data = loads_json(text)
+    except ValueError as e:
         raise TargetError(f"{path}: invalid JSON ({e})") from None
     if isinstance(data, list) and all(isinstance(x, str) for x in data):
         return Target(path, _checked_names(path, [list(data)]))

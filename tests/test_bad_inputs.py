@@ -161,3 +161,38 @@ def test_truncated_model_safetensors_in_a_trainer_directory_is_an_error(tmp_path
     shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
     (d / "optimizer.pt").write_bytes(b"not a torch file")
     _err(invoke("inspect", str(d)), "optimizer.pt")
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000  # (200 KB: past Python's JSON parser's recursion)
+
+
+def test_json_nested_too_deeply_is_malformed_json(tmp_path):
+    """Python's parser reports such nesting as a RecursionError, which no malformed-JSON handler caught:
+    each was an "unexpected RecursionError". Now the JSON is malformed as any other, where it is read."""
+    import struct
+
+    header = ('{"__metadata__": ' + _DEEP + "}").encode()
+    st = tmp_path / "deep.safetensors"
+    st.write_bytes(struct.pack("<Q", len(header)) + header)
+    _err(invoke("inspect", str(st)), "corrupt safetensors header", "nested too deeply")
+    names = tmp_path / "names.json"
+    names.write_text(_DEEP)
+    _err(invoke("check", str(FIXTURES / "bundle.pt"), "--target", str(names)), "invalid JSON", "nested too deeply")
+    d = tmp_path / "hf"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+    (d / "trainer_state.json").write_text('{"a": ' + _DEEP + "}")
+    _err(invoke("inspect", str(d)), "trainer_state.json: not valid JSON")
+
+
+def test_an_odd_config_json_only_takes_away_order_evidence(tmp_path):
+    """config.json is order evidence: a list, architectures that are no list of names, or JSON too
+    deep to read leave the directory readable (a note says the order is unknown), where each was an
+    "unexpected" error (AttributeError, KeyError, RecursionError)."""
+    d = tmp_path / "hf"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-3", d)
+    for text, why in (("[]", "is not a JSON object"), ('{"architectures": {"a": 1}}', "names no architecture"),
+                      ('{"a": ' + _DEEP + "}", "is missing or unreadable")):
+        (d / "config.json").write_text(text)
+        r = invoke("inspect", str(d))
+        assert r.exit_code == 0, r.stderr
+        assert f"registration order unknown: config.json {why}" in r.stdout, r.stdout

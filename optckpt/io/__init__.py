@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -14,6 +13,7 @@ from ..errors import LoadError, UnsafePickleError
 from ..gcpause import gc_paused
 from ..kinds import PARAM_SHAPED_KEYS
 from .discover import discover
+from .jsonfile import load as load_json
 from .paths import is_dcp_dir
 from .peft import ADAPTER_FILES
 from .safepickle import PickledObject, describe, first_placeholder
@@ -319,8 +319,7 @@ def _load_dir_torch_part(ck: Checkpoint, root: str, name: str, size: int, kind: 
 
 def _trainer_state_extras(path: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+        state = load_json(path)
     except (OSError, ValueError):
         raise LoadError(f"{path}: not valid JSON") from None
     if not isinstance(state, dict):

@@ -8,12 +8,12 @@ imported unless the user trusts the checkpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from ..checkpoint import ModelState, TensorMeta
 from .hf_offline import model_class, offline
+from .jsonfile import load as load_json
 
 __all__ = ["hf_model_order"]
 
@@ -24,12 +24,13 @@ def hf_model_order(directory: str, *, trust_code: bool = False) -> tuple[ModelSt
 
     path = os.path.join(directory, "config.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = load_json(path)
     except (OSError, ValueError):
         return None, "config.json is missing or unreadable"
+    if not isinstance(raw, dict):
+        return None, "config.json is not a JSON object"
     archs = raw.get("architectures") or []
-    if not archs:
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
         return None, "config.json names no architecture"
     if raw.get("auto_map") and not trust_code:
         return None, ("config.json points at custom model code (auto_map), which optckpt does not run "

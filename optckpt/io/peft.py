@@ -14,13 +14,13 @@ trainable parameter's key is in the file with the same shape."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from typing import Any
 
 from ..checkpoint import ModelState, TensorMeta
 from .hf_offline import local_source, model_class, offline
+from .jsonfile import load as load_json
 
 __all__ = ["ADAPTER_FILES", "peft_adapter_order", "peft_order_from_target"]
 
@@ -32,8 +32,7 @@ def peft_adapter_order(directory: str, saved: ModelState, *,
     """A model state with the adapter's trainable parameters under their live names, in registration
     order (meta tensors), or None and the reason why not. ``saved`` is the adapter file as read."""
     try:
-        with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = load_json(os.path.join(directory, "adapter_config.json"))
     except (OSError, ValueError):
         return None, "adapter_config.json is unreadable"
     base = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
@@ -77,8 +76,7 @@ def peft_order_from_target(directory: str, saved: ModelState, module: object, *,
     if peft is None or not isinstance(module, peft.PeftModel):
         return None, "the target is not a PeftModel"
     try:
-        with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = load_json(os.path.join(directory, "adapter_config.json"))
     except (OSError, ValueError):
         return None, "adapter_config.json is unreadable"
     if not isinstance(raw, dict):

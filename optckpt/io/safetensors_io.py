@@ -10,6 +10,8 @@ import torch
 
 from ..checkpoint import TensorMeta
 from ..errors import LoadError
+from .jsonfile import load as load_json
+from .jsonfile import loads as loads_json
 from .paths import member_path, require_regular
 
 __all__ = ["LazySafetensors", "read_header", "open_safetensors", "open_sharded_index", "save_safetensors",
@@ -43,8 +45,8 @@ def read_header(path: str) -> tuple[dict[str, TensorMeta], dict[str, str]]:
     except OSError as e:
         raise LoadError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = loads_json(raw)
+    except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         raise LoadError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise LoadError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -105,8 +107,7 @@ def open_sharded_index(index_path: str) -> tuple[LazySafetensors, dict[str, Tens
     """A ``*.safetensors.index.json`` and its shards, as one lazy mapping (shards must exist)."""
     base = os.path.dirname(index_path)
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
+        index = load_json(index_path)
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
